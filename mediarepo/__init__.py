@@ -1,0 +1,3 @@
+"""mediarepo: a Synapse-compatible Matrix media repository server on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,135 @@
+"""Wiring: config -> database -> stores -> repository -> resource trees -> listeners."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.python.threadpool import ThreadPool
+
+from mediarepo.accounts import Accounts
+from mediarepo.config import Config
+from mediarepo.http.auth import Authenticator
+from mediarepo.http.site import MediaSite
+from mediarepo.http.tree import Handlers, build_tree, is_upload_request
+from mediarepo.media.providers.local import LocalMediaStore
+from mediarepo.media.repository import MediaRepository
+from mediarepo.media.storage import MediaStorage
+from mediarepo.storage.database import Database
+from mediarepo.storage.media import MediaStore
+from mediarepo.storage.schema import prepare_database
+from mediarepo.storage.users import UserStore
+
+logger = logging.getLogger(__name__)
+
+# How long a shutdown waits for uploads still arriving before rolling them back.
+SHUTDOWN_GRACE_SECONDS = 10.0
+# How often leftovers of crashed uploads are looked for.
+STAGING_SWEEP_INTERVAL_SECONDS = 3600.0
+_MEDIA_IO_THREADS = 20
+
+
+class MediaServer:
+    """One running server. ``start`` and ``stop`` are the whole lifecycle."""
+
+    def __init__(self, config: Config, reactor: object | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.config = config
+        self.reactor = reactor
+        self.ports: list[IListeningPort] = []
+        self.database: Database | None = None
+        self.repository: MediaRepository | None = None
+        self.accounts: Accounts | None = None
+        self._media_io = ThreadPool(minthreads=1, maxthreads=_MEDIA_IO_THREADS, name="media-io")
+        self._sweeper: task.LoopingCall | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        reactor = self.reactor
+        self.database = Database(config.database, reactor)  # type: ignore[arg-type]
+        await prepare_database(self.database)
+        self._media_io.start()
+
+        local = LocalMediaStore(config.media_store_path, self._media_io, reactor)  # type: ignore[arg-type]
+        storage = MediaStorage(local, providers=[])
+        self.repository = MediaRepository(config, storage, MediaStore(self.database), reactor)  # type: ignore[arg-type]
+        self.accounts = Accounts(UserStore(self.database), reactor)  # type: ignore[arg-type]
+        handlers = Handlers.create(self.repository, Authenticator(self.accounts))
+
+        for listener in config.listeners:
+            site = MediaSite(
+                build_tree(listener, handlers, config.enable_metrics),
+                reactor,  # type: ignore[arg-type]
+                max_upload_size=config.max_upload_size,
+                x_forwarded=listener.x_forwarded,
+                is_upload_request=is_upload_request,
+                begin_upload=self.repository.begin_upload,
+                abandon_upload=self.repository.abandon_upload,
+            )
+            self._listen(listener.port, listener.bind_addresses, site)
+
+        self._sweeper = task.LoopingCall(self._sweep_staging)
+        self._sweeper.clock = reactor  # type: ignore[assignment]
+        self._sweeper.start(STAGING_SWEEP_INTERVAL_SECONDS, now=True)
+        logger.info("mediarepo serving %s", config.server_name)
+
+    def _listen(self, port: int, addresses: tuple[str, ...], site: MediaSite) -> None:
+        bound_any_v6 = False
+        for address in addresses:
+            try:
+                listening = self.reactor.listenTCP(port, site, interface=address)  # type: ignore[attr-defined]
+            except CannotListenError as e:
+                # "::" also takes IPv4 on dual-stack hosts, so a following
+                # "0.0.0.0" on the same port finds it in use; that is fine.
+                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
+                if address == "0.0.0.0" and bound_any_v6 and in_use:
+                    continue
+                raise
+            bound_any_v6 = bound_any_v6 or address == "::"
+            self.ports.append(listening)
+            host = listening.getHost()
+            logger.info("listening on %s port %d", getattr(host, "host", address), host.port)  # type: ignore[attr-defined]
+
+    async def _sweep_staging(self) -> None:
+        assert self.repository is not None
+        try:
+            await self.repository.sweep_staging()
+        except Exception:
+            logger.exception("sweeping staged uploads failed")
+
+    async def stop(self) -> None:
+        """Stop listening, let uploads in flight finish (or roll them back
+        after a grace period), then close the database pool."""
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        if self.repository is not None:
+            storage = self.repository.storage
+            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            while storage.uploads_in_progress and time.monotonic() < deadline:
+                await task.deferLater(self.reactor, 0.1, lambda: None)  # type: ignore[arg-type]
+            if storage.uploads_in_progress:
+                logger.warning("rolling back %d unfinished uploads", storage.uploads_in_progress)
+                storage.abort_all_uploads()
+                # Let the removals queued on the I/O pool run.
+                await task.deferLater(self.reactor, 0.1, lambda: None)  # type: ignore[arg-type]
+        if self.database is not None:
+            self.database.close()
+        if self._media_io.started:
+            self._media_io.stop()
+        logger.info("mediarepo stopped")
+
+    def start_deferred(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self.start())
+
+    def stop_deferred(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self.stop())

@@ -1,0 +1,144 @@
+"""What the command-line entry points do (``__main__`` only parses arguments)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+from twisted.internet import defer
+
+from mediarepo.config import Config, load_config
+from mediarepo.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_TEMPLATE = """\
+# mediarepo configuration, in Synapse's homeserver.yaml format.
+# Every key mediarepo reads, with its default, is in homeserver.yaml.sample.
+
+server_name: "{server_name}"
+
+listeners:
+  - port: {port}
+    bind_addresses: ['127.0.0.1']
+    type: http
+    x_forwarded: false
+    resources:
+      - names: [client, federation, media, metrics]
+
+database:
+  name: sqlite3
+  args:
+    database: "{data_dir}/homeserver.db"
+
+media_store_path: "{data_dir}/media_store"
+signing_key_path: "{data_dir}/{server_name}.signing.key"
+
+max_upload_size: 50M
+max_image_pixels: 32M
+enable_authenticated_media: true
+enable_metrics: true
+"""
+
+
+def generate_config(config_path: str, server_name: str, data_dir: str, port: int) -> int:
+    from mediarepo.config import is_valid_server_name
+    from mediarepo.federation.keys import write_new_signing_key
+
+    if not is_valid_server_name(server_name):
+        print(f"mediarepo: {server_name!r} is not a valid server name", file=sys.stderr)
+        return 2
+    data_dir = os.path.abspath(data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    if os.path.exists(config_path):
+        print(f"{config_path} already exists; leaving it as it is")
+    else:
+        with open(config_path, "x", encoding="utf-8") as f:
+            f.write(_CONFIG_TEMPLATE.format(server_name=server_name, data_dir=data_dir, port=port))
+        print(f"wrote {config_path}")
+    config = load_config(config_path)
+    if not os.path.exists(config.signing_key_path):
+        write_new_signing_key(config.signing_key_path)
+        print(f"wrote signing key {config.signing_key_path}")
+    return 0
+
+
+def run(config_path: str) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit status."""
+    from twisted.internet import reactor
+
+    from mediarepo.app import MediaServer
+    from mediarepo.logging_setup import setup_logging
+
+    config = load_config(config_path)
+    setup_logging(config.log_config)
+    server = MediaServer(config, reactor)
+    exit_status = [0]
+
+    def on_start_failure(failure: Any) -> None:
+        exit_status[0] = 1
+        error = failure.value
+        if isinstance(error, ConfigError):
+            print(f"mediarepo: {error}", file=sys.stderr)
+        else:
+            logger.error("start-up failed: %s", error, exc_info=failure.getTracebackObject())
+            print(f"mediarepo: start-up failed: {error}", file=sys.stderr)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    def start() -> None:
+        server.start_deferred().addErrback(on_start_failure)
+
+    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return exit_status[0]
+
+
+_USER_ID = re.compile(r"\A@([a-z0-9._=\-/+]+):(.+)\Z")
+
+
+def register_user(config_path: str, user_id: str, admin: bool) -> int:
+    from twisted.internet import task
+
+    config = load_config(config_path)
+    match = _USER_ID.match(user_id)
+    if match is None:
+        print(f"mediarepo: {user_id!r} is not a user ID such as @alice:{config.server_name}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if match.group(2) != config.server_name:
+        print(f"mediarepo: {user_id} is not on this server ({config.server_name})", file=sys.stderr)
+        return 2
+    localpart = match.group(1)
+    # react() runs the registration and exits the process: 0 on success.
+    task.react(
+        lambda reactor: defer.ensureDeferred(_register(reactor, config, user_id, localpart, admin))
+    )
+    return 0
+
+
+async def _register(
+    reactor: Any, config: Config, user_id: str, localpart: str, admin: bool
+) -> None:
+    import time
+
+    from mediarepo.accounts import new_access_token
+    from mediarepo.storage.database import Database
+    from mediarepo.storage.schema import prepare_database
+    from mediarepo.storage.users import UserStore
+
+    database = Database(config.database, reactor)
+    try:
+        await prepare_database(database)
+        token = new_access_token(localpart)
+        created = await UserStore(database).register_user(
+            user_id, token, admin, int(time.time() * 1000)
+        )
+    finally:
+        database.close()
+    print(f"{'created user' if created else 'new access token for'} {user_id}"
+          f"{' (admin)' if admin else ''}")  # fmt: skip
+    print(token)

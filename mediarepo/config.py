@@ -1,0 +1,333 @@
+"""Configuration, read from Synapse's ``homeserver.yaml``.
+
+Key names and defaults are Synapse's, so an operator's existing file loads
+unchanged. Keys this server does not use are ignored; a bad value of a key it
+does use raises :class:`ConfigError` naming the key, which stops start-up with
+one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import yaml
+
+from mediarepo.errors import ConfigError
+
+_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_DURATION_UNITS_MS = {
+    "s": 1000,
+    "m": 60 * 1000,
+    "h": 60 * 60 * 1000,
+    "d": 24 * 60 * 60 * 1000,
+    "w": 7 * 24 * 60 * 60 * 1000,
+    "y": 365 * 24 * 60 * 60 * 1000,
+}
+
+_SERVER_NAME_HOST = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
+
+# Synapse's floor for any request body, whatever max_upload_size says.
+MIN_REQUEST_BODY_SIZE = 200 * 65536
+
+
+def parse_size(key: str, value: object) -> int:
+    """A byte count: an integer, or a string such as ``"50M"`` (powers of 1024)."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, "must not be negative")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        multiplier = 1
+        if text and text[-1].upper() in _SIZE_UNITS:
+            multiplier = _SIZE_UNITS[text[-1].upper()]
+            text = text[:-1]
+        if text.isdigit():
+            return int(text) * multiplier
+    raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
+
+
+def parse_duration_ms(key: str, value: object) -> int:
+    """A duration in milliseconds: an integer (ms) or a string such as ``"24h"``."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(key, "must not be negative")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        multiplier = 1
+        if text and text[-1] in _DURATION_UNITS_MS:
+            multiplier = _DURATION_UNITS_MS[text[-1]]
+            text = text[:-1]
+        if text.isdigit():
+            return int(text) * multiplier
+    raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
+
+
+def is_valid_server_name(name: str) -> bool:
+    """Whether ``name`` is ``host[:port]`` as the Matrix spec defines a server name."""
+    if not name or len(name) > 255:
+        return False
+    host, port = name, ""
+    if name.startswith("["):
+        end = name.find("]")
+        if end == -1:
+            return False
+        host, rest = name[1:end], name[end + 1 :]
+        if rest and not rest.startswith(":"):
+            return False
+        port = rest[1:] if rest else ""
+        if not re.fullmatch(r"[0-9a-fA-F:.]+", host) or ":" not in host:
+            return False
+    elif ":" in name:
+        host, port = name.rsplit(":", 1)
+        if not _SERVER_NAME_HOST.match(host):
+            return False
+    elif not _SERVER_NAME_HOST.match(host):
+        return False
+    if name.endswith(":") or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
+        return False
+    return True
+
+
+class _Reader:
+    """Typed access to one mapping of the config, naming keys in errors."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str = "") -> None:
+        self._data = data
+        self._prefix = prefix
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        value = self._data.get(name, default)
+        return default if value is None else value
+
+    def string(self, name: str, default: str | None = None) -> str | None:
+        value = self.raw(name, default)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(self.key(name), f"expected a string, got {value!r}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"expected true or false, got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise ConfigError(self.key(name), f"must be at least {minimum}")
+        return value
+
+    def size(self, name: str, default: str) -> int:
+        return parse_size(self.key(name), self.raw(name, default))
+
+    def duration_ms(self, name: str, default: str) -> int:
+        return parse_duration_ms(self.key(name), self.raw(name, default))
+
+    def mapping(self, name: str) -> _Reader:
+        value = self.raw(name, {})
+        if not isinstance(value, Mapping):
+            raise ConfigError(self.key(name), "expected a mapping")
+        return _Reader(value, f"{self.key(name)}.")
+
+    def sequence(self, name: str) -> list[Any]:
+        value = self.raw(name, [])
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), "expected a list")
+        return value
+
+
+@attrs.frozen
+class ListenerConfig:
+    port: int
+    bind_addresses: tuple[str, ...]
+    type: str
+    x_forwarded: bool
+    resource_names: frozenset[str]
+
+    @property
+    def serves_media(self) -> bool:
+        # Synapse mounts the media repository on media, client and federation listeners.
+        return bool(self.resource_names & {"media", "client", "federation"})
+
+
+@attrs.frozen
+class DatabaseConfig:
+    engine: str  # "sqlite3" or "psycopg2"
+    args: Mapping[str, Any]
+    cp_min: int
+    cp_max: int
+
+
+@attrs.frozen
+class Config:
+    server_name: str
+    config_dir: str
+    public_baseurl: str | None
+    listeners: tuple[ListenerConfig, ...]
+    database: DatabaseConfig
+    media_store_path: str
+    max_upload_size: int
+    max_image_pixels: int
+    enable_authenticated_media: bool
+    signing_key_path: str
+    log_config: str | None
+    enable_metrics: bool
+
+    @property
+    def max_request_body_size(self) -> int:
+        return max(MIN_REQUEST_BODY_SIZE, self.max_upload_size)
+
+
+_HTTP_RESOURCE_NAMES = {
+    "media",
+    "client",
+    "federation",
+    "metrics",
+    "keys",
+    "consent",
+    "openid",
+    "replication",
+    "health",
+    "static",
+    "webclient",
+}
+
+
+def _parse_listener(index: int, raw: object, key: str) -> ListenerConfig | None:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}[{index}]", "expected a mapping")
+    reader = _Reader(raw, f"{key}[{index}].")
+    listener_type = reader.string("type", "http") or "http"
+    if listener_type not in ("http", "metrics"):
+        # manhole, replication and the like belong to Synapse.
+        return None
+    if "path" in raw and "port" not in raw:
+        raise ConfigError(reader.key("path"), "unix socket listeners are not supported")
+    port = reader.integer("port", -1, minimum=0)
+    if not 0 <= port < 65536:
+        raise ConfigError(reader.key("port"), "expected a port number")
+    bind = raw.get("bind_addresses")
+    if bind is None:
+        single = raw.get("bind_address")
+        bind = [single] if single else ["::", "0.0.0.0"]
+    if not isinstance(bind, list) or not all(isinstance(a, str) for a in bind):
+        raise ConfigError(reader.key("bind_addresses"), "expected a list of addresses")
+    names: set[str] = set()
+    for res_index, resource in enumerate(reader.sequence("resources")):
+        res_key = f"{reader.key('resources')}[{res_index}]"
+        if not isinstance(resource, Mapping):
+            raise ConfigError(res_key, "expected a mapping")
+        res_names = resource.get("names", [])
+        if not isinstance(res_names, list) or not all(isinstance(n, str) for n in res_names):
+            raise ConfigError(f"{res_key}.names", "expected a list of resource names")
+        unknown = set(res_names) - _HTTP_RESOURCE_NAMES
+        if unknown:
+            raise ConfigError(f"{res_key}.names", f"unknown resource {sorted(unknown)[0]!r}")
+        names.update(res_names)
+    if listener_type == "metrics":
+        names.add("metrics")
+    return ListenerConfig(
+        port=port,
+        bind_addresses=tuple(bind),
+        type=listener_type,
+        x_forwarded=reader.boolean("x_forwarded", False),
+        resource_names=frozenset(names),
+    )
+
+
+def _parse_database(root: _Reader) -> DatabaseConfig:
+    section = root.mapping("database")
+    engine = section.string("name", "sqlite3")
+    if engine not in ("sqlite3", "psycopg2"):
+        raise ConfigError("database.name", f"expected sqlite3 or psycopg2, got {engine!r}")
+    args = dict(section.mapping("args")._data)
+    # Synapse takes the pool bounds from `args`; accept them beside it too.
+    cp_min = args.pop("cp_min", section.raw("cp_min", 5))
+    cp_max = args.pop("cp_max", section.raw("cp_max", 10))
+    for name, value in (("cp_min", cp_min), ("cp_max", cp_max)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"database.args.{name}", f"expected a positive integer, got {value!r}"
+            )
+    if cp_min > cp_max:
+        raise ConfigError("database.args.cp_min", "must not exceed cp_max")
+    if engine == "sqlite3":
+        database = args.get("database", "homeserver.db")
+        if not isinstance(database, str) or not database:
+            raise ConfigError("database.args.database", "expected a file path")
+        if database != ":memory:":
+            args["database"] = os.path.abspath(database)
+    return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
+
+
+def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
+    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
+
+    Relative paths are resolved as Synapse resolves them: against the working
+    directory, except the default signing key, which sits beside the config file.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("(top level)", "expected a mapping of keys")
+    root = _Reader(data)
+    server_name = root.string("server_name")
+    if server_name is None:
+        raise ConfigError("server_name", "is required")
+    if not is_valid_server_name(server_name):
+        raise ConfigError("server_name", f"{server_name!r} is not a valid server name")
+
+    # A Synapse media worker's file has worker_listeners instead of listeners.
+    listener_key = "listeners" if "listeners" in data else "worker_listeners"
+    listeners = []
+    for index, raw in enumerate(root.sequence(listener_key)):
+        listener = _parse_listener(index, raw, listener_key)
+        if listener is not None:
+            listeners.append(listener)
+
+    def path(key: str, default: str) -> str:
+        return os.path.abspath(root.string(key, default) or default)
+
+    max_upload_size = root.size("max_upload_size", "50M")
+    log_config = root.string("log_config")
+    return Config(
+        server_name=server_name,
+        config_dir=config_dir,
+        public_baseurl=root.string("public_baseurl"),
+        listeners=tuple(listeners),
+        database=_parse_database(root),
+        media_store_path=path("media_store_path", "media_store"),
+        max_upload_size=max_upload_size,
+        max_image_pixels=root.size("max_image_pixels", "32M"),
+        enable_authenticated_media=root.boolean("enable_authenticated_media", True),
+        signing_key_path=path(
+            "signing_key_path", os.path.join(config_dir, f"{server_name}.signing.key")
+        ),
+        log_config=os.path.abspath(log_config) if log_config else None,
+        enable_metrics=root.boolean("enable_metrics", False),
+    )
+
+
+def load_config(config_path: str) -> Config:
+    """Read and parse the YAML file at ``config_path``."""
+    try:
+        with open(config_path, encoding="utf-8") as config_file:
+            data = yaml.safe_load(config_file)
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read {config_path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError("(file)", f"{config_path} is not valid YAML: {e}") from e
+    return parse_config(data or {}, os.path.dirname(os.path.abspath(config_path)))

@@ -1,0 +1,70 @@
+"""Matrix errors as types.
+
+Every failure a client may see is a :class:`MatrixError`; ``mediarepo.http.server``
+is the one place that turns it into a response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Codes:
+    """The ``errcode`` strings the server sends."""
+
+    UNRECOGNIZED = "M_UNRECOGNIZED"
+    NOT_FOUND = "M_NOT_FOUND"
+    FORBIDDEN = "M_FORBIDDEN"
+    MISSING_TOKEN = "M_MISSING_TOKEN"
+    UNKNOWN_TOKEN = "M_UNKNOWN_TOKEN"
+    USER_LOCKED = "M_USER_LOCKED"
+    GUEST_ACCESS_FORBIDDEN = "M_GUEST_ACCESS_FORBIDDEN"
+    TOO_LARGE = "M_TOO_LARGE"
+    MISSING_PARAM = "M_MISSING_PARAM"
+    INVALID_PARAM = "M_INVALID_PARAM"
+    LIMIT_EXCEEDED = "M_LIMIT_EXCEEDED"
+    NOT_YET_UPLOADED = "M_NOT_YET_UPLOADED"
+    CANNOT_OVERWRITE_MEDIA = "M_CANNOT_OVERWRITE_MEDIA"
+    UNKNOWN = "M_UNKNOWN"
+
+
+class MatrixError(Exception):
+    """An error with an HTTP status and a Matrix ``errcode``.
+
+    ``extra`` holds additional body fields (``soft_logout``, ``retry_after_ms``);
+    ``headers`` holds additional response headers (``Retry-After``).
+    """
+
+    def __init__(
+        self,
+        code: int,
+        errcode: str,
+        message: str,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(f"{code} {errcode}: {message}")
+        self.code = code
+        self.errcode = errcode
+        self.message = message
+        self.extra = extra or {}
+        self.headers = headers or {}
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"errcode": self.errcode, "error": self.message}
+        body.update(self.extra)
+        return body
+
+
+class NotFoundError(MatrixError):
+    def __init__(self, message: str = "Not found") -> None:
+        super().__init__(404, Codes.NOT_FOUND, message)
+
+
+class ConfigError(Exception):
+    """A configuration value that stops start-up; the message names the key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config key {key!r}: {problem}")
+        self.key = key
+        self.problem = problem

@@ -1,0 +1,1 @@
+"""Server keys, request signing and (later) the federation client."""

@@ -1,0 +1,59 @@
+"""``GET /_matrix/media/{r0,v3,v1}/download/...`` and ``/_matrix/client/v1/media/download/...``."""
+
+from __future__ import annotations
+
+from mediarepo.config import is_valid_server_name
+from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.http.auth import Authenticator
+from mediarepo.http.headers import set_download_security_headers
+from mediarepo.http.responder import respond_with_responder
+from mediarepo.http.server import query_bool, query_int
+from mediarepo.http.site import MediaRequest
+from mediarepo.media.repository import MediaRepository
+
+DEFAULT_TIMEOUT_MS = 20_000
+MAX_TIMEOUT_MS = 60_000
+
+
+def parse_timeout_ms(request: MediaRequest) -> int:
+    return min(query_int(request, "timeout_ms", DEFAULT_TIMEOUT_MS), MAX_TIMEOUT_MS)
+
+
+def checked_server_name(params: dict[str, str]) -> str:
+    server_name = params.get("server_name", "")
+    if not is_valid_server_name(server_name):
+        raise MatrixError(400, Codes.INVALID_PARAM, "Invalid server name")
+    return server_name
+
+
+class DownloadHandler:
+    def __init__(self, repository: MediaRepository, auth: Authenticator) -> None:
+        self._repository = repository
+        self._auth = auth
+
+    async def on_legacy_get(self, request: MediaRequest, params: dict[str, str]) -> None:
+        set_download_security_headers(request)
+        await self._download(request, params, authenticated=False)
+
+    async def on_authenticated_get(self, request: MediaRequest, params: dict[str, str]) -> None:
+        await self._auth.requester(request, allow_guest=True)
+        set_download_security_headers(request)
+        await self._download(request, params, authenticated=True)
+
+    async def _download(
+        self, request: MediaRequest, params: dict[str, str], *, authenticated: bool
+    ) -> None:
+        server_name = checked_server_name(params)
+        timeout_ms = parse_timeout_ms(request)
+        if not authenticated:
+            query_bool(request, "allow_remote", True)
+        if server_name != self._repository.server_name:
+            # Fetching remote media over federation is not available yet.
+            raise NotFoundError()
+        download = await self._repository.get_local_media(
+            params["media_id"], allow_authenticated=authenticated, timeout_ms=timeout_ms
+        )
+        filename = params.get("file_name") or download.media.upload_name
+        await respond_with_responder(
+            request, download.responder, download.media.media_type, filename
+        )

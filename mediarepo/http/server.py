@@ -1,0 +1,184 @@
+"""Routing within a resource, JSON answers, and the one place errors become responses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+from urllib.parse import unquote
+
+import attrs
+from twisted.internet import defer
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from mediarepo.errors import Codes, MatrixError
+from mediarepo.http.headers import set_json_headers
+from mediarepo.http.site import MediaRequest
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[MediaRequest, dict[str, str]], Awaitable[None]]
+
+
+@attrs.frozen
+class Route:
+    """``pattern`` matches the raw (still percent-encoded) rest of the path;
+    named groups reach the handler decoded."""
+
+    name: str
+    methods: frozenset[bytes]
+    pattern: re.Pattern[str]
+    handler: Handler
+
+
+def route(name: str, methods: Sequence[str], pattern: str, handler: Handler) -> Route:
+    return Route(name, frozenset(m.encode() for m in methods), re.compile(pattern), handler)
+
+
+def respond_json(request: MediaRequest, code: int, body: Any) -> None:
+    if request.disconnected or request.finished:
+        return
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    request.setResponseCode(code)
+    set_json_headers(request, len(data))
+    request.write(data)
+    request.finish()
+
+
+def respond_error(request: MediaRequest, error: MatrixError) -> None:
+    if request.disconnected or request.finished:
+        return
+    if request.startedWriting:
+        # Part of a body is out; a JSON error can't follow it. Cut the
+        # connection so the client sees a truncated response, not a wrong one.
+        logger.warning("error after the response began: %s", error)
+        request.channel.transport.abortConnection()
+        return
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    respond_json(request, error.code, error.to_json())
+
+
+def unrecognized(request: MediaRequest, code: int = 404) -> None:
+    respond_error(request, MatrixError(code, Codes.UNRECOGNIZED, "Unrecognized request"))
+
+
+class Router(Resource):
+    """A leaf resource dispatching the rest of the path to handlers.
+
+    No match is 404 ``M_UNRECOGNIZED``; a match with another method is 405.
+    HEAD is served by the GET handler (Twisted drops the body).
+    """
+
+    isLeaf = True
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        super().__init__()
+        self._routes = list(routes)
+
+    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+        depth = len(request.prepath)
+        raw_rest = "/".join(
+            segment.decode("ascii", "replace") for segment in request.path.split(b"/")[depth + 1 :]
+        )
+        method = b"GET" if request.method == b"HEAD" else request.method
+        method_mismatch = False
+        for candidate in self._routes:
+            match = candidate.pattern.fullmatch(raw_rest)
+            if match is None:
+                continue
+            if method not in candidate.methods:
+                method_mismatch = True
+                continue
+            request.endpoint = candidate.name
+            try:
+                params = {k: unquote(v, errors="strict") for k, v in match.groupdict().items() if v}
+            except UnicodeDecodeError:
+                respond_error(request, MatrixError(400, Codes.INVALID_PARAM, "Path is not UTF-8"))
+                return NOT_DONE_YET
+            defer.ensureDeferred(self._run(candidate.handler, request, params))
+            return NOT_DONE_YET
+        unrecognized(request, 405 if method_mismatch else 404)
+        return NOT_DONE_YET
+
+    async def _run(self, handler: Handler, request: MediaRequest, params: dict[str, str]) -> None:
+        try:
+            await handler(request, params)
+        except MatrixError as e:
+            respond_error(request, e)
+        except Exception:
+            logger.exception("error handling %s %s", request.method, request.redacted_uri())
+            respond_error(request, MatrixError(500, Codes.UNKNOWN, "Internal server error"))
+        if not request.finished and not request.disconnected:
+            logger.error("handler for %s left the request open", request.redacted_uri())
+            request.finish()
+
+
+class UnrecognizedResource(Resource):
+    """Any path under an unknown segment: 404 ``M_UNRECOGNIZED``."""
+
+    isLeaf = True
+
+    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+        unrecognized(request)
+        return NOT_DONE_YET
+
+
+class Directory(Resource):
+    """An inner node of the tree; unknown children are JSON 404s."""
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        return UnrecognizedResource()
+
+    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+        unrecognized(request)
+        return NOT_DONE_YET
+
+
+# -- query parameters ---------------------------------------------------------
+
+
+def query_string(request: MediaRequest, name: str) -> str | None:
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MatrixError(
+            400, Codes.INVALID_PARAM, f"Query parameter {name!r} is not valid UTF-8"
+        ) from e
+
+
+def query_int(request: MediaRequest, name: str, default: int | None = None) -> int:
+    value = query_string(request, name)
+    if value is None:
+        if default is None:
+            raise MatrixError(400, Codes.MISSING_PARAM, f"Missing integer query parameter {name!r}")
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,18}", value):
+        raise MatrixError(400, Codes.INVALID_PARAM, f"Query parameter {name!r} must be an integer")
+    number = int(value)
+    if number < 0:
+        raise MatrixError(
+            400, Codes.INVALID_PARAM, f"Query parameter {name!r} must be a positive integer."
+        )
+    return number
+
+
+def query_bool(request: MediaRequest, name: str, default: bool) -> bool:
+    value = query_string(request, name)
+    if value is None:
+        return default
+    if value == "true":
+        return True
+    if value == "false":
+        return False
+    raise MatrixError(
+        400,
+        Codes.INVALID_PARAM,
+        f"Boolean query parameter {name!r} must be one of ['true', 'false']",
+    )

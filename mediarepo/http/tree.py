@@ -1,0 +1,88 @@
+"""The resource tree of a listener, mirroring Synapse's media layout:
+
+* ``/_matrix/media/{r0,v3,v1}/...``: the legacy (unauthenticated download) API;
+* ``/_matrix/client/v1/media/...``: the authenticated API of Matrix 1.11;
+* ``/_synapse/metrics``: Prometheus, when the listener has ``metrics``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+
+from mediarepo.config import ListenerConfig
+from mediarepo.http.auth import Authenticator
+from mediarepo.http.download import DownloadHandler
+from mediarepo.http.media_config import MediaConfigHandler
+from mediarepo.http.server import Directory, Route, Router, route
+from mediarepo.http.upload import UploadHandler
+from mediarepo.media.repository import MediaRepository
+
+_SEGMENT = r"[^/]*"
+_DOWNLOAD = (
+    rf"download/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})(?:/(?P<file_name>{_SEGMENT}))?"
+)
+
+_UPLOAD_REQUEST = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
+
+
+def is_upload_request(method: bytes, path: bytes) -> bool:
+    """Whether a request's body is media to store (decided from the request line)."""
+    return method == b"POST" and bool(_UPLOAD_REQUEST.match(path))
+
+
+@attrs.frozen
+class Handlers:
+    upload: UploadHandler
+    download: DownloadHandler
+    config: MediaConfigHandler
+
+    @classmethod
+    def create(cls, repository: MediaRepository, auth: Authenticator) -> Handlers:
+        return cls(
+            upload=UploadHandler(repository, auth),
+            download=DownloadHandler(repository, auth),
+            config=MediaConfigHandler(repository.config.max_upload_size, auth),
+        )
+
+
+def legacy_media_routes(handlers: Handlers) -> list[Route]:
+    return [
+        route("upload", ["POST"], r"upload/?", handlers.upload.on_post),
+        route("download", ["GET"], _DOWNLOAD, handlers.download.on_legacy_get),
+        route("config", ["GET"], r"config", handlers.config.on_get),
+    ]
+
+
+def authenticated_media_routes(handlers: Handlers) -> list[Route]:
+    return [
+        route("client_download", ["GET"], _DOWNLOAD, handlers.download.on_authenticated_get),
+        route("client_config", ["GET"], r"config", handlers.config.on_get),
+    ]
+
+
+def _child(parent: Resource, name: str, child: Resource) -> Resource:
+    parent.putChild(name.encode(), child)
+    return child
+
+
+def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: bool) -> Resource:
+    root = Directory()
+    if listener.serves_media:
+        matrix = _child(root, "_matrix", Directory())
+        media = _child(matrix, "media", Directory())
+        legacy = Router(legacy_media_routes(handlers))
+        for version in ("r0", "v3", "v1"):
+            _child(media, version, legacy)
+        client_v1 = _child(_child(matrix, "client", Directory()), "v1", Directory())
+        _child(client_v1, "media", Router(authenticated_media_routes(handlers)))
+    if "metrics" in listener.resource_names and enable_metrics:
+        metrics = MetricsResource()
+        if listener.type == "metrics":
+            # A dedicated metrics listener answers on any path, as Synapse's does.
+            return metrics
+        _child(_child(root, "_synapse", Directory()), "metrics", metrics)
+    return root

@@ -1,0 +1,106 @@
+"""Logging: Synapse's ``log_config`` YAML if given, stderr otherwise.
+
+Synapse's log configs name Synapse classes (a context filter, a buffering
+handler, JSON formatters). They are swapped for equivalents here so an
+operator's file works unchanged. Twisted's own log events go to the same
+handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import logging.handlers
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+from mediarepo.errors import ConfigError
+
+DEFAULT_FORMAT = "%(asctime)s - %(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s"
+
+
+class RequestContextFilter(logging.Filter):
+    """Stands in for Synapse's ``LoggingContextFilter``: gives every record the
+    attributes Synapse's format strings use."""
+
+    def __init__(self, **defaults: Any) -> None:
+        super().__init__()
+        self._defaults = defaults
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in self._defaults.items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+class PeriodicallyFlushingMemoryHandler(logging.handlers.MemoryHandler):
+    """Buffers records like ``MemoryHandler`` and also flushes when ``period``
+    seconds have passed since the last flush (Synapse's handler of that name)."""
+
+    def __init__(self, capacity: int, flushLevel: int = logging.ERROR, target: Any = None,
+                 flushOnClose: bool = True, period: float = 5.0) -> None:  # fmt: skip
+        super().__init__(capacity, flushLevel, target, flushOnClose)
+        self._period = period
+        self._last_flush = time.monotonic()
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        if super().shouldFlush(record) or time.monotonic() - self._last_flush >= self._period:
+            self._last_flush = time.monotonic()
+            return True
+        return False
+
+
+_SYNAPSE_CLASSES = {
+    "synapse.logging.context.LoggingContextFilter": f"{__name__}.RequestContextFilter",
+    "synapse.logging.handlers.PeriodicallyFlushingMemoryHandler": (
+        f"{__name__}.PeriodicallyFlushingMemoryHandler"
+    ),
+    "synapse.logging.TerseJsonFormatter": "logging.Formatter",
+    "synapse.logging.JsonFormatter": "logging.Formatter",
+    "synapse.logging._terse_json.TerseJsonFormatter": "logging.Formatter",
+    "synapse.logging._terse_json.JsonFormatter": "logging.Formatter",
+}
+
+
+def _replace_synapse_classes(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        result = {}
+        for key, value in node.items():
+            if key in ("class", "()") and isinstance(value, str) and value.startswith("synapse."):
+                value = _SYNAPSE_CLASSES.get(value, "logging.Formatter")
+            result[key] = _replace_synapse_classes(value)
+        return result
+    if isinstance(node, list):
+        return [_replace_synapse_classes(item) for item in node]
+    return node
+
+
+def _add_request_default() -> None:
+    factory = logging.getLogRecordFactory()
+
+    def record_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        record.request = "-"
+        return record
+
+    logging.setLogRecordFactory(record_factory)
+
+
+def setup_logging(log_config_path: str | None) -> None:
+    _add_request_default()
+    if log_config_path:
+        try:
+            with open(log_config_path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+            logging.config.dictConfig(_replace_synapse_classes(data))
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+            raise ConfigError("log_config", f"cannot use {log_config_path}: {e}") from e
+    else:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=DEFAULT_FORMAT)
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)

@@ -1,0 +1,181 @@
+"""The local media store: ``media_store_path``, always the first provider.
+
+Besides serving files it stages uploads: a body is written to a temporary
+file under ``.mediarepo_tmp/`` (named after its media ID), fsynced, then
+hard-linked to its final Synapse path. Linking fails rather than replace an
+existing file, and the final path appears whole or not at all. The temporary
+name stays until the database row is written, so a crash in between leaves a
+trace that :meth:`LocalMediaStore.sweep_staging` can clean up.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mediarepo.media.paths import (
+    MediaPaths,
+    UnsafePathError,
+    is_valid_media_id,
+    local_media_path,
+)
+from mediarepo.media.providers import StorageProvider
+from mediarepo.media.responder import FileResponder, Responder
+from mediarepo.media.upload_sink import UploadSink, WrittenUpload
+
+logger = logging.getLogger(__name__)
+
+STAGING_DIR = ".mediarepo_tmp"
+
+
+class FileExistsInStoreError(Exception):
+    """The final path of a new file is already taken."""
+
+
+class LocalMediaStore(StorageProvider):
+    name = "local"
+
+    def __init__(self, base: str, threadpool: ThreadPool, reactor: IReactorFromThreads) -> None:
+        self.paths = MediaPaths(base)
+        self.staging_dir = os.path.join(self.paths.base, STAGING_DIR)
+        self._threadpool = threadpool
+        self._reactor = reactor
+        os.makedirs(self.staging_dir, exist_ok=True)
+
+    async def _in_thread(self, func: Callable[..., object], *args: object) -> object:
+        return await deferToThreadPool(self._reactor, self._threadpool, func, *args)
+
+    async def fetch(self, relative_path: str) -> Responder | None:
+        return await FileResponder.open(
+            self.paths.absolute(relative_path), self._threadpool, self._reactor
+        )
+
+    async def store(self, relative_path: str, local_path: str) -> None:
+        final = self.paths.absolute(relative_path)
+        if os.path.abspath(local_path) == final:
+            return
+
+        def copy() -> None:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            shutil.copyfile(local_path, final)
+
+        await self._in_thread(copy)
+
+    async def delete(self, relative_path: str) -> None:
+        path = self.paths.absolute(relative_path)
+
+        def remove() -> None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+        await self._in_thread(remove)
+
+    def new_upload(self, media_id: str) -> UploadSink:
+        """A sink writing to a fresh staging file for ``media_id``."""
+        name = f"{media_id}.{secrets.token_hex(4)}"
+        return UploadSink(
+            os.path.join(self.staging_dir, name), media_id, self._threadpool, self._reactor
+        )
+
+    async def publish(self, upload: WrittenUpload, relative_path: str) -> str:
+        """Link the staged file to ``relative_path``; returns the absolute path.
+
+        Raises :class:`FileExistsInStoreError` if something is already there.
+        """
+        final = self.paths.absolute(relative_path)
+
+        def link() -> None:
+            directory = os.path.dirname(final)
+            os.makedirs(directory, exist_ok=True)
+            try:
+                os.link(upload.temp_path, final)
+            except FileExistsError as e:
+                raise FileExistsInStoreError(relative_path) from e
+            # Make the new directory entry itself durable.
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await self._in_thread(link)
+        return final
+
+    async def discard_staged(self, temp_path: str) -> None:
+        """Remove a staging file once its media is recorded (or abandoned)."""
+
+        def remove() -> None:
+            try:
+                os.unlink(temp_path)
+            except FileNotFoundError:
+                pass
+
+        await self._in_thread(remove)
+
+    async def sweep_staging(
+        self,
+        max_age_seconds: float,
+        in_use: Callable[[], set[str]],
+        recorded: Callable[[list[str]], Awaitable[set[str]]],
+    ) -> int:
+        """Clean up after crashed uploads; returns how many staging files went.
+
+        A staging file older than ``max_age_seconds`` and not ``in_use`` by
+        this process belongs to an upload that died. If its media ID has no
+        database row (``recorded`` says which do), the final file it may have
+        been linked to is an orphan and goes too.
+        """
+
+        def list_stale() -> list[str]:
+            cutoff = time.time() - max_age_seconds
+            stale = []
+            with os.scandir(self.staging_dir) as entries:
+                for entry in entries:
+                    try:
+                        if entry.stat().st_mtime < cutoff:
+                            stale.append(entry.name)
+                    except FileNotFoundError:
+                        continue
+            return stale
+
+        stale_names = await self._in_thread(list_stale)
+        assert isinstance(stale_names, list)
+        busy = in_use()
+        stale = [name for name in stale_names if os.path.join(self.staging_dir, name) not in busy]
+        if not stale:
+            return 0
+        media_ids = sorted({name.split(".", 1)[0] for name in stale})
+        known = await recorded([m for m in media_ids if is_valid_media_id(m)])
+
+        def remove(names: list[str]) -> None:
+            for name in names:
+                media_id = name.split(".", 1)[0]
+                staged = os.path.join(self.staging_dir, name)
+                if media_id not in known:
+                    try:
+                        final = self.paths.absolute(local_media_path(media_id))
+                        if os.path.exists(final) and os.path.samefile(final, staged):
+                            os.unlink(final)
+                            logger.info("removed orphaned media file for %s", media_id)
+                    except (UnsafePathError, OSError) as e:
+                        if getattr(e, "errno", None) not in (None, errno.ENOENT):
+                            logger.warning("could not check %s: %s", media_id, e)
+                try:
+                    os.unlink(staged)
+                except FileNotFoundError:
+                    pass
+
+        await self._in_thread(remove, stale)
+        logger.info("removed %d stale staging files", len(stale))
+        return len(stale)

@@ -1,0 +1,157 @@
+"""Where an upload body goes while it arrives.
+
+The HTTP request hands each chunk of the body to :meth:`UploadSink.write` on
+the reactor thread. The sink queues it and writes and hashes it on the media
+I/O thread pool, one batch at a time. When too much is queued it pauses the
+connection (TCP back-pressure) until the disk catches up, so memory stays
+bounded however fast the client sends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import IO
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+logger = logging.getLogger(__name__)
+
+# Pause the client above this many queued bytes, resume below the low mark.
+_HIGH_WATER = 8 * 1024 * 1024
+_LOW_WATER = 1 * 1024 * 1024
+
+
+@attrs.frozen
+class WrittenUpload:
+    """A body fully on disk and fsynced."""
+
+    temp_path: str
+    length: int
+    sha256: str
+
+
+class UploadSink:
+    def __init__(
+        self,
+        temp_path: str,
+        media_id: str,
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+    ) -> None:
+        self.temp_path = temp_path
+        self.media_id = media_id
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self._queue: list[bytes] = []
+        self._queued_bytes = 0
+        self._writing = False
+        self._write_error: BaseException | None = None
+        self._drained: list[defer.Deferred[None]] = []
+        self._pause: Callable[[], None] | None = None
+        self._resume: Callable[[], None] | None = None
+        self._paused = False
+        self._closed = False
+        self.length = 0
+
+    def set_flow_control(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """How to stop and restart the sender when the queue is long."""
+        self._pause, self._resume = pause, resume
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; called on the reactor thread."""
+        if self._closed or self._write_error is not None:
+            return
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        self.length += len(data)
+        if self._queued_bytes > _HIGH_WATER and not self._paused and self._pause:
+            self._paused = True
+            self._pause()
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if self._writing:
+            return
+        if not self._queue:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+            return
+        batch, self._queue = self._queue, []
+        size = sum(len(chunk) for chunk in batch)
+        self._writing = True
+        d = deferToThreadPool(self._reactor, self._threadpool, self._write_batch, batch)
+        d.addBoth(self._batch_written, size)
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        if self._file is None:
+            self._file = open(self.temp_path, "xb")
+        for chunk in batch:
+            self._hash.update(chunk)
+            self._file.write(chunk)
+
+    def _batch_written(self, result: Failure | None, size: int) -> None:
+        self._writing = False
+        self._queued_bytes -= size
+        if isinstance(result, Failure):
+            self._write_error = result.value
+            self._queue = []
+            self._queued_bytes = 0
+        if self._paused and self._queued_bytes < _LOW_WATER and self._resume:
+            self._paused = False
+            self._resume()
+        self._maybe_flush()
+
+    async def finish(self) -> WrittenUpload:
+        """Wait for the queue to reach the disk, then fsync and close the file."""
+        if self._writing or self._queue:
+            d: defer.Deferred[None] = defer.Deferred()
+            self._drained.append(d)
+            await d
+        if self._write_error is not None:
+            raise self._write_error
+        self._closed = True
+
+        def sync_and_close() -> None:
+            if self._file is None:
+                # An empty body: no chunk ever opened the file.
+                self._file = open(self.temp_path, "xb")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+        await deferToThreadPool(self._reactor, self._threadpool, sync_and_close)
+        return WrittenUpload(self.temp_path, self.length, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        """Drop the body; the temporary file goes once no write is using it."""
+        self._closed = True
+        self._queue = []
+        if self._writing:
+            d: defer.Deferred[None] = defer.Deferred()
+            d.addCallback(lambda _: self._remove_now())
+            self._drained.append(d)
+        else:
+            self._remove_now()
+
+    def _remove_now(self) -> None:
+        def remove() -> None:
+            if self._file is not None:
+                self._file.close()
+            try:
+                os.unlink(self.temp_path)
+            except FileNotFoundError:
+                pass
+
+        d = deferToThreadPool(self._reactor, self._threadpool, remove)
+        d.addErrback(lambda f: logger.warning("could not remove %s: %s", self.temp_path, f.value))

@@ -1,0 +1,239 @@
+"""The database pool: SQLite or PostgreSQL through ``twisted.enterprise.adbapi``.
+
+Queries are written once, with ``?`` placeholders; :class:`Transaction` converts
+them for psycopg2. Every database call runs on the pool's threads, so the
+reactor never waits on a socket or a disk.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from prometheus_client import Gauge, Histogram
+from twisted.enterprise import adbapi
+from twisted.internet.interfaces import IReactorCore
+
+from mediarepo.config import DatabaseConfig
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Row = tuple[Any, ...]
+
+transaction_seconds = Histogram(
+    "mediarepo_db_transaction_seconds",
+    "Time spent in database transactions, including waiting for a connection",
+    ["desc"],
+)
+transactions_in_flight = Gauge(
+    "mediarepo_db_transactions_in_flight",
+    "Database transactions started and not yet finished",
+)
+pool_connections_max = Gauge(
+    "mediarepo_db_pool_connections_max", "The most connections the database pool may open"
+)
+
+# How many times an interaction is retried after its connection was lost.
+_RECONNECT_RETRIES = 2
+
+
+class Transaction:
+    """A cursor that takes ``?`` placeholders on every engine."""
+
+    def __init__(self, cursor: Any, engine: Engine) -> None:
+        self._cursor = cursor
+        self.engine = engine
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self._cursor.execute(self.engine.convert(sql), tuple(args))
+
+    def execute_batch(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+        self._cursor.executemany(self.engine.convert(sql), [tuple(a) for a in args])
+
+    def fetchone(self) -> Row | None:
+        row = self._cursor.fetchone()
+        return tuple(row) if row is not None else None
+
+    def fetchall(self) -> list[Row]:
+        return [tuple(row) for row in self._cursor.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+
+class Engine(abc.ABC):
+    """What differs between SQLite and PostgreSQL."""
+
+    name: str
+    module: Any
+
+    def convert(self, sql: str) -> str:
+        return sql
+
+    @abc.abstractmethod
+    def on_new_connection(self, conn: Any) -> None: ...
+
+    def is_connection_lost(self, error: BaseException) -> bool:
+        return False
+
+    @abc.abstractmethod
+    def table_exists_sql(self) -> str:
+        """A query of one ``?`` parameter, the table name, with a row if it exists."""
+
+
+class Sqlite3Engine(Engine):
+    name = "sqlite3"
+    module = sqlite3
+
+    def on_new_connection(self, conn: Any) -> None:
+        # WAL lets Synapse-style readers run beside the single writer.
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA busy_timeout = 10000")
+
+    def table_exists_sql(self) -> str:
+        return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+
+
+class PostgresEngine(Engine):
+    name = "psycopg2"
+
+    def __init__(self) -> None:
+        import psycopg2
+
+        self.module = psycopg2
+
+    def convert(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def on_new_connection(self, conn: Any) -> None:
+        conn.set_session(isolation_level="READ COMMITTED")
+
+    def is_connection_lost(self, error: BaseException) -> bool:
+        module = self.module
+        if isinstance(error, module.InterfaceError):
+            return True
+        if isinstance(error, module.OperationalError):
+            # Query errors also raise OperationalError; a lost server shows
+            # itself by a closed connection or a message about the socket.
+            text = str(error).lower()
+            return any(
+                phrase in text
+                for phrase in (
+                    "server closed the connection",
+                    "terminating connection",
+                    "connection already closed",
+                    "could not receive data",
+                    "could not send data",
+                    "ssl syscall error",
+                    "connection not open",
+                )
+            )
+        return False
+
+    def table_exists_sql(self) -> str:
+        return (
+            "SELECT 1 FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_name = ?"
+        )
+
+
+def create_engine(name: str) -> Engine:
+    if name == "sqlite3":
+        return Sqlite3Engine()
+    if name == "psycopg2":
+        return PostgresEngine()
+    raise ValueError(f"unknown database engine {name!r}")
+
+
+class Database:
+    """One connection pool with a two-method interface: ``run_interaction``
+    runs a function in a transaction, ``run_query`` runs one statement."""
+
+    def __init__(self, config: DatabaseConfig, reactor: IReactorCore | None = None) -> None:
+        self.engine = create_engine(config.engine)
+        kwargs: dict[str, Any] = dict(config.args)
+        cp_min, cp_max = config.cp_min, config.cp_max
+        if self.engine.name == "sqlite3":
+            # One connection: SQLite allows one writer, and a pool of one
+            # serialises transactions instead of failing them as "locked".
+            kwargs["check_same_thread"] = False
+            kwargs.setdefault("timeout", 10)
+            cp_min = cp_max = 1
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        self._reactor = reactor
+        self._pool = adbapi.ConnectionPool(
+            config.engine,
+            cp_min=cp_min,
+            cp_max=cp_max,
+            cp_reconnect=True,
+            cp_noisy=False,
+            cp_openfun=self.engine.on_new_connection,
+            cp_reactor=reactor,
+            **kwargs,
+        )
+        pool_connections_max.set(cp_max)
+
+    @property
+    def threadpool_size(self) -> int:
+        return int(self._pool.max)
+
+    async def run_interaction(
+        self,
+        desc: str,
+        func: Callable[Concatenate[Transaction, P], R],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run ``func(txn, *args, **kwargs)`` in one transaction on a pool thread.
+
+        The transaction commits when ``func`` returns and rolls back when it
+        raises. If the connection was lost (PostgreSQL restarted, a proxy cut
+        it), the pool reconnects and the transaction is run again.
+        """
+
+        def interaction(cursor: Any) -> R:
+            return func(Transaction(cursor, self.engine), *args, **kwargs)
+
+        start = time.monotonic()
+        transactions_in_flight.inc()
+        try:
+            attempt = 0
+            while True:
+                try:
+                    result: R = await self._pool.runInteraction(interaction)
+                    return result
+                except Exception as e:
+                    if attempt >= _RECONNECT_RETRIES or not self.engine.is_connection_lost(e):
+                        raise
+                    attempt += 1
+                    logger.warning("database connection lost during %s; retrying: %s", desc, e)
+        finally:
+            transactions_in_flight.dec()
+            transaction_seconds.labels(desc).observe(time.monotonic() - start)
+
+    async def run_query(self, desc: str, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement and return its rows (empty for statements without rows)."""
+
+        def query(txn: Transaction) -> list[Row]:
+            txn.execute(sql, args)
+            if txn._cursor.description is None:
+                return []
+            return txn.fetchall()
+
+        return await self.run_interaction(desc, query)
+
+    def close(self) -> None:
+        """Close every connection; waits for running transactions to finish."""
+        self._pool.close()
