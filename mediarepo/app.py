@@ -44,6 +44,7 @@ class MediaServer:
         self.config = config
         self.reactor = reactor
         self.ports: list[IListeningPort] = []
+        self.sites: list[MediaSite] = []
         self.database: Database | None = None
         self.repository: MediaRepository | None = None
         self.accounts: Accounts | None = None
@@ -73,6 +74,7 @@ class MediaServer:
                 begin_upload=self.repository.begin_upload,
                 abandon_upload=self.repository.abandon_upload,
             )
+            self.sites.append(site)
             self._listen(listener.port, listener.bind_addresses, site)
 
         self._sweeper = task.LoopingCall(self._sweep_staging)
@@ -95,7 +97,7 @@ class MediaServer:
             bound_any_v6 = bound_any_v6 or address == "::"
             self.ports.append(listening)
             host = listening.getHost()
-            logger.info("listening on %s port %d", getattr(host, "host", address), host.port)  # type: ignore[attr-defined]
+            logger.info("listening on %s port %d", getattr(host, "host", address), host.port)
 
     async def _sweep_staging(self) -> None:
         assert self.repository is not None
@@ -108,7 +110,9 @@ class MediaServer:
         """Stop listening, let uploads in flight finish (or roll them back
         after a grace period), then close the database pool."""
         for port in self.ports:
-            await port.stopListening()
+            stopped = port.stopListening()
+            if stopped is not None:
+                await stopped
         self.ports = []
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
@@ -122,8 +126,12 @@ class MediaServer:
                 storage.abort_all_uploads()
                 # Let the removals queued on the I/O pool run.
                 await task.deferLater(self.reactor, 0.1, lambda: None)  # type: ignore[arg-type]
+        for site in self.sites:
+            site.close_connections()
+        self.sites = []
         if self.database is not None:
             self.database.close()
+            self.database = None
         if self._media_io.started:
             self._media_io.stop()
         logger.info("mediarepo stopped")

@@ -86,14 +86,14 @@ def run(config_path: str) -> int:
         else:
             logger.error("start-up failed: %s", error, exc_info=failure.getTracebackObject())
             print(f"mediarepo: start-up failed: {error}", file=sys.stderr)
-        reactor.stop()  # type: ignore[attr-defined]
+        reactor.stop()
 
     def start() -> None:
         server.start_deferred().addErrback(on_start_failure)
 
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)
+    reactor.run()
     return exit_status[0]
 
 

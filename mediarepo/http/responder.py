@@ -47,11 +47,11 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
         suffix = min(suffix, size)
         return ByteRange(size - suffix, suffix)
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None
     if start >= size:
         raise UnsatisfiableRange()
+    end = int(last) if last else size - 1
     end = min(end, size - 1)
     return ByteRange(start, end - start + 1)
 
@@ -106,7 +106,7 @@ async def respond_with_responder(
         except OSError:
             logger.exception("reading media failed mid-response")
             if request.channel is not None:
-                request.channel.transport.abortConnection()
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
         if not request.disconnected:
             request.finish()

@@ -55,7 +55,7 @@ def respond_error(request: MediaRequest, error: MatrixError) -> None:
         # Part of a body is out; a JSON error can't follow it. Cut the
         # connection so the client sees a truncated response, not a wrong one.
         logger.warning("error after the response began: %s", error)
-        request.channel.transport.abortConnection()
+        request.channel.transport.abortConnection()  # type: ignore[union-attr]
         return
     for name, value in error.headers.items():
         request.setHeader(name, value)
@@ -79,7 +79,8 @@ class Router(Resource):
         super().__init__()
         self._routes = list(routes)
 
-    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+    def render(self, request: MediaRequest) -> Any:
+        assert request.prepath is not None  # set by Site.getResourceFor before render
         depth = len(request.prepath)
         raw_rest = "/".join(
             segment.decode("ascii", "replace") for segment in request.path.split(b"/")[depth + 1 :]
@@ -122,7 +123,7 @@ class UnrecognizedResource(Resource):
 
     isLeaf = True
 
-    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+    def render(self, request: MediaRequest) -> Any:
         unrecognized(request)
         return NOT_DONE_YET
 
@@ -133,7 +134,7 @@ class Directory(Resource):
     def getChild(self, path: bytes, request: Any) -> Resource:
         return UnrecognizedResource()
 
-    def render(self, request: MediaRequest) -> Any:  # type: ignore[override]
+    def render(self, request: MediaRequest) -> Any:
         unrecognized(request)
         return NOT_DONE_YET
 
@@ -142,7 +143,7 @@ class Directory(Resource):
 
 
 def query_string(request: MediaRequest, name: str) -> str | None:
-    values = request.args.get(name.encode())
+    values: list[bytes] | None = request.args.get(name.encode())
     if not values:
         return None
     try:

@@ -15,12 +15,14 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 from prometheus_client import Counter, Histogram
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -55,13 +57,25 @@ _REJECTED_BODY_LINGER_SECONDS = 5.0
 _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 
 
+class _Transport(Protocol):
+    """What is used of a connected channel's TCP transport, which Twisted
+    types as a bare ``ITransport`` (no producer or half-close methods)."""
+
+    def write(self, data: bytes) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def loseConnection(self) -> None: ...
+    def loseWriteConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+
+
 class MediaRequest(Request):
     site: MediaSite
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Twisted sets `site` only when processing starts; the body arrives before.
-        self.site = self.channel.site
+        self.site = self.channel.site  # type: ignore[attr-defined]
         self.upload: UploadSink | None = None
         self.endpoint = "unknown"
         self.disconnected = False
@@ -70,6 +84,7 @@ class MediaRequest(Request):
         self._body_rejected = False
         self._body_complete = False
         self._discarded = 0
+        self._linger: IDelayedCall | None = None
         self._start = time.monotonic()
 
     # -- receiving the body -------------------------------------------------
@@ -87,7 +102,7 @@ class MediaRequest(Request):
         if is_upload and self.site.begin_upload is not None:
             self.content = io.BytesIO()
             self.upload = self.site.begin_upload()
-            transport = channel.transport
+            transport = cast(_Transport, channel.transport)
             self.upload.set_flow_control(transport.pauseProducing, self._resume_body)
         else:
             super().gotLength(length)
@@ -96,13 +111,13 @@ class MediaRequest(Request):
         # Once the whole body is in, the channel pauses the transport itself
         # until the response is done; resuming it then would break that.
         if self.channel is not None and not self._body_complete:
-            self.channel.transport.resumeProducing()
+            cast(_Transport, self.channel.transport).resumeProducing()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._body_rejected:
             self._discarded += len(data)
             if self._discarded > _REJECTED_BODY_DISCARD_LIMIT:
-                self.channel.transport.abortConnection()
+                cast(_Transport, self.channel.transport).abortConnection()
             return
         self._body_received += len(data)
         if self._body_received > self._body_limit:
@@ -137,7 +152,7 @@ class MediaRequest(Request):
             b"Content-Length: %d" % len(body),
             b"Connection: close",
         ]
-        transport = self.channel.transport
+        transport = cast(_Transport, self.channel.transport)
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         requests_total.labels("upload" if is_upload else "unknown", "-", "413").inc()
         logger.info(
@@ -147,17 +162,21 @@ class MediaRequest(Request):
         # sends is read and dropped until the linger runs out.
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-        self.site.reactor.callLater(_REJECTED_BODY_LINGER_SECONDS, transport.abortConnection)
+        self._linger = self.site.reactor.callLater(
+            _REJECTED_BODY_LINGER_SECONDS, transport.abortConnection
+        )
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._body_complete = True
         if self._body_rejected:
-            self.channel.transport.loseConnection()
+            cast(_Transport, self.channel.transport).loseConnection()
             return
         super().requestReceived(command, path, version)
 
     def connectionLost(self, reason: Failure) -> None:
         self.disconnected = True
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
         if self.upload is not None:
             # Nobody took the body (it never arrived whole): roll it back.
             self.site.abandon_upload(self.upload)
@@ -209,12 +228,13 @@ class MediaRequest(Request):
         return _TOKEN_IN_QUERY.sub(rb"\1<redacted>", self.uri).decode("ascii", "replace")
 
     def getClientAddress(self) -> IAddress:
-        address = super().getClientAddress()
+        address: IAddress = super().getClientAddress()
         if self.site.x_forwarded:
             forwarded = self.requestHeaders.getRawHeaders(b"X-Forwarded-For")
             if forwarded:
                 host = forwarded[0].split(b",")[0].strip().decode("ascii", "replace")
-                return (IPv6Address if ":" in host else IPv4Address)("TCP", host, 0)
+                address_type = IPv6Address if ":" in host else IPv4Address
+                return cast(IAddress, address_type("TCP", host, 0))
         return address
 
     def _client_ip(self) -> str:
@@ -222,10 +242,28 @@ class MediaRequest(Request):
         return str(getattr(address, "host", "-"))
 
 
+class MediaChannel(http.HTTPChannel):
+    """An HTTP/1.1 connection that its site knows about, so that a shutdown
+    can close the connections still open."""
+
+    site: MediaSite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+
+
 class MediaSite(Site):
     """One listener's site; knows which requests are uploads."""
 
     requestFactory = MediaRequest
+    # Plain HTTP/1.1 (the reverse proxy in front speaks it); Twisted's
+    # annotation names only its HTTP/2-negotiating default.
+    protocol = MediaChannel  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -246,7 +284,13 @@ class MediaSite(Site):
         self.begin_upload = begin_upload
         self.abandon_upload = abandon_upload
         self.noisy = False
+        self.channels: set[MediaChannel] = set()
 
-    def log(self, request: Request) -> None:
+    def close_connections(self) -> None:
+        """Cut every connection still open (at shutdown, once uploads are settled)."""
+        for channel in list(self.channels):
+            cast(_Transport, channel.transport).abortConnection()
+
+    def log(self, request: http.Request) -> None:
         # MediaRequest logs itself, with the access token redacted.
         pass

@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import attrs
 from prometheus_client.twisted import MetricsResource
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 
 from mediarepo.config import ListenerConfig
 from mediarepo.http.auth import Authenticator
@@ -64,12 +65,15 @@ def authenticated_media_routes(handlers: Handlers) -> list[Route]:
     ]
 
 
-def _child(parent: Resource, name: str, child: Resource) -> Resource:
+_Child = TypeVar("_Child", bound=IResource)
+
+
+def _child(parent: Resource, name: str, child: _Child) -> _Child:
     parent.putChild(name.encode(), child)
     return child
 
 
-def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: bool) -> Resource:
+def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: bool) -> IResource:
     root = Directory()
     if listener.serves_media:
         matrix = _child(root, "_matrix", Directory())

@@ -10,7 +10,7 @@ from mediarepo.media.repository import MediaRepository
 
 
 def upload_filename(request: MediaRequest) -> str | None:
-    values = request.args.get(b"filename")
+    values: list[bytes] | None = request.args.get(b"filename")
     if not values or not values[0]:
         return None
     try:

@@ -171,7 +171,7 @@ class Database:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor  # type: ignore[assignment]
+            reactor = default_reactor
         self._reactor = reactor
         self._pool = adbapi.ConnectionPool(
             config.engine,

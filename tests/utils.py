@@ -1,0 +1,203 @@
+"""Test harness: a real server on loopback, on SQLite or PostgreSQL.
+
+``on_both_databases`` turns one test class into two runnable ones, ``...Sqlite``
+and ``...Postgres``; the PostgreSQL one gets a database of its own, created
+for the test and dropped after it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import psycopg2
+import treq
+from twisted.internet import reactor
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from mediarepo.accounts import new_access_token
+from mediarepo.app import MediaServer
+from mediarepo.config import Config, parse_config
+from mediarepo.storage.users import UserStore
+
+POSTGRES_DSN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+SERVER_NAME = "test.example"
+
+T = TypeVar("T", bound=type)
+
+
+def create_postgres_database() -> str:
+    name = f"mediarepo_test_{secrets.token_hex(6)}"
+    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        )
+    conn.close()
+    return name
+
+
+def drop_postgres_database(name: str) -> None:
+    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
+def database_section(
+    engine: str, workdir: str, cleanups: list[Callable[[], None]]
+) -> dict[str, Any]:
+    if engine == "sqlite3":
+        return {"name": "sqlite3", "args": {"database": os.path.join(workdir, "homeserver.db")}}
+    name = create_postgres_database()
+    cleanups.append(lambda: drop_postgres_database(name))
+    return {"name": "psycopg2", "args": {"dbname": name, **POSTGRES_DSN, "cp_min": 1, "cp_max": 5}}
+
+
+def on_both_databases(cls: T) -> T:
+    """Register ``<Name>Sqlite`` and ``<Name>Postgres`` test cases for ``cls``."""
+    module = sys.modules[cls.__module__]
+    for suffix, engine in (("Sqlite", "sqlite3"), ("Postgres", "psycopg2")):
+        name = cls.__name__ + suffix
+        setattr(
+            module,
+            name,
+            type(name, (cls, unittest.TestCase), {"engine": engine, "__module__": cls.__module__}),
+        )
+    return cls
+
+
+@attrs.frozen
+class Response:
+    code: int
+    headers: dict[str, list[str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+class ServerTestMixin:
+    """Starts a MediaServer on 127.0.0.1 (a free port) for each test."""
+
+    engine = "sqlite3"
+    # Extra homeserver.yaml keys for a test class.
+    extra_config: dict[str, Any] = {}
+
+    def make_config(self, **overrides: Any) -> Config:
+        data: dict[str, Any] = {
+            "server_name": SERVER_NAME,
+            "listeners": [
+                {
+                    "port": 0,
+                    "bind_addresses": ["127.0.0.1"],
+                    "type": "http",
+                    "resources": [{"names": ["client", "federation", "media", "metrics"]}],
+                }
+            ],
+            "database": self.database_config,
+            "media_store_path": os.path.join(self.workdir, "media_store"),
+            "enable_metrics": True,
+        }
+        data.update(self.extra_config)
+        data.update(overrides)
+        return parse_config(data, self.workdir)
+
+    async def start_server(self, **overrides: Any) -> MediaServer:
+        server = MediaServer(self.make_config(**overrides), reactor)
+        await server.start()
+        self.addCleanup(server.stop_deferred)  # type: ignore[attr-defined]
+        self.server = server
+        host = server.ports[0].getHost()
+        self.base_url = f"http://127.0.0.1:{host.port}"
+        return server
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
+        self._db_cleanups: list[Callable[[], None]] = []
+        self.database_config = database_section(self.engine, self.workdir, self._db_cleanups)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        # Cleanups run last-in first-out: the server stops before its database goes.
+        for cleanup in self._db_cleanups:
+            self.addCleanup(cleanup)  # type: ignore[attr-defined]
+        import shutil
+
+        self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
+        await self.start_server()
+
+    @property
+    def media_store(self) -> str:
+        return self.server.config.media_store_path
+
+    async def register(self, localpart: str = "alice", admin: bool = False) -> str:
+        token = new_access_token(localpart)
+        assert self.server.database is not None
+        await UserStore(self.server.database).register_user(
+            f"@{localpart}:{SERVER_NAME}", token, admin, 0
+        )
+        return token
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {token}"
+        response = await treq.request(
+            method,
+            self.base_url + path,
+            headers={k: [v] for k, v in all_headers.items()},
+            data=body,
+            pool=self.pool,
+        )
+        content = await response.content()
+        raw = {
+            k.decode().lower(): [v.decode("latin-1") for v in vs]
+            for k, vs in response.headers.getAllRawHeaders()
+        }
+        # Twisted's client keeps Content-Length out of the headers (it is a
+        # connection-control header there) except on HEAD; it is in `length`.
+        if isinstance(response.length, int) and "content-length" not in raw:
+            raw["content-length"] = [str(response.length)]
+        return Response(response.code, raw, content)
+
+    async def upload(
+        self,
+        token: str,
+        data: bytes,
+        content_type: str | None = "application/octet-stream",
+        filename: str | None = None,
+    ) -> str:
+        """Upload ``data``; returns the media ID."""
+        from urllib.parse import quote
+
+        path = "/_matrix/media/v3/upload"
+        if filename is not None:
+            path += "?filename=" + quote(filename)
+        headers = {"Content-Type": content_type} if content_type else {}
+        response = await self.request("POST", path, token=token, body=data, headers=headers)
+        assert response.code == 200, (response.code, response.body)
+        uri = response.json()["content_uri"]
+        prefix = f"mxc://{SERVER_NAME}/"
+        assert uri.startswith(prefix), uri
+        return str(uri[len(prefix) :])
