@@ -37,7 +37,8 @@ database:
 media_store_path: "{data_dir}/media_store"
 signing_key_path: "{data_dir}/{server_name}.signing.key"
 
-max_upload_size: 50M
+# Synapse's default is 50M; a standalone server is given room for video.
+max_upload_size: 200M
 max_image_pixels: 32M
 enable_authenticated_media: true
 enable_metrics: true

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
-from twisted.logger import STDLibLogObserver, globalLogBeginner
+from twisted.logger import Logger, LogLevel, STDLibLogObserver, globalLogBeginner
 
 from mediarepo.errors import ConfigError
 
@@ -90,6 +90,41 @@ def _add_request_default() -> None:
         return record
 
     logging.setLogRecordFactory(record_factory)
+
+
+class TwistedLogHandler(logging.Handler):
+    """Hands standard-library records to Twisted's logging, so that under
+    ``twistd`` they go wherever twistd sends its log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logger = Logger(namespace="mediarepo")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._logger.emit(
+            _TWISTED_LEVELS.get(record.levelno, LogLevel.info),
+            "{name} - {message}",
+            name=record.name,
+            message=self.format(record),
+        )
+
+
+_TWISTED_LEVELS = {
+    logging.DEBUG: LogLevel.debug,
+    logging.INFO: LogLevel.info,
+    logging.WARNING: LogLevel.warn,
+    logging.ERROR: LogLevel.error,
+    logging.CRITICAL: LogLevel.critical,
+}
+
+
+def log_to_twisted() -> None:
+    """Under ``twistd`` without a ``log_config``: records at INFO and above
+    go to twistd's log."""
+    _add_request_default()
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(TwistedLogHandler())
 
 
 def setup_logging(log_config_path: str | None) -> None:

@@ -34,12 +34,14 @@ class MediaRepoService(Service):
         from twisted.internet import reactor
 
         from mediarepo.app import MediaServer
-        from mediarepo.logging_setup import setup_logging
+        from mediarepo.logging_setup import log_to_twisted, setup_logging
 
         super().startService()
         config = self._config
         if config.log_config:
             setup_logging(config.log_config)
+        else:
+            log_to_twisted()
         self._server = MediaServer(config, reactor)
 
         def failed(failure: Any) -> None:
