@@ -50,6 +50,7 @@ class MediaServer:
         self.accounts: Accounts | None = None
         self._media_io = ThreadPool(minthreads=1, maxthreads=_MEDIA_IO_THREADS, name="media-io")
         self._sweeper: task.LoopingCall | None = None
+        self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
     async def start(self) -> None:
         config = self.config
@@ -118,7 +119,7 @@ class MediaServer:
             self._sweeper.stop()
         if self.repository is not None:
             storage = self.repository.storage
-            deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+            deadline = time.monotonic() + self.shutdown_grace_seconds
             while storage.uploads_in_progress and time.monotonic() < deadline:
                 await task.deferLater(self.reactor, 0.1, lambda: None)  # type: ignore[arg-type]
             if storage.uploads_in_progress:

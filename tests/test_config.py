@@ -1,0 +1,142 @@
+"""Reading Synapse's homeserver.yaml keys."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.trial import unittest
+
+from mediarepo.config import (
+    is_valid_server_name,
+    load_config,
+    parse_config,
+    parse_duration_ms,
+    parse_size,
+)
+from mediarepo.errors import ConfigError
+
+# A Synapse config as operators have them: many keys mediarepo does not use.
+SYNAPSE_CONFIG = {
+    "server_name": "example.org",
+    "pid_file": "/data/homeserver.pid",
+    "listeners": [
+        {
+            "port": 8008,
+            "tls": False,
+            "type": "http",
+            "x_forwarded": True,
+            "bind_addresses": ["::1", "127.0.0.1"],
+            "resources": [{"names": ["client", "federation"], "compress": False}],
+        },
+        {"port": 9000, "type": "manhole"},
+        {"port": 9092, "type": "metrics", "bind_addresses": ["127.0.0.1"]},
+    ],
+    "database": {
+        "name": "psycopg2",
+        "txn_limit": 10000,
+        "args": {"user": "synapse", "dbname": "synapse", "cp_min": 2, "cp_max": 7},
+    },
+    "log_config": "/data/example.org.log.config",
+    "media_store_path": "/data/media_store",
+    "registration_shared_secret": "secret",
+    "report_stats": False,
+    "macaroon_secret_key": "m",
+    "form_secret": "f",
+    "signing_key_path": "/data/example.org.signing.key",
+    "trusted_key_servers": [{"server_name": "matrix.org"}],
+    "max_upload_size": "100M",
+    "rc_message": {"per_second": 1},
+}
+
+
+def parse(data: dict[str, Any]) -> Any:
+    return parse_config(data, "/etc/matrix")
+
+
+class ConfigTests(unittest.TestCase):
+    def test_synapse_config_loads(self) -> None:
+        config = parse(SYNAPSE_CONFIG)
+        self.assertEqual(config.server_name, "example.org")
+        self.assertEqual(config.max_upload_size, 100 * 1024 * 1024)
+        self.assertEqual(config.media_store_path, "/data/media_store")
+        self.assertEqual(config.database.engine, "psycopg2")
+        self.assertEqual((config.database.cp_min, config.database.cp_max), (2, 7))
+        self.assertNotIn("cp_min", config.database.args)
+        # The manhole listener is Synapse's business; the metrics one is ours.
+        self.assertEqual([listener.port for listener in config.listeners], [8008, 9092])
+        http, metrics = config.listeners
+        self.assertTrue(http.x_forwarded)
+        self.assertTrue(http.serves_media)
+        self.assertEqual(http.bind_addresses, ("::1", "127.0.0.1"))
+        self.assertEqual(metrics.resource_names, frozenset({"metrics"}))
+
+    def test_defaults(self) -> None:
+        config = parse({"server_name": "example.org"})
+        self.assertEqual(config.max_upload_size, 50 * 1024 * 1024)
+        self.assertEqual(config.max_image_pixels, 32 * 1024 * 1024)
+        self.assertTrue(config.enable_authenticated_media)
+        self.assertFalse(config.enable_metrics)
+        self.assertEqual(config.database.engine, "sqlite3")
+        self.assertEqual(config.database.args["database"], os.path.abspath("homeserver.db"))
+        self.assertEqual(config.media_store_path, os.path.abspath("media_store"))
+        self.assertEqual(config.signing_key_path, "/etc/matrix/example.org.signing.key")
+        self.assertEqual(config.listeners, ())
+
+    def test_worker_listeners(self) -> None:
+        config = parse(
+            {
+                "server_name": "example.org",
+                "worker_app": "synapse.app.media_repository",
+                "worker_listeners": [
+                    {"type": "http", "port": 8085, "resources": [{"names": ["media"]}]}
+                ],
+            }
+        )
+        self.assertEqual(config.listeners[0].port, 8085)
+        self.assertEqual(config.listeners[0].bind_addresses, ("::", "0.0.0.0"))
+
+    def test_sizes_and_durations(self) -> None:
+        self.assertEqual(parse_size("k", "10K"), 10240)
+        self.assertEqual(parse_size("k", "2g"), 2 * 1024**3)
+        self.assertEqual(parse_size("k", 1234), 1234)
+        self.assertEqual(parse_duration_ms("k", "24h"), 86_400_000)
+        self.assertEqual(parse_duration_ms("k", "2w"), 14 * 86_400_000)
+        self.assertEqual(parse_duration_ms("k", 500), 500)
+        for bad in ("ten", "-5M", "", True, 1.5, "5 MB"):
+            with self.assertRaises(ConfigError):
+                parse_size("k", bad)
+
+    def test_server_names(self) -> None:
+        for good in ("example.org", "localhost:8448", "1.2.3.4", "[::1]:8448", "a-b.c"):
+            self.assertTrue(is_valid_server_name(good), good)
+        for bad in ("", "exa mple.org", "example.org:", "example.org:99999", "[::1", "../x"):
+            self.assertFalse(is_valid_server_name(bad), bad)
+
+    def test_bad_values_name_their_key(self) -> None:
+        cases = [
+            ({}, "server_name"),
+            ({"server_name": "bad name"}, "server_name"),
+            ({"max_upload_size": "lots"}, "max_upload_size"),
+            ({"enable_authenticated_media": "yes"}, "enable_authenticated_media"),
+            ({"database": {"name": "mysql"}}, "database.name"),
+            ({"database": {"args": {"cp_min": 5, "cp_max": 2}}}, "database.args.cp_min"),
+            ({"listeners": [{"port": "x"}]}, "listeners[0].port"),
+            ({"listeners": [{"port": 1, "resources": [{"names": ["nope"]}]}]}, "names"),
+            ({"media_store_path": 5}, "media_store_path"),
+        ]
+        for extra, key in cases:
+            data = {"server_name": "example.org", **extra} if extra else extra
+            with self.assertRaises(ConfigError) as raised:
+                parse(data)
+            self.assertIn(key, str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+
+    def test_unreadable_and_invalid_files(self) -> None:
+        with self.assertRaises(ConfigError):
+            load_config("/nonexistent/homeserver.yaml")
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("server_name: [unclosed\n")
+        with self.assertRaises(ConfigError):
+            load_config(path)
