@@ -19,6 +19,7 @@ from mediarepo.http.tree import Handlers, build_tree, is_upload_request
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.storage import MediaStorage
+from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.storage.database import Database
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.schema import prepare_database
@@ -49,6 +50,9 @@ class MediaServer:
         self.repository: MediaRepository | None = None
         self.accounts: Accounts | None = None
         self._media_io = ThreadPool(minthreads=1, maxthreads=_MEDIA_IO_THREADS, name="media-io")
+        self._thumbnail_pool = ThreadPool(
+            minthreads=0, maxthreads=config.thumbnail_threadpool_size, name="thumbnails"
+        )
         self._sweeper: task.LoopingCall | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
@@ -58,10 +62,21 @@ class MediaServer:
         self.database = Database(config.database, reactor)  # type: ignore[arg-type]
         await prepare_database(self.database)
         self._media_io.start()
+        self._thumbnail_pool.start()
 
         local = LocalMediaStore(config.media_store_path, self._media_io, reactor)  # type: ignore[arg-type]
         storage = MediaStorage(local, providers=[])
-        self.repository = MediaRepository(config, storage, MediaStore(self.database), reactor)  # type: ignore[arg-type]
+        media_store = MediaStore(self.database)
+        thumbnails = ThumbnailProvider(
+            storage,
+            media_store,
+            self._thumbnail_pool,
+            reactor,  # type: ignore[arg-type]
+            sizes=config.thumbnail_sizes,
+            max_image_pixels=config.max_image_pixels,
+            dynamic=config.dynamic_thumbnails,
+        )
+        self.repository = MediaRepository(config, storage, media_store, thumbnails, reactor)  # type: ignore[arg-type]
         self.accounts = Accounts(UserStore(self.database), reactor)  # type: ignore[arg-type]
         handlers = Handlers.create(self.repository, Authenticator(self.accounts))
 
@@ -130,11 +145,14 @@ class MediaServer:
         for site in self.sites:
             site.close_connections()
         self.sites = []
+        if self.repository is not None:
+            await self.repository.thumbnails.settle()
         if self.database is not None:
             self.database.close()
             self.database = None
-        if self._media_io.started:
-            self._media_io.stop()
+        for pool in (self._media_io, self._thumbnail_pool):
+            if pool.started:
+                pool.stop()
         logger.info("mediarepo stopped")
 
     def start_deferred(self) -> defer.Deferred[None]:

@@ -174,6 +174,25 @@ class DatabaseConfig:
 
 
 @attrs.frozen
+class ThumbnailSize:
+    """One entry of ``thumbnail_sizes``: a size pre-generated for each image."""
+
+    width: int
+    height: int
+    method: str  # "crop" or "scale"
+
+
+# Synapse's default ``thumbnail_sizes``.
+DEFAULT_THUMBNAIL_SIZES = (
+    ThumbnailSize(32, 32, "crop"),
+    ThumbnailSize(96, 96, "crop"),
+    ThumbnailSize(320, 240, "scale"),
+    ThumbnailSize(640, 480, "scale"),
+    ThumbnailSize(800, 600, "scale"),
+)
+
+
+@attrs.frozen
 class Config:
     server_name: str
     config_dir: str
@@ -187,6 +206,10 @@ class Config:
     signing_key_path: str
     log_config: str | None
     enable_metrics: bool
+    dynamic_thumbnails: bool
+    thumbnail_sizes: tuple[ThumbnailSize, ...]
+    # Ours, not Synapse's: threads doing Pillow work.
+    thumbnail_threadpool_size: int
 
     @property
     def max_request_body_size(self) -> int:
@@ -275,6 +298,25 @@ def _parse_database(root: _Reader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
+def _parse_thumbnail_sizes(root: _Reader) -> tuple[ThumbnailSize, ...]:
+    if root.raw("thumbnail_sizes") is None:
+        return DEFAULT_THUMBNAIL_SIZES
+    sizes = []
+    for index, raw in enumerate(root.sequence("thumbnail_sizes")):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"thumbnail_sizes[{index}]", "expected a mapping")
+        entry = _Reader(raw, f"thumbnail_sizes[{index}].")
+        method = entry.string("method", "scale")
+        if method not in ("crop", "scale"):
+            raise ConfigError(entry.key("method"), f"expected crop or scale, got {method!r}")
+        sizes.append(
+            ThumbnailSize(
+                entry.integer("width", 0, minimum=1), entry.integer("height", 0, minimum=1), method
+            )
+        )
+    return tuple(sizes)
+
+
 def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
 
@@ -318,6 +360,11 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         ),
         log_config=os.path.abspath(log_config) if log_config else None,
         enable_metrics=root.boolean("enable_metrics", False),
+        dynamic_thumbnails=root.boolean("dynamic_thumbnails", False),
+        thumbnail_sizes=_parse_thumbnail_sizes(root),
+        thumbnail_threadpool_size=root.integer(
+            "thumbnail_threadpool_size", max(2, os.cpu_count() or 1), minimum=1
+        ),
     )
 
 

@@ -52,3 +52,14 @@ class LocalMedia:
     @property
     def is_pending(self) -> bool:
         return self.media_length is None
+
+
+@attrs.frozen
+class ThumbnailInfo:
+    """A row of ``local_media_repository_thumbnails`` (its media ID aside)."""
+
+    width: int
+    height: int
+    type: str
+    method: str
+    length: int

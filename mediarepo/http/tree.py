@@ -19,6 +19,7 @@ from mediarepo.http.auth import Authenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.media_config import MediaConfigHandler
 from mediarepo.http.server import Directory, Route, Router, route
+from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.repository import MediaRepository
 
@@ -26,6 +27,8 @@ _SEGMENT = r"[^/]*"
 _DOWNLOAD = (
     rf"download/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})(?:/(?P<file_name>{_SEGMENT}))?"
 )
+
+_THUMBNAIL = rf"thumbnail/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})"
 
 _UPLOAD_REQUEST = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
 
@@ -40,6 +43,7 @@ class Handlers:
     upload: UploadHandler
     download: DownloadHandler
     config: MediaConfigHandler
+    thumbnail: ThumbnailHandler
 
     @classmethod
     def create(cls, repository: MediaRepository, auth: Authenticator) -> Handlers:
@@ -47,6 +51,7 @@ class Handlers:
             upload=UploadHandler(repository, auth),
             download=DownloadHandler(repository, auth),
             config=MediaConfigHandler(repository.config.max_upload_size, auth),
+            thumbnail=ThumbnailHandler(repository, auth),
         )
 
 
@@ -54,6 +59,7 @@ def legacy_media_routes(handlers: Handlers) -> list[Route]:
     return [
         route("upload", ["POST"], r"upload/?", handlers.upload.on_post),
         route("download", ["GET"], _DOWNLOAD, handlers.download.on_legacy_get),
+        route("thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_legacy_get),
         route("config", ["GET"], r"config", handlers.config.on_get),
     ]
 
@@ -61,6 +67,7 @@ def legacy_media_routes(handlers: Handlers) -> list[Route]:
 def authenticated_media_routes(handlers: Handlers) -> list[Route]:
     return [
         route("client_download", ["GET"], _DOWNLOAD, handlers.download.on_authenticated_get),
+        route("client_thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_authenticated_get),
         route("client_config", ["GET"], r"config", handlers.config.on_get),
     ]
 

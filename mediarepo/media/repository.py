@@ -24,6 +24,7 @@ from mediarepo.media.paths import (
 from mediarepo.media.providers.local import FileExistsInStoreError
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
+from mediarepo.media.thumbnails import ThumbnailProvider, ThumbnailRequest, ThumbnailResponse
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.storage.media import MediaStore
 from mediarepo.values import LocalMedia, Requester
@@ -53,11 +54,13 @@ class MediaRepository:
         config: Config,
         storage: MediaStorage,
         media_store: MediaStore,
+        thumbnails: ThumbnailProvider,
         clock: IReactorTime,
     ) -> None:
         self.config = config
         self.server_name = config.server_name
         self.storage = storage
+        self.thumbnails = thumbnails
         self._media_store = media_store
         self._clock = clock
 
@@ -94,22 +97,21 @@ class MediaRepository:
             written = await sink.finish()
             await self.storage.publish(written, relative_path)
             published = True
-            await self._media_store.store_local_media(
-                LocalMedia(
-                    media_id=sink.media_id,
-                    media_type=media_type,
-                    media_length=written.length,
-                    created_ts=self._now_ms(),
-                    upload_name=upload_name,
-                    user_id=requester.user_id,
-                    quarantined_by=None,
-                    url_cache=None,
-                    last_access_ts=None,
-                    safe_from_quarantine=False,
-                    authenticated=self.config.enable_authenticated_media,
-                    sha256=written.sha256,
-                )
+            media = LocalMedia(
+                media_id=sink.media_id,
+                media_type=media_type,
+                media_length=written.length,
+                created_ts=self._now_ms(),
+                upload_name=upload_name,
+                user_id=requester.user_id,
+                quarantined_by=None,
+                url_cache=None,
+                last_access_ts=None,
+                safe_from_quarantine=False,
+                authenticated=self.config.enable_authenticated_media,
+                sha256=written.sha256,
             )
+            await self._media_store.store_local_media(media)
         except BaseException as e:
             if published:
                 await self.storage.delete(relative_path)
@@ -120,6 +122,7 @@ class MediaRepository:
             raise
         await self.storage.local.discard_staged(written.temp_path)
         self.storage.end_upload(sink)
+        self.thumbnails.schedule_pregeneration(media)
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
         logger.info(
@@ -131,10 +134,10 @@ class MediaRepository:
         )
         return self.mxc(sink.media_id)
 
-    async def get_local_media(
+    async def _visible_local_media(
         self, media_id: str, *, allow_authenticated: bool, timeout_ms: int
-    ) -> MediaDownload:
-        """The row and the bytes of local media, checked for visibility.
+    ) -> LocalMedia:
+        """The row of local media the request may see, or a 404.
 
         A pending async upload is waited for up to ``timeout_ms``.
         """
@@ -159,13 +162,34 @@ class MediaRepository:
             and media.authenticated
         ):
             raise NotFoundError()
+        return media
 
+    async def get_local_media(
+        self, media_id: str, *, allow_authenticated: bool, timeout_ms: int
+    ) -> MediaDownload:
+        """The row and the bytes of local media, checked for visibility."""
+        media = await self._visible_local_media(
+            media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
+        )
         path = url_cache_path(media_id) if media.url_cache else local_media_path(media_id)
         responder = await self.storage.fetch(path)
         if responder is None:
             logger.warning("media %s has a row but no file in any provider", media_id)
             raise NotFoundError()
         return MediaDownload(media=media, responder=responder)
+
+    async def get_local_thumbnail(
+        self,
+        media_id: str,
+        request: ThumbnailRequest,
+        *,
+        allow_authenticated: bool,
+        timeout_ms: int,
+    ) -> ThumbnailResponse:
+        media = await self._visible_local_media(
+            media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
+        )
+        return await self.thumbnails.local_thumbnail(media, request)
 
     async def sweep_staging(self) -> int:
         """Remove what crashed uploads left behind; see ``LocalMediaStore.sweep_staging``."""

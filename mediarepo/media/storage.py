@@ -55,6 +55,17 @@ class MediaStorage:
         for provider in self.providers:
             await provider.store(relative_path, local_path)
 
+    async def store_file(self, relative_path: str, data: bytes) -> None:
+        """Store a generated file (a thumbnail) locally, then with the other providers."""
+        local_path = await self.local.write_file(relative_path, data)
+        for provider in self.providers:
+            await provider.store(relative_path, local_path)
+
+    async def local_copy(self, relative_path: str) -> str | None:
+        """A path on local disk holding ``relative_path``, for work that needs
+        a real file (Pillow); ``None`` if the local store lacks it."""
+        return await self.local.local_path(relative_path)
+
     async def fetch(self, relative_path: str) -> Responder | None:
         """The first provider's copy of ``relative_path``, or ``None``."""
         for provider in self.chain:

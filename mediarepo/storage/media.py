@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mediarepo.storage.database import Database, Row, Transaction
-from mediarepo.values import LocalMedia
+from mediarepo.values import LocalMedia, ThumbnailInfo
 
 _LOCAL_MEDIA_COLUMNS = (
     "media_id, media_type, media_length, created_ts, upload_name, user_id,"
@@ -77,3 +77,32 @@ class MediaStore:
             return found
 
         return await self._db.run_interaction("local_media_exist", txn)
+
+    async def get_local_thumbnails(self, media_id: str) -> list[ThumbnailInfo]:
+        rows = await self._db.run_query(
+            "get_local_media_thumbnails",
+            "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+            " thumbnail_length FROM local_media_repository_thumbnails WHERE media_id = ?",
+            (media_id,),
+        )
+        return [ThumbnailInfo(row[0], row[1], row[2], row[3], row[4] or 0) for row in rows]
+
+    async def store_local_thumbnail(self, media_id: str, thumbnail: ThumbnailInfo) -> None:
+        """Record a thumbnail; a row already there for the same size, type and
+        method (another worker's, or an older file) gets the new length."""
+        await self._db.run_query(
+            "store_local_thumbnail",
+            "INSERT INTO local_media_repository_thumbnails (media_id, thumbnail_width,"
+            " thumbnail_height, thumbnail_type, thumbnail_method, thumbnail_length)"
+            " VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (media_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+            " thumbnail_method) DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
+            (
+                media_id,
+                thumbnail.width,
+                thumbnail.height,
+                thumbnail.type,
+                thumbnail.method,
+                thumbnail.length,
+            ),
+        )

@@ -10,6 +10,7 @@ trace that :meth:`LocalMediaStore.sweep_staging` can clean up.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -80,6 +81,33 @@ class LocalMediaStore(StorageProvider):
                 pass
 
         await self._in_thread(remove)
+
+    async def local_path(self, relative_path: str) -> str | None:
+        """The absolute path of ``relative_path`` if the file is here."""
+        path = self.paths.absolute(relative_path)
+        exists = await self._in_thread(os.path.isfile, path)
+        return path if exists else None
+
+    async def write_file(self, relative_path: str, data: bytes) -> str:
+        """Write a generated file (a thumbnail) to ``relative_path``, replacing
+        any file there atomically: readers see the old file or the new one,
+        never a part. Returns the absolute path."""
+        final = self.paths.absolute(relative_path)
+
+        def write() -> None:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            temp = os.path.join(self.staging_dir, f"generated.{secrets.token_hex(8)}")
+            try:
+                with open(temp, "xb") as f:
+                    f.write(data)
+                os.replace(temp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp)
+                raise
+
+        await self._in_thread(write)
+        return final
 
     def new_upload(self, media_id: str) -> UploadSink:
         """A sink writing to a fresh staging file for ``media_id``."""

@@ -1,0 +1,453 @@
+"""Thumbnails: which sizes are made, which stored one answers a request, and
+making new ones.
+
+The rules are Synapse's, so that this server and a Synapse sharing the
+database and media store make the same files and rows and answer a request
+with the same thumbnail. Pillow itself is only in
+:mod:`mediarepo.media.thumbnailer`, run here on the thumbnail thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import attrs
+from prometheus_client import Counter, Histogram
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from mediarepo.config import ThumbnailSize
+from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.media.paths import local_media_path, local_thumbnail_path
+from mediarepo.media.responder import Responder
+from mediarepo.media.sharing import SharedWork
+from mediarepo.media.storage import MediaStorage
+from mediarepo.media.thumbnailer import (
+    ANIMATED_THUMBNAIL_TYPE,
+    THUMBNAIL_OUTPUT_TYPES,
+    ImageTooLargeError,
+    Thumbnailer,
+    ThumbnailError,
+    aspect,
+)
+from mediarepo.storage.media import MediaStore
+from mediarepo.values import LocalMedia, ThumbnailInfo
+
+logger = logging.getLogger(__name__)
+
+thumbnails_generated = Counter(
+    "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
+)
+thumbnail_failures = Counter(
+    "mediarepo_thumbnail_failures_total", "Sources that could not be thumbnailed", ["reason"]
+)
+thumbnail_seconds = Histogram(
+    "mediarepo_thumbnail_render_seconds",
+    "Time spent in Pillow per source (decode, resize and encode of every size made)",
+    ["reason"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_NO_THUMBNAILS_MESSAGE = (
+    "Cannot find any thumbnails for the requested media ({path}). This might mean the media"
+    " is not a supported_media_format=(image/jpeg, image/jpg, image/webp, image/gif,"
+    " image/png) or that thumbnailing failed for some other reason."
+    " (Dynamic thumbnails are disabled on this server.)"
+)
+
+
+@attrs.frozen
+class ThumbnailSpec:
+    """A thumbnail to make: its recorded size, type and method."""
+
+    width: int
+    height: int
+    type: str
+    method: str
+
+    def info(self, length: int) -> ThumbnailInfo:
+        return ThumbnailInfo(self.width, self.height, self.type, self.method, length)
+
+
+@attrs.frozen
+class ThumbnailRequest:
+    """What a client asked for."""
+
+    width: int
+    height: int
+    method: str  # "crop" or "scale"
+    animated: bool
+    path: str  # the request's path, which Synapse's error messages quote
+
+
+@attrs.frozen
+class Rendered:
+    spec: ThumbnailSpec
+    data: bytes
+
+
+@attrs.frozen
+class ThumbnailResponse:
+    responder: Responder
+    media_type: str
+
+
+def thumbnail_output_type(media_type: str | None) -> str | None:
+    """The type of thumbnails made for ``media_type``, or ``None`` if it gets
+    none. As in Synapse the lookup is exact after dropping parameters."""
+    if not media_type:
+        return None
+    return THUMBNAIL_OUTPUT_TYPES.get(media_type.split(";", 1)[0].strip())
+
+
+def fit_within_source(source_w: int, source_h: int, width: int, height: int) -> tuple[int, int]:
+    """``aspect`` for a box, never larger than the source (scaling never upscales)."""
+    fitted_w, fitted_h = aspect(source_w, source_h, width, height)
+    return min(fitted_w, source_w), min(fitted_h, source_h)
+
+
+def pregeneration_specs(
+    source_w: int,
+    source_h: int,
+    output_type: str,
+    sizes: Iterable[ThumbnailSize],
+    animated: bool,
+) -> list[ThumbnailSpec]:
+    """The thumbnails Synapse pre-generates for a source of this size.
+
+    Keyed by (width, height, type): a crop size only claims a free key, a
+    scale size (fitted to the source) takes it over, so equal sizes are made
+    once and scale wins. An animated source also gets an animated WebP of
+    each distinct size and method.
+    """
+    by_key: dict[tuple[int, int, str], ThumbnailSpec] = {}
+    for size in sizes:
+        if size.method == "crop":
+            key = (size.width, size.height, output_type)
+            by_key.setdefault(key, ThumbnailSpec(size.width, size.height, output_type, "crop"))
+        else:
+            width, height = fit_within_source(source_w, source_h, size.width, size.height)
+            by_key[(width, height, output_type)] = ThumbnailSpec(
+                width, height, output_type, "scale"
+            )
+    specs = list(by_key.values())
+    if animated:
+        distinct = {(s.width, s.height, s.method): None for s in specs}
+        specs += [ThumbnailSpec(w, h, ANIMATED_THUMBNAIL_TYPE, m) for (w, h, m) in distinct]
+    return specs
+
+
+def select_thumbnail(
+    rows: Sequence[ThumbnailInfo], width: int, height: int, method: str, desired_type: str
+) -> ThumbnailInfo | None:
+    """Synapse's choice among stored thumbnails for a request.
+
+    Rows at least as large as the request in one dimension are preferred;
+    among them (or else among all) the best by aspect, size, type and
+    length wins, the earlier row on a tie.
+    """
+    candidates = [row for row in rows if row.method == method]
+    if method == "crop":
+
+        def key(t: ThumbnailInfo) -> tuple[int, ...]:
+            return (
+                abs(width * t.height - height * t.width),
+                0 if t.width >= width and t.height >= height else 1,
+                abs((width - t.width) * (height - t.height)),
+                t.type != desired_type,
+                t.length,
+            )
+    elif method == "scale":
+
+        def key(t: ThumbnailInfo) -> tuple[int, ...]:
+            return (
+                abs((width - t.width) * (height - t.height)),
+                t.type != desired_type,
+                t.length,
+            )
+    else:
+        return None
+    preferred = [t for t in candidates if t.width >= width or t.height >= height]
+    group = preferred or candidates
+    return min(group, key=key) if group else None
+
+
+def dynamic_spec(
+    thumbnailer: Thumbnailer,
+    output_type: str,
+    width: int,
+    height: int,
+    method: str,
+    animated: bool,
+) -> tuple[ThumbnailSpec, int, int]:
+    """What to render for an on-demand request: the recorded spec (the
+    requested size, as Synapse records it) and the size actually drawn,
+    which never exceeds the source."""
+    source_w, source_h = thumbnailer.width, thumbnailer.height
+    if animated and thumbnailer.is_animated:
+        output_type = ANIMATED_THUMBNAIL_TYPE
+    if method == "scale":
+        drawn = fit_within_source(source_w, source_h, width, height)
+    elif width <= source_w and height <= source_h:
+        drawn = (width, height)
+    else:
+        # A crop larger than the source keeps the requested shape at the
+        # largest size the source covers.
+        factor = min(source_w / width, source_h / height)
+        drawn = (max(1, int(width * factor)), max(1, int(height * factor)))
+    return ThumbnailSpec(width, height, output_type, method), drawn[0], drawn[1]
+
+
+def _render(thumbnailer: Thumbnailer, spec: ThumbnailSpec, width: int, height: int) -> bytes:
+    animated = spec.type == ANIMATED_THUMBNAIL_TYPE
+    if spec.method == "crop":
+        return thumbnailer.crop(width, height, spec.type, animated)
+    return thumbnailer.scale(width, height, spec.type, animated)
+
+
+class ThumbnailProvider:
+    """Makes, records and finds thumbnails of local media."""
+
+    def __init__(
+        self,
+        storage: MediaStorage,
+        media_store: MediaStore,
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+        *,
+        sizes: Sequence[ThumbnailSize],
+        max_image_pixels: int,
+        dynamic: bool,
+    ) -> None:
+        self._storage = storage
+        self._media_store = media_store
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self._sizes = tuple(sizes)
+        self._max_image_pixels = max_image_pixels
+        self._dynamic = dynamic
+        self._pregenerating: SharedWork[str, None] = SharedWork()
+        self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
+
+    # -- in the thread pool ---------------------------------------------------
+
+    def _open(self, path: str, media_type: str) -> Thumbnailer:
+        return Thumbnailer(path, media_type, self._max_image_pixels)
+
+    def _render_pregenerated(self, path: str, media_type: str, output_type: str) -> list[Rendered]:
+        with self._open(path, media_type) as thumbnailer:
+            specs = pregeneration_specs(
+                thumbnailer.width,
+                thumbnailer.height,
+                output_type,
+                self._sizes,
+                thumbnailer.is_animated,
+            )
+            if specs:
+                # One decode, at the size the largest thumbnail needs.
+                thumbnailer.prepare(max(s.width for s in specs), max(s.height for s in specs))
+            return [Rendered(s, _render(thumbnailer, s, s.width, s.height)) for s in specs]
+
+    def _render_dynamic(
+        self,
+        path: str,
+        media_type: str,
+        output_type: str,
+        width: int,
+        height: int,
+        method: str,
+        animated: bool,
+    ) -> Rendered:
+        with self._open(path, media_type) as thumbnailer:
+            spec, drawn_w, drawn_h = dynamic_spec(
+                thumbnailer, output_type, width, height, method, animated
+            )
+            return Rendered(spec, _render(thumbnailer, spec, drawn_w, drawn_h))
+
+    # -- on the reactor -------------------------------------------------------
+
+    async def _source_path(self, media: LocalMedia) -> str:
+        path = await self._storage.local_copy(local_media_path(media.media_id))
+        if path is None:
+            raise NotFoundError()
+        return path
+
+    async def _store(self, media_id: str, rendered: Rendered) -> ThumbnailInfo:
+        spec = rendered.spec
+        await self._storage.store_file(
+            local_thumbnail_path(media_id, spec.width, spec.height, spec.type, spec.method),
+            rendered.data,
+        )
+        info = spec.info(len(rendered.data))
+        await self._media_store.store_local_thumbnail(media_id, info)
+        return info
+
+    async def settle(self) -> None:
+        """Wait for thumbnail work under way (at shutdown, before the pools close)."""
+        await self._pregenerating.wait_all()
+        await self._generating.wait_all()
+
+    def schedule_pregeneration(self, media: LocalMedia) -> None:
+        """Start making ``thumbnail_sizes`` for a new upload, in the background;
+        a thumbnail request arriving meanwhile waits for it."""
+        if thumbnail_output_type(media.media_type) is None or self._dynamic:
+            return
+
+        async def pregenerate() -> None:
+            try:
+                await self.pregenerate(media)
+            except Exception:
+                logger.exception("pre-generating thumbnails of %s failed", media.media_id)
+
+        # Registered before this returns, so that a thumbnail request coming
+        # right after the upload's answer finds it running and waits.
+        defer.ensureDeferred(self._pregenerating.run(media.media_id, pregenerate))
+
+    async def pregenerate(self, media: LocalMedia) -> list[ThumbnailInfo]:
+        """Make and record the configured sizes of ``media``; nothing (and a
+        log line) if it cannot be thumbnailed."""
+        output_type = thumbnail_output_type(media.media_type)
+        if output_type is None or media.media_type is None:
+            return []
+        path = await self._source_path(media)
+        with thumbnail_seconds.labels("pregenerate").time():
+            try:
+                rendered = await deferToThreadPool(
+                    self._reactor,
+                    self._threadpool,
+                    self._render_pregenerated,
+                    path,
+                    media.media_type,
+                    output_type,
+                )
+            except ThumbnailError as e:
+                thumbnail_failures.labels(_failure_reason(e)).inc()
+                logger.info("not thumbnailing %s: %s", media.media_id, e)
+                return []
+        stored = [await self._store(media.media_id, r) for r in rendered]
+        thumbnails_generated.labels("pregenerate").inc(len(stored))
+        return stored
+
+    async def local_thumbnail(
+        self, media: LocalMedia, request: ThumbnailRequest
+    ) -> ThumbnailResponse:
+        """The thumbnail answering ``request`` for ``media``."""
+        if self._dynamic:
+            return await self._dynamic_thumbnail(media, request)
+        desired_type = ANIMATED_THUMBNAIL_TYPE if request.animated else "image/png"
+        await self._pregenerating.wait(media.media_id)
+        rows = await self._media_store.get_local_thumbnails(media.media_id)
+        if not rows:
+            raise MatrixError(400, Codes.UNKNOWN, _NO_THUMBNAILS_MESSAGE.format(path=request.path))
+        chosen = select_thumbnail(rows, request.width, request.height, request.method, desired_type)
+        if chosen is None:
+            raise NotFoundError(f"Not found '{request.path}'")
+        return await self._respond_with_stored(media, chosen)
+
+    async def _respond_with_stored(
+        self, media: LocalMedia, info: ThumbnailInfo
+    ) -> ThumbnailResponse:
+        path = local_thumbnail_path(media.media_id, info.width, info.height, info.type, info.method)
+        responder = await self._storage.fetch(path)
+        if responder is None:
+            # The row outlived its file: make it again with the row's parameters.
+            logger.info("thumbnail %s of %s is missing; regenerating", path, media.media_id)
+            await self._regenerate(media, info)
+            responder = await self._storage.fetch(path)
+            if responder is None:
+                raise NotFoundError()
+        return ThumbnailResponse(responder, info.type)
+
+    async def _regenerate(self, media: LocalMedia, info: ThumbnailInfo) -> None:
+        spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
+        source = await self._source_path(media)
+        media_type = media.media_type or ""
+
+        def render() -> Rendered:
+            with self._open(source, media_type) as thumbnailer:
+                return Rendered(spec, _render(thumbnailer, spec, spec.width, spec.height))
+
+        try:
+            rendered = await deferToThreadPool(self._reactor, self._threadpool, render)
+        except ThumbnailError as e:
+            logger.warning("cannot regenerate a thumbnail of %s: %s", media.media_id, e)
+            raise NotFoundError() from e
+        await self._store(media.media_id, rendered)
+        thumbnails_generated.labels("regenerate").inc()
+
+    async def _dynamic_thumbnail(
+        self, media: LocalMedia, request: ThumbnailRequest
+    ) -> ThumbnailResponse:
+        width, height, method, animated = (
+            request.width,
+            request.height,
+            request.method,
+            request.animated,
+        )
+        output_type = thumbnail_output_type(media.media_type)
+        if output_type is None or media.media_type is None:
+            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
+        # An exact match made earlier (by us or a Synapse) is reused.
+        wanted_types = [ANIMATED_THUMBNAIL_TYPE, output_type] if animated else [output_type]
+        rows = await self._media_store.get_local_thumbnails(media.media_id)
+        for wanted in wanted_types:
+            for row in rows:
+                if (row.width, row.height, row.method, row.type) == (
+                    width,
+                    height,
+                    method,
+                    wanted,
+                ):
+                    responder = await self._storage.fetch(
+                        local_thumbnail_path(media.media_id, width, height, wanted, method)
+                    )
+                    if responder is not None:
+                        return ThumbnailResponse(responder, row.type)
+        key = (media.media_id, width, height, method, animated)
+        info = await self._generating.run(
+            key, lambda: self._generate_dynamic(media, width, height, method, animated)
+        )
+        responder = await self._storage.fetch(
+            local_thumbnail_path(media.media_id, info.width, info.height, info.type, info.method)
+        )
+        if responder is None:
+            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
+        return ThumbnailResponse(responder, info.type)
+
+    async def _generate_dynamic(
+        self, media: LocalMedia, width: int, height: int, method: str, animated: bool
+    ) -> ThumbnailInfo:
+        source = await self._source_path(media)
+        with thumbnail_seconds.labels("dynamic").time():
+            try:
+                rendered = await deferToThreadPool(
+                    self._reactor,
+                    self._threadpool,
+                    self._render_dynamic,
+                    source,
+                    media.media_type or "",
+                    thumbnail_output_type(media.media_type) or "",
+                    width,
+                    height,
+                    method,
+                    animated,
+                )
+            except ImageTooLargeError as e:
+                thumbnail_failures.labels("too_large").inc()
+                raise MatrixError(
+                    413, Codes.TOO_LARGE, "The image is too large to thumbnail"
+                ) from e
+            except ThumbnailError as e:
+                thumbnail_failures.labels(_failure_reason(e)).inc()
+                logger.info("cannot thumbnail %s: %s", media.media_id, e)
+                raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
+        info = await self._store(media.media_id, rendered)
+        thumbnails_generated.labels("dynamic").inc()
+        return info
+
+
+def _failure_reason(error: ThumbnailError) -> str:
+    return "too_large" if isinstance(error, ImageTooLargeError) else "unreadable"
