@@ -174,6 +174,14 @@ class DatabaseConfig:
 
 
 @attrs.frozen
+class RateLimit:
+    """An ``rc_*`` section: a bucket of ``burst_count`` actions draining at ``per_second``."""
+
+    per_second: float
+    burst_count: int
+
+
+@attrs.frozen
 class ThumbnailSize:
     """One entry of ``thumbnail_sizes``: a size pre-generated for each image."""
 
@@ -210,6 +218,9 @@ class Config:
     thumbnail_sizes: tuple[ThumbnailSize, ...]
     # Ours, not Synapse's: threads doing Pillow work.
     thumbnail_threadpool_size: int
+    unused_expiration_time_ms: int
+    max_pending_media_uploads: int
+    rc_media_create: RateLimit
 
     @property
     def max_request_body_size(self) -> int:
@@ -298,6 +309,14 @@ def _parse_database(root: _Reader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
+def _parse_rate_limit(root: _Reader, key: str, default: RateLimit) -> RateLimit:
+    section = root.mapping(key)
+    per_second = section.raw("per_second", default.per_second)
+    if isinstance(per_second, bool) or not isinstance(per_second, int | float) or per_second < 0:
+        raise ConfigError(section.key("per_second"), f"expected a number, got {per_second!r}")
+    return RateLimit(float(per_second), section.integer("burst_count", default.burst_count))
+
+
 def _parse_thumbnail_sizes(root: _Reader) -> tuple[ThumbnailSize, ...]:
     if root.raw("thumbnail_sizes") is None:
         return DEFAULT_THUMBNAIL_SIZES
@@ -365,6 +384,9 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         thumbnail_threadpool_size=root.integer(
             "thumbnail_threadpool_size", max(2, os.cpu_count() or 1), minimum=1
         ),
+        unused_expiration_time_ms=root.duration_ms("unused_expiration_time", "24h"),
+        max_pending_media_uploads=root.integer("max_pending_media_uploads", 5),
+        rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
     )
 
 

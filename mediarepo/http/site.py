@@ -14,10 +14,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 
+import attrs
 from prometheus_client import Counter, Histogram
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -29,6 +31,7 @@ from twisted.web.server import Request, Site
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.headers import CORS_HEADERS, JSON_CACHE_CONTROL
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.values import Requester
 
 logger = logging.getLogger("mediarepo.access")
 
@@ -57,6 +60,15 @@ _REJECTED_BODY_LINGER_SECONDS = 5.0
 _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 
 
+@attrs.frozen
+class UploadTarget:
+    """Where an upload's body goes, read off the request line: new media,
+    or the content of a reserved media ID (``PUT .../upload/{server}/{id}``)."""
+
+    server_name: str | None = None
+    media_id: str | None = None
+
+
 class _Transport(Protocol):
     """What is used of a connected channel's TCP transport, which Twisted
     types as a bare ``ITransport`` (no producer or half-close methods)."""
@@ -77,6 +89,8 @@ class MediaRequest(Request):
         # Twisted sets `site` only when processing starts; the body arrives before.
         self.site = self.channel.site  # type: ignore[attr-defined]
         self.upload: UploadSink | None = None
+        # Who sent an upload, when it was authenticated before its body.
+        self.requester: Requester | None = None
         self.endpoint = "unknown"
         self.disconnected = False
         self._body_limit = NON_UPLOAD_BODY_LIMIT
@@ -86,6 +100,11 @@ class MediaRequest(Request):
         self._discarded = 0
         self._linger: IDelayedCall | None = None
         self._start = time.monotonic()
+        # While an upload is being checked before its body is accepted:
+        self._upload_starting: defer.Deferred[UploadSink] | None = None
+        self._early_chunks: list[bytes] = []
+        self._received_request: tuple[bytes, bytes, bytes] | None = None
+        self._upload_error: MatrixError | None = None
 
     # -- receiving the body -------------------------------------------------
 
@@ -93,19 +112,65 @@ class MediaRequest(Request):
         channel = self.channel
         command = getattr(channel, "_command", b"")
         path = getattr(channel, "_path", b"")
-        is_upload = self.site.is_upload_request(command, path)
+        target = self.site.upload_target(command, path)
+        is_upload = target is not None
         self._body_limit = self.site.max_upload_size if is_upload else NON_UPLOAD_BODY_LIMIT
         if length is not None and length > self._body_limit:
             self.content = io.BytesIO()
             self._reject_body(is_upload, "content_length")
             return
-        if is_upload and self.site.begin_upload is not None:
-            self.content = io.BytesIO()
-            self.upload = self.site.begin_upload()
-            transport = cast(_Transport, channel.transport)
-            self.upload.set_flow_control(transport.pauseProducing, self._resume_body)
-        else:
+        if target is None:
             super().gotLength(length)
+            return
+        self.content = io.BytesIO()
+        # Twisted parses the query only once the body is in; the checks made
+        # before accepting the body (the access token) need it now.
+        self.args = http.parse_qs(path.partition(b"?")[2], keep_blank_values=True)
+        starting: defer.Deferred[UploadSink] = defer.ensureDeferred(
+            self.site.begin_upload(self, target)
+        )
+        if not starting.called:
+            # Read no body until the upload is accepted.
+            cast(_Transport, channel.transport).pauseProducing()
+            self._upload_starting = starting
+        starting.addCallbacks(self._upload_accepted, self._upload_refused)
+
+    def _upload_accepted(self, sink: UploadSink) -> None:
+        self._upload_starting = None
+        if self.disconnected:
+            self.site.abandon_upload(sink)
+            return
+        self.upload = sink
+        sink.set_flow_control(cast(_Transport, self.channel.transport).pauseProducing,
+                              self._resume_body)  # fmt: skip
+        for chunk in self._early_chunks:
+            sink.write(chunk)
+        self._early_chunks = []
+        self._resume_body()
+        self._process_received_request()
+
+    def _upload_refused(self, failure: Failure) -> None:
+        self._upload_starting = None
+        error = failure.value
+        if not isinstance(error, MatrixError):
+            logger.error("checking an upload failed", exc_info=failure.getTracebackObject())
+            error = MatrixError(500, Codes.UNKNOWN, "Internal server error")
+        self._early_chunks = []
+        if self.disconnected:
+            return
+        if self._received_request is not None or self._body_complete:
+            # The body is in already (it was empty): answer the usual way;
+            # the handler raises this error when it asks for the upload.
+            self._upload_error = error
+            self._process_received_request()
+        else:
+            uploads_rejected.labels(error.errcode).inc()
+            self._refuse_early(error, "upload", f"upload refused ({error.errcode})")
+
+    def _process_received_request(self) -> None:
+        received, self._received_request = self._received_request, None
+        if received is not None:
+            super().requestReceived(*received)
 
     def _resume_body(self) -> None:
         # Once the whole body is in, the channel pauses the transport itself
@@ -125,27 +190,40 @@ class MediaRequest(Request):
             return
         if self.upload is not None:
             self.upload.write(data)
+        elif self._upload_starting is not None:
+            # What arrived with the headers, before the transport paused.
+            self._early_chunks.append(data)
         else:
             super().handleContentChunk(data)
 
     def _reject_body(self, is_upload: bool, reason: str) -> None:
         """Answer 413 now, before the body is read, and drop the connection."""
-        self._body_rejected = True
         if is_upload:
             uploads_rejected.labels("too_large").inc()
-        if self.upload is not None:
-            self.site.abandon_upload(self.upload)
-            self.upload = None
-        # No "100 Continue" for a body we refuse.
-        self.requestHeaders.removeHeader(b"Expect")
         message = (
             "Upload request body is too large"
             if is_upload
             else f"Request content is too large (>{self._body_limit})"
         )
-        body = json.dumps({"errcode": Codes.TOO_LARGE, "error": message}).encode()
-        head = [b"HTTP/1.1 413 Request Entity Too Large"]
+        self._refuse_early(
+            MatrixError(413, Codes.TOO_LARGE, message),
+            "upload" if is_upload else "unknown",
+            f"refused a body over {self._body_limit} bytes ({reason})",
+        )
+
+    def _refuse_early(self, error: MatrixError, endpoint: str, log_message: str) -> None:
+        """Answer ``error`` before the body is read, and drop the connection
+        once the client has had time to read the answer."""
+        self._body_rejected = True
+        if self.upload is not None:
+            self.site.abandon_upload(self.upload)
+            self.upload = None
+        # No "100 Continue" for a body we refuse.
+        self.requestHeaders.removeHeader(b"Expect")
+        body = json.dumps(error.to_json()).encode()
+        head = [b"HTTP/1.1 %d %s" % (error.code, http.RESPONSES.get(error.code, b"Error"))]
         head += [f"{k}: {v}".encode() for k, v in CORS_HEADERS.items()]
+        head += [f"{k}: {v}".encode() for k, v in error.headers.items()]
         head += [
             b"Content-Type: application/json",
             b"Cache-Control: " + JSON_CACHE_CONTROL.encode(),
@@ -154,10 +232,10 @@ class MediaRequest(Request):
         ]
         transport = cast(_Transport, self.channel.transport)
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        requests_total.labels("upload" if is_upload else "unknown", "-", "413").inc()
-        logger.info(
-            "%s - refused a body over %d bytes (%s)", self._client_ip(), self._body_limit, reason
-        )
+        requests_total.labels(
+            endpoint, self.method.decode("ascii", "replace"), str(error.code)
+        ).inc()
+        logger.info("%s - %s", self._client_ip(), log_message)
         # Half-close: the client reads our answer and EOF, while what it still
         # sends is read and dropped until the linger runs out.
         if hasattr(transport, "loseWriteConnection"):
@@ -170,6 +248,10 @@ class MediaRequest(Request):
         self._body_complete = True
         if self._body_rejected:
             cast(_Transport, self.channel.transport).loseConnection()
+            return
+        if self._upload_starting is not None:
+            # Processed once the upload is accepted or refused.
+            self._received_request = (command, path, version)
             return
         super().requestReceived(command, path, version)
 
@@ -185,6 +267,8 @@ class MediaRequest(Request):
 
     def take_upload(self) -> UploadSink:
         """Hand the received body over to the caller, who must finish or abandon it."""
+        if self._upload_error is not None:
+            raise self._upload_error
         upload = self.upload
         if upload is None:
             raise MatrixError(400, Codes.UNKNOWN, "Request has no upload body")
@@ -272,15 +356,15 @@ class MediaSite(Site):
         *,
         max_upload_size: int,
         x_forwarded: bool,
-        is_upload_request: Callable[[bytes, bytes], bool],
-        begin_upload: Callable[[], UploadSink] | None,
+        upload_target: Callable[[bytes, bytes], UploadTarget | None],
+        begin_upload: Callable[[MediaRequest, UploadTarget], Coroutine[Any, Any, UploadSink]],
         abandon_upload: Callable[[UploadSink], None],
     ) -> None:
         super().__init__(resource, reactor=reactor, timeout=60)
         self.reactor = reactor
         self.max_upload_size = max_upload_size
         self.x_forwarded = x_forwarded
-        self.is_upload_request = is_upload_request
+        self.upload_target = upload_target
         self.begin_upload = begin_upload
         self.abandon_upload = abandon_upload
         self.noisy = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import TypeVar
+from urllib.parse import unquote
 
 import attrs
 from prometheus_client.twisted import MetricsResource
@@ -19,6 +20,7 @@ from mediarepo.http.auth import Authenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.media_config import MediaConfigHandler
 from mediarepo.http.server import Directory, Route, Router, route
+from mediarepo.http.site import UploadTarget
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.repository import MediaRepository
@@ -30,12 +32,25 @@ _DOWNLOAD = (
 
 _THUMBNAIL = rf"thumbnail/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})"
 
-_UPLOAD_REQUEST = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
+_NEW_UPLOAD = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
+_RESERVED_UPLOAD = re.compile(
+    rb"\A/_matrix/media/v3/upload/([^/?]*)/([^/?]*)/?(?:\?.*)?\Z", re.DOTALL
+)
 
 
-def is_upload_request(method: bytes, path: bytes) -> bool:
-    """Whether a request's body is media to store (decided from the request line)."""
-    return method == b"POST" and bool(_UPLOAD_REQUEST.match(path))
+def upload_target(method: bytes, path: bytes) -> UploadTarget | None:
+    """Whether a request's body is media to store, and for which media
+    (decided from the request line, before the body arrives)."""
+    if method == b"POST" and _NEW_UPLOAD.match(path):
+        return UploadTarget()
+    if method == b"PUT":
+        match = _RESERVED_UPLOAD.match(path)
+        if match is not None:
+            server_name, media_id = (
+                unquote(part.decode("ascii", "replace")) for part in match.groups()
+            )
+            return UploadTarget(server_name=server_name, media_id=media_id)
+    return None
 
 
 @attrs.frozen
@@ -55,13 +70,27 @@ class Handlers:
         )
 
 
-def legacy_media_routes(handlers: Handlers) -> list[Route]:
-    return [
+def legacy_media_routes(handlers: Handlers, version: str) -> list[Route]:
+    """The routes under ``/_matrix/media/{version}``; ``create`` exists
+    only in v1 and the upload into a reservation only in v3."""
+    routes = [
         route("upload", ["POST"], r"upload/?", handlers.upload.on_post),
         route("download", ["GET"], _DOWNLOAD, handlers.download.on_legacy_get),
         route("thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_legacy_get),
         route("config", ["GET"], r"config", handlers.config.on_get),
     ]
+    if version == "v1":
+        routes.append(route("create", ["POST"], r"create", handlers.upload.on_create))
+    if version == "v3":
+        routes.append(
+            route(
+                "upload_reserved",
+                ["PUT"],
+                rf"upload/{_SEGMENT}/{_SEGMENT}/?",
+                handlers.upload.on_put,
+            )
+        )
+    return routes
 
 
 def authenticated_media_routes(handlers: Handlers) -> list[Route]:
@@ -85,9 +114,8 @@ def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: boo
     if listener.serves_media:
         matrix = _child(root, "_matrix", Directory())
         media = _child(matrix, "media", Directory())
-        legacy = Router(legacy_media_routes(handlers))
         for version in ("r0", "v3", "v1"):
-            _child(media, version, legacy)
+            _child(media, version, Router(legacy_media_routes(handlers, version)))
         client_v1 = _child(_child(matrix, "client", Directory()), "v1", Directory())
         _child(client_v1, "media", Router(authenticated_media_routes(handlers)))
     if "metrics" in listener.resource_names and enable_metrics:

@@ -1,12 +1,14 @@
-"""``POST /_matrix/media/{r0,v3,v1}/upload``."""
+"""Uploads: ``POST /_matrix/media/{r0,v3,v1}/upload``, and async uploads:
+``POST /_matrix/media/v1/create`` then ``PUT /_matrix/media/v3/upload/{serverName}/{mediaId}``."""
 
 from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.server import respond_json
-from mediarepo.http.site import MediaRequest
+from mediarepo.http.site import MediaRequest, UploadTarget
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.upload_sink import UploadSink
 
 
 def upload_filename(request: MediaRequest) -> str | None:
@@ -34,15 +36,26 @@ class UploadHandler:
         self._repository = repository
         self._auth = auth
 
+    async def begin_upload(self, request: MediaRequest, target: UploadTarget) -> UploadSink:
+        """Where an upload's body goes, decided when its headers are in.
+
+        New media needs nothing checked first. Content for a reservation is
+        checked (token, owner, no content yet) before any of the body is
+        read, so a refused PUT costs no transfer.
+        """
+        if target.media_id is None:
+            return self._repository.begin_upload()
+        requester = await self._auth.requester(request, allow_guest=False)
+        request.requester = requester
+        return await self._repository.begin_reserved_upload(
+            requester, target.server_name or "", target.media_id
+        )
+
     async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:
         upload = request.take_upload()
         try:
             requester = await self._auth.requester(request, allow_guest=False)
-            headers = request.requestHeaders
-            if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(
-                b"Transfer-Encoding"
-            ):
-                raise MatrixError(400, Codes.UNKNOWN, "Request must specify a Content-Length")
+            self._check_body_headers(request)
             filename = upload_filename(request)
             media_type = upload_media_type(request)
         except BaseException:
@@ -50,3 +63,28 @@ class UploadHandler:
             raise
         mxc = await self._repository.complete_upload(upload, requester, media_type, filename)
         respond_json(request, 200, {"content_uri": mxc})
+
+    async def on_put(self, request: MediaRequest, params: dict[str, str]) -> None:
+        upload = request.take_upload()
+        try:
+            requester = request.requester
+            assert requester is not None  # authenticated before the body was accepted
+            self._check_body_headers(request)
+            filename = upload_filename(request)
+            media_type = upload_media_type(request)
+        except BaseException:
+            self._repository.abandon_upload(upload)
+            raise
+        await self._repository.complete_upload(upload, requester, media_type, filename)
+        respond_json(request, 200, {})
+
+    async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
+        requester = await self._auth.requester(request, allow_guest=False)
+        mxc, expires_at = await self._repository.create_media_id(requester)
+        respond_json(request, 200, {"content_uri": mxc, "unused_expires_at": expires_at})
+
+    @staticmethod
+    def _check_body_headers(request: MediaRequest) -> None:
+        headers = request.requestHeaders
+        if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(b"Transfer-Encoding"):
+            raise MatrixError(400, Codes.UNKNOWN, "Request must specify a Content-Length")

@@ -10,18 +10,21 @@ import logging
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet import task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
     local_media_path,
     random_media_id,
     url_cache_path,
 )
+from mediarepo.media.pending import POLL_SECONDS, ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
+from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import ThumbnailProvider, ThumbnailRequest, ThumbnailResponse
@@ -36,10 +39,11 @@ bytes_uploaded = Counter("mediarepo_media_bytes_uploaded_total", "Bytes of media
 
 # How long a staging file may sit untouched before it counts as abandoned.
 STAGING_MAX_AGE_SECONDS = 3600.0
-# Synapse polls a pending upload this often while a download waits for it.
-_PENDING_POLL_SECONDS = 0.5
-# Pending uploads expire this long after creation (Synapse's unused_expiration_time).
-_UNUSED_EXPIRATION_MS = 24 * 60 * 60 * 1000
+# How many expired reservations one sweep transaction removes.
+_RESERVATION_SWEEP_BATCH = 500
+# The lock Synapse takes (with the media ID as key) while content is put
+# into a reservation.
+UPLOAD_LOCK_NAME = "upload_media"
 
 
 @attrs.frozen
@@ -55,14 +59,20 @@ class MediaRepository:
         storage: MediaStorage,
         media_store: MediaStore,
         thumbnails: ThumbnailProvider,
+        locks: WorkerLocks,
         clock: IReactorTime,
     ) -> None:
         self.config = config
         self.server_name = config.server_name
         self.storage = storage
         self.thumbnails = thumbnails
+        self.arrivals = ContentArrivals(clock)
         self._media_store = media_store
+        self._locks = locks
         self._clock = clock
+        self._create_limiter = Ratelimiter(config.rc_media_create, clock)
+        # Uploads into reservations, with the lock each holds.
+        self._reserved_uploads: dict[UploadSink, HeldLock] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -77,6 +87,82 @@ class MediaRepository:
     def abandon_upload(self, sink: UploadSink) -> None:
         sink.abort()
         self.storage.end_upload(sink)
+        self._release_reservation_lock(sink)
+
+    def _release_reservation_lock(self, sink: UploadSink) -> None:
+        lock = self._reserved_uploads.pop(sink, None)
+        if lock is not None:
+            defer.ensureDeferred(lock.release()).addErrback(
+                lambda f: logger.warning("releasing the upload lock failed: %s", f.value)
+            )
+
+    async def create_media_id(self, requester: Requester) -> tuple[str, int]:
+        """Reserve a media ID for content ``requester`` uploads later;
+        returns its mxc URI and when it expires unused (ms)."""
+        self._create_limiter.check(requester.user_id)
+        now = self._now_ms()
+        expiry = self.config.unused_expiration_time_ms
+        pending, oldest = await self._media_store.count_pending_media(
+            requester.user_id, now - expiry
+        )
+        if pending >= self.config.max_pending_media_uploads:
+            raise limit_exceeded((oldest or now) + expiry - now)
+        media_id = random_media_id()
+        await self._media_store.reserve_local_media(
+            media_id, requester.user_id, now, self.config.enable_authenticated_media
+        )
+        return self.mxc(media_id), now + expiry
+
+    async def begin_reserved_upload(
+        self, requester: Requester, server_name: str, media_id: str
+    ) -> UploadSink:
+        """Accept the content of a reservation, checked (in Synapse's order)
+        before any of it is read. The upload lock is held until the upload
+        is completed or abandoned."""
+        if server_name != self.server_name:
+            raise NotFoundError("Non-local server name specified")
+        if not is_valid_media_id(media_id) or len(media_id) < 5:
+            raise NotFoundError("Unknown media ID")
+        lock = await self._locks.try_lock(UPLOAD_LOCK_NAME, media_id)
+        if lock is None:
+            raise MatrixError(409, Codes.CANNOT_OVERWRITE_MEDIA, "Media ID cannot be overwritten")
+        try:
+            media = await self._media_store.get_local_media(media_id)
+            if media is None:
+                raise NotFoundError("Unknown media ID")
+            if media.user_id != requester.user_id:
+                raise MatrixError(
+                    403, Codes.FORBIDDEN, "Only the creator of the media ID can upload to it"
+                )
+            if not media.is_pending:
+                raise MatrixError(409, Codes.CANNOT_OVERWRITE_MEDIA, "Media ID already has content")
+            if self._reservation_expired(media):
+                raise NotFoundError("Media ID has expired")
+        except BaseException:
+            await lock.release()
+            raise
+        sink = self.storage.begin_upload(media_id)
+        self._reserved_uploads[sink] = lock
+        return sink
+
+    def _reservation_expired(self, media: LocalMedia) -> bool:
+        return media.created_ts < self._now_ms() - self.config.unused_expiration_time_ms
+
+    async def sweep_expired_reservations(self) -> int:
+        """Delete reservations that expired without content (Synapse keeps
+        them for ever); rows with content are never touched."""
+        before = self._now_ms() - self.config.unused_expiration_time_ms
+        removed = 0
+        while True:
+            batch = await self._media_store.delete_expired_reservations(
+                before, _RESERVATION_SWEEP_BATCH
+            )
+            removed += len(batch)
+            if len(batch) < _RESERVATION_SWEEP_BATCH:
+                break
+        if removed:
+            logger.info("removed %d expired media reservations", removed)
+        return removed
 
     async def complete_upload(
         self,
@@ -85,13 +171,15 @@ class MediaRepository:
         media_type: str,
         upload_name: str | None,
     ) -> str:
-        """Store a fully received body as new local media; returns its mxc URI.
+        """Store a fully received body as local media, new or the content of
+        a reservation; returns its mxc URI.
 
         Order matters for crash safety: the file is fsynced and linked into
-        place before the row exists, and the staging name is removed only
-        after the row exists (see ``LocalMediaStore``).
+        place before the row has it, and the staging name is removed only
+        after (see ``LocalMediaStore``).
         """
         relative_path = local_media_path(sink.media_id)
+        reserved = sink in self._reserved_uploads
         published = False
         try:
             written = await sink.finish()
@@ -111,17 +199,29 @@ class MediaRepository:
                 authenticated=self.config.enable_authenticated_media,
                 sha256=written.sha256,
             )
-            await self._media_store.store_local_media(media)
+            if not reserved:
+                await self._media_store.store_local_media(media)
+            elif not await self._media_store.fill_reserved_media(media):
+                # Swept as expired while the body arrived.
+                raise NotFoundError("Media ID has expired")
         except BaseException as e:
             if published:
                 await self.storage.delete(relative_path)
             self.abandon_upload(sink)
             if isinstance(e, FileExistsInStoreError):
+                if reserved:
+                    raise MatrixError(
+                        409, Codes.CANNOT_OVERWRITE_MEDIA, "Media ID already has content"
+                    ) from e
                 # 24 random letters colliding with an existing file.
                 raise MatrixError(500, Codes.UNKNOWN, "Media ID collision; retry") from e
             raise
         await self.storage.local.discard_staged(written.temp_path)
         self.storage.end_upload(sink)
+        self._release_reservation_lock(sink)
+        if reserved:
+            self.arrivals.announce(sink.media_id)
+            await self._media_store.announce_content(sink.media_id)
         self.thumbnails.schedule_pregeneration(media)
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
@@ -150,11 +250,12 @@ class MediaRepository:
                 raise NotFoundError()
             if not media.is_pending:
                 break
-            if media.created_ts < self._now_ms() - _UNUSED_EXPIRATION_MS:
+            if self._reservation_expired(media):
                 raise NotFoundError()
-            if self._now_ms() >= deadline:
+            now = self._now_ms()
+            if now >= deadline:
                 raise MatrixError(504, Codes.NOT_YET_UPLOADED, "Media has not been uploaded yet")
-            await task.deferLater(self._clock, _PENDING_POLL_SECONDS, lambda: None)
+            await self.arrivals.wait(media_id, min(POLL_SECONDS, (deadline - now) / 1000))
 
         if (
             not allow_authenticated

@@ -5,6 +5,9 @@ from __future__ import annotations
 from mediarepo.storage.database import Database, Row, Transaction
 from mediarepo.values import LocalMedia, ThumbnailInfo
 
+# The PostgreSQL NOTIFY channel on which completed async uploads are announced.
+CONTENT_CHANNEL = "mediarepo_media_content"
+
 _LOCAL_MEDIA_COLUMNS = (
     "media_id, media_type, media_length, created_ts, upload_name, user_id,"
     " quarantined_by, url_cache, last_access_ts, safe_from_quarantine, authenticated, sha256"
@@ -106,3 +109,69 @@ class MediaStore:
                 thumbnail.length,
             ),
         )
+
+    # -- async uploads: reservations without content ---------------------------
+
+    async def reserve_local_media(
+        self, media_id: str, user_id: str, created_ts: int, authenticated: bool
+    ) -> None:
+        """Record a media ID with no content yet, as Synapse's ``/create`` does."""
+        await self._db.run_query(
+            "store_local_media_id",
+            "INSERT INTO local_media_repository (media_id, created_ts, user_id, authenticated)"
+            " VALUES (?, ?, ?, ?)",
+            (media_id, created_ts, user_id, authenticated),
+        )
+
+    async def count_pending_media(self, user_id: str, created_after: int) -> tuple[int, int | None]:
+        """How many reservations of ``user_id`` made after ``created_after``
+        still wait for content, and when the oldest of them was made."""
+        rows = await self._db.run_query(
+            "get_pending_media",
+            "SELECT COUNT(*), MIN(created_ts) FROM local_media_repository"
+            " WHERE user_id = ? AND created_ts > ? AND media_length IS NULL",
+            (user_id, created_after),
+        )
+        return int(rows[0][0]), rows[0][1]
+
+    async def fill_reserved_media(self, media: LocalMedia) -> bool:
+        """Give a reservation its content; ``False`` if it had content already."""
+
+        def txn(t: Transaction) -> bool:
+            t.execute(
+                "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
+                " media_length = ?, url_cache = NULL, sha256 = ?"
+                " WHERE media_id = ? AND media_length IS NULL",
+                (media.media_type, media.upload_name, media.media_length, media.sha256,
+                 media.media_id),
+            )  # fmt: skip
+            return t.rowcount == 1
+
+        return await self._db.run_interaction("update_local_media", txn)
+
+    async def announce_content(self, media_id: str) -> None:
+        """Tell other processes on a PostgreSQL database (waiting downloads)
+        that a reservation has its content."""
+        if self._db.engine.name == "psycopg2":
+            await self._db.run_query(
+                "announce_content", "SELECT pg_notify(?, ?)", (CONTENT_CHANNEL, media_id)
+            )
+
+    async def delete_expired_reservations(self, created_before: int, limit: int) -> list[str]:
+        """Remove up to ``limit`` reservations made before ``created_before``
+        that never got content; returns their media IDs."""
+
+        def txn(t: Transaction) -> list[str]:
+            t.execute(
+                "SELECT media_id FROM local_media_repository"
+                " WHERE media_length IS NULL AND created_ts < ? LIMIT ?",
+                (created_before, limit),
+            )
+            media_ids = [row[0] for row in t.fetchall()]
+            t.execute_batch(
+                "DELETE FROM local_media_repository WHERE media_id = ? AND media_length IS NULL",
+                [(media_id,) for media_id in media_ids],
+            )
+            return media_ids
+
+        return await self._db.run_interaction("delete_expired_reservations", txn)

@@ -35,6 +35,7 @@ REQUIRED_SYNAPSE_TABLES = (
     "remote_media_cache_thumbnails",
     "users",
     "access_tokens",
+    "worker_locks",
 )
 
 

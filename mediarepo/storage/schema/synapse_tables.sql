@@ -130,3 +130,13 @@ CREATE TABLE IF NOT EXISTS access_tokens (
 )
 ;
 CREATE INDEX IF NOT EXISTS access_tokens_device_id ON access_tokens (user_id, device_id)
+;
+CREATE TABLE IF NOT EXISTS worker_locks (
+    lock_name TEXT NOT NULL,
+    lock_key TEXT NOT NULL,
+    instance_name TEXT NOT NULL,
+    token TEXT NOT NULL,
+    last_renewed_ts BIGINT NOT NULL
+)
+;
+CREATE UNIQUE INDEX IF NOT EXISTS worker_locks_key ON worker_locks (lock_name, lock_key)

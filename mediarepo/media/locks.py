@@ -1,0 +1,82 @@
+"""Locks shared with every process on the database, Synapse's included.
+
+A lock is a ``worker_locks`` row holding a random token; its holder renews it
+while working and deletes it when done. A holder that dies stops renewing,
+and the lock frees itself after ``LOCK_TIMEOUT_MS``. Within this process a
+key being taken or held is refused at once, without asking the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
+
+from mediarepo.storage.locks import LockStore
+
+logger = logging.getLogger(__name__)
+
+RENEW_INTERVAL_SECONDS = 30.0
+
+
+def instance_name() -> str:
+    """This process's name in ``worker_locks``: never one of Synapse's, and
+    new at every start, so a restarted process does not take over the locks
+    of the one it replaces before they time out."""
+    return f"mediarepo-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class HeldLock:
+    def __init__(self, locks: WorkerLocks, name: str, key: str, token: str) -> None:
+        self._locks = locks
+        self.name = name
+        self.key = key
+        self.token = token
+        self._renewal = task.LoopingCall(self._renew)
+        self._renewal.clock = locks.clock
+        self._renewal.start(RENEW_INTERVAL_SECONDS, now=False)
+
+    async def _renew(self) -> None:
+        try:
+            await self._locks.store.renew(self.name, self.key, self.token, self._locks.now_ms())
+        except Exception:
+            logger.exception("renewing lock %s/%s failed", self.name, self.key)
+
+    async def release(self) -> None:
+        if self._renewal.running:
+            self._renewal.stop()
+        self._locks.held.discard((self.name, self.key))
+        await self._locks.store.release(self.name, self.key, self.token)
+
+
+class WorkerLocks:
+    def __init__(self, store: LockStore, clock: IReactorTime) -> None:
+        self.store = store
+        self.clock = clock
+        self.instance_name = instance_name()
+        self.held: set[tuple[str, str]] = set()
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    async def try_lock(self, name: str, key: str) -> HeldLock | None:
+        """The lock ``(name, key)`` if nobody (here or elsewhere) holds it."""
+        if (name, key) in self.held:
+            return None
+        self.held.add((name, key))
+        token = secrets.token_urlsafe(12)
+        try:
+            acquired = await self.store.try_acquire(
+                name, key, self.instance_name, token, self.now_ms()
+            )
+        except BaseException:
+            self.held.discard((name, key))
+            raise
+        if not acquired:
+            self.held.discard((name, key))
+            return None
+        return HeldLock(self, name, key, token)

@@ -1,0 +1,50 @@
+"""Per-key rate limits configured like Synapse's ``rc_*`` sections: a bucket
+of ``burst_count`` actions that drains at ``per_second``."""
+
+from __future__ import annotations
+
+import math
+
+from twisted.internet.interfaces import IReactorTime
+
+from mediarepo.config import RateLimit
+from mediarepo.errors import Codes, MatrixError
+
+
+class Ratelimiter:
+    def __init__(self, limit: RateLimit, clock: IReactorTime, max_keys: int = 100_000) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._max_keys = max_keys
+        # key -> (actions in the bucket, when it was last drained)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def check(self, key: str) -> None:
+        """Count one action for ``key``, or raise 429 ``M_LIMIT_EXCEEDED``."""
+        now = self._clock.seconds()
+        actions, since = self._buckets.get(key, (0.0, now))
+        actions = max(0.0, actions - (now - since) * self._limit.per_second)
+        if actions + 1 > self._limit.burst_count:
+            wait = (actions + 1 - self._limit.burst_count) / max(self._limit.per_second, 1e-9)
+            raise limit_exceeded(math.ceil(wait * 1000))
+        if len(self._buckets) >= self._max_keys and key not in self._buckets:
+            self._forget_drained(now)
+        self._buckets[key] = (actions + 1, now)
+
+    def _forget_drained(self, now: float) -> None:
+        per_second = self._limit.per_second
+        self._buckets = {
+            k: (a, t) for k, (a, t) in self._buckets.items() if a - (now - t) * per_second > 0
+        }
+
+
+def limit_exceeded(retry_after_ms: int) -> MatrixError:
+    """429 with the retry hint in the body and, rounded up to seconds, the header."""
+    retry_after_ms = max(retry_after_ms, 0)
+    return MatrixError(
+        429,
+        Codes.LIMIT_EXCEEDED,
+        "Too Many Requests",
+        extra={"retry_after_ms": retry_after_ms},
+        headers={"Retry-After": str(math.ceil(retry_after_ms / 1000))},
+    )

@@ -1,0 +1,49 @@
+"""Queries on Synapse's ``worker_locks`` table: named locks shared by every
+process on the database, Synapse's workers included."""
+
+from __future__ import annotations
+
+from mediarepo.storage.database import Database, Transaction
+
+# A lock not renewed for this long is free for anyone to take (Synapse's figure).
+LOCK_TIMEOUT_MS = 2 * 60 * 1000
+
+
+class LockStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def try_acquire(
+        self, name: str, key: str, instance_name: str, token: str, now_ms: int
+    ) -> bool:
+        """Take the lock unless another instance holds it and renewed it lately."""
+
+        def txn(t: Transaction) -> bool:
+            t.execute(
+                "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
+                " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (lock_name, lock_key) DO UPDATE SET token = EXCLUDED.token,"
+                " instance_name = EXCLUDED.instance_name,"
+                " last_renewed_ts = EXCLUDED.last_renewed_ts"
+                " WHERE worker_locks.last_renewed_ts < ?"
+                " OR worker_locks.instance_name = EXCLUDED.instance_name",
+                (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
+            )
+            return t.rowcount == 1
+
+        return await self._db.run_interaction("try_acquire_lock", txn)
+
+    async def renew(self, name: str, key: str, token: str, now_ms: int) -> None:
+        await self._db.run_query(
+            "renew_lock",
+            "UPDATE worker_locks SET last_renewed_ts = ?"
+            " WHERE lock_name = ? AND lock_key = ? AND token = ?",
+            (now_ms, name, key, token),
+        )
+
+    async def release(self, name: str, key: str, token: str) -> None:
+        await self._db.run_query(
+            "drop_lock",
+            "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
+            (name, key, token),
+        )
