@@ -159,13 +159,15 @@ class ServerTestMixin:
         token: str | None = None,
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
+        base_url: str | None = None,
     ) -> Response:
+        """A request to the test's server (or the one at ``base_url``)."""
         all_headers = dict(headers or {})
         if token is not None:
             all_headers["Authorization"] = f"Bearer {token}"
         response = await treq.request(
             method,
-            self.base_url + path,
+            (base_url or self.base_url) + path,
             headers={k: [v] for k, v in all_headers.items()},
             data=body,
             pool=self.pool,

@@ -18,8 +18,9 @@ POLL_SECONDS = 0.5
 
 
 class ContentArrivals:
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, poll_seconds: float = POLL_SECONDS) -> None:
         self._clock = clock
+        self.poll_seconds = poll_seconds
         self._waiting: dict[str, set[defer.Deferred[None]]] = {}
 
     def announce(self, media_id: str) -> None:

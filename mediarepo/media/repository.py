@@ -22,7 +22,7 @@ from mediarepo.media.paths import (
     random_media_id,
     url_cache_path,
 )
-from mediarepo.media.pending import POLL_SECONDS, ContentArrivals
+from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.responder import Responder
@@ -255,7 +255,9 @@ class MediaRepository:
             now = self._now_ms()
             if now >= deadline:
                 raise MatrixError(504, Codes.NOT_YET_UPLOADED, "Media has not been uploaded yet")
-            await self.arrivals.wait(media_id, min(POLL_SECONDS, (deadline - now) / 1000))
+            await self.arrivals.wait(
+                media_id, min(self.arrivals.poll_seconds, (deadline - now) / 1000)
+            )
 
         if (
             not allow_authenticated
