@@ -456,6 +456,24 @@ class SynapseInteropTest(unittest.TestCase):
         self.assertEqual(media_id_of(mxc)[0], SERVER_NAME)
         return mxc
 
+    def _create(self, token: str) -> str:
+        response = http_request(self.port, "POST", "/_matrix/media/v1/create", token=token)
+        self.assertEqual(response.status, 200, response.body)
+        mxc: str = response.json()["content_uri"]
+        return mxc
+
+    def _put(self, token: str, mxc: str, data: bytes) -> None:
+        server, media_id = media_id_of(mxc)
+        response = http_request(
+            self.port,
+            "PUT",
+            f"/_matrix/media/v3/upload/{server}/{media_id}?filename=reserved.txt",
+            body=data,
+            headers={"Content-Type": "text/plain", "Content-Length": str(len(data))},
+            token=token,
+        )
+        self.assertEqual(response.status, 200, response.body)
+
     def _download(self, mxc: str, token: str | None, *, legacy: bool = False) -> Response:
         server, media_id = media_id_of(mxc)
         base = LEGACY_DOWNLOAD_PATH if legacy else DOWNLOAD_PATH
@@ -531,6 +549,8 @@ class SynapseInteropTest(unittest.TestCase):
             self._assert_legacy_refused(mxc, "synapse-1")
             synapse_media.append((mxc, data, filename, baseline))
         self._note(f"uploaded through Synapse: {[m[0] for m in synapse_media]}")
+        # A reservation made through Synapse, filled later through mediarepo.
+        synapse_reserved = self._create(token)
         self._stop(synapse1)
 
         # 2. mediarepo on the very same file: Synapse's token, Synapse's media.
@@ -550,6 +570,12 @@ class SynapseInteropTest(unittest.TestCase):
         ours = self._download(our_mxc, token)
         self._assert_served(ours, our_data, our_name, "mediarepo", our_mxc)
         self._note(f"uploaded through mediarepo: {our_mxc}")
+        reserved_data = b"put through mediarepo into Synapse's reservation"
+        self._put(token, synapse_reserved, reserved_data)
+        response = self._download(synapse_reserved, token)
+        self.assertEqual((response.status, response.body), (200, reserved_data))
+        # And the other way round: reserved here, filled through Synapse.
+        our_reserved = self._create(token)
         self.assertEqual(self._stop(mediarepo), 0, "mediarepo's exit status after SIGTERM")
         # mediarepo logged through Synapse's log_config, into Synapse's log file.
         self.assertRegex(
@@ -564,4 +590,9 @@ class SynapseInteropTest(unittest.TestCase):
         self._assert_served(response, our_data, our_name, "synapse-2", our_mxc)
         self._assert_same_headers(response, ours, our_mxc)
         self._assert_legacy_refused(our_mxc, "synapse-2")
+        response = self._download(synapse_reserved, token)
+        self.assertEqual((response.status, response.body), (200, reserved_data))
+        self._put(token, our_reserved, b"put through Synapse into mediarepo's reservation")
+        response = self._download(our_reserved, token)
+        self.assertEqual(response.status, 200, response.body)
         self._stop(synapse2)
