@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -203,3 +204,27 @@ class ServerTestMixin:
         prefix = f"mxc://{SERVER_NAME}/"
         assert uri.startswith(prefix), uri
         return str(uri[len(prefix) :])
+
+
+def raw_exchange(port: int, head: bytes, body_chunks: list[bytes] | None = None) -> bytes:
+    """Send a request by hand (the head, then the body chunks, which may
+    promise less or more than the head said) and read the answer until the
+    server closes. Blocking: run it in a thread."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(head)
+            for chunk in body_chunks or []:
+                sock.sendall(chunk)
+        except OSError:
+            pass  # the server may close early; what it said is what matters
+        return read_until_closed(sock)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while data := sock.recv(65536):
+            answer += data
+    except OSError:
+        pass
+    return answer

@@ -52,39 +52,33 @@ class UploadHandler:
         )
 
     async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:
-        upload = request.take_upload()
-        try:
-            requester = await self._auth.requester(request, allow_guest=False)
-            self._check_body_headers(request)
-            filename = upload_filename(request)
-            media_type = upload_media_type(request)
-        except BaseException:
-            self._repository.abandon_upload(upload)
-            raise
-        mxc = await self._repository.complete_upload(upload, requester, media_type, filename)
+        mxc = await self._store_body(request)
         respond_json(request, 200, {"content_uri": mxc})
 
     async def on_put(self, request: MediaRequest, params: dict[str, str]) -> None:
+        await self._store_body(request)
+        respond_json(request, 200, {})
+
+    async def _store_body(self, request: MediaRequest) -> str:
+        """Store the request's body as the media its path names; the body is
+        rolled back if the request turns out to be bad."""
         upload = request.take_upload()
         try:
-            requester = request.requester
-            assert requester is not None  # authenticated before the body was accepted
-            self._check_body_headers(request)
+            # A PUT into a reservation was authenticated before its body.
+            requester = request.requester or await self._auth.requester(request, allow_guest=False)
+            headers = request.requestHeaders
+            if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(
+                b"Transfer-Encoding"
+            ):
+                raise MatrixError(400, Codes.UNKNOWN, "Request must specify a Content-Length")
             filename = upload_filename(request)
             media_type = upload_media_type(request)
         except BaseException:
             self._repository.abandon_upload(upload)
             raise
-        await self._repository.complete_upload(upload, requester, media_type, filename)
-        respond_json(request, 200, {})
+        return await self._repository.complete_upload(upload, requester, media_type, filename)
 
     async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
         requester = await self._auth.requester(request, allow_guest=False)
         mxc, expires_at = await self._repository.create_media_id(requester)
         respond_json(request, 200, {"content_uri": mxc, "unused_expires_at": expires_at})
-
-    @staticmethod
-    def _check_body_headers(request: MediaRequest) -> None:
-        headers = request.requestHeaders
-        if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(b"Transfer-Encoding"):
-            raise MatrixError(400, Codes.UNKNOWN, "Request must specify a Content-Length")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 from typing import Any
 
@@ -14,7 +13,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mediarepo.app import MediaServer
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -22,20 +21,6 @@ DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 def put_path(media_id: str, server_name: str = SERVER_NAME, query: str = "") -> str:
     return f"/_matrix/media/v3/upload/{server_name}/{media_id}{query}"
-
-
-def raw_exchange(port: int, head: bytes, body: bytes = b"") -> bytes:
-    """Send a request by hand (``body`` after the head, maybe not all of
-    what Content-Length promised) and read the answer until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head + body)
-        answer = b""
-        try:
-            while data := sock.recv(65536):
-                answer += data
-        except OSError:
-            pass
-        return answer
 
 
 class AsyncUploadMixin(ServerTestMixin):

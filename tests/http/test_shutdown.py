@@ -9,19 +9,9 @@ import socket
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, read_until_closed
 
 BODY = os.urandom(2_000_000)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    answer = b""
-    try:
-        while data := sock.recv(65536):
-            answer += data
-    except OSError:
-        pass
-    return answer
 
 
 @on_both_databases

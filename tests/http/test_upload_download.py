@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
 from mediarepo.media.paths import local_media_path
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 LEGACY_DOWNLOAD = f"/_matrix/media/v3/download/{SERVER_NAME}"
@@ -206,25 +205,7 @@ class LimitTests(ServerTestMixin):
     extra_config = {"max_upload_size": "1M"}
 
     def _raw_upload(self, head: bytes, body_chunks: list[bytes]) -> bytes:
-        """Send a request by hand and read what comes back before EOF."""
-        port = int(self.base_url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(head)
-            try:
-                for chunk in body_chunks:
-                    sock.sendall(chunk)
-            except OSError:
-                pass  # the server may close early; what it said is what matters
-            answer = b""
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    answer += data
-            except OSError:
-                pass
-            return answer
+        return raw_exchange(self.server.ports[0].getHost().port, head, body_chunks)
 
     async def test_content_length_over_limit(self) -> None:
         token = await self.register()

@@ -1,0 +1,1 @@
+"""Helpers of ``scripts/bench``, the load generator for Matrix media repositories."""
