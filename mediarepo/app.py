@@ -7,22 +7,29 @@ import logging
 import time
 from typing import Any
 
-from twisted.internet import defer, task
+from OpenSSL import crypto
+from twisted.internet import defer, ssl, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.accounts import Accounts
 from mediarepo.config import Config
-from mediarepo.http.auth import Authenticator
+from mediarepo.errors import ConfigError
+from mediarepo.federation.client import FederationClient
+from mediarepo.federation.keyring import Keyring
+from mediarepo.federation.keys import load_signing_keys, server_keys_response
+from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.providers.local import LocalMediaStore
+from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.storage.database import Database
+from mediarepo.storage.keys import KeyStore
 from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
 from mediarepo.storage.notifications import PostgresListener
@@ -36,6 +43,29 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 # How often leftovers of crashed uploads and expired reservations are removed.
 HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 _MEDIA_IO_THREADS = 20
+
+
+def server_tls_options(certificate_path: str, private_key_path: str) -> Any:
+    """TLS for a listener: the certificate file may hold the chain after the
+    server's own certificate, as Synapse's ``tls_certificate_path`` may."""
+    try:
+        with open(certificate_path, "rb") as f:
+            pem = f.read()
+        with open(private_key_path, "rb") as f:
+            key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
+        certificates = [
+            ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
+            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+        ]
+    except (OSError, crypto.Error) as e:
+        raise ConfigError("tls_certificate_path", f"cannot load the certificate: {e}") from e
+    if not certificates:
+        raise ConfigError("tls_certificate_path", f"{certificate_path} holds no certificate")
+    return ssl.CertificateOptions(
+        privateKey=key.original,
+        certificate=certificates[0].original,
+        extraCertChain=[c.original for c in certificates[1:]],
+    )
 
 
 class MediaServer:
@@ -60,11 +90,13 @@ class MediaServer:
         )
         self._sweeper: task.LoopingCall | None = None
         self._listener: PostgresListener | None = None
+        self.federation_client: FederationClient | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
     async def start(self) -> None:
         config = self.config
         reactor = self.reactor
+        signing_keys = load_signing_keys(config.signing_key_path)
         self.database = Database(config.database, reactor)
         await prepare_database(self.database)
         self._media_io.start()
@@ -83,7 +115,15 @@ class MediaServer:
             dynamic=config.dynamic_thumbnails,
         )
         locks = WorkerLocks(LockStore(self.database), reactor)
-        self.repository = MediaRepository(config, storage, media_store, thumbnails, locks, reactor)
+        self.federation_client = FederationClient(
+            reactor, config.server_name, signing_keys[0], config.federation
+        )
+        remote = RemoteMediaCache(
+            config, storage, media_store, self.federation_client, thumbnails, reactor
+        )
+        self.repository = MediaRepository(
+            config, storage, media_store, thumbnails, remote, locks, reactor
+        )
         if self.database.engine.name == "psycopg2":
             # Downloads waiting for an async upload wake when another process
             # sharing the database completes it.
@@ -92,7 +132,28 @@ class MediaServer:
             )
             await self._listener.start()
         self.accounts = Accounts(UserStore(self.database), reactor)
-        handlers = Handlers.create(self.repository, Authenticator(self.accounts))
+        keyring = Keyring(
+            KeyStore(self.database),
+            self.federation_client,
+            signing_keys,
+            config.federation.trusted_key_servers,
+            reactor,
+        )
+
+        def keys_response() -> dict[str, Any]:
+            valid_until = int(reactor.seconds() * 1000) + config.federation.key_refresh_interval_ms
+            return server_keys_response(
+                config.server_name, signing_keys, config.federation.old_signing_keys, valid_until
+            )
+
+        handlers = Handlers.create(
+            self.repository,
+            Authenticator(self.accounts),
+            FederationAuthenticator(
+                keyring, config.server_name, config.federation.domain_whitelist
+            ),
+            keys_response,
+        )
 
         for listener in config.listeners:
             site = MediaSite(
@@ -105,18 +166,30 @@ class MediaServer:
                 abandon_upload=self.repository.abandon_upload,
             )
             self.sites.append(site)
-            self._listen(listener.port, listener.bind_addresses, site)
+            tls = None
+            if listener.tls:
+                if not config.tls_certificate_path or not config.tls_private_key_path:
+                    raise ConfigError(
+                        "tls_certificate_path", "a listener has tls: true but no certificate"
+                    )
+                tls = server_tls_options(config.tls_certificate_path, config.tls_private_key_path)
+            self._listen(listener.port, listener.bind_addresses, site, tls)
 
         self._sweeper = task.LoopingCall(self._housekeeping)
         self._sweeper.clock = reactor
         self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
         logger.info("mediarepo serving %s", config.server_name)
 
-    def _listen(self, port: int, addresses: tuple[str, ...], site: MediaSite) -> None:
+    def _listen(
+        self, port: int, addresses: tuple[str, ...], site: MediaSite, tls: Any = None
+    ) -> None:
         bound_any_v6 = False
         for address in addresses:
             try:
-                listening = self.reactor.listenTCP(port, site, interface=address)
+                if tls is None:
+                    listening = self.reactor.listenTCP(port, site, interface=address)
+                else:
+                    listening = self.reactor.listenSSL(port, site, tls, interface=address)
             except CannotListenError as e:
                 # "::" also takes IPv4 on dual-stack hosts, so a following
                 # "0.0.0.0" on the same port finds it in use; that is fine.
@@ -151,6 +224,9 @@ class MediaServer:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+        if self.federation_client is not None:
+            await self.federation_client.close()
+            self.federation_client = None
         if self.repository is not None:
             storage = self.repository.storage
             deadline = time.monotonic() + self.shutdown_grace_seconds

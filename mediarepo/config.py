@@ -8,6 +8,7 @@ one line.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -151,6 +152,15 @@ class _Reader:
         return value
 
 
+# Synapse's default ``ip_range_blacklist``: where outbound requests never go.
+DEFAULT_IP_RANGE_BLACKLIST = (
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+    "192.0.0.0/24", "169.254.0.0/16", "192.88.99.0/24", "198.18.0.0/15", "192.0.2.0/24",
+    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "::1/128", "fe80::/10", "fc00::/7",
+    "2001:db8::/32", "ff00::/8", "fec0::/10",
+)  # fmt: skip
+
+
 @attrs.frozen
 class ListenerConfig:
     port: int
@@ -158,6 +168,7 @@ class ListenerConfig:
     type: str
     x_forwarded: bool
     resource_names: frozenset[str]
+    tls: bool = False
 
     @property
     def serves_media(self) -> bool:
@@ -171,6 +182,14 @@ class DatabaseConfig:
     args: Mapping[str, Any]
     cp_min: int
     cp_max: int
+
+
+@attrs.frozen
+class OldVerifyKey:
+    """An entry of ``old_signing_keys``: a key we no longer sign with."""
+
+    key: str  # unpadded base64
+    expired_ts: int
 
 
 @attrs.frozen
@@ -201,6 +220,31 @@ DEFAULT_THUMBNAIL_SIZES = (
 
 
 @attrs.frozen
+class TrustedKeyServer:
+    """An entry of ``trusted_key_servers``: a notary asked for other servers' keys."""
+
+    server_name: str
+    # key ID -> unpadded base64 key; when given, answers must carry its signature.
+    verify_keys: Mapping[str, str]
+
+
+@attrs.frozen
+class FederationConfig:
+    """What outbound and inbound federation need."""
+
+    verify_certificates: bool
+    custom_ca_list: tuple[str, ...]
+    domain_whitelist: frozenset[str] | None
+    ip_range_blacklist: tuple[str, ...]
+    ip_range_whitelist: tuple[str, ...]
+    trusted_key_servers: tuple[TrustedKeyServer, ...]
+    key_refresh_interval_ms: int
+    old_signing_keys: Mapping[str, OldVerifyKey]
+    prevent_media_downloads_from: frozenset[str]
+    remote_download_rate: RateLimit  # bytes: burst and per second
+
+
+@attrs.frozen
 class Config:
     server_name: str
     config_dir: str
@@ -221,6 +265,9 @@ class Config:
     unused_expiration_time_ms: int
     max_pending_media_uploads: int
     rc_media_create: RateLimit
+    tls_certificate_path: str | None
+    tls_private_key_path: str | None
+    federation: FederationConfig
 
     @property
     def max_request_body_size(self) -> int:
@@ -281,6 +328,7 @@ def _parse_listener(index: int, raw: object, key: str) -> ListenerConfig | None:
         type=listener_type,
         x_forwarded=reader.boolean("x_forwarded", False),
         resource_names=frozenset(names),
+        tls=reader.boolean("tls", False),
     )
 
 
@@ -307,6 +355,72 @@ def _parse_database(root: _Reader) -> DatabaseConfig:
         if database != ":memory:":
             args["database"] = os.path.abspath(database)
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
+
+
+def _string_list(root: _Reader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    if root.raw(key) is None:
+        return default
+    values = root.sequence(key)
+    if not all(isinstance(value, str) for value in values):
+        raise ConfigError(key, "expected a list of strings")
+    return tuple(values)
+
+
+def _parse_federation(root: _Reader) -> FederationConfig:
+    whitelist = root.raw("federation_domain_whitelist")
+    if whitelist is not None:
+        whitelist = frozenset(_string_list(root, "federation_domain_whitelist"))
+    blacklist = _string_list(root, "ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST)
+    for key, ranges in (
+        ("ip_range_blacklist", blacklist),
+        ("ip_range_whitelist", _string_list(root, "ip_range_whitelist")),
+    ):
+        for value in ranges:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as e:
+                raise ConfigError(key, f"{value!r} is not an IP range") from e
+    notaries = []
+    raw_notaries = root.raw("trusted_key_servers", [{"server_name": "matrix.org"}])
+    if not isinstance(raw_notaries, list):
+        raise ConfigError("trusted_key_servers", "expected a list")
+    for index, raw in enumerate(raw_notaries):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"trusted_key_servers[{index}]", "expected a mapping")
+        entry = _Reader(raw, f"trusted_key_servers[{index}].")
+        name = entry.string("server_name")
+        if name is None or not is_valid_server_name(name):
+            raise ConfigError(entry.key("server_name"), f"{name!r} is not a server name")
+        keys = entry.mapping("verify_keys")._data
+        if not all(isinstance(v, str) for v in keys.values()):
+            raise ConfigError(entry.key("verify_keys"), "expected key IDs mapped to keys")
+        notaries.append(TrustedKeyServer(name, dict(keys)))
+    old_keys = {}
+    for name, raw in root.mapping("old_signing_keys")._data.items():
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"old_signing_keys.{name}", "expected a mapping")
+        entry = _Reader(raw, f"old_signing_keys.{name}.")
+        old_key = entry.string("key")
+        if not old_key:
+            raise ConfigError(entry.key("key"), "is required")
+        old_keys[str(name)] = OldVerifyKey(old_key, entry.integer("expired_ts", 0))
+    return FederationConfig(
+        verify_certificates=root.boolean("federation_verify_certificates", True),
+        custom_ca_list=tuple(
+            os.path.abspath(p) for p in _string_list(root, "federation_custom_ca_list")
+        ),
+        domain_whitelist=whitelist,
+        ip_range_blacklist=blacklist,
+        ip_range_whitelist=_string_list(root, "ip_range_whitelist"),
+        trusted_key_servers=tuple(notaries),
+        key_refresh_interval_ms=root.duration_ms("key_refresh_interval", "1d"),
+        old_signing_keys=old_keys,
+        prevent_media_downloads_from=frozenset(_string_list(root, "prevent_media_downloads_from")),
+        remote_download_rate=RateLimit(
+            float(root.size("remote_media_download_per_second", "87K")),
+            root.size("remote_media_download_burst_count", "500M"),
+        ),
+    )
 
 
 def _parse_rate_limit(root: _Reader, key: str, default: RateLimit) -> RateLimit:
@@ -362,6 +476,10 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     def path(key: str, default: str) -> str:
         return os.path.abspath(root.string(key, default) or default)
 
+    def optional_path(key: str) -> str | None:
+        value = root.string(key)
+        return os.path.abspath(value) if value else None
+
     max_upload_size = root.size("max_upload_size", "50M")
     log_config = root.string("log_config")
     return Config(
@@ -387,6 +505,9 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         unused_expiration_time_ms=root.duration_ms("unused_expiration_time", "24h"),
         max_pending_media_uploads=root.integer("max_pending_media_uploads", 5),
         rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
+        tls_certificate_path=optional_path("tls_certificate_path"),
+        tls_private_key_path=optional_path("tls_private_key_path"),
+        federation=_parse_federation(root),
     )
 
 

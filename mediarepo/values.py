@@ -63,3 +63,20 @@ class ThumbnailInfo:
     type: str
     method: str
     length: int
+
+
+@attrs.frozen
+class RemoteMedia:
+    """A row of ``remote_media_cache``: another server's media, cached here."""
+
+    media_origin: str
+    media_id: str
+    media_type: str | None
+    created_ts: int
+    upload_name: str | None
+    media_length: int
+    filesystem_id: str
+    last_access_ts: int | None
+    quarantined_by: str | None
+    authenticated: bool
+    sha256: str | None

@@ -25,6 +25,7 @@ from twisted.web.client import HTTPConnectionPool
 from mediarepo.accounts import new_access_token
 from mediarepo.app import MediaServer
 from mediarepo.config import Config, parse_config
+from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.storage.users import UserStore
 
 POSTGRES_DSN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
@@ -116,7 +117,10 @@ class ServerTestMixin:
         }
         data.update(self.extra_config)
         data.update(overrides)
-        return parse_config(data, self.workdir)
+        config = parse_config(data, self.workdir)
+        if not os.path.exists(config.signing_key_path):
+            write_new_signing_key(config.signing_key_path)
+        return config
 
     async def start_server(self, **overrides: Any) -> MediaServer:
         server = MediaServer(self.make_config(**overrides), reactor)

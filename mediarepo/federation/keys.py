@@ -6,10 +6,19 @@ from __future__ import annotations
 import os
 import secrets
 import string
+from collections.abc import Mapping
 from typing import Any
 
-from signedjson.key import generate_signing_key, read_signing_keys, write_signing_keys
+from signedjson.key import (
+    encode_verify_key_base64,
+    generate_signing_key,
+    get_verify_key,
+    read_signing_keys,
+    write_signing_keys,
+)
+from signedjson.sign import sign_json
 
+from mediarepo.config import OldVerifyKey
 from mediarepo.errors import ConfigError
 
 
@@ -38,3 +47,33 @@ def load_signing_keys(path: str) -> list[Any]:
     if not keys:
         raise ConfigError("signing_key_path", f"{path} holds no key")
     return list(keys)
+
+
+def key_id(key: Any) -> str:
+    """``ed25519:<version>``, as keys are named on the wire."""
+    return f"{key.alg}:{key.version}"
+
+
+def server_keys_response(
+    server_name: str,
+    signing_keys: list[Any],
+    old_verify_keys: Mapping[str, OldVerifyKey],
+    valid_until_ts: int,
+) -> dict[str, Any]:
+    """The body of ``GET /_matrix/key/v2/server``: our verify keys, signed by
+    every signing key, so a peer can check requests signed with any of them."""
+    response: dict[str, Any] = {
+        "server_name": server_name,
+        "valid_until_ts": valid_until_ts,
+        "verify_keys": {
+            key_id(key): {"key": encode_verify_key_base64(get_verify_key(key))}
+            for key in signing_keys
+        },
+        "old_verify_keys": {
+            name: {"key": old.key, "expired_ts": old.expired_ts}
+            for name, old in old_verify_keys.items()
+        },
+    }
+    for key in signing_keys:
+        response = sign_json(response, server_name, key)
+    return response

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mediarepo.accounts import Accounts
 from mediarepo.errors import Codes, MatrixError
+from mediarepo.federation.keyring import Keyring
+from mediarepo.federation.signing import AuthHeaderError, parse_x_matrix, verify_request
 from mediarepo.http.site import MediaRequest
 from mediarepo.values import Requester
 
@@ -45,3 +47,57 @@ class Authenticator:
         if requester.is_guest and not allow_guest:
             raise MatrixError(403, Codes.GUEST_ACCESS_FORBIDDEN, "Guest access not allowed")
         return requester
+
+
+class FederationAuthenticator:
+    """Checks the ``X-Matrix`` signature of a request from another server."""
+
+    def __init__(
+        self, keyring: Keyring, server_name: str, domain_whitelist: frozenset[str] | None
+    ) -> None:
+        self._keyring = keyring
+        self._server_name = server_name
+        self._whitelist = domain_whitelist
+
+    async def origin(self, request: MediaRequest) -> str:
+        """The server that signed ``request``, or a 400/401/403 :class:`MatrixError`."""
+        headers = [
+            h
+            for h in request.requestHeaders.getRawHeaders(b"Authorization") or []
+            if h.startswith(b"X-Matrix")
+        ]
+        if not headers:
+            raise MatrixError(401, Codes.UNAUTHORIZED, "Missing Authorization headers")
+        # The request-target exactly as received, which is what the peer signed.
+        uri = request.uri.decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        origin = None
+        for header in headers:
+            try:
+                auth = parse_x_matrix(header)
+            except AuthHeaderError as e:
+                raise MatrixError(400, Codes.UNAUTHORIZED, "Malformed Authorization header") from e
+            if auth.destination is not None and auth.destination != self._server_name:
+                raise MatrixError(401, Codes.UNAUTHORIZED, "Destination mismatch in auth header")
+            if self._whitelist is not None and auth.origin not in self._whitelist:
+                raise MatrixError(403, Codes.FORBIDDEN, f"Federation denied with {auth.origin}.")
+            key = await self._keyring.verify_key(auth.origin, auth.key_id)
+            if key is None:
+                raise MatrixError(
+                    401,
+                    Codes.UNAUTHORIZED,
+                    f"Failed to find any key to satisfy: {auth.origin} {auth.key_id}",
+                )
+            try:
+                valid = verify_request(auth, method, uri, self._server_name, key)
+            except AuthHeaderError as e:
+                raise MatrixError(401, Codes.UNAUTHORIZED, str(e)) from e
+            if not valid:
+                raise MatrixError(
+                    401, Codes.UNAUTHORIZED, f"Invalid signature for server {auth.origin}"
+                )
+            if origin is not None and origin != auth.origin:
+                raise MatrixError(401, Codes.UNAUTHORIZED, "Signatures of several origins")
+            origin = auth.origin
+        assert origin is not None
+        return origin

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mediarepo.config import is_valid_server_name
-from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.headers import set_download_security_headers
 from mediarepo.http.responder import respond_with_responder
@@ -45,15 +45,19 @@ class DownloadHandler:
     ) -> None:
         server_name = checked_server_name(params)
         timeout_ms = parse_timeout_ms(request)
-        if not authenticated:
-            query_bool(request, "allow_remote", True)
-        if server_name != self._repository.server_name:
-            # Fetching remote media over federation is not available yet.
-            raise NotFoundError()
-        download = await self._repository.get_local_media(
-            params["media_id"], allow_authenticated=authenticated, timeout_ms=timeout_ms
-        )
-        filename = params.get("file_name") or download.media.upload_name
-        await respond_with_responder(
-            request, download.responder, download.media.media_type, filename
-        )
+        allow_remote = authenticated or query_bool(request, "allow_remote", True)
+        if server_name == self._repository.server_name:
+            download = await self._repository.get_local_media(
+                params["media_id"], allow_authenticated=authenticated, timeout_ms=timeout_ms
+            )
+        else:
+            download = await self._repository.get_remote_media(
+                server_name,
+                params["media_id"],
+                allow_fetch=allow_remote,
+                allow_authenticated=authenticated,
+                requester_ip=request.client_ip(),
+                timeout_ms=timeout_ms,
+            )
+        filename = params.get("file_name") or download.upload_name
+        await respond_with_responder(request, download.responder, download.media_type, filename)

@@ -8,6 +8,12 @@ import re
 import attrs
 
 from mediarepo.errors import Codes, MatrixError
+from mediarepo.federation.multipart import (
+    multipart_content_type,
+    multipart_head,
+    multipart_tail,
+    new_boundary,
+)
 from mediarepo.http.headers import MEDIA_CACHE_CONTROL, MEDIA_ETAG, set_media_headers
 from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
@@ -61,6 +67,33 @@ def _header(request: MediaRequest, name: bytes) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
+def _answered_not_modified(request: MediaRequest) -> bool:
+    """Answer 304 if the client has the file already (media never changes)."""
+    if _header(request, b"If-None-Match") != MEDIA_ETAG:
+        return False
+    request.setResponseCode(304)
+    request.setHeader("Cache-Control", MEDIA_CACHE_CONTROL)
+    request.setHeader("ETag", MEDIA_ETAG)
+    request.finish()
+    return True
+
+
+async def _stream(request: MediaRequest, responder: Responder, start: int, length: int) -> bool:
+    """Write ``length`` bytes of ``responder`` from ``start``; whether the
+    response can go on (the client is still there and every byte went)."""
+    if length:
+        try:
+            await responder.write_to_consumer(request, start, length)
+        except ConnectionError:
+            return False  # the client went away; nothing left to answer
+        except OSError:
+            logger.exception("reading media failed mid-response")
+            if request.channel is not None:
+                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+            return False
+    return not request.disconnected
+
+
 async def respond_with_responder(
     request: MediaRequest,
     responder: Responder,
@@ -69,11 +102,7 @@ async def respond_with_responder(
 ) -> None:
     """Stream ``responder`` as the response, then close it."""
     try:
-        if _header(request, b"If-None-Match") == MEDIA_ETAG:
-            request.setResponseCode(304)
-            request.setHeader("Cache-Control", MEDIA_CACHE_CONTROL)
-            request.setHeader("ETag", MEDIA_ETAG)
-            request.finish()
+        if _answered_not_modified(request):
             return
 
         size = responder.size
@@ -99,16 +128,33 @@ async def respond_with_responder(
         if request.method == b"HEAD" or length == 0:
             request.finish()
             return
-        try:
-            await responder.write_to_consumer(request, start, length)
-        except ConnectionError:
-            return  # the client went away; nothing left to answer
-        except OSError:
-            logger.exception("reading media failed mid-response")
-            if request.channel is not None:
-                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        if await _stream(request, responder, start, length):
+            request.finish()
+    finally:
+        responder.close()
+
+
+async def respond_with_multipart(
+    request: MediaRequest, responder: Responder, media_type: str | None, disposition: str
+) -> None:
+    """Stream ``responder`` as the file part of a federation ``multipart/mixed``
+    answer (a JSON metadata part first), then close it."""
+    try:
+        if _answered_not_modified(request):
             return
-        if not request.disconnected:
+        boundary = new_boundary()
+        head = multipart_head(boundary, media_type or "application/octet-stream", disposition)
+        tail = multipart_tail(boundary)
+        request.setHeader("Content-Type", multipart_content_type(boundary))
+        request.setHeader("Content-Length", str(len(head) + responder.size + len(tail)))
+        request.setHeader("Cache-Control", MEDIA_CACHE_CONTROL)
+        request.setHeader("ETag", MEDIA_ETAG)
+        if request.method == b"HEAD":
+            request.finish()
+            return
+        request.write(head)
+        if await _stream(request, responder, 0, responder.size):
+            request.write(tail)
             request.finish()
     finally:
         responder.close()

@@ -235,7 +235,7 @@ class MediaRequest(Request):
         requests_total.labels(
             endpoint, self.method.decode("ascii", "replace"), str(error.code)
         ).inc()
-        logger.info("%s - %s", self._client_ip(), log_message)
+        logger.info("%s - %s", self.client_ip(), log_message)
         # Half-close: the client reads our answer and EOF, while what it still
         # sends is read and dropped until the linger runs out.
         if hasattr(transport, "loseWriteConnection"):
@@ -299,7 +299,7 @@ class MediaRequest(Request):
         response_seconds.labels(self.endpoint).observe(duration)
         logger.info(
             "%s - %.3fsec %d %s %s (%d bytes)%s",
-            self._client_ip(),
+            self.client_ip(),
             duration,
             self.code,
             self.method.decode("ascii", "replace"),
@@ -321,7 +321,7 @@ class MediaRequest(Request):
                 return cast(IAddress, address_type("TCP", host, 0))
         return address
 
-    def _client_ip(self) -> str:
+    def client_ip(self) -> str:
         address = self.getClientAddress()
         return str(getattr(address, "host", "-"))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.download import checked_server_name, parse_timeout_ms
 from mediarepo.http.responder import respond_with_responder
@@ -58,15 +58,22 @@ class ThumbnailHandler:
         server_name = checked_server_name(params)
         thumbnail_request = parse_thumbnail_request(request)
         timeout_ms = parse_timeout_ms(request)
-        if not authenticated:
-            query_bool(request, "allow_remote", True)
-        if server_name != self._repository.server_name:
-            # Fetching remote media over federation is not available yet.
-            raise NotFoundError()
-        thumbnail = await self._repository.get_local_thumbnail(
-            params["media_id"],
-            thumbnail_request,
-            allow_authenticated=authenticated,
-            timeout_ms=timeout_ms,
-        )
+        allow_remote = authenticated or query_bool(request, "allow_remote", True)
+        if server_name == self._repository.server_name:
+            thumbnail = await self._repository.get_local_thumbnail(
+                params["media_id"],
+                thumbnail_request,
+                allow_authenticated=authenticated,
+                timeout_ms=timeout_ms,
+            )
+        else:
+            thumbnail = await self._repository.get_remote_thumbnail(
+                server_name,
+                params["media_id"],
+                thumbnail_request,
+                allow_fetch=allow_remote,
+                allow_authenticated=authenticated,
+                requester_ip=request.client_ip(),
+                timeout_ms=timeout_ms,
+            )
         await respond_with_responder(request, thumbnail.responder, thumbnail.media_type, None)

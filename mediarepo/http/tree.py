@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import attrs
@@ -16,8 +17,9 @@ from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
 
 from mediarepo.config import ListenerConfig
-from mediarepo.http.auth import Authenticator
+from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
+from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
 from mediarepo.http.server import Directory, Route, Router, route
 from mediarepo.http.site import UploadTarget
@@ -59,14 +61,24 @@ class Handlers:
     download: DownloadHandler
     config: MediaConfigHandler
     thumbnail: ThumbnailHandler
+    federation: FederationMediaHandler
+    keys: KeyServerHandler
 
     @classmethod
-    def create(cls, repository: MediaRepository, auth: Authenticator) -> Handlers:
+    def create(
+        cls,
+        repository: MediaRepository,
+        auth: Authenticator,
+        federation_auth: FederationAuthenticator,
+        keys_response: Callable[[], dict[str, Any]],
+    ) -> Handlers:
         return cls(
             upload=UploadHandler(repository, auth),
             download=DownloadHandler(repository, auth),
             config=MediaConfigHandler(repository.config.max_upload_size, auth),
             thumbnail=ThumbnailHandler(repository, auth),
+            federation=FederationMediaHandler(repository, federation_auth),
+            keys=KeyServerHandler(keys_response),
         )
 
 
@@ -104,6 +116,28 @@ def authenticated_media_routes(handlers: Handlers) -> list[Route]:
 _Child = TypeVar("_Child", bound=IResource)
 
 
+def federation_media_routes(handlers: Handlers) -> list[Route]:
+    return [
+        route(
+            "federation_download",
+            ["GET"],
+            rf"download/(?P<media_id>{_SEGMENT})",
+            handlers.federation.on_download,
+        ),
+        route(
+            "federation_thumbnail",
+            ["GET"],
+            rf"thumbnail/(?P<media_id>{_SEGMENT})",
+            handlers.federation.on_thumbnail,
+        ),
+    ]
+
+
+def key_routes(handlers: Handlers) -> list[Route]:
+    # The /{keyId} form is deprecated; like Synapse, it answers with every key.
+    return [route("keys", ["GET"], rf"server(?:/{_SEGMENT})?/?", handlers.keys.on_get)]
+
+
 def _child(parent: Resource, name: str, child: _Child) -> _Child:
     parent.putChild(name.encode(), child)
     return child
@@ -111,13 +145,17 @@ def _child(parent: Resource, name: str, child: _Child) -> _Child:
 
 def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: bool) -> IResource:
     root = Directory()
+    matrix = _child(root, "_matrix", Directory())
     if listener.serves_media:
-        matrix = _child(root, "_matrix", Directory())
         media = _child(matrix, "media", Directory())
         for version in ("r0", "v3", "v1"):
             _child(media, version, Router(legacy_media_routes(handlers, version)))
         client_v1 = _child(_child(matrix, "client", Directory()), "v1", Directory())
         _child(client_v1, "media", Router(authenticated_media_routes(handlers)))
+        federation_v1 = _child(_child(matrix, "federation", Directory()), "v1", Directory())
+        _child(federation_v1, "media", Router(federation_media_routes(handlers)))
+    if listener.resource_names & {"federation", "keys"}:
+        _child(_child(matrix, "key", Directory()), "v2", Router(key_routes(handlers)))
     if "metrics" in listener.resource_names and enable_metrics:
         metrics = MetricsResource()
         if listener.type == "metrics":

@@ -19,17 +19,36 @@ class Ratelimiter:
         # key -> (actions in the bucket, when it was last drained)
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def check(self, key: str) -> None:
-        """Count one action for ``key``, or raise 429 ``M_LIMIT_EXCEEDED``."""
-        now = self._clock.seconds()
+    def _level(self, key: str, now: float) -> float:
+        """How full ``key``'s bucket is now, after draining."""
         actions, since = self._buckets.get(key, (0.0, now))
-        actions = max(0.0, actions - (now - since) * self._limit.per_second)
-        if actions + 1 > self._limit.burst_count:
-            wait = (actions + 1 - self._limit.burst_count) / max(self._limit.per_second, 1e-9)
+        return max(0.0, actions - (now - since) * self._limit.per_second)
+
+    def check(self, key: str, amount: int = 1) -> None:
+        """Count ``amount`` actions for ``key``, or raise 429 ``M_LIMIT_EXCEEDED``
+        with the time until they would fit."""
+        now = self._clock.seconds()
+        actions = self._level(key, now)
+        if actions + amount > self._limit.burst_count:
+            wait = (actions + amount - self._limit.burst_count) / max(self._limit.per_second, 1e-9)
             raise limit_exceeded(math.ceil(wait * 1000))
+        self._store(key, actions + amount, now)
+
+    def require_room(self, key: str, amount: int) -> None:
+        """Raise 429 unless ``amount`` more would fit in ``key``'s bucket,
+        counting nothing (for work whose size is known only afterwards)."""
+        if self._level(key, self._clock.seconds()) + amount > self._limit.burst_count:
+            raise MatrixError(429, Codes.LIMIT_EXCEEDED, "Requested file size exceeds ratelimits")
+
+    def charge(self, key: str, amount: int) -> None:
+        """Count ``amount`` done, even past the burst (the next request waits)."""
+        now = self._clock.seconds()
+        self._store(key, self._level(key, now) + amount, now)
+
+    def _store(self, key: str, actions: float, now: float) -> None:
         if len(self._buckets) >= self._max_keys and key not in self._buckets:
             self._forget_drained(now)
-        self._buckets[key] = (actions + 1, now)
+        self._buckets[key] = (actions, now)
 
     def _forget_drained(self, now: float) -> None:
         per_second = self._limit.per_second

@@ -20,14 +20,22 @@ from mediarepo.media.paths import (
     is_valid_media_id,
     local_media_path,
     random_media_id,
+    remote_media_path,
     url_cache_path,
 )
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
+from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
-from mediarepo.media.thumbnails import ThumbnailProvider, ThumbnailRequest, ThumbnailResponse
+from mediarepo.media.thumbnails import (
+    LocalThumbnailSource,
+    RemoteThumbnailSource,
+    ThumbnailProvider,
+    ThumbnailRequest,
+    ThumbnailResponse,
+)
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.storage.media import MediaStore
 from mediarepo.values import LocalMedia, Requester
@@ -48,7 +56,10 @@ UPLOAD_LOCK_NAME = "upload_media"
 
 @attrs.frozen
 class MediaDownload:
-    media: LocalMedia
+    """Media's bytes, with what the response headers are made from."""
+
+    media_type: str | None
+    upload_name: str | None
     responder: Responder
 
 
@@ -59,6 +70,7 @@ class MediaRepository:
         storage: MediaStorage,
         media_store: MediaStore,
         thumbnails: ThumbnailProvider,
+        remote: RemoteMediaCache,
         locks: WorkerLocks,
         clock: IReactorTime,
     ) -> None:
@@ -66,6 +78,7 @@ class MediaRepository:
         self.server_name = config.server_name
         self.storage = storage
         self.thumbnails = thumbnails
+        self.remote = remote
         self.arrivals = ContentArrivals(clock)
         self._media_store = media_store
         self._locks = locks
@@ -222,7 +235,7 @@ class MediaRepository:
         if reserved:
             self.arrivals.announce(sink.media_id)
             await self._media_store.announce_content(sink.media_id)
-        self.thumbnails.schedule_pregeneration(media)
+        self.thumbnails.schedule_pregeneration(LocalThumbnailSource(media, self._media_store))
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
         logger.info(
@@ -279,7 +292,56 @@ class MediaRepository:
         if responder is None:
             logger.warning("media %s has a row but no file in any provider", media_id)
             raise NotFoundError()
-        return MediaDownload(media=media, responder=responder)
+        return MediaDownload(media.media_type, media.upload_name, responder)
+
+    async def get_remote_media(
+        self,
+        origin: str,
+        media_id: str,
+        *,
+        allow_fetch: bool,
+        allow_authenticated: bool,
+        requester_ip: str,
+        timeout_ms: int,
+    ) -> MediaDownload:
+        """Another server's media, from the cache, fetched into it first if
+        need be (and allowed)."""
+        media = await self.remote.get(
+            origin,
+            media_id,
+            allow_fetch=allow_fetch,
+            allow_authenticated=allow_authenticated,
+            requester_ip=requester_ip,
+            timeout_ms=timeout_ms,
+        )
+        responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
+        if responder is None:
+            raise NotFoundError()
+        return MediaDownload(media.media_type, media.upload_name, responder)
+
+    async def get_remote_thumbnail(
+        self,
+        origin: str,
+        media_id: str,
+        request: ThumbnailRequest,
+        *,
+        allow_fetch: bool,
+        allow_authenticated: bool,
+        requester_ip: str,
+        timeout_ms: int,
+    ) -> ThumbnailResponse:
+        """A thumbnail of another server's media, made here from the cached
+        original (remote servers are never asked for thumbnails)."""
+        media = await self.remote.get(
+            origin,
+            media_id,
+            allow_fetch=allow_fetch,
+            allow_authenticated=allow_authenticated,
+            requester_ip=requester_ip,
+            timeout_ms=timeout_ms,
+        )
+        source = RemoteThumbnailSource(media, self._media_store)
+        return await self.thumbnails.thumbnail(source, request)
 
     async def get_local_thumbnail(
         self,
@@ -292,7 +354,9 @@ class MediaRepository:
         media = await self._visible_local_media(
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
-        return await self.thumbnails.local_thumbnail(media, request)
+        return await self.thumbnails.thumbnail(
+            LocalThumbnailSource(media, self._media_store), request
+        )
 
     async def sweep_staging(self) -> int:
         """Remove what crashed uploads left behind; see ``LocalMediaStore.sweep_staging``."""

@@ -66,6 +66,15 @@ class MediaStorage:
         a real file (Pillow); ``None`` if the local store lacks it."""
         return await self.local.local_path(relative_path)
 
+    async def exists(self, relative_path: str) -> bool:
+        """Whether any provider has ``relative_path``."""
+        for provider in self.chain:
+            responder = await provider.fetch(relative_path)
+            if responder is not None:
+                responder.close()
+                return True
+        return False
+
     async def fetch(self, relative_path: str) -> Responder | None:
         """The first provider's copy of ``relative_path``, or ``None``."""
         for provider in self.chain:

@@ -9,8 +9,10 @@ with the same thumbnail. Pillow itself is only in
 
 from __future__ import annotations
 
+import abc
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 import attrs
 from prometheus_client import Counter, Histogram
@@ -21,7 +23,12 @@ from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import ThumbnailSize
 from mediarepo.errors import Codes, MatrixError, NotFoundError
-from mediarepo.media.paths import local_media_path, local_thumbnail_path
+from mediarepo.media.paths import (
+    local_media_path,
+    local_thumbnail_path,
+    remote_media_path,
+    remote_thumbnail_path,
+)
 from mediarepo.media.responder import Responder
 from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
@@ -34,9 +41,11 @@ from mediarepo.media.thumbnailer import (
     aspect,
 )
 from mediarepo.storage.media import MediaStore
-from mediarepo.values import LocalMedia, ThumbnailInfo
+from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 thumbnails_generated = Counter(
     "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
@@ -208,8 +217,76 @@ def _render(thumbnailer: Thumbnailer, spec: ThumbnailSpec, width: int, height: i
     return thumbnailer.scale(width, height, spec.type, animated)
 
 
+class ThumbnailSource(abc.ABC):
+    """Media whose thumbnails are made: where its bytes and thumbnails live
+    and where its thumbnails are recorded (local and remote media differ)."""
+
+    # Names the media in logs and keys the work done on it.
+    key: str
+    media_type: str | None
+    content_path: str
+
+    @abc.abstractmethod
+    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str: ...
+
+    @abc.abstractmethod
+    async def rows(self) -> list[ThumbnailInfo]: ...
+
+    @abc.abstractmethod
+    async def record(self, info: ThumbnailInfo) -> None: ...
+
+
+class LocalThumbnailSource(ThumbnailSource):
+    def __init__(self, media: LocalMedia, media_store: MediaStore) -> None:
+        self._media = media
+        self._media_store = media_store
+        self.key = media.media_id
+        self.media_type = media.media_type
+        self.content_path = local_media_path(media.media_id)
+
+    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str:
+        return local_thumbnail_path(
+            self._media.media_id, spec.width, spec.height, spec.type, spec.method
+        )
+
+    async def rows(self) -> list[ThumbnailInfo]:
+        return await self._media_store.get_local_thumbnails(self._media.media_id)
+
+    async def record(self, info: ThumbnailInfo) -> None:
+        await self._media_store.store_local_thumbnail(self._media.media_id, info)
+
+
+class RemoteThumbnailSource(ThumbnailSource):
+    """Remote media, thumbnailed here from the cached original as Synapse does."""
+
+    def __init__(self, media: RemoteMedia, media_store: MediaStore) -> None:
+        self._media = media
+        self._media_store = media_store
+        self.key = f"{media.media_origin}/{media.media_id}"
+        self.media_type = media.media_type
+        self.content_path = remote_media_path(media.media_origin, media.filesystem_id)
+
+    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str:
+        media = self._media
+        return remote_thumbnail_path(
+            media.media_origin, media.filesystem_id, spec.width, spec.height, spec.type,
+            spec.method,
+        )  # fmt: skip
+
+    async def rows(self) -> list[ThumbnailInfo]:
+        return await self._media_store.get_remote_thumbnails(
+            self._media.media_origin, self._media.media_id
+        )
+
+    async def record(self, info: ThumbnailInfo) -> None:
+        media = self._media
+        await self._media_store.store_remote_thumbnail(
+            media.media_origin, media.media_id, media.filesystem_id, info
+        )
+
+
 class ThumbnailProvider:
-    """Makes, records and finds thumbnails of local media."""
+    """Makes, records and finds thumbnails of local and cached remote media."""
 
     def __init__(
         self,
@@ -223,13 +300,13 @@ class ThumbnailProvider:
         dynamic: bool,
     ) -> None:
         self._storage = storage
-        self._media_store = media_store
+        self.media_store = media_store
         self._threadpool = threadpool
         self._reactor = reactor
         self._sizes = tuple(sizes)
         self._max_image_pixels = max_image_pixels
         self._dynamic = dynamic
-        self._pregenerating: SharedWork[str, None] = SharedWork()
+        self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
         self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
 
     # -- in the thread pool ---------------------------------------------------
@@ -256,33 +333,36 @@ class ThumbnailProvider:
         path: str,
         media_type: str,
         output_type: str,
-        width: int,
-        height: int,
-        method: str,
-        animated: bool,
+        request: ThumbnailRequest,
     ) -> Rendered:
         with self._open(path, media_type) as thumbnailer:
             spec, drawn_w, drawn_h = dynamic_spec(
-                thumbnailer, output_type, width, height, method, animated
-            )
+                thumbnailer, output_type, request.width, request.height, request.method,
+                request.animated,
+            )  # fmt: skip
             return Rendered(spec, _render(thumbnailer, spec, drawn_w, drawn_h))
+
+    def _render_exact(self, path: str, media_type: str, spec: ThumbnailSpec) -> Rendered:
+        with self._open(path, media_type) as thumbnailer:
+            return Rendered(spec, _render(thumbnailer, spec, spec.width, spec.height))
 
     # -- on the reactor -------------------------------------------------------
 
-    async def _source_path(self, media: LocalMedia) -> str:
-        path = await self._storage.local_copy(local_media_path(media.media_id))
+    async def _in_pool(self, label: str, func: Callable[..., _T], *args: object) -> _T:
+        with thumbnail_seconds.labels(label).time():
+            result: _T = await deferToThreadPool(self._reactor, self._threadpool, func, *args)
+            return result
+
+    async def _source_file(self, source: ThumbnailSource) -> str:
+        path = await self._storage.local_copy(source.content_path)
         if path is None:
             raise NotFoundError()
         return path
 
-    async def _store(self, media_id: str, rendered: Rendered) -> ThumbnailInfo:
-        spec = rendered.spec
-        await self._storage.store_file(
-            local_thumbnail_path(media_id, spec.width, spec.height, spec.type, spec.method),
-            rendered.data,
-        )
-        info = spec.info(len(rendered.data))
-        await self._media_store.store_local_thumbnail(media_id, info)
+    async def _store(self, source: ThumbnailSource, rendered: Rendered) -> ThumbnailInfo:
+        await self._storage.store_file(source.thumbnail_path(rendered.spec), rendered.data)
+        info = rendered.spec.info(len(rendered.data))
+        await source.record(info)
         return info
 
     async def settle(self) -> None:
@@ -290,161 +370,121 @@ class ThumbnailProvider:
         await self._pregenerating.wait_all()
         await self._generating.wait_all()
 
-    def schedule_pregeneration(self, media: LocalMedia) -> None:
-        """Start making ``thumbnail_sizes`` for a new upload, in the background;
+    def schedule_pregeneration(self, source: ThumbnailSource) -> None:
+        """Start making ``thumbnail_sizes`` for new media, in the background;
         a thumbnail request arriving meanwhile waits for it."""
-        if thumbnail_output_type(media.media_type) is None or self._dynamic:
+        if thumbnail_output_type(source.media_type) is None or self._dynamic:
             return
 
-        async def pregenerate() -> None:
+        async def pregenerate() -> list[ThumbnailInfo]:
             try:
-                await self.pregenerate(media)
+                return await self._pregenerate(source)
             except Exception:
-                logger.exception("pre-generating thumbnails of %s failed", media.media_id)
+                logger.exception("pre-generating thumbnails of %s failed", source.key)
+                return []
 
         # Registered before this returns, so that a thumbnail request coming
         # right after the upload's answer finds it running and waits.
-        defer.ensureDeferred(self._pregenerating.run(media.media_id, pregenerate))
+        defer.ensureDeferred(self._pregenerating.run(source.key, pregenerate))
 
-    async def pregenerate(self, media: LocalMedia) -> list[ThumbnailInfo]:
-        """Make and record the configured sizes of ``media``; nothing (and a
-        log line) if it cannot be thumbnailed."""
-        output_type = thumbnail_output_type(media.media_type)
-        if output_type is None or media.media_type is None:
+    async def _pregenerate(self, source: ThumbnailSource) -> list[ThumbnailInfo]:
+        """Make and record the configured sizes; nothing (and a log line) if
+        the media cannot be thumbnailed."""
+        output_type = thumbnail_output_type(source.media_type)
+        if output_type is None or source.media_type is None:
             return []
-        path = await self._source_path(media)
-        with thumbnail_seconds.labels("pregenerate").time():
-            try:
-                rendered = await deferToThreadPool(
-                    self._reactor,
-                    self._threadpool,
-                    self._render_pregenerated,
-                    path,
-                    media.media_type,
-                    output_type,
-                )
-            except ThumbnailError as e:
-                thumbnail_failures.labels(_failure_reason(e)).inc()
-                logger.info("not thumbnailing %s: %s", media.media_id, e)
-                return []
-        stored = [await self._store(media.media_id, r) for r in rendered]
+        path = await self._source_file(source)
+        try:
+            rendered = await self._in_pool(
+                "pregenerate", self._render_pregenerated, path, source.media_type, output_type
+            )
+        except ThumbnailError as e:
+            thumbnail_failures.labels(_failure_reason(e)).inc()
+            logger.info("not thumbnailing %s: %s", source.key, e)
+            return []
+        stored = [await self._store(source, r) for r in rendered]
         thumbnails_generated.labels("pregenerate").inc(len(stored))
         return stored
 
-    async def local_thumbnail(
-        self, media: LocalMedia, request: ThumbnailRequest
+    async def thumbnail(
+        self, source: ThumbnailSource, request: ThumbnailRequest
     ) -> ThumbnailResponse:
-        """The thumbnail answering ``request`` for ``media``."""
+        """The thumbnail answering ``request`` for ``source``."""
         if self._dynamic:
-            return await self._dynamic_thumbnail(media, request)
+            return await self._dynamic_thumbnail(source, request)
         desired_type = ANIMATED_THUMBNAIL_TYPE if request.animated else "image/png"
-        await self._pregenerating.wait(media.media_id)
-        rows = await self._media_store.get_local_thumbnails(media.media_id)
+        await self._pregenerating.wait(source.key)
+        rows = await source.rows()
         if not rows:
             raise MatrixError(400, Codes.UNKNOWN, _NO_THUMBNAILS_MESSAGE.format(path=request.path))
         chosen = select_thumbnail(rows, request.width, request.height, request.method, desired_type)
         if chosen is None:
             raise NotFoundError(f"Not found '{request.path}'")
-        return await self._respond_with_stored(media, chosen)
-
-    async def _respond_with_stored(
-        self, media: LocalMedia, info: ThumbnailInfo
-    ) -> ThumbnailResponse:
-        path = local_thumbnail_path(media.media_id, info.width, info.height, info.type, info.method)
-        responder = await self._storage.fetch(path)
+        responder = await self._storage.fetch(source.thumbnail_path(chosen))
         if responder is None:
             # The row outlived its file: make it again with the row's parameters.
-            logger.info("thumbnail %s of %s is missing; regenerating", path, media.media_id)
-            await self._regenerate(media, info)
-            responder = await self._storage.fetch(path)
+            logger.info("a thumbnail of %s is missing; regenerating", source.key)
+            await self._regenerate(source, chosen)
+            responder = await self._storage.fetch(source.thumbnail_path(chosen))
             if responder is None:
                 raise NotFoundError()
-        return ThumbnailResponse(responder, info.type)
+        return ThumbnailResponse(responder, chosen.type)
 
-    async def _regenerate(self, media: LocalMedia, info: ThumbnailInfo) -> None:
+    async def _regenerate(self, source: ThumbnailSource, info: ThumbnailInfo) -> None:
         spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
-        source = await self._source_path(media)
-        media_type = media.media_type or ""
-
-        def render() -> Rendered:
-            with self._open(source, media_type) as thumbnailer:
-                return Rendered(spec, _render(thumbnailer, spec, spec.width, spec.height))
-
+        path = await self._source_file(source)
         try:
-            rendered = await deferToThreadPool(self._reactor, self._threadpool, render)
+            rendered = await self._in_pool(
+                "regenerate", self._render_exact, path, source.media_type or "", spec
+            )
         except ThumbnailError as e:
-            logger.warning("cannot regenerate a thumbnail of %s: %s", media.media_id, e)
+            logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
             raise NotFoundError() from e
-        await self._store(media.media_id, rendered)
+        await self._store(source, rendered)
         thumbnails_generated.labels("regenerate").inc()
 
     async def _dynamic_thumbnail(
-        self, media: LocalMedia, request: ThumbnailRequest
+        self, source: ThumbnailSource, request: ThumbnailRequest
     ) -> ThumbnailResponse:
-        width, height, method, animated = (
-            request.width,
-            request.height,
-            request.method,
-            request.animated,
-        )
-        output_type = thumbnail_output_type(media.media_type)
-        if output_type is None or media.media_type is None:
+        output_type = thumbnail_output_type(source.media_type)
+        if output_type is None:
             raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
         # An exact match made earlier (by us or a Synapse) is reused.
-        wanted_types = [ANIMATED_THUMBNAIL_TYPE, output_type] if animated else [output_type]
-        rows = await self._media_store.get_local_thumbnails(media.media_id)
-        for wanted in wanted_types:
+        wanted = (request.width, request.height, request.method)
+        wanted_types = [ANIMATED_THUMBNAIL_TYPE, output_type] if request.animated else [output_type]
+        rows = await source.rows()
+        for wanted_type in wanted_types:
             for row in rows:
-                if (row.width, row.height, row.method, row.type) == (
-                    width,
-                    height,
-                    method,
-                    wanted,
-                ):
-                    responder = await self._storage.fetch(
-                        local_thumbnail_path(media.media_id, width, height, wanted, method)
-                    )
+                if (row.width, row.height, row.method) == wanted and row.type == wanted_type:
+                    responder = await self._storage.fetch(source.thumbnail_path(row))
                     if responder is not None:
                         return ThumbnailResponse(responder, row.type)
-        key = (media.media_id, width, height, method, animated)
+        key = (source.key, request.width, request.height, request.method, request.animated)
         info = await self._generating.run(
-            key, lambda: self._generate_dynamic(media, width, height, method, animated)
+            key, lambda: self._generate_dynamic(source, output_type, request)
         )
-        responder = await self._storage.fetch(
-            local_thumbnail_path(media.media_id, info.width, info.height, info.type, info.method)
-        )
+        responder = await self._storage.fetch(source.thumbnail_path(info))
         if responder is None:
             raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
         return ThumbnailResponse(responder, info.type)
 
     async def _generate_dynamic(
-        self, media: LocalMedia, width: int, height: int, method: str, animated: bool
+        self, source: ThumbnailSource, output_type: str, request: ThumbnailRequest
     ) -> ThumbnailInfo:
-        source = await self._source_path(media)
-        with thumbnail_seconds.labels("dynamic").time():
-            try:
-                rendered = await deferToThreadPool(
-                    self._reactor,
-                    self._threadpool,
-                    self._render_dynamic,
-                    source,
-                    media.media_type or "",
-                    thumbnail_output_type(media.media_type) or "",
-                    width,
-                    height,
-                    method,
-                    animated,
-                )
-            except ImageTooLargeError as e:
-                thumbnail_failures.labels("too_large").inc()
-                raise MatrixError(
-                    413, Codes.TOO_LARGE, "The image is too large to thumbnail"
-                ) from e
-            except ThumbnailError as e:
-                thumbnail_failures.labels(_failure_reason(e)).inc()
-                logger.info("cannot thumbnail %s: %s", media.media_id, e)
-                raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
-        info = await self._store(media.media_id, rendered)
+        path = await self._source_file(source)
+        try:
+            rendered = await self._in_pool(
+                "dynamic", self._render_dynamic, path, source.media_type or "", output_type,
+                request,
+            )  # fmt: skip
+        except ImageTooLargeError as e:
+            thumbnail_failures.labels("too_large").inc()
+            raise MatrixError(413, Codes.TOO_LARGE, "The image is too large to thumbnail") from e
+        except ThumbnailError as e:
+            thumbnail_failures.labels(_failure_reason(e)).inc()
+            logger.info("cannot thumbnail %s: %s", source.key, e)
+            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
+        info = await self._store(source, rendered)
         thumbnails_generated.labels("dynamic").inc()
         return info
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mediarepo.storage.database import Database, Row, Transaction
-from mediarepo.values import LocalMedia, ThumbnailInfo
+from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
 CONTENT_CHANNEL = "mediarepo_media_content"
@@ -175,3 +175,91 @@ class MediaStore:
             return media_ids
 
         return await self._db.run_interaction("delete_expired_reservations", txn)
+
+    # -- remote media cache -----------------------------------------------------
+
+    async def get_remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
+        rows = await self._db.run_query(
+            "get_cached_remote_media",
+            "SELECT media_type, created_ts, upload_name, media_length, filesystem_id,"
+            " last_access_ts, quarantined_by, authenticated, sha256 FROM remote_media_cache"
+            " WHERE media_origin = ? AND media_id = ?",
+            (origin, media_id),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return RemoteMedia(
+            media_origin=origin,
+            media_id=media_id,
+            media_type=r[0],
+            created_ts=r[1] or 0,
+            upload_name=r[2],
+            media_length=r[3] or 0,
+            filesystem_id=r[4],
+            last_access_ts=r[5],
+            quarantined_by=r[6],
+            authenticated=bool(r[7]),
+            sha256=r[8],
+        )
+
+    async def store_remote_media(self, media: RemoteMedia) -> bool:
+        """Record a download; ``False`` if another download of the same media
+        (here or in another process) was recorded first."""
+
+        def txn(t: Transaction) -> bool:
+            t.execute(
+                "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
+                " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
+                " quarantined_by, authenticated, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (media_origin, media_id) DO NOTHING",
+                (
+                    media.media_origin,
+                    media.media_id,
+                    media.media_type,
+                    media.created_ts,
+                    media.upload_name,
+                    media.media_length,
+                    media.filesystem_id,
+                    media.last_access_ts,
+                    media.quarantined_by,
+                    media.authenticated,
+                    media.sha256,
+                ),
+            )
+            return t.rowcount == 1
+
+        return await self._db.run_interaction("store_cached_remote_media", txn)
+
+    async def get_remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailInfo]:
+        rows = await self._db.run_query(
+            "get_remote_media_thumbnails",
+            "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+            " thumbnail_length FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = ? AND media_id = ?",
+            (origin, media_id),
+        )
+        return [ThumbnailInfo(row[0], row[1], row[2], row[3], row[4] or 0) for row in rows]
+
+    async def store_remote_thumbnail(
+        self, origin: str, media_id: str, filesystem_id: str, thumbnail: ThumbnailInfo
+    ) -> None:
+        await self._db.run_query(
+            "store_remote_media_thumbnail",
+            "INSERT INTO remote_media_cache_thumbnails (media_origin, media_id,"
+            " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+            " thumbnail_length, filesystem_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (media_origin, media_id, thumbnail_width, thumbnail_height,"
+            " thumbnail_type, thumbnail_method)"
+            " DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
+            (
+                origin,
+                media_id,
+                thumbnail.width,
+                thumbnail.height,
+                thumbnail.type,
+                thumbnail.method,
+                thumbnail.length,
+                filesystem_id,
+            ),
+        )

@@ -161,9 +161,10 @@ class PregeneratedThumbnailTests(ThumbnailTestMixin):
         r = await self.thumbnail("unknownmediaid", "width=32&height=32")
         self.assertEqual((r.code, r.json()["errcode"]), (404, "M_NOT_FOUND"))
         r = await self.thumbnail(
-            media_id, "width=32&height=32", "/_matrix/client/v1/media/thumbnail/other.example"
+            media_id, "width=32&height=32", "/_matrix/client/v1/media/thumbnail/127.0.0.1:1"
         )
-        self.assertEqual((r.code, r.json()["errcode"]), (404, "M_NOT_FOUND"))
+        # A remote server that cannot be reached (loopback is blocked by default).
+        self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))
 
     async def test_legacy_path_for_unauthenticated_media(self) -> None:
         await self.server.stop()

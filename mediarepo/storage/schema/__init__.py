@@ -36,6 +36,7 @@ REQUIRED_SYNAPSE_TABLES = (
     "users",
     "access_tokens",
     "worker_locks",
+    "server_keys_json",
 )
 
 

@@ -140,3 +140,13 @@ CREATE TABLE IF NOT EXISTS worker_locks (
 )
 ;
 CREATE UNIQUE INDEX IF NOT EXISTS worker_locks_key ON worker_locks (lock_name, lock_key)
+;
+CREATE TABLE IF NOT EXISTS server_keys_json (
+    server_name TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    from_server TEXT NOT NULL,
+    ts_added_ms BIGINT NOT NULL,
+    ts_valid_until_ms BIGINT NOT NULL,
+    key_json BYTEA NOT NULL,
+    CONSTRAINT server_keys_json_uniqueness UNIQUE (server_name, key_id, from_server)
+)

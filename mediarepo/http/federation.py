@@ -1,0 +1,60 @@
+"""What other servers ask of us: our media (``/_matrix/federation/v1/media/*``,
+signed with X-Matrix, answered as ``multipart/mixed``) and our keys
+(``/_matrix/key/v2/server``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from mediarepo.http.auth import FederationAuthenticator
+from mediarepo.http.download import parse_timeout_ms
+from mediarepo.http.headers import content_disposition
+from mediarepo.http.responder import respond_with_multipart
+from mediarepo.http.server import respond_json
+from mediarepo.http.site import MediaRequest
+from mediarepo.http.thumbnail import parse_thumbnail_request
+from mediarepo.media.repository import MediaRepository
+
+
+class FederationMediaHandler:
+    def __init__(self, repository: MediaRepository, auth: FederationAuthenticator) -> None:
+        self._repository = repository
+        self._auth = auth
+
+    async def on_download(self, request: MediaRequest, params: dict[str, str]) -> None:
+        await self._auth.origin(request)
+        download = await self._repository.get_local_media(
+            params["media_id"], allow_authenticated=True, timeout_ms=parse_timeout_ms(request)
+        )
+        await respond_with_multipart(
+            request,
+            download.responder,
+            download.media_type,
+            content_disposition(download.media_type, download.upload_name),
+        )
+
+    async def on_thumbnail(self, request: MediaRequest, params: dict[str, str]) -> None:
+        await self._auth.origin(request)
+        thumbnail = await self._repository.get_local_thumbnail(
+            params["media_id"],
+            parse_thumbnail_request(request),
+            allow_authenticated=True,
+            timeout_ms=parse_timeout_ms(request),
+        )
+        await respond_with_multipart(
+            request,
+            thumbnail.responder,
+            thumbnail.media_type,
+            content_disposition(thumbnail.media_type, None),
+        )
+
+
+class KeyServerHandler:
+    """``GET /_matrix/key/v2/server[/{keyId}]``: our keys, self-signed."""
+
+    def __init__(self, keys_response: Callable[[], dict[str, Any]]) -> None:
+        self._keys_response = keys_response
+
+    async def on_get(self, request: MediaRequest, params: dict[str, str]) -> None:
+        respond_json(request, 200, self._keys_response())

@@ -1,0 +1,400 @@
+"""Other servers' media: fetched over federation once, kept under Synapse's
+``remote_content/`` layout and in ``remote_media_cache``, served from there
+afterwards.
+
+One download of a given media runs at a time; requests arriving meanwhile
+share its result. The body streams to a staging file (hashed on the way,
+bounded by ``max_upload_size``, the connection paused while the disk is
+behind) and reaches the cache only whole: a peer that lies about sizes,
+breaks its multipart answer or stalls leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote, unquote
+
+import attrs
+from prometheus_client import Counter
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+from mediarepo.config import Config, is_valid_server_name
+from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.federation.client import FederationClient, FederationRequestError
+from mediarepo.federation.multipart import MultipartError, MultipartParser
+from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
+from mediarepo.media.ratelimit import Ratelimiter
+from mediarepo.media.sharing import SharedWork
+from mediarepo.media.storage import MediaStorage
+from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
+from mediarepo.media.upload_sink import UploadSink
+from mediarepo.storage.media import MediaStore
+from mediarepo.values import RemoteMedia
+
+logger = logging.getLogger(__name__)
+
+remote_downloads = Counter(
+    "mediarepo_remote_downloads_total", "Downloads of remote media", ["outcome"]
+)
+
+# A download whose peer sends nothing for this long is abandoned. There is
+# no cap on the total time, so a large file on a slow link still arrives.
+IDLE_TIMEOUT_SECONDS = 60.0
+# Headroom the requester's download bucket must have before a fetch starts.
+_RATE_LIMIT_HEADROOM = 1024 * 1024
+# What a multipart answer may add around the file.
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _fetch_failed() -> MatrixError:
+    return MatrixError(502, Codes.UNKNOWN, "Failed to fetch remote media")
+
+
+def _too_large(limit: int) -> MatrixError:
+    return MatrixError(502, Codes.TOO_LARGE, f"Requested file is too large > {limit} bytes")
+
+
+_DISPOSITION_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+
+
+def filename_from_disposition(value: str | None) -> str | None:
+    """The file name a ``Content-Disposition`` gives, as Synapse reads it:
+    ``filename*=utf-8''...`` (percent-decoded) first, else a plain ASCII
+    ``filename``."""
+    if not value:
+        return None
+    params: dict[str, str] = {}
+    for name, raw in _DISPOSITION_PARAM.findall(value):
+        raw = raw.strip()
+        if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+            raw = re.sub(r"\\(.)", r"\1", raw[1:-1])
+        params.setdefault(name.lower(), raw)
+    extended = params.get("filename*")
+    if extended and extended.lower().startswith("utf-8''"):
+        try:
+            return unquote(extended[7:], errors="strict") or None
+        except UnicodeDecodeError:
+            pass
+    plain = params.get("filename")
+    if plain and plain.isascii():
+        return plain
+    return None
+
+
+def _is_unknown_endpoint(code: int, body: bytes) -> bool:
+    """Whether a peer answered as a server that lacks the endpoint (so an
+    older one should be tried), as Synapse decides it."""
+    try:
+        errcode = json.loads(body).get("errcode")
+    except (ValueError, AttributeError):
+        errcode = None
+    if code in (404, 405):
+        return errcode in (None, Codes.UNRECOGNIZED)
+    return code == 400 and errcode == Codes.UNRECOGNIZED
+
+
+class _BodyReader(protocol.Protocol):
+    """Feeds a response body to ``on_data`` with back-pressure from the sink,
+    and gives up on a peer that goes quiet."""
+
+    def __init__(self, on_data: Callable[[bytes], None], sink: UploadSink, clock: Any) -> None:
+        self._on_data = on_data
+        self._sink = sink
+        self._clock = clock
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self._idle: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        self._sink.set_flow_control(transport.pauseProducing, transport.resumeProducing)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(IDLE_TIMEOUT_SECONDS)
+        else:
+            self._idle = self._clock.callLater(IDLE_TIMEOUT_SECONDS, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._fail(MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media"))
+
+    def _fail(self, error: Exception) -> None:
+        if not self.done.called:
+            self.done.errback(error)
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._arm()
+        try:
+            self._on_data(data)
+        except Exception as e:
+            self._fail(e)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(_fetch_failed())
+
+
+@attrs.frozen
+class _Fetched:
+    media_type: str
+    upload_name: str | None
+
+
+class RemoteMediaCache:
+    def __init__(
+        self,
+        config: Config,
+        storage: MediaStorage,
+        media_store: MediaStore,
+        client: FederationClient,
+        thumbnails: ThumbnailProvider,
+        clock: Any,
+    ) -> None:
+        self._config = config
+        self._storage = storage
+        self._media_store = media_store
+        self._client = client
+        self._thumbnails = thumbnails
+        self._clock = clock
+        self._fetching: SharedWork[tuple[str, str], RemoteMedia] = SharedWork()
+        self._limiter = Ratelimiter(config.federation.remote_download_rate, clock)
+
+    async def get(
+        self,
+        origin: str,
+        media_id: str,
+        *,
+        allow_fetch: bool,
+        allow_authenticated: bool,
+        requester_ip: str,
+        timeout_ms: int,
+    ) -> RemoteMedia:
+        """The cached copy of ``mxc://origin/media_id``, fetched first if need be."""
+        federation = self._config.federation
+        if federation.domain_whitelist is not None and origin not in federation.domain_whitelist:
+            raise MatrixError(403, Codes.FORBIDDEN, f"Federation denied with {origin}.")
+        if origin in federation.prevent_media_downloads_from:
+            raise NotFoundError()
+        if not is_valid_server_name(origin) or not is_valid_media_id(media_id):
+            raise NotFoundError()
+        cached = await self._cached(origin, media_id)
+        authenticated_only = self._config.enable_authenticated_media and not allow_authenticated
+        if authenticated_only and (cached is None or cached.authenticated):
+            # The unauthenticated API never fetches, and never shows what was
+            # fetched for the authenticated one.
+            raise NotFoundError()
+        if cached is not None:
+            return cached
+        if not allow_fetch:
+            raise NotFoundError()
+        return await self._fetching.run(
+            (origin, media_id), lambda: self._download(origin, media_id, requester_ip, timeout_ms)
+        )
+
+    async def _cached(self, origin: str, media_id: str) -> RemoteMedia | None:
+        media = await self._media_store.get_remote_media(origin, media_id)
+        if media is None:
+            return None
+        if media.quarantined_by is not None:
+            raise NotFoundError()
+        if await self._storage.exists(remote_media_path(origin, media.filesystem_id)):
+            return media
+        logger.warning("cached remote media %s/%s has lost its file", origin, media_id)
+        return None
+
+    async def _download(
+        self, origin: str, media_id: str, requester_ip: str, timeout_ms: int
+    ) -> RemoteMedia:
+        self._limiter.require_room(requester_ip, _RATE_LIMIT_HEADROOM)
+        filesystem_id = random_media_id()
+        sink = self._storage.begin_upload(filesystem_id)
+        try:
+            fetched = await self._fetch_into(sink, origin, media_id, timeout_ms)
+            written = await sink.finish()
+        except BaseException as e:
+            sink.abort()
+            self._storage.end_upload(sink)
+            remote_downloads.labels("failed").inc()
+            if isinstance(e, MatrixError):
+                raise
+            if isinstance(e, (FederationRequestError, defer.TimeoutError, ConnectionError)):
+                logger.info("fetching %s/%s failed: %s", origin, media_id, e)
+                raise _fetch_failed() from e
+            raise
+        self._limiter.charge(requester_ip, written.length)
+        path = remote_media_path(origin, filesystem_id)
+        try:
+            await self._storage.publish(written, path)
+            now = int(self._clock.seconds() * 1000)
+            media = RemoteMedia(
+                media_origin=origin,
+                media_id=media_id,
+                media_type=fetched.media_type,
+                created_ts=now,
+                upload_name=fetched.upload_name,
+                media_length=written.length,
+                filesystem_id=filesystem_id,
+                last_access_ts=now,
+                quarantined_by=None,
+                authenticated=self._config.enable_authenticated_media,
+                sha256=written.sha256,
+            )
+            if not await self._media_store.store_remote_media(media):
+                # Another process fetched it first: keep its copy.
+                await self._storage.delete(path)
+                existing = await self._media_store.get_remote_media(origin, media_id)
+                if existing is None:
+                    raise _fetch_failed()
+                media = existing
+        finally:
+            await self._storage.local.discard_staged(written.temp_path)
+            self._storage.end_upload(sink)
+        remote_downloads.labels("fetched").inc()
+        logger.info("cached %s/%s (%d bytes)", origin, media_id, written.length)
+        self._thumbnails.schedule_pregeneration(RemoteThumbnailSource(media, self._media_store))
+        return media
+
+    async def _fetch_into(
+        self, sink: UploadSink, origin: str, media_id: str, timeout_ms: int
+    ) -> _Fetched:
+        path = f"/_matrix/federation/v1/media/download/{quote(media_id)}?timeout_ms={timeout_ms}"
+        response = await self._client.get(origin, path)
+        if response.code == 200:
+            return await self._read_multipart(response, sink)
+        body = await _small_body(response)
+        if not _is_unknown_endpoint(response.code, body):
+            raise _error_from_peer(response.code, body)
+        # A peer from before Matrix 1.11: the unauthenticated endpoint.
+        legacy = (
+            f"/_matrix/media/v3/download/{quote(origin)}/{quote(media_id)}"
+            f"?allow_remote=false&timeout_ms={timeout_ms}"
+        )
+        response = await self._client.get(origin, legacy)
+        if response.code != 200:
+            raise _error_from_peer(response.code, await _small_body(response))
+        limit = self._config.max_upload_size
+        if isinstance(response.length, int) and response.length > limit:
+            raise _too_large(limit)
+        received = 0
+
+        def on_data(data: bytes) -> None:
+            nonlocal received
+            received += len(data)
+            if received > limit:
+                raise _too_large(limit)
+            sink.write(data)
+
+        await self._read(response, sink, on_data)
+        headers = response.headers
+        return _Fetched(
+            media_type=_first_header(headers, b"Content-Type") or "application/octet-stream",
+            upload_name=filename_from_disposition(_first_header(headers, b"Content-Disposition")),
+        )
+
+    async def _read_multipart(self, response: IResponse, sink: UploadSink) -> _Fetched:
+        limit = self._config.max_upload_size
+        if isinstance(response.length, int) and response.length > limit + _MULTIPART_OVERHEAD:
+            raise _too_large(limit)
+        try:
+            parser = MultipartParser(
+                _first_header(response.headers, b"Content-Type"), max_file_bytes=limit
+            )
+        except MultipartError as e:
+            raise MatrixError(
+                502,
+                Codes.UNKNOWN,
+                "Remote response is malformed: expected Content-Type of multipart/mixed"
+                " with a boundary present.",
+            ) from e
+
+        def on_data(data: bytes) -> None:
+            for chunk in parser.feed(data):
+                sink.write(chunk)
+
+        try:
+            await self._read(response, sink, on_data)
+            part = parser.finish()
+        except MultipartError as e:
+            if "large" in str(e):
+                raise _too_large(limit) from e
+            raise MatrixError(502, Codes.UNKNOWN, f"Remote response is malformed: {e}") from e
+        if part.location is not None:
+            # Redirects to a CDN are not followed (yet): no peer we know sends them.
+            raise MatrixError(502, Codes.UNKNOWN, "Remote media is behind a redirect")
+        return _Fetched(
+            media_type=part.media_type or "application/octet-stream",
+            upload_name=filename_from_disposition(part.disposition),
+        )
+
+    async def _read(
+        self, response: IResponse, sink: UploadSink, on_data: Callable[[bytes], None]
+    ) -> None:
+        reader = _BodyReader(on_data, sink, self._clock)
+        response.deliverBody(reader)
+        await reader.done
+
+
+def _first_header(headers: Any, name: bytes) -> str | None:
+    values = headers.getRawHeaders(name)
+    if not values:
+        return None
+    value: bytes = values[0]
+    return value.decode("ascii", "replace")
+
+
+async def _small_body(response: IResponse, limit: int = 64 * 1024) -> bytes:
+    """An error answer's body (cut at ``limit``)."""
+    chunks: list[bytes] = []
+    size = 0
+    done: defer.Deferred[None] = defer.Deferred()
+
+    class Collect(protocol.Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            nonlocal size
+            if size < limit:
+                chunks.append(data[: limit - size])
+                size += len(data)
+
+        def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+            if not done.called:
+                done.callback(None)
+
+    response.deliverBody(Collect())
+    await done
+    return b"".join(chunks)
+
+
+def _error_from_peer(code: int, body: bytes) -> MatrixError:
+    """What the client hears when a peer refused: its 404 as it is, anything
+    else as a failure to fetch (Synapse's mapping)."""
+    if code == 404:
+        try:
+            error = json.loads(body)
+            return MatrixError(
+                404,
+                str(error.get("errcode", Codes.NOT_FOUND)),
+                str(error.get("error", "Not found")),
+            )
+        except (ValueError, AttributeError):
+            return NotFoundError()
+    return _fetch_failed()
