@@ -1,0 +1,153 @@
+"""Remote media from peers that misbehave: a fake peer on loopback TLS, with
+real keys, answers our server's fetches with what a broken or hostile
+server might send. Each answer must end in a clean error (or success for
+the legacy-only peer) and leave nothing in the cache."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.web import resource, server
+
+from mediarepo.app import server_tls_options
+from mediarepo.federation import keys
+from mediarepo.federation.multipart import (
+    multipart_content_type,
+    multipart_head,
+    multipart_tail,
+    new_boundary,
+)
+from mediarepo.media import remote
+from tests.integration.test_federation import FederationTestMixin, free_port
+from tests.utils import on_both_databases
+
+
+class FakePeer(resource.Resource):
+    """A server that signs its keys properly and answers media as told."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, signing_key_path: str) -> None:
+        super().__init__()
+        self.name = name
+        keys.write_new_signing_key(signing_key_path)
+        self._keys = keys.load_signing_keys(signing_key_path)
+        self.requests: list[str] = []
+
+    def render_GET(self, request: Any) -> Any:
+        path = request.path.decode()
+        self.requests.append(path)
+        if path.startswith("/_matrix/key/v2/server"):
+            import json
+
+            body = keys.server_keys_response(self.name, self._keys, {}, 2**50)
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps(body).encode()
+        media_id = path.rsplit("/", 1)[1]
+        behaviour = media_id.split("-")[0]
+        federation = path.startswith("/_matrix/federation/v1/media/download/")
+        if behaviour == "legacy":
+            if federation:
+                request.setResponseCode(404)
+                return b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
+            request.setHeader("Content-Type", "text/plain")
+            request.setHeader("Content-Disposition", "inline; filename*=utf-8''old%20peer.txt")
+            return b"from an old peer"
+        boundary = new_boundary()
+        request.setHeader("Content-Type", multipart_content_type(boundary))
+        head = multipart_head(boundary, "application/octet-stream", "attachment")
+        if behaviour == "oversized":
+            return head + b"x" * (11 * 1024 * 1024) + multipart_tail(boundary)
+        if behaviour == "truncated":
+            request.write(head + b"only part of it")
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if behaviour == "lyinglength":
+            request.setHeader("Content-Length", "100000")
+            request.write(head + b"short")
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
+        if behaviour == "notmultipart":
+            request.setHeader("Content-Type", "text/plain")
+            return b"plain text"
+        if behaviour == "badfirstpart":
+            return (
+                f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nhi\r\n--{boundary}--\r\n"
+            ).encode()
+        if behaviour == "stall":
+            request.write(head + b"a little")
+            return server.NOT_DONE_YET
+        if behaviour == "fine":
+            return head + b"all good" + multipart_tail(boundary)
+        request.setResponseCode(404)
+        return b'{"errcode": "M_NOT_FOUND", "error": "Not here"}'
+
+
+@on_both_databases
+class HostilePeerTests(FederationTestMixin):
+    async def setUp(self) -> None:
+        await super().setUp()
+        port = free_port()
+        name = f"127.0.0.1:{port}"
+        cert, key = self.ca.issue("fake")
+        self.fake = FakePeer(name, os.path.join(self.workdir, "fake.signing.key"))
+        site = server.Site(self.fake)
+        listening = reactor.listenSSL(
+            port, site, server_tls_options(cert, key), interface="127.0.0.1"
+        )
+        self.addCleanup(listening.stopListening)
+        self.fake_name = name
+
+    async def fetch(self, media_id: str) -> Any:
+        return await self.http(
+            "GET",
+            f"{self.a.client_url}/_matrix/client/v1/media/download/{self.fake_name}/{media_id}",
+            token=self.token,
+        )
+
+    def assert_nothing_cached(self) -> None:
+        store = self.a.server.config.media_store_path
+        cached = os.path.join(store, "remote_content")
+        files = (
+            [f for _, _, names in os.walk(cached) for f in names] if os.path.isdir(cached) else []
+        )
+        self.assertEqual(files, [])  # type: ignore[attr-defined]
+        self.assertEqual(os.listdir(os.path.join(store, ".mediarepo_tmp")), [])  # type: ignore[attr-defined]
+
+    async def test_hostile_answers(self) -> None:
+        cases = [
+            ("oversized-aaaaaa", 502, "M_TOO_LARGE"),
+            ("truncated-aaaaaa", 502, "M_UNKNOWN"),
+            ("lyinglength-aaaa", 502, "M_UNKNOWN"),
+            ("notmultipart-aaa", 502, "M_UNKNOWN"),
+            ("badfirstpart-aaa", 502, "M_UNKNOWN"),
+            ("missing-aaaaaaaa", 404, "M_NOT_FOUND"),
+        ]
+        for media_id, code, errcode in cases:
+            r = await self.fetch(media_id)
+            self.assertEqual((r.code, r.json()["errcode"]), (code, errcode), media_id)  # type: ignore[attr-defined]
+            self.assert_nothing_cached()
+        # The server still fetches what a peer sends properly.
+        r = await self.fetch("fine-aaaaaaaaaaa")
+        self.assertEqual((r.code, r.body), (200, b"all good"))  # type: ignore[attr-defined]
+
+    async def test_stalled_peer_times_out(self) -> None:
+        self.patch(remote, "IDLE_TIMEOUT_SECONDS", 0.5)  # type: ignore[attr-defined]
+        r = await self.fetch("stall-aaaaaaaaaa")
+        self.assertEqual(r.code, 504)  # type: ignore[attr-defined]
+        self.assert_nothing_cached()
+
+    async def test_legacy_only_peer(self) -> None:
+        r = await self.fetch("legacy-aaaaaaaaa")
+        self.assertEqual((r.code, r.body), (200, b"from an old peer"))  # type: ignore[attr-defined]
+        self.assertEqual(r.header("Content-Type"), "text/plain; charset=UTF-8")  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            r.header("Content-Disposition"), "inline; filename*=utf-8''old%20peer.txt"
+        )
+        self.assertIn(  # type: ignore[attr-defined]
+            # The server name escaped in the path, as Synapse sends it.
+            f"/_matrix/media/v3/download/{self.fake_name.replace(':', '%3A')}/legacy-aaaaaaaaa",
+            self.fake.requests,
+        )
