@@ -156,7 +156,10 @@ class FederationClient:
         signed: bool = True,
         json_body: object | None = None,
     ) -> IResponse:
-        targets: list[FederationTarget] = await self._resolver.resolve(destination)
+        try:
+            targets: list[FederationTarget] = await self._resolver.resolve(destination)
+        except ValueError as e:
+            raise FederationRequestError(f"{destination!r} is not a server name") from e
         last_error: Exception | None = None
         for target in targets:
             try:

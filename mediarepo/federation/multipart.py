@@ -27,11 +27,10 @@ MAX_TRANSPORT_PADDING = 256
 
 # RFC 2046 §5.1.1: 1 to 70 of these, not ending in a space.
 _BOUNDARY = re.compile(r"\A[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]\Z")
-_TOKEN = re.compile(r"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_TOKEN_PATTERN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(rf"\A{_TOKEN_PATTERN}\Z")
 # One ``; name=value`` parameter of a media type.
-_PARAM = re.compile(
-    r';[ \t]*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)=("(?:[^"\\]|\\.)*"|[!#$%&\'*+\-.^_`|~0-9A-Za-z]+)[ \t]*'
-)
+_PARAM = re.compile(rf';[ \t]*({_TOKEN_PATTERN})=("(?:[^"\\]|\\.)*"|{_TOKEN_PATTERN})[ \t]*')
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _ESCAPED = re.compile(r"[\x00-\x1f\x7f]")
 _WHITESPACE = b" \t"

@@ -28,10 +28,15 @@ MAX_HEADER_LENGTH = 8 * 1024
 # The only signature algorithm federation uses.
 SUPPORTED_ALGORITHM = "ed25519"
 
-# An HTTP token (RFC 9110 §5.6.2): parameter names and unquoted values.
+# An HTTP token (RFC 9110 §5.6.2): parameter names.
 _TOKEN_CHARS = frozenset(
     "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
+# Unquoted values may also hold ":" (the spec asks recipients to accept
+# that, as older servers send ``origin=example.org:8448`` unquoted) and the
+# other characters of server names and base64; each value is checked for
+# its own syntax afterwards.
+_UNQUOTED_CHARS = _TOKEN_CHARS | frozenset(":[]/=")
 _WHITESPACE = " \t"
 # "<algorithm>:<version>"; versions are wider than the spec's [a-zA-Z0-9_]
 # because keys named before it was written are still in use.
@@ -62,7 +67,7 @@ class XMatrixAuth:
 
 def _read_params(text: str, pos: int) -> dict[str, str]:
     """``name=value`` pairs from ``text[pos:]``, comma separated; values
-    are tokens or quoted strings with backslash escapes."""
+    are unquoted or quoted strings with backslash escapes."""
     params: dict[str, str] = {}
     end = len(text)
     while True:
@@ -101,7 +106,7 @@ def _read_params(text: str, pos: int) -> dict[str, str]:
             value = "".join(chars)
         else:
             start = pos
-            while pos < end and text[pos] in _TOKEN_CHARS:
+            while pos < end and text[pos] in _UNQUOTED_CHARS:
                 pos += 1
             value = text[start:pos]
         if not value:

@@ -30,7 +30,11 @@ from twisted.web.iweb import IResponse
 from mediarepo.config import Config, is_valid_server_name
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.federation.client import FederationClient, FederationRequestError
-from mediarepo.federation.multipart import MultipartError, MultipartParser
+from mediarepo.federation.multipart import (
+    MultipartError,
+    MultipartParser,
+    MultipartTooLargeError,
+)
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
 from mediarepo.media.ratelimit import Ratelimiter
 from mediarepo.media.sharing import SharedWork
@@ -232,7 +236,7 @@ class RemoteMediaCache:
             fetched = await self._fetch_into(sink, origin, media_id, timeout_ms)
             written = await sink.finish()
         except BaseException as e:
-            sink.abort()
+            await sink.abort()
             self._storage.end_upload(sink)
             remote_downloads.labels("failed").inc()
             if isinstance(e, MatrixError):
@@ -334,9 +338,9 @@ class RemoteMediaCache:
         try:
             await self._read(response, sink, on_data)
             part = parser.finish()
+        except MultipartTooLargeError as e:
+            raise _too_large(limit) from e
         except MultipartError as e:
-            if "large" in str(e):
-                raise _too_large(limit) from e
             raise MatrixError(502, Codes.UNKNOWN, f"Remote response is malformed: {e}") from e
         if part.location is not None:
             # Redirects to a CDN are not followed (yet): no peer we know sends them.

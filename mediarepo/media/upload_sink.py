@@ -133,18 +133,18 @@ class UploadSink:
         await deferToThreadPool(self._reactor, self._threadpool, sync_and_close)
         return WrittenUpload(self.temp_path, self.length, self._hash.hexdigest())
 
-    def abort(self) -> None:
-        """Drop the body; the temporary file goes once no write is using it."""
+    def abort(self) -> defer.Deferred[None]:
+        """Drop the body; the temporary file goes once no write is using it.
+        The Deferred fires when it has gone (callers need not wait)."""
         self._closed = True
         self._queue = []
         if self._writing:
-            d: defer.Deferred[None] = defer.Deferred()
-            d.addCallback(lambda _: self._remove_now())
-            self._drained.append(d)
-        else:
-            self._remove_now()
+            drained: defer.Deferred[None] = defer.Deferred()
+            self._drained.append(drained)
+            return drained.addCallback(lambda _: self._remove_now())
+        return self._remove_now()
 
-    def _remove_now(self) -> None:
+    def _remove_now(self) -> defer.Deferred[None]:
         def remove() -> None:
             if self._file is not None:
                 self._file.close()
@@ -155,3 +155,4 @@ class UploadSink:
 
         d = deferToThreadPool(self._reactor, self._threadpool, remove)
         d.addErrback(lambda f: logger.warning("could not remove %s: %s", self.temp_path, f.value))
+        return d
