@@ -217,7 +217,10 @@ class ServerProcess:
             self.process.wait()
 
 
-class SynapseInteropTest(unittest.TestCase):
+class SynapseTestCase(unittest.TestCase):
+    """Fixtures: a working directory, a PostgreSQL database for Synapse,
+    servers run as processes, and the Matrix calls the scenarios make."""
+
     # Only consulted if a test returned a Deferred; these are plain blocking tests.
     timeout = 900
 
@@ -231,6 +234,7 @@ class SynapseInteropTest(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-interop-")
         self.addCleanup(self._remove_workdir)
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
+        self.server_name = SERVER_NAME
         self.port = free_port()
         self.processes: list[ServerProcess] = []
         self.dbname = self._create_database()
@@ -300,14 +304,14 @@ class SynapseInteropTest(unittest.TestCase):
 
     # -- the config, written once and shared by both servers --------------
 
-    def _write_config(self) -> None:
+    def _write_config(self, server_name: str = SERVER_NAME, **changes: Any) -> None:
         generated = subprocess.run(
             [
                 sys.executable,
                 "-m",
                 "synapse.app.homeserver",
                 "--server-name",
-                SERVER_NAME,
+                server_name,
                 "--config-path",
                 self.config_path,
                 "--generate-config",
@@ -351,12 +355,20 @@ class SynapseInteropTest(unittest.TestCase):
         config["trusted_key_servers"] = []
         config["report_stats"] = False
         config.update(rate_limits())
+        config.update(changes)
         with open(self.config_path, "w", encoding="utf-8") as f:
             yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
 
     # -- servers ----------------------------------------------------------
 
-    def _start(self, label: str, argv: list[str], probe_path: str, token: str | None) -> None:
+    def _start(
+        self,
+        label: str,
+        argv: list[str],
+        probe_path: str,
+        token: str | None,
+        port: int | None = None,
+    ) -> None:
         """Start a server; return once ``probe_path`` answers 200."""
         process = ServerProcess(label, argv, self.workdir)
         self.processes.append(process)
@@ -368,7 +380,7 @@ class SynapseInteropTest(unittest.TestCase):
                     f"{label} exited with status {process.process.returncode} during start-up"
                 )
             try:
-                response = http_request(self.port, "GET", probe_path, token=token)
+                response = http_request(port or self.port, "GET", probe_path, token=token)
             except OSError as e:
                 last_error = repr(e)
             else:
@@ -453,7 +465,7 @@ class SynapseInteropTest(unittest.TestCase):
         )
         self.assertEqual(response.status, 200, response.body)
         mxc: str = response.json()["content_uri"]
-        self.assertEqual(media_id_of(mxc)[0], SERVER_NAME)
+        self.assertEqual(media_id_of(mxc)[0], self.server_name)
         return mxc
 
     def _create(self, token: str) -> str:
@@ -516,7 +528,9 @@ class SynapseInteropTest(unittest.TestCase):
         self.assertEqual(response.status, 404, f"{who}: legacy download of {mxc}")
         self.assertEqual(response.json().get("errcode"), "M_NOT_FOUND", f"{who}: {mxc}")
 
-    # -- the test ---------------------------------------------------------
+
+class SynapseInteropTest(SynapseTestCase):
+    """The drop-in scenario described at the top of this module."""
 
     def test_synapse_and_mediarepo_serve_each_others_media(self) -> None:
         try:
@@ -596,3 +610,116 @@ class SynapseInteropTest(unittest.TestCase):
         response = self._download(our_reserved, token)
         self.assertEqual(response.status, 200, response.body)
         self._stop(synapse2)
+
+
+class SynapseFederationTest(SynapseTestCase):
+    """A stock Synapse and mediarepo, each its own server on loopback TLS
+    (certificates from a test CA), fetch each other's media over federation,
+    each checking the other's X-Matrix signatures against keys it fetched."""
+
+    def test_media_crosses_federation_both_ways(self) -> None:
+        try:
+            self._run_federation()
+        except BaseException:
+            self._dump_logs()
+            raise
+
+    def _run_federation(self) -> None:
+        from tests.tls import TestCA
+
+        ca = TestCA(self.workdir)
+        synapse_fed_port, our_fed_port, our_port = free_port(), free_port(), free_port()
+        synapse_name = f"127.0.0.1:{synapse_fed_port}"
+        our_name = f"127.0.0.1:{our_fed_port}"
+        cert, key = ca.issue("synapse")
+        peer_settings = {
+            "federation_verify_certificates": True,
+            "federation_custom_ca_list": [ca.ca_path],
+            "ip_range_blacklist": [],
+            "trusted_key_servers": [],
+        }
+        self.server_name = synapse_name
+        self._write_config(
+            synapse_name,
+            tls_certificate_path=cert,
+            tls_private_key_path=key,
+            **peer_settings,
+        )
+        import yaml
+
+        with open(self.config_path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+        config["listeners"].append(
+            {"port": synapse_fed_port, "bind_addresses": ["127.0.0.1"], "type": "http",
+             "tls": True, "resources": [{"names": ["federation"]}]}
+        )  # fmt: skip
+        with open(self.config_path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+
+        synapse = self._start_synapse("synapse")
+        synapse_token = self._register_and_login()
+        synapse_data = os.urandom(700_000)
+        synapse_mxc = self._upload(synapse_token, synapse_data, "application/x-test", "s.bin")
+
+        # Our server: a config of its own, generated by our CLI, then given
+        # a TLS federation listener and the same peer settings.
+        our_dir = os.path.join(self.workdir, "ours")
+        our_config = os.path.join(our_dir, "homeserver.yaml")
+        generated = subprocess.run(
+            [sys.executable, "-m", "mediarepo", "--generate-config", "-c", our_config,
+             "--server-name", our_name, "--port", str(our_port)],
+            capture_output=True, text=True, timeout=STARTUP_TIMEOUT, check=False,
+        )  # fmt: skip
+        self.assertEqual(generated.returncode, 0, generated.stderr)
+        with open(our_config, encoding="utf-8") as f:
+            ours = yaml.safe_load(f)
+        our_cert, our_key = ca.issue("ours")
+        ours["listeners"].append(
+            {"port": our_fed_port, "bind_addresses": ["127.0.0.1"], "type": "http",
+             "tls": True, "resources": [{"names": ["federation"]}]}
+        )  # fmt: skip
+        ours.update(peer_settings, tls_certificate_path=our_cert, tls_private_key_path=our_key)
+        with open(our_config, "w", encoding="utf-8") as f:
+            yaml.safe_dump(ours, f, sort_keys=False)
+        registered = subprocess.run(
+            [sys.executable, "-m", "mediarepo", "register-user", "-c", our_config,
+             f"@carol:{our_name}"],
+            capture_output=True, text=True, timeout=STARTUP_TIMEOUT, check=False,
+        )  # fmt: skip
+        self.assertEqual(registered.returncode, 0, registered.stderr)
+        our_token = registered.stdout.strip().splitlines()[-1]
+        self._start(
+            "mediarepo",
+            [sys.executable, "-m", "mediarepo", "-c", our_config],
+            "/_matrix/client/v1/media/config",
+            our_token,
+            port=our_port,
+        )
+
+        # We fetch Synapse's media (Synapse checks our signature).
+        server, media_id = media_id_of(synapse_mxc)
+        response = http_request(
+            our_port, "GET", f"{DOWNLOAD_PATH}/{server}/{media_id}", token=our_token
+        )
+        self.assertEqual(response.status, 200, response.body[:300])
+        self.assertTrue(response.body == synapse_data, "our copy of Synapse's media differs")
+        self.assertEqual(response.header("Content-Type"), "application/x-test")
+        self._note("mediarepo fetched Synapse's media over federation")
+
+        # Synapse fetches ours (we check Synapse's signature).
+        our_data = os.urandom(500_000)
+        upload = http_request(
+            our_port, "POST", f"{UPLOAD_PATH}?filename=o.bin", body=our_data,
+            headers={"Content-Type": "application/x-ours"}, token=our_token,
+        )  # fmt: skip
+        self.assertEqual(upload.status, 200, upload.body)
+        server, media_id = media_id_of(upload.json()["content_uri"])
+        self.assertEqual(server, our_name)
+        response = http_request(
+            self.port, "GET", f"{DOWNLOAD_PATH}/{server}/{media_id}", token=synapse_token
+        )
+        self.assertEqual(response.status, 200, response.body[:300])
+        self.assertTrue(response.body == our_data, "Synapse's copy of our media differs")
+        self.assertEqual(response.header("Content-Type"), "application/x-ours")
+        self._note("Synapse fetched mediarepo's media over federation")
+        self._stop(synapse)
