@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import treq
 from twisted.internet import defer, ssl
@@ -33,6 +34,9 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # Until the response's headers arrive.
 RESPONSE_TIMEOUT_SECONDS = 60.0
 USER_AGENT = b"mediarepo"
+# Redirects followed when fetching a URL a peer pointed us at.
+MAX_REDIRECTS = 5
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 
 
 class FederationRequestError(Exception):
@@ -80,7 +84,8 @@ def tls_trust(config: FederationConfig) -> Any:
 
 @implementer(IAgentEndpointFactory)
 class _TargetEndpoint:
-    """Connects to one chosen address, with TLS for the peer's name."""
+    """Connects to one chosen address, with TLS for the peer's name (or,
+    for a plain ``http`` URL a peer sent us to, without)."""
 
     def __init__(self, reactor: Any, address: str, port: int, tls: Any) -> None:
         self._reactor = reactor
@@ -92,7 +97,7 @@ class _TargetEndpoint:
         tcp = HostnameEndpoint(
             self._reactor, self._address, self._port, timeout=CONNECT_TIMEOUT_SECONDS
         )
-        return wrapClientTLS(self._tls, tcp)
+        return tcp if self._tls is None else wrapClientTLS(self._tls, tcp)
 
 
 def _tls_name(host_header: str) -> str:
@@ -189,17 +194,7 @@ class FederationClient:
         signed: bool,
         json_body: object | None,
     ) -> IResponse:
-        agent = Agent.usingEndpointFactory(
-            self._reactor,
-            _TargetEndpoint(
-                self._reactor,
-                address,
-                target.port,
-                self._tls_options(_tls_name(target.host_header)),
-            ),
-            pool=self._pool,
-        )
-        headers = Headers({b"User-Agent": [USER_AGENT], b"Host": [target.host_header.encode()]})
+        headers = Headers({b"Host": [target.host_header.encode()]})
         if signed:
             for value in sign_request(
                 self._signing_key,
@@ -210,13 +205,65 @@ class FederationClient:
                 json_body,
             ):
                 headers.addRawHeader(b"Authorization", value.encode())
+        return await self._send(
+            method,
+            f"https://{target.host_header}{path}",
+            address,
+            target.port,
+            self._tls_options(_tls_name(target.host_header)),
+            headers,
+            json_body,
+        )
+
+    async def _send(
+        self,
+        method: bytes,
+        url: str,
+        address: str,
+        port: int,
+        tls: Any,
+        headers: Headers,
+        json_body: object | None = None,
+    ) -> IResponse:
+        """One request to ``address``:``port`` (with ``tls`` unless ``None``)."""
+        agent = Agent.usingEndpointFactory(
+            self._reactor, _TargetEndpoint(self._reactor, address, port, tls), pool=self._pool
+        )
+        headers.setRawHeaders(b"User-Agent", [USER_AGENT])
         kwargs: dict[str, Any] = {"headers": headers, "agent": agent, "unbuffered": True}
         if json_body is not None:
             kwargs["json"] = json_body
-        deferred = treq.request(method.decode(), f"https://{target.host_header}{path}", **kwargs)
+        deferred = treq.request(method.decode(), url, **kwargs)
         deferred.addTimeout(RESPONSE_TIMEOUT_SECONDS, self._reactor)
         response: IResponse = await deferred
         return response
+
+    async def get_url(self, url: str) -> IResponse:
+        """An unsigned ``GET`` of a URL a peer sent us to (a media CDN),
+        following redirects; every hop's address is checked like a peer's."""
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise FederationRequestError(f"cannot fetch {url!r}")
+            secure = parts.scheme == "https"
+            port = parts.port or (443 if secure else 80)
+            host_header = parts.netloc.rpartition("@")[2]
+            address = (await self._addresses(parts.hostname))[0]
+            tls = self._tls_options(parts.hostname) if secure else None
+            try:
+                response = await self._send(
+                    b"GET", url, address, port, tls, Headers({b"Host": [host_header.encode()]})
+                )
+            except (defer.TimeoutError, ConnectionError) as e:
+                raise FederationRequestError(f"cannot fetch {url}: {e}") from e
+            except Exception as e:  # connection and TLS errors of every kind
+                raise FederationRequestError(f"cannot fetch {url}: {e}") from e
+            location = response.headers.getRawHeaders(b"Location")
+            if response.code not in _REDIRECT_CODES or not location:
+                return response
+            await treq.content(response)
+            url = urljoin(url, location[0].decode("ascii", "replace"))
+        raise FederationRequestError("too many redirects")
 
     def close(self) -> defer.Deferred[None]:
         closing: defer.Deferred[None] = self._pool.closeCachedConnections()

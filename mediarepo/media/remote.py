@@ -296,6 +296,10 @@ class RemoteMediaCache:
         response = await self._client.get(origin, legacy)
         if response.code != 200:
             raise _error_from_peer(response.code, await _small_body(response))
+        return await self._read_plain(response, sink)
+
+    async def _read_plain(self, response: IResponse, sink: UploadSink) -> _Fetched:
+        """A response whose body is the file itself, its type in the headers."""
         limit = self._config.max_upload_size
         if isinstance(response.length, int) and response.length > limit:
             raise _too_large(limit)
@@ -343,8 +347,16 @@ class RemoteMediaCache:
         except MultipartError as e:
             raise MatrixError(502, Codes.UNKNOWN, f"Remote response is malformed: {e}") from e
         if part.location is not None:
-            # Redirects to a CDN are not followed (yet): no peer we know sends them.
-            raise MatrixError(502, Codes.UNKNOWN, "Remote media is behind a redirect")
+            # The file is elsewhere (a CDN): fetch it from there.
+            try:
+                response = await self._client.get_url(part.location)
+            except FederationRequestError as e:
+                logger.info("fetching redirected media failed: %s", e)
+                raise _fetch_failed() from e
+            if response.code != 200:
+                await _small_body(response)
+                raise MatrixError(502, Codes.UNKNOWN, f"Got error {response.code}")
+            return await self._read_plain(response, sink)
         return _Fetched(
             media_type=part.media_type or "application/octet-stream",
             upload_name=filename_from_disposition(part.disposition),

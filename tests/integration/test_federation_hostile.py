@@ -16,6 +16,7 @@ from mediarepo.federation import keys
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,
+    multipart_redirect,
     multipart_tail,
     new_boundary,
 )
@@ -45,6 +46,15 @@ class FakePeer(resource.Resource):
             body = keys.server_keys_response(self.name, self._keys, {}, 2**50)
             request.setHeader("Content-Type", "application/json")
             return json.dumps(body).encode()
+        if path.startswith("/cdn/"):
+            # A plain web server the media may be redirected to.
+            if path == "/cdn/loop":
+                request.setResponseCode(302)
+                request.setHeader("Location", "/cdn/loop")
+                return b""
+            request.setHeader("Content-Type", "image/png")
+            request.setHeader("Content-Disposition", "inline; filename=from-cdn.png")
+            return b"bytes from the cdn"
         media_id = path.rsplit("/", 1)[1]
         behaviour = media_id.split("-")[0]
         federation = path.startswith("/_matrix/federation/v1/media/download/")
@@ -79,6 +89,9 @@ class FakePeer(resource.Resource):
         if behaviour == "stall":
             request.write(head + b"a little")
             return server.NOT_DONE_YET
+        if behaviour in ("redirect", "redirectloop"):
+            target = "/cdn/file" if behaviour == "redirect" else "/cdn/loop"
+            return multipart_redirect(boundary, f"https://{self.name}{target}")
         if behaviour == "fine":
             return head + b"all good" + multipart_tail(boundary)
         request.setResponseCode(404)
@@ -124,6 +137,7 @@ class HostilePeerTests(FederationTestMixin):
             ("notmultipart-aaa", 502, "M_UNKNOWN"),
             ("badfirstpart-aaa", 502, "M_UNKNOWN"),
             ("missing-aaaaaaaa", 404, "M_NOT_FOUND"),
+            ("redirectloop-aaa", 502, "M_UNKNOWN"),
         ]
         for media_id, code, errcode in cases:
             r = await self.fetch(media_id)
@@ -132,6 +146,12 @@ class HostilePeerTests(FederationTestMixin):
         # The server still fetches what a peer sends properly.
         r = await self.fetch("fine-aaaaaaaaaaa")
         self.assertEqual((r.code, r.body), (200, b"all good"))  # type: ignore[attr-defined]
+
+    async def test_redirect_to_a_cdn(self) -> None:
+        r = await self.fetch("redirect-aaaaaaa")
+        self.assertEqual((r.code, r.body), (200, b"bytes from the cdn"))  # type: ignore[attr-defined]
+        self.assertEqual(r.header("Content-Type"), "image/png")  # type: ignore[attr-defined]
+        self.assertIn("/cdn/file", self.fake.requests)  # type: ignore[attr-defined]
 
     async def test_stalled_peer_times_out(self) -> None:
         self.patch(remote, "IDLE_TIMEOUT_SECONDS", 0.5)  # type: ignore[attr-defined]
