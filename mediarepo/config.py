@@ -201,6 +201,19 @@ class RateLimit:
 
 
 @attrs.frozen
+class FederationRateLimit:
+    """``rc_federation``: per origin server, requests past ``sleep_limit``
+    within ``window_size`` wait ``sleep_delay`` first; at most ``concurrent``
+    run at once; past ``reject_limit`` in flight, 429."""
+
+    window_size_ms: int = 1000
+    sleep_limit: int = 10
+    sleep_delay_ms: int = 500
+    reject_limit: int = 50
+    concurrent: int = 3
+
+
+@attrs.frozen
 class ThumbnailSize:
     """One entry of ``thumbnail_sizes``: a size pre-generated for each image."""
 
@@ -242,6 +255,7 @@ class FederationConfig:
     old_signing_keys: Mapping[str, OldVerifyKey]
     prevent_media_downloads_from: frozenset[str]
     remote_download_rate: RateLimit  # bytes: burst and per second
+    inbound_rate: FederationRateLimit
 
 
 @attrs.frozen
@@ -416,10 +430,23 @@ def _parse_federation(root: _Reader) -> FederationConfig:
         key_refresh_interval_ms=root.duration_ms("key_refresh_interval", "1d"),
         old_signing_keys=old_keys,
         prevent_media_downloads_from=frozenset(_string_list(root, "prevent_media_downloads_from")),
+        inbound_rate=_parse_federation_rate_limit(root),
         remote_download_rate=RateLimit(
             float(root.size("remote_media_download_per_second", "87K")),
             root.size("remote_media_download_burst_count", "500M"),
         ),
+    )
+
+
+def _parse_federation_rate_limit(root: _Reader) -> FederationRateLimit:
+    section = root.mapping("rc_federation")
+    default = FederationRateLimit()
+    return FederationRateLimit(
+        window_size_ms=section.integer("window_size", default.window_size_ms, minimum=1),
+        sleep_limit=section.integer("sleep_limit", default.sleep_limit, minimum=1),
+        sleep_delay_ms=section.integer("sleep_delay", default.sleep_delay_ms),
+        reject_limit=section.integer("reject_limit", default.reject_limit, minimum=1),
+        concurrent=section.integer("concurrent", default.concurrent, minimum=1),
     )
 
 

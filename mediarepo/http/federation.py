@@ -14,16 +14,27 @@ from mediarepo.http.responder import respond_with_multipart
 from mediarepo.http.server import respond_json
 from mediarepo.http.site import MediaRequest
 from mediarepo.http.thumbnail import parse_thumbnail_request
+from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
 
 
 class FederationMediaHandler:
-    def __init__(self, repository: MediaRepository, auth: FederationAuthenticator) -> None:
+    def __init__(
+        self, repository: MediaRepository, auth: FederationAuthenticator, limiter: OriginLimiter
+    ) -> None:
         self._repository = repository
         self._auth = auth
+        self._limiter = limiter
 
     async def on_download(self, request: MediaRequest, params: dict[str, str]) -> None:
-        await self._auth.origin(request)
+        async with self._limiter.slot(await self._auth.origin(request)):
+            await self._download(request, params)
+
+    async def on_thumbnail(self, request: MediaRequest, params: dict[str, str]) -> None:
+        async with self._limiter.slot(await self._auth.origin(request)):
+            await self._thumbnail(request, params)
+
+    async def _download(self, request: MediaRequest, params: dict[str, str]) -> None:
         download = await self._repository.get_local_media(
             params["media_id"], allow_authenticated=True, timeout_ms=parse_timeout_ms(request)
         )
@@ -34,8 +45,7 @@ class FederationMediaHandler:
             content_disposition(download.media_type, download.upload_name),
         )
 
-    async def on_thumbnail(self, request: MediaRequest, params: dict[str, str]) -> None:
-        await self._auth.origin(request)
+    async def _thumbnail(self, request: MediaRequest, params: dict[str, str]) -> None:
         thumbnail = await self._repository.get_local_thumbnail(
             params["media_id"],
             parse_thumbnail_request(request),

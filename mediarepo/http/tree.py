@@ -25,6 +25,7 @@ from mediarepo.http.server import Directory, Route, Router, route
 from mediarepo.http.site import UploadTarget
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
+from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
 
 _SEGMENT = r"[^/]*"
@@ -77,7 +78,11 @@ class Handlers:
             download=DownloadHandler(repository, auth),
             config=MediaConfigHandler(repository.config.max_upload_size, auth),
             thumbnail=ThumbnailHandler(repository, auth),
-            federation=FederationMediaHandler(repository, federation_auth),
+            federation=FederationMediaHandler(
+                repository,
+                federation_auth,
+                OriginLimiter(repository.config.federation.inbound_rate, repository.clock),
+            ),
             keys=KeyServerHandler(keys_response),
         )
 

@@ -3,11 +3,14 @@ of ``burst_count`` actions that drains at ``per_second``."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import AsyncIterator
 
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
-from mediarepo.config import RateLimit
+from mediarepo.config import FederationRateLimit, RateLimit
 from mediarepo.errors import Codes, MatrixError
 
 
@@ -67,3 +70,48 @@ def limit_exceeded(retry_after_ms: int) -> MatrixError:
         extra={"retry_after_ms": retry_after_ms},
         headers={"Retry-After": str(math.ceil(retry_after_ms / 1000))},
     )
+
+
+_MAX_TRACKED_ORIGINS = 10_000
+
+
+class OriginLimiter:
+    """Keeps one peer from taking the whole server, as Synapse's
+    ``rc_federation`` does."""
+
+    def __init__(self, limit: FederationRateLimit, clock: IReactorTime) -> None:
+        self._limit = limit
+        self._clock = clock
+        self._recent: dict[str, list[float]] = {}
+        self._running: dict[str, int] = {}
+        self._waiting: dict[str, list[defer.Deferred[None]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, origin: str) -> AsyncIterator[None]:
+        limit = self._limit
+        now = self._clock.seconds()
+        window = limit.window_size_ms / 1000
+        recent = [t for t in self._recent.get(origin, []) if now - t < window]
+        recent.append(now)
+        if len(self._recent) > _MAX_TRACKED_ORIGINS:
+            self._recent = {o: ts for o, ts in self._recent.items() if now - ts[-1] < window}
+        self._recent[origin] = recent
+        waiting = self._waiting.setdefault(origin, [])
+        if len(recent) > limit.reject_limit:
+            raise MatrixError(429, Codes.LIMIT_EXCEEDED, "Too many requests")
+        if len(recent) > limit.sleep_limit:
+            await task.deferLater(self._clock, limit.sleep_delay_ms / 1000, lambda: None)
+        if self._running.get(origin, 0) >= limit.concurrent:
+            turn: defer.Deferred[None] = defer.Deferred()
+            waiting.append(turn)
+            await turn
+        self._running[origin] = self._running.get(origin, 0) + 1
+        try:
+            yield
+        finally:
+            self._running[origin] -= 1
+            if waiting:
+                waiting.pop(0).callback(None)
+            elif not self._running[origin]:
+                del self._running[origin]
+                self._waiting.pop(origin, None)

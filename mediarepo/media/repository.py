@@ -82,13 +82,13 @@ class MediaRepository:
         self.arrivals = ContentArrivals(clock)
         self._media_store = media_store
         self._locks = locks
-        self._clock = clock
+        self.clock = clock
         self._create_limiter = Ratelimiter(config.rc_media_create, clock)
         # Uploads into reservations, with the lock each holds.
         self._reserved_uploads: dict[UploadSink, HeldLock] = {}
 
     def _now_ms(self) -> int:
-        return int(self._clock.seconds() * 1000)
+        return int(self.clock.seconds() * 1000)
 
     def mxc(self, media_id: str) -> str:
         return f"mxc://{self.server_name}/{media_id}"

@@ -179,8 +179,13 @@ class FederationTests(FederationTestMixin):
         )  # fmt: skip
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
-        # B goes away: A still serves it from its cache.
+        # B goes away, A restarts: A still serves it from its cache.
         await self.b.server.stop()
+        await self.a.server.stop()
+        restarted = MediaServer(self.a.server.config, reactor)
+        await restarted.start()
+        self.addCleanup(restarted.stop_deferred)
+        self.a = Peer(restarted, 0)
         r = await self.download_via_a(self.b, media_id)
         self.assertEqual((r.code, r.body), (200, data))
 
