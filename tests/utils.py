@@ -167,26 +167,10 @@ class ServerTestMixin:
         base_url: str | None = None,
     ) -> Response:
         """A request to the test's server (or the one at ``base_url``)."""
-        all_headers = dict(headers or {})
-        if token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        response = await treq.request(
-            method,
-            (base_url or self.base_url) + path,
-            headers={k: [v] for k, v in all_headers.items()},
-            data=body,
-            pool=self.pool,
-        )
-        content = await response.content()
-        raw = {
-            k.decode().lower(): [v.decode("latin-1") for v in vs]
-            for k, vs in response.headers.getAllRawHeaders()
-        }
-        # Twisted's client keeps Content-Length out of the headers (it is a
-        # connection-control header there) except on HEAD; it is in `length`.
-        if isinstance(response.length, int) and "content-length" not in raw:
-            raw["content-length"] = [str(response.length)]
-        return Response(response.code, raw, content)
+        return await http_request(
+            method, (base_url or self.base_url) + path, token=token, body=body,
+            headers=headers, pool=self.pool,
+        )  # fmt: skip
 
     async def upload(
         self,
@@ -232,3 +216,31 @@ def read_until_closed(sock: socket.socket) -> bytes:
     except OSError:
         pass
     return answer
+
+
+async def http_request(
+    method: str,
+    url: str,
+    *,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    pool: HTTPConnectionPool | None = None,
+    agent: Any = None,
+) -> Response:
+    """One request with treq, its whole answer read."""
+    all_headers = {k: [v] for k, v in (headers or {}).items()}
+    if token is not None:
+        all_headers["Authorization"] = [f"Bearer {token}"]
+    extra: dict[str, Any] = {"agent": agent} if agent is not None else {"pool": pool}
+    response = await treq.request(method, url, headers=all_headers, data=body, **extra)
+    content = await response.content()
+    raw = {
+        k.decode().lower(): [v.decode("latin-1") for v in vs]
+        for k, vs in response.headers.getAllRawHeaders()
+    }
+    # Twisted's client keeps Content-Length out of the headers (it is a
+    # connection-control header there) except on HEAD; it is in `length`.
+    if isinstance(response.length, int) and "content-length" not in raw:
+        raw["content-length"] = [str(response.length)]
+    return Response(response.code, raw, content)

@@ -9,6 +9,7 @@ from mediarepo.http.headers import set_download_security_headers
 from mediarepo.http.responder import respond_with_responder
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
+from mediarepo.media.remote import RemoteAccess
 from mediarepo.media.repository import MediaRepository
 
 DEFAULT_TIMEOUT_MS = 20_000
@@ -54,10 +55,12 @@ class DownloadHandler:
             download = await self._repository.get_remote_media(
                 server_name,
                 params["media_id"],
-                allow_fetch=allow_remote,
-                allow_authenticated=authenticated,
-                requester_ip=request.client_ip(),
-                timeout_ms=timeout_ms,
+                RemoteAccess(
+                    allow_fetch=allow_remote,
+                    allow_authenticated=authenticated,
+                    requester_ip=request.client_ip(),
+                    timeout_ms=timeout_ms,
+                ),
             )
         filename = params.get("file_name") or download.upload_name
         await respond_with_responder(request, download.responder, download.media_type, filename)

@@ -8,6 +8,7 @@ from mediarepo.http.download import checked_server_name, parse_timeout_ms
 from mediarepo.http.responder import respond_with_responder
 from mediarepo.http.server import query_bool, query_int, query_string
 from mediarepo.http.site import MediaRequest
+from mediarepo.media.remote import RemoteAccess
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.thumbnails import ThumbnailRequest
 
@@ -71,9 +72,11 @@ class ThumbnailHandler:
                 server_name,
                 params["media_id"],
                 thumbnail_request,
-                allow_fetch=allow_remote,
-                allow_authenticated=authenticated,
-                requester_ip=request.client_ip(),
-                timeout_ms=timeout_ms,
+                RemoteAccess(
+                    allow_fetch=allow_remote,
+                    allow_authenticated=authenticated,
+                    requester_ip=request.client_ip(),
+                    timeout_ms=timeout_ms,
+                ),
             )
         await respond_with_responder(request, thumbnail.responder, thumbnail.media_type, None)

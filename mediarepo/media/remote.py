@@ -159,6 +159,16 @@ class _BodyReader(protocol.Protocol):
 
 
 @attrs.frozen
+class RemoteAccess:
+    """How a request may reach remote media."""
+
+    allow_fetch: bool  # may it be fetched if not cached (legacy ?allow_remote=false)
+    allow_authenticated: bool  # an authenticated (Matrix 1.11) endpoint
+    requester_ip: str  # whose download budget pays
+    timeout_ms: int  # passed on to the origin, for media not uploaded yet
+
+
+@attrs.frozen
 class _Fetched:
     media_type: str
     upload_name: str | None
@@ -183,16 +193,7 @@ class RemoteMediaCache:
         self._fetching: SharedWork[tuple[str, str], RemoteMedia] = SharedWork()
         self._limiter = Ratelimiter(config.federation.remote_download_rate, clock)
 
-    async def get(
-        self,
-        origin: str,
-        media_id: str,
-        *,
-        allow_fetch: bool,
-        allow_authenticated: bool,
-        requester_ip: str,
-        timeout_ms: int,
-    ) -> RemoteMedia:
+    async def get(self, origin: str, media_id: str, access: RemoteAccess) -> RemoteMedia:
         """The cached copy of ``mxc://origin/media_id``, fetched first if need be."""
         federation = self._config.federation
         if federation.domain_whitelist is not None and origin not in federation.domain_whitelist:
@@ -202,17 +203,20 @@ class RemoteMediaCache:
         if not is_valid_server_name(origin) or not is_valid_media_id(media_id):
             raise NotFoundError()
         cached = await self._cached(origin, media_id)
-        authenticated_only = self._config.enable_authenticated_media and not allow_authenticated
+        authenticated_only = (
+            self._config.enable_authenticated_media and not access.allow_authenticated
+        )
         if authenticated_only and (cached is None or cached.authenticated):
             # The unauthenticated API never fetches, and never shows what was
             # fetched for the authenticated one.
             raise NotFoundError()
         if cached is not None:
             return cached
-        if not allow_fetch:
+        if not access.allow_fetch:
             raise NotFoundError()
         return await self._fetching.run(
-            (origin, media_id), lambda: self._download(origin, media_id, requester_ip, timeout_ms)
+            (origin, media_id),
+            lambda: self._download(origin, media_id, access.requester_ip, access.timeout_ms),
         )
 
     async def _cached(self, origin: str, media_id: str) -> RemoteMedia | None:

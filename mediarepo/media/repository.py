@@ -26,7 +26,7 @@ from mediarepo.media.paths import (
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
-from mediarepo.media.remote import RemoteMediaCache
+from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import (
@@ -295,51 +295,22 @@ class MediaRepository:
         return MediaDownload(media.media_type, media.upload_name, responder)
 
     async def get_remote_media(
-        self,
-        origin: str,
-        media_id: str,
-        *,
-        allow_fetch: bool,
-        allow_authenticated: bool,
-        requester_ip: str,
-        timeout_ms: int,
+        self, origin: str, media_id: str, access: RemoteAccess
     ) -> MediaDownload:
         """Another server's media, from the cache, fetched into it first if
         need be (and allowed)."""
-        media = await self.remote.get(
-            origin,
-            media_id,
-            allow_fetch=allow_fetch,
-            allow_authenticated=allow_authenticated,
-            requester_ip=requester_ip,
-            timeout_ms=timeout_ms,
-        )
+        media = await self.remote.get(origin, media_id, access)
         responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
         if responder is None:
             raise NotFoundError()
         return MediaDownload(media.media_type, media.upload_name, responder)
 
     async def get_remote_thumbnail(
-        self,
-        origin: str,
-        media_id: str,
-        request: ThumbnailRequest,
-        *,
-        allow_fetch: bool,
-        allow_authenticated: bool,
-        requester_ip: str,
-        timeout_ms: int,
+        self, origin: str, media_id: str, request: ThumbnailRequest, access: RemoteAccess
     ) -> ThumbnailResponse:
         """A thumbnail of another server's media, made here from the cached
         original (remote servers are never asked for thumbnails)."""
-        media = await self.remote.get(
-            origin,
-            media_id,
-            allow_fetch=allow_fetch,
-            allow_authenticated=allow_authenticated,
-            requester_ip=requester_ip,
-            timeout_ms=timeout_ms,
-        )
+        media = await self.remote.get(origin, media_id, access)
         source = RemoteThumbnailSource(media, self._media_store)
         return await self.thumbnails.thumbnail(source, request)
 

@@ -10,7 +10,6 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-import treq
 from twisted.internet import defer, reactor, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
@@ -22,7 +21,7 @@ from mediarepo.federation.signing import sign_request
 from mediarepo.storage.users import UserStore
 from tests import images
 from tests.tls import TestCA
-from tests.utils import Response, database_section, on_both_databases
+from tests.utils import Response, database_section, http_request, on_both_databases
 
 
 def free_port() -> int:
@@ -103,25 +102,8 @@ class FederationTestMixin:
         )
         return token
 
-    async def http(
-        self,
-        method: str,
-        url: str,
-        *,
-        token: str | None = None,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> Response:
-        all_headers = {k: [v] for k, v in (headers or {}).items()}
-        if token:
-            all_headers["Authorization"] = [f"Bearer {token}"]
-        response = await treq.request(method, url, headers=all_headers, data=body, agent=self.agent)
-        content = await response.content()
-        raw = {
-            k.decode().lower(): [v.decode("latin-1") for v in vs]
-            for k, vs in response.headers.getAllRawHeaders()
-        }
-        return Response(response.code, raw, content)
+    async def http(self, method: str, url: str, **kwargs: Any) -> Response:
+        return await http_request(method, url, agent=self.agent, **kwargs)
 
     async def upload_to(self, peer: Peer, token: str, data: bytes, content_type: str) -> str:
         r = await self.http(
