@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 uploads_completed = Counter("mediarepo_uploads_total", "Uploads stored")
 bytes_uploaded = Counter("mediarepo_media_bytes_uploaded_total", "Bytes of media stored by uploads")
+uploads_deduplicated = Counter(
+    "mediarepo_uploads_deduplicated_total", "Uploads whose bytes were already stored, and shared"
+)
 
 # How long a staging file may sit untouched before it counts as abandoned.
 STAGING_MAX_AGE_SECONDS = 3600.0
@@ -196,7 +199,14 @@ class MediaRepository:
         published = False
         try:
             written = await sink.finish()
-            await self.storage.publish(written, relative_path)
+            same_content = await self._media_store.local_media_with_content(
+                written.sha256, written.length
+            )
+            shared = await self.storage.publish(
+                written,
+                relative_path,
+                [local_media_path(m) for m in same_content if m != sink.media_id],
+            )
             published = True
             media = LocalMedia(
                 media_id=sink.media_id,
@@ -238,11 +248,14 @@ class MediaRepository:
         self.thumbnails.schedule_pregeneration(LocalThumbnailSource(media, self._media_store))
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
+        if shared:
+            uploads_deduplicated.inc()
         logger.info(
-            "stored upload %s (%d bytes, %s) for %s",
+            "stored upload %s (%d bytes, %s%s) for %s",
             sink.media_id,
             written.length,
             media_type,
+            ", bytes shared with identical media" if shared else "",
             requester.user_id,
         )
         return self.mxc(sink.media_id)

@@ -8,6 +8,7 @@ without any caller changing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -48,12 +49,16 @@ class MediaStorage:
             sink.abort()
             self.end_upload(sink)
 
-    async def publish(self, upload: WrittenUpload, relative_path: str) -> None:
-        """Put a finished upload at ``relative_path`` in the local store, then
-        copy it to the other providers."""
-        local_path = await self.local.publish(upload, relative_path)
+    async def publish(
+        self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
+    ) -> bool:
+        """Put a finished upload at ``relative_path`` in the local store
+        (sharing the bytes of a file in ``same_as`` if one is still there),
+        then copy it to the other providers. Returns whether bytes were shared."""
+        local_path, shared = await self.local.publish(upload, relative_path, same_as)
         for provider in self.providers:
             await provider.store(relative_path, local_path)
+        return shared
 
     async def store_file(self, relative_path: str, data: bytes) -> None:
         """Store a generated file (a thumbnail) locally, then with the other providers."""

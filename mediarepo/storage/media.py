@@ -56,6 +56,17 @@ class MediaStore:
             ),
         )
 
+    async def local_media_with_content(self, sha256: str, length: int) -> list[str]:
+        """IDs of local media (not URL previews, not quarantined) whose bytes
+        hash to ``sha256``."""
+        rows = await self._db.run_query(
+            "get_local_media_by_sha256",
+            "SELECT media_id FROM local_media_repository WHERE sha256 = ? AND media_length = ?"
+            " AND url_cache IS NULL AND quarantined_by IS NULL LIMIT 5",
+            (sha256, length),
+        )
+        return [row[0] for row in rows]
+
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
         rows = await self._db.run_query(
             "get_local_media",

@@ -17,7 +17,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
@@ -116,29 +116,50 @@ class LocalMediaStore(StorageProvider):
             os.path.join(self.staging_dir, name), media_id, self._threadpool, self._reactor
         )
 
-    async def publish(self, upload: WrittenUpload, relative_path: str) -> str:
-        """Link the staged file to ``relative_path``; returns the absolute path.
+    async def publish(
+        self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
+    ) -> tuple[str, bool]:
+        """Link the staged file to ``relative_path``; returns the absolute path
+        and whether an existing file was linked instead.
 
+        ``same_as`` names files already stored with the same content (by
+        SHA-256): the first one still there, and of the right size, is linked
+        in its place, so identical media share one set of bytes on disk while
+        each keeps its own Synapse path (deleting one never deletes another).
         Raises :class:`FileExistsInStoreError` if something is already there.
         """
         final = self.paths.absolute(relative_path)
+        candidates = [self.paths.absolute(p) for p in same_as]
 
-        def link() -> None:
+        def link() -> bool:
             directory = os.path.dirname(final)
             os.makedirs(directory, exist_ok=True)
             try:
+                for existing in candidates:
+                    try:
+                        if os.stat(existing).st_size == upload.length:
+                            os.link(existing, final)
+                            return True
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    except OSError as e:
+                        if e.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                            break  # no hard links here; keep a copy of our own
+                        raise
                 os.link(upload.temp_path, final)
+                return False
             except FileExistsError as e:
                 raise FileExistsInStoreError(relative_path) from e
-            # Make the new directory entry itself durable.
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
             finally:
-                os.close(fd)
+                # Make the new directory entry itself durable.
+                fd = os.open(directory, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
-        await self._in_thread(link)
-        return final
+        linked = await self._in_thread(link)
+        return final, bool(linked)
 
     async def discard_staged(self, temp_path: str) -> None:
         """Remove a staging file once its media is recorded (or abandoned)."""
