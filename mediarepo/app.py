@@ -22,6 +22,7 @@ from mediarepo.federation.keys import load_signing_keys, server_keys_response
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
+from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.remote import RemoteMediaCache
@@ -90,6 +91,7 @@ class MediaServer:
         )
         self._sweeper: task.LoopingCall | None = None
         self._listener: PostgresListener | None = None
+        self._access_flush: task.LoopingCall | None = None
         self.federation_client: FederationClient | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
@@ -178,6 +180,9 @@ class MediaServer:
         self._sweeper = task.LoopingCall(self._housekeeping)
         self._sweeper.clock = reactor
         self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
+        self._access_flush = task.LoopingCall(self.repository.access.flush)
+        self._access_flush.clock = reactor
+        self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
         logger.info("mediarepo serving %s", config.server_name)
 
     def _listen(
@@ -242,6 +247,9 @@ class MediaServer:
         self.sites = []
         if self.repository is not None:
             await self.repository.thumbnails.settle()
+            if self._access_flush is not None and self._access_flush.running:
+                self._access_flush.stop()
+            await self.repository.access.flush()
         if self.database is not None:
             self.database.close()
             self.database = None

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.media.access import AccessTracker
 from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
@@ -83,6 +84,7 @@ class MediaRepository:
         self.thumbnails = thumbnails
         self.remote = remote
         self.arrivals = ContentArrivals(clock)
+        self.access = AccessTracker(media_store, clock)
         self._media_store = media_store
         self._locks = locks
         self.clock = clock
@@ -300,6 +302,7 @@ class MediaRepository:
         media = await self._visible_local_media(
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
+        self.access.read_local(media_id)
         path = url_cache_path(media_id) if media.url_cache else local_media_path(media_id)
         responder = await self.storage.fetch(path)
         if responder is None:
@@ -313,6 +316,7 @@ class MediaRepository:
         """Another server's media, from the cache, fetched into it first if
         need be (and allowed)."""
         media = await self.remote.get(origin, media_id, access)
+        self.access.read_remote(origin, media_id)
         responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
         if responder is None:
             raise NotFoundError()
@@ -324,6 +328,7 @@ class MediaRepository:
         """A thumbnail of another server's media, made here from the cached
         original (remote servers are never asked for thumbnails)."""
         media = await self.remote.get(origin, media_id, access)
+        self.access.read_remote(origin, media_id)
         source = RemoteThumbnailSource(media, self._media_store)
         return await self.thumbnails.thumbnail(source, request)
 
@@ -338,6 +343,7 @@ class MediaRepository:
         media = await self._visible_local_media(
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
+        self.access.read_local(media_id)
         return await self.thumbnails.thumbnail(
             LocalThumbnailSource(media, self._media_store), request
         )

@@ -187,6 +187,26 @@ class MediaStore:
 
         return await self._db.run_interaction("delete_expired_reservations", txn)
 
+    async def update_access_times(
+        self, local: dict[str, int], remote: dict[tuple[str, str], int]
+    ) -> None:
+        """Set ``last_access_ts`` of many media in one transaction."""
+
+        def txn(t: Transaction) -> None:
+            if local:
+                t.execute_batch(
+                    "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?",
+                    [(ts, media_id) for media_id, ts in local.items()],
+                )
+            if remote:
+                t.execute_batch(
+                    "UPDATE remote_media_cache SET last_access_ts = ?"
+                    " WHERE media_origin = ? AND media_id = ?",
+                    [(ts, origin, media_id) for (origin, media_id), ts in remote.items()],
+                )
+
+        await self._db.run_interaction("update_cached_last_access_time", txn)
+
     # -- remote media cache -----------------------------------------------------
 
     async def get_remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
