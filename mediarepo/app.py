@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from OpenSSL import crypto
@@ -23,6 +24,7 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
+from mediarepo.media.lifecycle import Retention
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.remote import RemoteMediaCache
@@ -92,6 +94,7 @@ class MediaServer:
         self._sweeper: task.LoopingCall | None = None
         self._listener: PostgresListener | None = None
         self._access_flush: task.LoopingCall | None = None
+        self.retention: Retention | None = None
         self.federation_client: FederationClient | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
@@ -125,6 +128,14 @@ class MediaServer:
         )
         self.repository = MediaRepository(
             config, storage, media_store, thumbnails, remote, locks, reactor
+        )
+        self.retention = Retention(
+            storage,
+            media_store,
+            self.repository.access,
+            reactor,
+            local_lifetime_ms=config.local_media_lifetime_ms,
+            remote_lifetime_ms=config.remote_media_lifetime_ms,
         )
         if self.database.engine.name == "psycopg2":
             # Downloads waiting for an async upload wake when another process
@@ -210,7 +221,13 @@ class MediaServer:
     async def _housekeeping(self) -> None:
         """Clean up after crashed uploads and expired reservations."""
         assert self.repository is not None
-        for sweep in (self.repository.sweep_staging, self.repository.sweep_expired_reservations):
+        sweeps: list[Callable[[], Awaitable[object]]] = [
+            self.repository.sweep_staging,
+            self.repository.sweep_expired_reservations,
+        ]
+        if self.retention is not None and self.retention.enabled:
+            sweeps.append(self.retention.apply)
+        for sweep in sweeps:
             try:
                 await sweep()
             except Exception:

@@ -279,6 +279,9 @@ class Config:
     unused_expiration_time_ms: int
     max_pending_media_uploads: int
     rc_media_create: RateLimit
+    # media_retention: how long unread media is kept; None keeps it for ever.
+    local_media_lifetime_ms: int | None
+    remote_media_lifetime_ms: int | None
     tls_certificate_path: str | None
     tls_private_key_path: str | None
     federation: FederationConfig
@@ -450,6 +453,13 @@ def _parse_federation_rate_limit(root: _Reader) -> FederationRateLimit:
     )
 
 
+def _optional_duration(root: _Reader, section: str, key: str) -> int | None:
+    reader = root.mapping(section)
+    if reader.raw(key) is None:
+        return None
+    return reader.duration_ms(key, "0")
+
+
 def _parse_rate_limit(root: _Reader, key: str, default: RateLimit) -> RateLimit:
     section = root.mapping(key)
     per_second = section.raw("per_second", default.per_second)
@@ -532,6 +542,10 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         unused_expiration_time_ms=root.duration_ms("unused_expiration_time", "24h"),
         max_pending_media_uploads=root.integer("max_pending_media_uploads", 5),
         rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
+        local_media_lifetime_ms=_optional_duration(root, "media_retention", "local_media_lifetime"),
+        remote_media_lifetime_ms=_optional_duration(
+            root, "media_retention", "remote_media_lifetime"
+        ),
         tls_certificate_path=optional_path("tls_certificate_path"),
         tls_private_key_path=optional_path("tls_private_key_path"),
         federation=_parse_federation(root),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+from twisted.web import http
 from twisted.web.http import Request
 
 CORS_HEADERS = {
@@ -104,6 +105,14 @@ def content_disposition(media_type: str | None, filename: str | None) -> str:
     if all(33 <= ord(c) <= 126 and c not in _FILENAME_SEPARATORS for c in filename):
         return f"{disposition}; filename={filename}"
     return f"{disposition}; filename*=utf-8''{quote(filename, safe='/')}"
+
+
+# Reason phrases Twisted lacks.
+_REASONS = {429: b"Too Many Requests"}
+
+
+def reason_phrase(code: int) -> bytes:
+    return http.RESPONSES.get(code) or _REASONS.get(code, b"Error")
 
 
 def set_json_headers(request: Request, length: int) -> None:

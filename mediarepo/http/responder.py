@@ -81,11 +81,16 @@ def _answered_not_modified(request: MediaRequest) -> bool:
 async def _stream(request: MediaRequest, responder: Responder, start: int, length: int) -> bool:
     """Write ``length`` bytes of ``responder`` from ``start``; whether the
     response can go on (the client is still there and every byte went)."""
+    if request.disconnected or request.channel is None:
+        return False
     if length:
         try:
             await responder.write_to_consumer(request, start, length)
         except ConnectionError:
-            return False  # the client went away; nothing left to answer
+            # The client went away (the transport stopped the producer
+            # before the request hears of the lost connection).
+            request.disconnected = True
+            return False
         except OSError:
             logger.exception("reading media failed mid-response")
             if request.channel is not None:

@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from mediarepo.errors import Codes, MatrixError
-from mediarepo.http.headers import set_json_headers
+from mediarepo.http.headers import reason_phrase, set_json_headers
 from mediarepo.http.site import MediaRequest
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def respond_json(request: MediaRequest, code: int, body: Any) -> None:
     if request.disconnected or request.finished:
         return
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    request.setResponseCode(code)
+    request.setResponseCode(code, reason_phrase(code))
     set_json_headers(request, len(data))
     request.write(data)
     request.finish()

@@ -29,7 +29,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
 from mediarepo.errors import Codes, MatrixError
-from mediarepo.http.headers import CORS_HEADERS, JSON_CACHE_CONTROL
+from mediarepo.http.headers import CORS_HEADERS, JSON_CACHE_CONTROL, reason_phrase
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.values import Requester
 
@@ -221,7 +221,7 @@ class MediaRequest(Request):
         # No "100 Continue" for a body we refuse.
         self.requestHeaders.removeHeader(b"Expect")
         body = json.dumps(error.to_json()).encode()
-        head = [b"HTTP/1.1 %d %s" % (error.code, http.RESPONSES.get(error.code, b"Error"))]
+        head = [b"HTTP/1.1 %d %s" % (error.code, reason_phrase(error.code))]
         head += [f"{k}: {v}".encode() for k, v in CORS_HEADERS.items()]
         head += [f"{k}: {v}".encode() for k, v in error.headers.items()]
         head += [

@@ -91,3 +91,7 @@ class MediaStorage:
     async def delete(self, relative_path: str) -> None:
         for provider in self.chain:
             await provider.delete(relative_path)
+
+    async def delete_directory(self, relative_path: str) -> None:
+        for provider in self.chain:
+            await provider.delete_directory(relative_path)

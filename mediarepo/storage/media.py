@@ -207,6 +207,60 @@ class MediaStore:
 
         await self._db.run_interaction("update_cached_last_access_time", txn)
 
+    # -- retention ----------------------------------------------------------------
+
+    async def local_media_unread_since(self, before_ts: int, limit: int) -> list[str]:
+        """Local media not read (or, never read, not made) since ``before_ts``;
+        never quarantined or protected media, URL previews or reservations."""
+        rows = await self._db.run_query(
+            "get_local_media_ids_to_purge",
+            "SELECT media_id FROM local_media_repository"
+            " WHERE (last_access_ts < ? OR (created_ts < ? AND last_access_ts IS NULL))"
+            " AND media_length > 0 AND quarantined_by IS NULL AND NOT safe_from_quarantine"
+            " AND url_cache IS NULL ORDER BY created_ts LIMIT ?",
+            (before_ts, before_ts, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def remote_media_unread_since(
+        self, before_ts: int, limit: int
+    ) -> list[tuple[str, str, str]]:
+        """(origin, media ID, filesystem ID) of cached remote media not read
+        since ``before_ts``, quarantined media aside."""
+        rows = await self._db.run_query(
+            "get_remote_media_ids_to_purge",
+            "SELECT media_origin, media_id, filesystem_id FROM remote_media_cache"
+            " WHERE last_access_ts < ? AND quarantined_by IS NULL ORDER BY last_access_ts LIMIT ?",
+            (before_ts, limit),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def delete_local_media(self, media_ids: list[str]) -> None:
+        """Forget local media and their thumbnails (the files are the caller's)."""
+
+        def txn(t: Transaction) -> None:
+            args = [(media_id,) for media_id in media_ids]
+            t.execute_batch("DELETE FROM local_media_repository WHERE media_id = ?", args)
+            t.execute_batch(
+                "DELETE FROM local_media_repository_thumbnails WHERE media_id = ?", args
+            )
+
+        await self._db.run_interaction("delete_local_media", txn)
+
+    async def delete_remote_media(self, keys: list[tuple[str, str]]) -> None:
+        """Forget cached remote media and their thumbnails."""
+
+        def txn(t: Transaction) -> None:
+            t.execute_batch(
+                "DELETE FROM remote_media_cache WHERE media_origin = ? AND media_id = ?", keys
+            )
+            t.execute_batch(
+                "DELETE FROM remote_media_cache_thumbnails WHERE media_origin = ? AND media_id = ?",
+                keys,
+            )
+
+        await self._db.run_interaction("delete_remote_media", txn)
+
     # -- remote media cache -----------------------------------------------------
 
     async def get_remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:

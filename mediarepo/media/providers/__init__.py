@@ -23,3 +23,8 @@ class StorageProvider(abc.ABC):
     @abc.abstractmethod
     async def delete(self, relative_path: str) -> None:
         """Remove ``relative_path``; no error if it is absent."""
+
+    @abc.abstractmethod
+    async def delete_directory(self, relative_path: str) -> None:
+        """Remove ``relative_path`` and everything under it (a media's
+        thumbnails); no error if it is absent."""

@@ -82,6 +82,10 @@ class LocalMediaStore(StorageProvider):
 
         await self._in_thread(remove)
 
+    async def delete_directory(self, relative_path: str) -> None:
+        path = self.paths.absolute(relative_path)
+        await self._in_thread(shutil.rmtree, path, True)
+
     async def local_path(self, relative_path: str) -> str | None:
         """The absolute path of ``relative_path`` if the file is here."""
         path = self.paths.absolute(relative_path)

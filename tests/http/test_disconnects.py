@@ -1,0 +1,56 @@
+"""Clients that go away early: before the file starts, or in the middle of it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+
+from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@on_both_databases
+class DisconnectTests(ServerTestMixin):
+    def _get_and_leave(self, port: int, path: str, token: str, read: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            received = 0
+            while received < read:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += len(data)
+            # Closing with data unread makes the kernel send a reset.
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
+
+    async def test_early_and_midway_disconnects(self) -> None:
+        errors = _Errors()
+        logging.getLogger("mediarepo").addHandler(errors)
+        self.addCleanup(logging.getLogger("mediarepo").removeHandler, errors)
+        token = await self.register()
+        data = os.urandom(20 * 1024 * 1024)
+        media_id = await self.upload(token, data)
+        path = f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"
+        port = self.server.ports[0].getHost().port
+        for read in (0, 1000, 0, 5_000_000):
+            await deferToThread(self._get_and_leave, port, path, token, read)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual([r.getMessage() for r in errors.records], [])
+        r = await self.request("GET", path, token=token)
+        self.assertEqual((r.code, len(r.body)), (200, len(data)))
