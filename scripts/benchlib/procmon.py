@@ -203,3 +203,32 @@ class GeneratorMeter:
         wall = time.monotonic() - self._wall_start
         own = _rusage_cpu(resource.getrusage(resource.RUSAGE_SELF)) - self._self_start
         return GeneratorUsage(cpu_s=own + self._children_cpu, wall_s=wall)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = f.readline().split()[1:]
+    values = [int(v) for v in fields[:8]]
+    # user nice system idle iowait irq softirq steal: idle and iowait are not busy,
+    # steal is time the hypervisor gave to others.
+    busy = values[0] + values[1] + values[2] + values[5] + values[6]
+    return busy / _CLK_TCK
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds of every process named ``postgres`` now alive (server and backends)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name == "postgres" or name.startswith("postgres:"):
+            fields = text[text.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total

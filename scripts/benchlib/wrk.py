@@ -130,7 +130,7 @@ def run_wrk(
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exited with {proc.returncode}:\n{output}")
     values = parse_wrk_line(output)
-    percentiles = {
+    percentiles: dict[str, float] = {
         key: values[key] / 1000.0 for key in ("p50", "p90", "p95", "p99", "p99.9") if key in values
     }
     return WrkResult(

@@ -1,0 +1,489 @@
+"""Command line of scripts/bench: parse, launch what was asked, run, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Sequence
+from typing import IO
+
+from benchlib.bootstrap import ensure_modules
+from benchlib.results import (
+    JSON_PREFIX,
+    LOG_PREFIX,
+    RATIO_PREFIX,
+    Result,
+    print_ratios,
+    print_summary,
+    print_table,
+    ratio_rows,
+)
+from benchlib.scenarios import NEEDS_PILLOW, SCENARIOS, Options, Target, run_scenario
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Scenarios that need dynamic_thumbnails: true or enable_authenticated_media:
+# false; launched servers are restarted with that config for them.
+PHASE2 = ("thumbnail_dynamic", "download_small_legacy")
+
+DESCRIPTION = """\
+Benchmark a running Matrix media repository (ours or Synapse) over HTTP, or
+start ours (and a stock Synapse, and nginx) and benchmark them side by side.
+"""
+
+EPILOG = f"""\
+modes:
+  scripts/bench --base-url http://127.0.0.1:8008 --server-name NAME --token TOKEN [--pid PID]
+      drive a server that is already running (any server: ours or Synapse).
+  scripts/bench --start-ours [--postgres]
+      generate a config for our server in a temp dir (SQLite, or a fresh PostgreSQL
+      database with --postgres), register a user, start it, run, stop it, clean up.
+  scripts/bench --compare-synapse
+      also install matrix-synapse[postgres]=={"1.163.2"} (or the latest if that pin is
+      not available) into its own venv (--synapse-venv), start it on a fresh PostgreSQL
+      database with the baseline's settings (cp_min 5, cp_max 10, max_upload_size 100M,
+      rate limits raised, max_pending_media_uploads 10000), start ours (on PostgreSQL too,
+      unless --ours-sqlite), run every scenario on both, alternating, and print ours/Synapse
+      for each figure. --nginx adds nginx serving the same 4 KiB and 20 MiB files (skipped
+      if nginx is not installed).
+
+  Launched servers run in two phases: first with dynamic_thumbnails: false and
+  enable_authenticated_media: true (Synapse's defaults) for every scenario except
+  {", ".join(PHASE2)}; then restarted (same database and media) with
+  dynamic_thumbnails: true and enable_authenticated_media: false for those two.
+
+scenarios (default: all, in this order):
+  upload_small           POST /_matrix/media/v3/upload, 4 KiB unique bodies, 16 connections
+  upload_large           the same with 20 MiB bodies (16 random bytes differ), 4 connections; MB/s
+  download_small         wrk: GET /_matrix/client/v1/media/download/... of a 4 KiB file, 16 conns
+  download_small_legacy  wrk: GET /_matrix/media/v3/download/... (skipped if it answers 404,
+                         i.e. the server has enable_authenticated_media: true)
+  download_large         wrk: a 20 MiB file, 4 connections; MB/s
+  thumbnail_upload       sequential uploads of distinct 3000x2000 JPEGs (~1.5 MB): latency until
+                         the upload answered (p50/p95/p99) and until its 320x240 scale thumbnail
+                         is served ("ready", polled right after the upload answers)
+  thumbnail_dynamic      first GET of a 320x240 scale (and, for other media, crop) thumbnail,
+                         sequential; needs dynamic_thumbnails: true on the server
+  thumbnail_cached       wrk: the same 320x240 thumbnail (scale, then crop), 16 connections
+  create_put             POST /_matrix/media/v1/create then PUT 4 KiB, 16 connections: pairs/s,
+                         p50 of each step (skipped if /create answers 404/405/M_UNRECOGNIZED)
+
+output:
+  a table per server, one line per scenario prefixed "{JSON_PREFIX.strip()} " with every
+  figure as JSON (also written to --json-out), and with --compare-synapse the ratios, also
+  as "{RATIO_PREFIX.strip()} " lines; a launched server's log errors as "{LOG_PREFIX.strip()} ".
+  Errors are non-2xx answers plus connection errors (for wrk: status >= 400 and socket
+  errors). Server figures come from /proc/PID (--pid):
+  CPU seconds (utime+stime delta), the largest VmRSS sampled every 50 ms during the scenario,
+  and VmHWM (the lifetime peak). "gen CPU" is the load generator's own CPU (this process and
+  its wrk children) per wall second: 100% is one core; the machine's core count is printed.
+  "PG" is the CPU of every PostgreSQL process and "other" that of everything else on the
+  machine (kernel I/O threads, and other jobs: noise), both per wall second. Before each
+  measured part the tool waits (up to 30 s) until the server is idle. After a launched
+  server stops, the ERROR lines and exceptions in its log are counted and printed.
+
+  Launched servers get SIGTERM on exit (also if this tool is killed: PR_SET_PDEATHSIG);
+  temp dirs and databases of a killed run are removed by the next launching run.
+  All traffic goes to 127.0.0.1; every loop is bounded by --duration and --timeout.
+
+  JPEGs are made once with Pillow and cached under ~/.cache/mediarepo-bench (or
+  $MEDIAREPO_BENCH_CACHE); if the running Python lacks Pillow or PyYAML the tool makes a
+  venv of its own there and re-runs itself in it.
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = parser.add_argument_group("a running server")
+    target.add_argument("--base-url", help="e.g. http://127.0.0.1:8008")
+    target.add_argument("--server-name", help="the server_name in its mxc:// URIs")
+    target.add_argument("--token", help="an access token of a user on it")
+    target.add_argument("--pid", type=int, help="its process id, for CPU and memory figures")
+    target.add_argument("--label", default="server", help="its name in the output")
+
+    launch = parser.add_argument_group("launching servers")
+    launch.add_argument("--start-ours", action="store_true", help="start our server and run")
+    launch.add_argument("--postgres", action="store_true", help="ours on PostgreSQL, not SQLite")
+    launch.add_argument(
+        "--compare-synapse",
+        action="store_true",
+        help="start Synapse and ours (on PostgreSQL), run both, print ratios",
+    )
+    launch.add_argument(
+        "--ours-sqlite", action="store_true", help="with --compare-synapse: ours on SQLite"
+    )
+    launch.add_argument("--nginx", action="store_true", help="also nginx serving static files")
+    launch.add_argument(
+        "--python",
+        help="Python with mediarepo installed (default: .venv/bin/python of the repo, "
+        "else /work/venv/bin/python, else this Python)",
+    )
+    launch.add_argument(
+        "--synapse-venv",
+        default=os.path.join(
+            os.environ.get("MEDIAREPO_BENCH_CACHE")
+            or os.path.expanduser("~/.cache/mediarepo-bench"),
+            "synapse-venv",
+        ),
+        help="virtualenv for Synapse, made if absent (default: %(default)s)",
+    )
+    launch.add_argument("--pg-host", default="127.0.0.1")
+    launch.add_argument("--pg-port", type=int, default=5432)
+    launch.add_argument("--pg-user", default="postgres")
+    launch.add_argument("--keep", action="store_true", help="keep the servers' temp dirs")
+
+    run = parser.add_argument_group("what to run")
+    run.add_argument(
+        "--scenarios",
+        default="all",
+        help="comma-separated scenario names (see below), default all",
+    )
+    run.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per throughput scenario (10)"
+    )
+    run.add_argument("--connections", type=int, help="override every scenario's connection count")
+    run.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (2)")
+    run.add_argument(
+        "--thumb-count",
+        type=int,
+        default=20,
+        help="JPEGs per thumbnail_upload run and per thumbnail_dynamic method (20)",
+    )
+    run.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (60)")
+    run.add_argument("--json-out", help="also write the JSON lines to this file")
+    args = parser.parse_args(argv)
+
+    if args.scenarios == "all":
+        args.scenario_list = list(SCENARIOS)
+    else:
+        args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        unknown = [s for s in args.scenario_list if s not in SCENARIOS]
+        if unknown:
+            parser.error(f"unknown scenarios: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+        args.scenario_list = [s for s in SCENARIOS if s in args.scenario_list]
+    launching = args.start_ours or args.compare_synapse
+    if not launching and not (args.base_url and args.server_name and args.token):
+        parser.error(
+            "give --base-url, --server-name and --token for a running server, "
+            "or --start-ours / --compare-synapse"
+        )
+    if not 1 <= args.duration <= 600:
+        parser.error("--duration must be between 1 and 600 seconds")
+    if args.connections is not None and not 1 <= args.connections <= 1000:
+        parser.error("--connections must be between 1 and 1000")
+    if not 1 <= args.thumb_count <= 500:
+        parser.error("--thumb-count must be between 1 and 500")
+    return args
+
+
+def default_python() -> str:
+    for candidate in (os.path.join(REPO, ".venv", "bin", "python"), "/work/venv/bin/python"):
+        if os.path.exists(candidate):
+            return candidate
+    return sys.executable
+
+
+class Output:
+    def __init__(self, json_out: str | None) -> None:
+        self.results: list[Result] = []
+        self._file: IO[str] | None = open(json_out, "w", encoding="utf-8") if json_out else None
+
+    def add(self, results: list[Result]) -> None:
+        for result in results:
+            self.results.append(result)
+            line = JSON_PREFIX + result.to_json()
+            print(line, flush=True)
+            if self._file is not None:
+                print(line, file=self._file, flush=True)
+            summary = (
+                f"{result.rps:.1f} req/s, p50 {result.p50_ms} ms, errors {result.errors}"
+                if result.status == "ok" and result.rps is not None
+                else f"{result.status}: {result.reason}"
+            )
+            print(f"[bench] {result.server} {result.key}: {summary}", file=sys.stderr, flush=True)
+
+    def write_raw(self, line: str) -> None:
+        print(line, flush=True)
+        if self._file is not None:
+            print(line, file=self._file, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+async def run_on_targets(
+    scenarios: Sequence[str], targets: Sequence[Target], opts: Options, output: Output
+) -> None:
+    """Each scenario on every target, alternating which target goes first."""
+    for index, name in enumerate(scenarios):
+        order = list(targets) if index % 2 == 0 else list(reversed(targets))
+        for target in order:
+            if target.static_paths and name not in ("download_small", "download_large"):
+                continue
+            log(f"{target.label}: {name}")
+            output.add(await run_scenario(name, target, opts))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    launching = args.start_ours or args.compare_synapse
+    needed = []
+    if launching:
+        needed.append("yaml")
+    if set(args.scenario_list) & NEEDS_PILLOW:
+        needed.append("PIL")
+    ensure_modules(needed)
+
+    opts = Options(
+        duration=args.duration,
+        connections=args.connections,
+        wrk_threads=args.wrk_threads,
+        thumb_count=args.thumb_count,
+        request_timeout=args.timeout,
+        log=log,
+    )
+    log(
+        f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.2f}; scenarios: {', '.join(args.scenario_list)}"
+    )
+    if args.nginx and not launching:
+        log("--nginx is used only with --start-ours or --compare-synapse; ignored")
+    output = Output(args.json_out)
+    try:
+        if launching:
+            asyncio.run(run_launched(args, opts, output))
+        else:
+            target = Target(
+                label=args.label,
+                base_url=args.base_url,
+                server_name=args.server_name,
+                token=args.token,
+                pid=args.pid,
+            )
+            asyncio.run(run_on_targets(args.scenario_list, [target], opts, output))
+    except KeyboardInterrupt:
+        log("interrupted; stopping")
+        return 130
+    except RuntimeError as e:
+        log(f"error: {e}")
+        return 2
+    finally:
+        report(output, args)
+        output.close()
+    failed = [r for r in output.results if r.status == "failed"]
+    return 1 if failed else 0
+
+
+async def run_launched(args: argparse.Namespace, opts: Options, output: Output) -> None:
+    from benchlib import servers
+
+    cleanup = servers.Cleanup()
+    servers.install_signal_handlers()
+    try:
+        await _run_launched(args, opts, output, cleanup)
+    finally:
+        await asyncio.to_thread(cleanup.run)
+
+
+async def _run_launched(
+    args: argparse.Namespace, opts: Options, output: Output, cleanup: object
+) -> None:
+    from benchlib import servers
+    from benchlib.scenarios import LARGE_SIZE, SMALL_SIZE
+
+    assert isinstance(cleanup, servers.Cleanup)
+    postgres = servers.Postgres(args.pg_host, args.pg_port, args.pg_user)
+    servers.sweep_stale_workdirs()
+    if args.compare_synapse or args.postgres:
+        postgres.sweep_stale()
+    python = args.python or default_python()
+    managed: list[servers.ManagedServer] = []
+    if args.compare_synapse:
+        synapse = await asyncio.to_thread(
+            servers.setup_synapse, cleanup, venv=args.synapse_venv, postgres=postgres,
+            keep=args.keep,
+        )  # fmt: skip
+        managed.append(synapse)
+    ours_on_pg = args.postgres or (args.compare_synapse and not args.ours_sqlite)
+    ours = await asyncio.to_thread(
+        servers.setup_ours, cleanup, python=python, postgres=postgres if ours_on_pg else None,
+        keep=args.keep,
+    )  # fmt: skip
+    managed.append(ours)
+
+    nginx: servers.ManagedServer | None = None
+    wants_downloads = {"download_small", "download_large"} & set(args.scenario_list)
+    if args.nginx and wants_downloads:
+        nginx = servers.setup_nginx(
+            cleanup, keep=args.keep, small=os.urandom(SMALL_SIZE), large=os.urandom(LARGE_SIZE)
+        )
+        if nginx is None:
+            output.add(
+                [
+                    Result("nginx", name, status="skipped", reason="nginx is not installed")
+                    for name in sorted(wants_downloads)
+                ]
+            )
+
+    phases = [
+        (
+            servers.Phase("defaults", dynamic_thumbnails=False, enable_authenticated_media=True),
+            [s for s in args.scenario_list if s not in PHASE2],
+        ),
+        (
+            servers.Phase("dynamic", dynamic_thumbnails=True, enable_authenticated_media=False),
+            [s for s in args.scenario_list if s in PHASE2],
+        ),
+    ]
+    for phase, scenarios in phases:
+        if not scenarios:
+            continue
+        log(
+            f"phase {phase.name}: dynamic_thumbnails {phase.dynamic_thumbnails}, "
+            f"enable_authenticated_media {phase.enable_authenticated_media}: {', '.join(scenarios)}"
+        )
+        targets: list[Target] = []
+        for server in managed:
+            server.stop()
+            server.configure(phase)
+            try:
+                server.start(cleanup)  # from the main thread: see _die_with_parent
+                if not server.token and server.info.get("server") == "synapse":
+                    await asyncio.to_thread(servers.register_synapse_user, server)
+            except RuntimeError as e:
+                log(f"{server.label} could not be started: {e}")
+                server.stop()
+                reason = f"server did not start: {str(e).splitlines()[0]}"
+                output.add([Result(server.label, s, status="failed", reason=reason)
+                            for s in scenarios])  # fmt: skip
+                continue
+            targets.append(server.target())
+        if nginx is not None and phase.name == "defaults":
+            nginx.start(cleanup)
+            static = nginx.target()
+            static.include_children = True
+            static.static_paths = {"small": "/small", "large": "/large"}
+            targets.append(static)
+        await run_on_targets(scenarios, targets, opts, output)
+        if nginx is not None:
+            nginx.stop()
+        for server in managed:
+            if server.proc is not None and server.proc.poll() is not None:
+                log(f"{server.label} DIED (exit {server.proc.returncode}):\n{server.log_tail()}")
+    for server in managed:
+        server.stop()
+        errors = scan_log_for_errors(server)
+        output.write_raw(LOG_PREFIX + json.dumps({"server": server.label, "log_errors": errors}))
+        if errors:
+            log(f"{server.label}: errors in its log (counted, IDs masked):")
+            for line in errors[:15]:
+                print(f"    {line}", file=sys.stderr)
+
+
+def scan_log_for_errors(server: object) -> list[str]:
+    """ERROR/CRITICAL log lines and the exceptions of tracebacks in a server's
+    logs, with media IDs and numbers masked, counted: "N x message"."""
+    from benchlib.servers import ManagedServer
+
+    assert isinstance(server, ManagedServer)
+    paths = [server.log_path, os.path.join(server.workdir, "homeserver.log")]
+    counts: Counter[str] = Counter()
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        in_traceback = False
+        for line in lines:
+            if line.startswith("Traceback"):
+                in_traceback = True
+                continue
+            if in_traceback:
+                if line.startswith((" ", "\t")) or not line.strip():
+                    continue
+                in_traceback = False
+                counts[f"exception: {_mask(line)}"] += 1
+            for level in (" ERROR ", " CRITICAL "):
+                if level in line:
+                    counts[f"{level.strip()}: {_mask(line.split(level, 1)[1])}"] += 1
+    return [f"{n} x {message}" for message, n in counts.most_common()]
+
+
+def _mask(text: str) -> str:
+    text = re.sub(r"/[A-Za-z]{24}\b", "/{media_id}", text)
+    text = re.sub(r"\b\d+\b", "N", text)
+    return text.strip(" -")[:300]
+
+
+def report(output: Output, args: argparse.Namespace) -> None:
+    results = output.results
+    if not results:
+        return
+    out = sys.stdout
+    labels: list[str] = []
+    for r in results:
+        if r.server not in labels:
+            labels.append(r.server)
+    for label in labels:
+        rows = [r for r in results if r.server == label]
+        info = next((r.server_info for r in rows if r.server_info), {})
+        described = ", ".join(
+            f"{k} {v}" for k, v in info.items() if k in ("server", "version", "database")
+        )
+        print_table(f"{label} ({described})" if described else label, rows, out)
+    ok = [r for r in results if r.status == "ok" and r.gen_cpu_share is not None]
+    if ok:
+        worst = max(ok, key=lambda r: r.gen_cpu_share or 0.0)
+        print(
+            f"\nload generator CPU: at most {(worst.gen_cpu_share or 0) * 100:.0f}% of one core "
+            f"({worst.server} {worst.key}) on a {os.cpu_count()}-core machine",
+            file=out,
+        )
+    if "ours" in labels:
+        for other in labels:
+            if other == "ours":
+                continue
+            rows_ratio = ratio_rows(
+                [r for r in results if r.server == "ours"],
+                [r for r in results if r.server == other],
+            )
+            if not rows_ratio:
+                continue
+            print_summary(
+                [r for r in results if r.server == "ours"],
+                [r for r in results if r.server == other],
+                other,
+                out,
+            )
+            print_ratios(f"every figure: ours / {other}", rows_ratio, other, out)
+            for row in rows_ratio:
+                output.write_raw(RATIO_PREFIX + json.dumps({"vs": other, **row}))
+    skipped = [r for r in results if r.status != "ok"]
+    if skipped:
+        print("\nnot run:", file=out)
+        for r in skipped:
+            print(f"  {r.server} {r.key}: {r.status}: {r.reason}", file=out)
+    samples = [r for r in results if r.error_samples]
+    if samples:
+        print("\nerror samples:", file=out)
+        for r in samples:
+            for sample in r.error_samples:
+                print(textwrap.shorten(f"  {r.server} {r.key}: {sample}", 400), file=out)
