@@ -135,7 +135,15 @@ class _BodyReader(protocol.Protocol):
         if not self.done.called:
             self.done.errback(error)
         transport: Any = self.transport
-        if transport is not None:
+        if transport is None:
+            return
+        # stopProducing() would close the connection politely, waiting on a
+        # peer we have given up on; cut it instead. (The body's transport is
+        # a proxy in front of the connection, which Twisted keeps private.)
+        connection = getattr(transport, "_producer", None)
+        if connection is not None and hasattr(connection, "abortConnection"):
+            connection.abortConnection()
+        else:
             transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet import reactor
+from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
+from signedjson.sign import sign_json
+from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
 from mediarepo.app import server_tls_options
@@ -36,6 +38,30 @@ class FakePeer(resource.Resource):
         keys.write_new_signing_key(signing_key_path)
         self._keys = keys.load_signing_keys(signing_key_path)
         self.requests: list[str] = []
+
+    # Key answers this peer gives as a notary: server name -> signed answer.
+    notarised: dict[str, Any]
+
+    def render_POST(self, request: Any) -> Any:
+        import json
+
+        self.requests.append(request.path.decode())
+        if request.path != b"/_matrix/key/v2/query":
+            request.setResponseCode(404)
+            return b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
+        asked = json.loads(request.content.read())["server_keys"]
+        answers = []
+        for server_name in asked:
+            if server_name in getattr(self, "notarised", {}):
+                answer = self.notarised[server_name]
+                for key in self._keys:
+                    answer = sign_json(answer, self.name, key)
+                answers.append(answer)
+        request.setHeader("Content-Type", "application/json")
+        return json.dumps({"server_keys": answers}).encode()
+
+    def verify_keys(self) -> dict[str, str]:
+        return {keys.key_id(k): encode_verify_key_base64(get_verify_key(k)) for k in self._keys}
 
     def render_GET(self, request: Any) -> Any:
         path = request.path.decode()
@@ -98,21 +124,48 @@ class FakePeer(resource.Resource):
         return b'{"errcode": "M_NOT_FOUND", "error": "Not here"}'
 
 
-@on_both_databases
-class HostilePeerTests(FederationTestMixin):
+class _TrackingSite(server.Site):
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource)
+        self.protocols: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        self.protocols.append(protocol)
+        return protocol
+
+    def abort_all(self) -> defer.Deferred[None]:
+        """Cut every connection; fires once the reactor has let them go."""
+        for protocol in self.protocols:
+            # Twisted's HTTP/2-negotiating wrapper keeps the channel inside.
+            channel = getattr(protocol, "_channel", protocol)
+            transport = getattr(channel, "transport", None)
+            if transport is not None and getattr(transport, "connected", True):
+                transport.abortConnection()
+        return task.deferLater(reactor, 0.05, lambda: None)
+
+
+class FakePeerMixin(FederationTestMixin):
+    """Our servers A and B, and a fake peer beside them."""
+
     async def setUp(self) -> None:
         await super().setUp()
         port = free_port()
         name = f"127.0.0.1:{port}"
         cert, key = self.ca.issue("fake")
         self.fake = FakePeer(name, os.path.join(self.workdir, "fake.signing.key"))
-        site = server.Site(self.fake)
+        site = _TrackingSite(self.fake)
         listening = reactor.listenSSL(
             port, site, server_tls_options(cert, key), interface="127.0.0.1"
         )
         self.addCleanup(listening.stopListening)
+        # Connections our server gave up on may still be closing: cut them.
+        self.addCleanup(site.abort_all)
         self.fake_name = name
 
+
+@on_both_databases
+class HostilePeerTests(FakePeerMixin):
     async def fetch(self, media_id: str) -> Any:
         return await self.http(
             "GET",
@@ -171,3 +224,51 @@ class HostilePeerTests(FederationTestMixin):
             f"/_matrix/media/v3/download/{self.fake_name.replace(':', '%3A')}/legacy-aaaaaaaaa",
             self.fake.requests,
         )
+
+
+@on_both_databases
+class NotaryTests(FakePeerMixin):
+    """A server asked for another's keys (``trusted_key_servers``) answers
+    for it; the answer is believed only when signed by both."""
+
+    async def test_keys_come_from_the_notary(self) -> None:
+        a_keys = keys.load_signing_keys(self.a.server.config.signing_key_path)
+        self.fake.notarised = {
+            self.a.name: keys.server_keys_response(self.a.name, a_keys, {}, 2**50)
+        }
+        await self.b.server.stop()
+        notary = {"server_name": self.fake_name, "verify_keys": self.fake.verify_keys()}
+        self.b = await self.start_peer("b2", trusted_key_servers=[notary])
+        media_id = await self.upload_to(self.b, await self.register(self.b, "bob"), b"n", "a/b")
+        path = f"/_matrix/federation/v1/media/download/{media_id}"
+        r = await self.signed_get(self.a, self.b, path)
+        self.assertEqual(r.code, 200, r.body)  # type: ignore[attr-defined]
+        self.assertIn("/_matrix/key/v2/query", self.fake.requests)  # type: ignore[attr-defined]
+        assert self.b.server.database is not None
+        rows = await self.b.server.database.run_query(
+            "t", "SELECT from_server FROM server_keys_json WHERE server_name = ?", (self.a.name,)
+        )
+        self.assertEqual({r[0] for r in rows}, {self.fake_name})  # type: ignore[attr-defined]
+
+    async def test_answer_without_the_notary_signature_is_refused(self) -> None:
+        a_keys = keys.load_signing_keys(self.a.server.config.signing_key_path)
+        self.fake.notarised = {
+            self.a.name: keys.server_keys_response(self.a.name, a_keys, {}, 2**50)
+        }
+        await self.b.server.stop()
+        # The notary's key as configured is not the one it signs with.
+        other = generate_signing_key("zzzz")
+        wrong = {keys.key_id(other): encode_verify_key_base64(get_verify_key(other))}
+        notary = {"server_name": self.fake_name, "verify_keys": wrong}
+        self.b = await self.start_peer("b2", trusted_key_servers=[notary])
+        media_id = await self.upload_to(self.b, await self.register(self.b, "bob"), b"n", "a/b")
+        r = await self.signed_get(
+            self.a, self.b, f"/_matrix/federation/v1/media/download/{media_id}"
+        )
+        # Refused from the notary, then fetched from A itself.
+        self.assertEqual(r.code, 200, r.body)  # type: ignore[attr-defined]
+        assert self.b.server.database is not None
+        rows = await self.b.server.database.run_query(
+            "t", "SELECT from_server FROM server_keys_json WHERE server_name = ?", (self.a.name,)
+        )
+        self.assertEqual({r[0] for r in rows}, {self.a.name})  # type: ignore[attr-defined]
