@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.access import AccessTracker
+from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
@@ -31,6 +32,7 @@ from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import (
+    METADATA_CACHE_SECONDS,
     LocalThumbnailSource,
     RemoteThumbnailSource,
     ThumbnailProvider,
@@ -85,6 +87,10 @@ class MediaRepository:
         self.remote = remote
         self.arrivals = ContentArrivals(clock)
         self.access = AccessTracker(media_store, clock)
+        # Rows of local media with content, read on every download.
+        self._media_rows: ExpiringCache[str, LocalMedia] = ExpiringCache(
+            clock, METADATA_CACHE_SECONDS
+        )
         self._media_store = media_store
         self._locks = locks
         self.clock = clock
@@ -247,7 +253,9 @@ class MediaRepository:
         if reserved:
             self.arrivals.announce(sink.media_id)
             await self._media_store.announce_content(sink.media_id)
-        self.thumbnails.schedule_pregeneration(LocalThumbnailSource(media, self._media_store))
+        self.thumbnails.schedule_pregeneration(
+            LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows)
+        )
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
         if shared:
@@ -273,10 +281,13 @@ class MediaRepository:
             raise NotFoundError()
         deadline = self._now_ms() + timeout_ms
         while True:
-            media = await self._media_store.get_local_media(media_id)
+            media = self._media_rows.get(media_id) or await self._media_store.get_local_media(
+                media_id
+            )
             if media is None or media.quarantined_by is not None:
                 raise NotFoundError()
             if not media.is_pending:
+                self._media_rows.put(media_id, media)
                 break
             if self._reservation_expired(media):
                 raise NotFoundError()
@@ -345,7 +356,7 @@ class MediaRepository:
         )
         self.access.read_local(media_id)
         return await self.thumbnails.thumbnail(
-            LocalThumbnailSource(media, self._media_store), request
+            LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows), request
         )
 
     async def sweep_staging(self) -> int:

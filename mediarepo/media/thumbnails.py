@@ -12,17 +12,17 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 from prometheus_client import Counter, Histogram
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import ThumbnailSize
 from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.paths import (
     local_media_path,
     local_thumbnail_path,
@@ -46,6 +46,9 @@ from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+# How long rows read on the request path are reused (see media.cache).
+METADATA_CACHE_SECONDS = 5.0
 
 thumbnails_generated = Counter(
     "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
@@ -237,9 +240,15 @@ class ThumbnailSource(abc.ABC):
 
 
 class LocalThumbnailSource(ThumbnailSource):
-    def __init__(self, media: LocalMedia, media_store: MediaStore) -> None:
+    def __init__(
+        self,
+        media: LocalMedia,
+        media_store: MediaStore,
+        row_cache: ExpiringCache[str, list[ThumbnailInfo]] | None = None,
+    ) -> None:
         self._media = media
         self._media_store = media_store
+        self._row_cache = row_cache
         self.key = media.media_id
         self.media_type = media.media_type
         self.content_path = local_media_path(media.media_id)
@@ -250,10 +259,19 @@ class LocalThumbnailSource(ThumbnailSource):
         )
 
     async def rows(self) -> list[ThumbnailInfo]:
-        return await self._media_store.get_local_thumbnails(self._media.media_id)
+        media_id = self._media.media_id
+        cached = self._row_cache.get(media_id) if self._row_cache is not None else None
+        if cached is not None:
+            return cached
+        rows = await self._media_store.get_local_thumbnails(media_id)
+        if self._row_cache is not None:
+            self._row_cache.put(media_id, rows)
+        return rows
 
     async def record(self, info: ThumbnailInfo) -> None:
         await self._media_store.store_local_thumbnail(self._media.media_id, info)
+        if self._row_cache is not None:
+            self._row_cache.forget(self._media.media_id)
 
 
 class RemoteThumbnailSource(ThumbnailSource):
@@ -293,7 +311,7 @@ class ThumbnailProvider:
         storage: MediaStorage,
         media_store: MediaStore,
         threadpool: ThreadPool,
-        reactor: IReactorFromThreads,
+        reactor: Any,  # its clock and its threads
         *,
         sizes: Sequence[ThumbnailSize],
         max_image_pixels: int,
@@ -308,6 +326,10 @@ class ThumbnailProvider:
         self._dynamic = dynamic
         self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
         self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
+        # Thumbnail rows of local media, read on every thumbnail request.
+        self.local_rows: ExpiringCache[str, list[ThumbnailInfo]] = ExpiringCache(
+            reactor, METADATA_CACHE_SECONDS
+        )
 
     # -- in the thread pool ---------------------------------------------------
 
