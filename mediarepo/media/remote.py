@@ -50,9 +50,12 @@ remote_downloads = Counter(
     "mediarepo_remote_downloads_total", "Downloads of remote media", ["outcome"]
 )
 
-# A download whose peer sends nothing for this long is abandoned. There is
-# no cap on the total time, so a large file on a slow link still arrives.
+# A download is checked this often and abandoned if it moved less than
+# MIN_TRANSFER_RATE bytes a second since the last check. There is no cap on
+# the total time, so a large file on a slow but working link still arrives,
+# while a peer that stalls or trickles cannot hold a request.
 IDLE_TIMEOUT_SECONDS = 60.0
+MIN_TRANSFER_RATE = 1024
 # Headroom the requester's download bucket must have before a fetch starts.
 _RATE_LIMIT_HEADROOM = 1024 * 1024
 # What a multipart answer may add around the file.
@@ -116,6 +119,7 @@ class _BodyReader(protocol.Protocol):
         self._clock = clock
         self.done: defer.Deferred[None] = defer.Deferred()
         self._idle: IDelayedCall | None = None
+        self._received_since_check = 0
 
     def connectionMade(self) -> None:
         transport: Any = self.transport
@@ -123,13 +127,16 @@ class _BodyReader(protocol.Protocol):
         self._arm()
 
     def _arm(self) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(IDLE_TIMEOUT_SECONDS)
-        else:
-            self._idle = self._clock.callLater(IDLE_TIMEOUT_SECONDS, self._timed_out)
+        self._received_since_check = 0
+        self._idle = self._clock.callLater(IDLE_TIMEOUT_SECONDS, self._check_progress)
 
-    def _timed_out(self) -> None:
-        self._fail(MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media"))
+    def _check_progress(self) -> None:
+        if self._received_since_check < MIN_TRANSFER_RATE * IDLE_TIMEOUT_SECONDS:
+            self._fail(
+                MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media")
+            )
+        else:
+            self._arm()
 
     def _fail(self, error: Exception) -> None:
         if not self.done.called:
@@ -149,7 +156,7 @@ class _BodyReader(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
-        self._arm()
+        self._received_since_check += len(data)
         try:
             self._on_data(data)
         except Exception as e:

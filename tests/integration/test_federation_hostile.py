@@ -112,6 +112,12 @@ class FakePeer(resource.Resource):
             return (
                 f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nhi\r\n--{boundary}--\r\n"
             ).encode()
+        if behaviour == "trickle":
+            request.write(head)
+            trickle = task.LoopingCall(request.write, b"drip")
+            trickle.start(0.1)
+            request.notifyFinish().addBoth(lambda _: trickle.stop())
+            return server.NOT_DONE_YET
         if behaviour == "stall":
             request.write(head + b"a little")
             return server.NOT_DONE_YET
@@ -209,6 +215,13 @@ class HostilePeerTests(FakePeerMixin):
     async def test_stalled_peer_times_out(self) -> None:
         self.patch(remote, "IDLE_TIMEOUT_SECONDS", 0.5)  # type: ignore[attr-defined]
         r = await self.fetch("stall-aaaaaaaaaa")
+        self.assertEqual(r.code, 504)  # type: ignore[attr-defined]
+        self.assert_nothing_cached()
+
+    async def test_trickling_peer_is_cut_off(self) -> None:
+        # Bytes keep coming, far below the minimum rate.
+        self.patch(remote, "IDLE_TIMEOUT_SECONDS", 0.5)  # type: ignore[attr-defined]
+        r = await self.fetch("trickle-aaaaaaaa")
         self.assertEqual(r.code, 504)  # type: ignore[attr-defined]
         self.assert_nothing_cached()
 
