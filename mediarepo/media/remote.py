@@ -132,9 +132,7 @@ class _BodyReader(protocol.Protocol):
 
     def _check_progress(self) -> None:
         if self._received_since_check < MIN_TRANSFER_RATE * IDLE_TIMEOUT_SECONDS:
-            self._fail(
-                MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media")
-            )
+            self._fail(MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media"))
         else:
             self._arm()
 
