@@ -468,6 +468,30 @@ class SynapseTestCase(unittest.TestCase):
         self.assertEqual(media_id_of(mxc)[0], self.server_name)
         return mxc
 
+    def _thumbnails_of(self, mxc: str) -> tuple[list[tuple[Any, ...]], list[str]]:
+        """The thumbnail rows (without lengths) and file names of local media."""
+        media_id = media_id_of(mxc)[1]
+        conn = self._psycopg2.connect(dbname=self.dbname, **postgres_params())
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method"
+                    " FROM local_media_repository_thumbnails WHERE media_id = %s",
+                    (media_id,),
+                )
+                rows = sorted(cur.fetchall())
+        finally:
+            conn.close()
+        import yaml
+
+        with open(self.config_path, encoding="utf-8") as f:
+            store = yaml.safe_load(f).get("media_store_path") or "media_store"
+        directory = os.path.join(
+            self.workdir, store, "local_thumbnails", media_id[:2], media_id[2:4], media_id[4:]
+        )
+        files = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        return rows, files
+
     def _create(self, token: str) -> str:
         response = http_request(self.port, "POST", "/_matrix/media/v1/create", token=token)
         self.assertEqual(response.status, 200, response.body)
@@ -565,6 +589,11 @@ class SynapseInteropTest(SynapseTestCase):
         self._note(f"uploaded through Synapse: {[m[0] for m in synapse_media]}")
         # A reservation made through Synapse, filled later through mediarepo.
         synapse_reserved = self._create(token)
+        # A photo, whose thumbnails both servers must make alike.
+        from tests import images
+
+        photo = images.jpeg(1000, 800)
+        synapse_photo = self._upload(token, photo, "image/jpeg", "photo.jpg")
         self._stop(synapse1)
 
         # 2. mediarepo on the very same file: Synapse's token, Synapse's media.
@@ -590,6 +619,22 @@ class SynapseInteropTest(SynapseTestCase):
         self.assertEqual((response.status, response.body), (200, reserved_data))
         # And the other way round: reserved here, filled through Synapse.
         our_reserved = self._create(token)
+        our_photo = self._upload(token, photo, "image/jpeg", "photo.jpg")
+        # Our thumbnails are made in the background: ask for one to wait for them.
+        server, media_id = media_id_of(our_photo)
+        response = http_request(
+            self.port, "GET",
+            f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=32&height=32",
+            token=token,
+        )  # fmt: skip
+        self.assertEqual(response.status, 200, response.body[:300])
+        synapse_thumbnails = self._thumbnails_of(synapse_photo)
+        self.assertEqual((len(synapse_thumbnails[0]), len(synapse_thumbnails[1])), (5, 5))
+        self.assertEqual(
+            self._thumbnails_of(our_photo),
+            synapse_thumbnails,
+            "mediarepo's thumbnail rows and files differ from Synapse's for the same photo",
+        )
         self.assertEqual(self._stop(mediarepo), 0, "mediarepo's exit status after SIGTERM")
         # mediarepo logged through Synapse's log_config, into Synapse's log file.
         self.assertRegex(
