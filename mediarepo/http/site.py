@@ -358,7 +358,7 @@ class MediaSite(Site):
         x_forwarded: bool,
         upload_target: Callable[[bytes, bytes], UploadTarget | None],
         begin_upload: Callable[[MediaRequest, UploadTarget], Coroutine[Any, Any, UploadSink]],
-        abandon_upload: Callable[[UploadSink], None],
+        abandon_upload: Callable[[UploadSink], object],
     ) -> None:
         super().__init__(resource, reactor=reactor, timeout=60)
         self.reactor = reactor

@@ -74,7 +74,7 @@ class UploadHandler:
             filename = upload_filename(request)
             media_type = upload_media_type(request)
         except BaseException:
-            self._repository.abandon_upload(upload)
+            await self._repository.abandon_upload(upload)
             raise
         return await self._repository.complete_upload(upload, requester, media_type, filename)
 

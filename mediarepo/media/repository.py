@@ -108,10 +108,13 @@ class MediaRepository:
         """Reserve a media ID and a staging file for a new upload body."""
         return self.storage.begin_upload(random_media_id())
 
-    def abandon_upload(self, sink: UploadSink) -> None:
-        sink.abort()
+    def abandon_upload(self, sink: UploadSink) -> defer.Deferred[None]:
+        """Roll an upload back; the Deferred fires once its staging file is
+        gone (a request refused after its body arrived answers only then)."""
+        removed = sink.abort()
         self.storage.end_upload(sink)
         self._release_reservation_lock(sink)
+        return removed
 
     def _release_reservation_lock(self, sink: UploadSink) -> None:
         lock = self._reserved_uploads.pop(sink, None)
@@ -238,7 +241,7 @@ class MediaRepository:
         except BaseException as e:
             if published:
                 await self.storage.delete(relative_path)
-            self.abandon_upload(sink)
+            await self.abandon_upload(sink)
             if isinstance(e, FileExistsInStoreError):
                 if reserved:
                     raise MatrixError(
