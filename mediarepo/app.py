@@ -20,22 +20,28 @@ from mediarepo.errors import ConfigError
 from mediarepo.federation.client import FederationClient
 from mediarepo.federation.keyring import Keyring
 from mediarepo.federation.keys import load_signing_keys, server_keys_response
+from mediarepo.http.admin import AdminHandler
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
-from mediarepo.media.lifecycle import Retention
+from mediarepo.media.admin import MediaAdmin
+from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.storage.database import Database
 from mediarepo.storage.keys import KeyStore
 from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
+from mediarepo.storage.media_admin import MediaAdminStore
 from mediarepo.storage.notifications import PostgresListener
+from mediarepo.storage.quarantine import QuarantineStore
+from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
 from mediarepo.storage.users import UserStore
 
@@ -43,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
+# Our name in the instance_name column of quarantined_media_changes.
+QUARANTINE_INSTANCE_NAME = "mediarepo"
 # How often leftovers of crashed uploads and expired reservations are removed.
 HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 _MEDIA_IO_THREADS = 20
@@ -103,7 +111,7 @@ class MediaServer:
         reactor = self.reactor
         signing_keys = load_signing_keys(config.signing_key_path)
         self.database = Database(config.database, reactor)
-        await prepare_database(self.database)
+        schema = await prepare_database(self.database)
         self._media_io.start()
         self._thumbnail_pool.start()
 
@@ -120,18 +128,35 @@ class MediaServer:
             dynamic=config.dynamic_thumbnails,
         )
         locks = WorkerLocks(LockStore(self.database), reactor)
+        quarantine = QuarantineStore(
+            self.database, schema.quarantine_records, QUARANTINE_INSTANCE_NAME
+        )
         self.federation_client = FederationClient(
             reactor, config.server_name, signing_keys[0], config.federation
         )
         remote = RemoteMediaCache(
-            config, storage, media_store, self.federation_client, thumbnails, reactor
+            config, storage, media_store, self.federation_client, thumbnails, quarantine, reactor
         )
         self.repository = MediaRepository(
-            config, storage, media_store, thumbnails, remote, locks, reactor
+            config, storage, media_store, thumbnails, remote, locks, quarantine, reactor
         )
-        self.retention = Retention(
-            storage,
+        admin_store = MediaAdminStore(
+            self.database, config.server_name, schema.avatar_columns, schema.has_profiles
+        )
+        purger = MediaPurger(
+            storage, media_store, admin_store, self.repository.forget_local, reactor
+        )
+        media_admin = MediaAdmin(
+            config.server_name,
             media_store,
+            admin_store,
+            quarantine,
+            purger,
+            self.repository.forget_local,
+        )
+        room_events = RoomEventStore(self.database) if schema.has_room_events else None
+        self.retention = Retention(
+            purger,
             self.repository.access,
             reactor,
             local_lifetime_ms=config.local_media_lifetime_ms,
@@ -159,13 +184,15 @@ class MediaServer:
                 config.server_name, signing_keys, config.federation.old_signing_keys, valid_until
             )
 
+        authenticator = Authenticator(self.accounts)
         handlers = Handlers.create(
             self.repository,
-            Authenticator(self.accounts),
+            authenticator,
             FederationAuthenticator(
                 keyring, config.server_name, config.federation.domain_whitelist
             ),
             keys_response,
+            AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),
         )
 
         for listener in config.listeners:

@@ -2,6 +2,8 @@
 
 * ``/_matrix/media/{r0,v3,v1}/...``: the legacy (unauthenticated download) API;
 * ``/_matrix/client/v1/media/...``: the authenticated API of Matrix 1.11;
+* ``/_matrix/federation/v1/media/...`` and ``/_matrix/key/v2/...``: federation;
+* ``/_synapse/admin/v1/...``: Synapse's media admin API;
 * ``/_synapse/metrics``: Prometheus, when the listener has ``metrics``.
 """
 
@@ -17,6 +19,7 @@ from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
 
 from mediarepo.config import ListenerConfig
+from mediarepo.http.admin import AdminHandler, admin_routes
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
@@ -64,6 +67,7 @@ class Handlers:
     thumbnail: ThumbnailHandler
     federation: FederationMediaHandler
     keys: KeyServerHandler
+    admin: AdminHandler
 
     @classmethod
     def create(
@@ -72,6 +76,7 @@ class Handlers:
         auth: Authenticator,
         federation_auth: FederationAuthenticator,
         keys_response: Callable[[], dict[str, Any]],
+        admin: AdminHandler,
     ) -> Handlers:
         return cls(
             upload=UploadHandler(repository, auth),
@@ -84,6 +89,7 @@ class Handlers:
                 OriginLimiter(repository.config.federation.inbound_rate, repository.clock),
             ),
             keys=KeyServerHandler(keys_response),
+            admin=admin,
         )
 
 
@@ -161,10 +167,17 @@ def build_tree(listener: ListenerConfig, handlers: Handlers, enable_metrics: boo
         _child(federation_v1, "media", Router(federation_media_routes(handlers)))
     if listener.resource_names & {"federation", "keys"}:
         _child(_child(matrix, "key", Directory()), "v2", Router(key_routes(handlers)))
-    if "metrics" in listener.resource_names and enable_metrics:
-        metrics = MetricsResource()
-        if listener.type == "metrics":
-            # A dedicated metrics listener answers on any path, as Synapse's does.
-            return metrics
-        _child(_child(root, "_synapse", Directory()), "metrics", metrics)
+    serves_metrics = "metrics" in listener.resource_names and enable_metrics
+    if serves_metrics and listener.type == "metrics":
+        # A dedicated metrics listener answers on any path, as Synapse's does.
+        return MetricsResource()
+    synapse = Directory()
+    if listener.serves_media:
+        # Synapse's media workers serve the media admin API beside the media.
+        admin = _child(synapse, "admin", Directory())
+        _child(admin, "v1", Router(admin_routes(handlers.admin)))
+    if serves_metrics:
+        _child(synapse, "metrics", MetricsResource())
+    if synapse.children:
+        root.putChild(b"_synapse", synapse)
     return root

@@ -3,15 +3,15 @@
 Local media is judged by ``last_access_ts`` (or, never read, by
 ``created_ts``); quarantined and protected media, URL previews and
 reservations are never purged. Cached remote media is judged by
-``last_access_ts`` and simply fetched again if asked for later. Rows go
-before files, so a crash midway leaves at worst an unreferenced file, never
-a row without its file. Work is done in bounded batches, yielding between
-them, and every deletion is logged.
+``last_access_ts`` and simply fetched again if asked for later. Work is done
+in bounded batches, yielding between them, and every deletion is logged.
+:class:`MediaPurger` does the deleting, for the admin API too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter
 from twisted.internet import task
@@ -26,27 +26,93 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.storage import MediaStorage
 from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
 
 logger = logging.getLogger(__name__)
 
-media_purged = Counter("mediarepo_media_purged_total", "Media deleted by retention", ["kind"])
+media_purged = Counter(
+    "mediarepo_media_purged_total", "Media deleted (retention, admin API)", ["kind"]
+)
 
 PURGE_BATCH = 500
 
 
-class Retention:
+class MediaPurger:
+    """Deletes media everywhere it lives: rows, files, thumbnails, caches.
+
+    Rows go before files, so a crash midway leaves at worst an unreferenced
+    file, never a row without its file.
+    """
+
     def __init__(
         self,
         storage: MediaStorage,
         media_store: MediaStore,
+        admin_store: MediaAdminStore,
+        forget_local: Callable[[str], None],
+        clock: IReactorTime,
+    ) -> None:
+        self._storage = storage
+        self._media_store = media_store
+        self._admin_store = admin_store
+        self._forget_local = forget_local
+        self._clock = clock
+
+    async def delete_local(self, media_ids: list[str], reason: str) -> None:
+        await self._media_store.delete_local_media(media_ids)
+        for media_id in media_ids:
+            self._forget_local(media_id)
+            await self._storage.delete(local_media_path(media_id))
+            await self._storage.delete_directory(local_thumbnail_dir(media_id))
+            logger.info("%s: deleted local media %s", reason, media_id)
+        media_purged.labels("local").inc(len(media_ids))
+
+    async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:
+        """Delete cached remote media given as (origin, media ID, filesystem ID)."""
+        await self._media_store.delete_remote_media([(o, m) for o, m, _ in entries])
+        for origin, media_id, filesystem_id in entries:
+            await self._storage.delete(remote_media_path(origin, filesystem_id))
+            await self._storage.delete_directory(remote_thumbnail_dir(origin, filesystem_id))
+            logger.info("%s: deleted cached media %s/%s", reason, origin, media_id)
+        media_purged.labels("remote").inc(len(entries))
+
+    async def delete_old_local(self, purge: LocalPurgeFilter, reason: str) -> list[str]:
+        """Delete, in bounded batches, every local media ``purge`` takes."""
+        deleted: list[str] = []
+        while True:
+            media_ids = await self._admin_store.old_local_media(purge, PURGE_BATCH)
+            if not media_ids:
+                return deleted
+            await self.delete_local(media_ids, reason)
+            deleted.extend(media_ids)
+            await task.deferLater(self._clock, 0, lambda: None)
+
+    async def delete_old_remote(self, before_ts: int, reason: str) -> int:
+        """Delete, in bounded batches, cached remote media not read since
+        ``before_ts`` (quarantined media stays: it is evidence)."""
+        deleted = 0
+        while True:
+            entries = await self._media_store.remote_media_unread_since(before_ts, PURGE_BATCH)
+            if not entries:
+                return deleted
+            await self.delete_remote(entries, reason)
+            deleted += len(entries)
+            await task.deferLater(self._clock, 0, lambda: None)
+
+
+class Retention:
+    """Applies ``media_retention``: see the module's docstring."""
+
+    def __init__(
+        self,
+        purger: MediaPurger,
         access: AccessTracker,
         clock: IReactorTime,
         *,
         local_lifetime_ms: int | None,
         remote_lifetime_ms: int | None,
     ) -> None:
-        self._storage = storage
-        self._media_store = media_store
+        self._purger = purger
         self._access = access
         self._clock = clock
         self._local_lifetime = local_lifetime_ms
@@ -64,39 +130,12 @@ class Retention:
         await self._access.flush()
         local = remote = 0
         if self._local_lifetime is not None:
-            local = await self._purge_local(now_ms - self._local_lifetime)
+            purge = LocalPurgeFilter(before_ts=now_ms - self._local_lifetime)
+            local = len(await self._purger.delete_old_local(purge, "retention"))
         if self._remote_lifetime is not None:
-            remote = await self._purge_remote(now_ms - self._remote_lifetime)
+            remote = await self._purger.delete_old_remote(
+                now_ms - self._remote_lifetime, "retention"
+            )
         if local or remote:
             logger.info("retention purged %d local and %d remote media", local, remote)
         return local, remote
-
-    async def _purge_local(self, before_ts: int) -> int:
-        purged = 0
-        while True:
-            media_ids = await self._media_store.local_media_unread_since(before_ts, PURGE_BATCH)
-            if not media_ids:
-                return purged
-            await self._media_store.delete_local_media(media_ids)
-            for media_id in media_ids:
-                await self._storage.delete(local_media_path(media_id))
-                await self._storage.delete_directory(local_thumbnail_dir(media_id))
-                logger.info("retention: deleted local media %s", media_id)
-            media_purged.labels("local").inc(len(media_ids))
-            purged += len(media_ids)
-            await task.deferLater(self._clock, 0, lambda: None)
-
-    async def _purge_remote(self, before_ts: int) -> int:
-        purged = 0
-        while True:
-            entries = await self._media_store.remote_media_unread_since(before_ts, PURGE_BATCH)
-            if not entries:
-                return purged
-            await self._media_store.delete_remote_media([(o, m) for o, m, _ in entries])
-            for origin, media_id, filesystem_id in entries:
-                await self._storage.delete(remote_media_path(origin, filesystem_id))
-                await self._storage.delete_directory(remote_thumbnail_dir(origin, filesystem_id))
-                logger.info("retention: deleted cached media %s/%s", origin, media_id)
-            media_purged.labels("remote").inc(len(entries))
-            purged += len(entries)
-            await task.deferLater(self._clock, 0, lambda: None)

@@ -42,6 +42,7 @@ from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.storage.media import MediaStore
+from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import RemoteMedia
 
 logger = logging.getLogger(__name__)
@@ -195,9 +196,11 @@ class RemoteMediaCache:
         media_store: MediaStore,
         client: FederationClient,
         thumbnails: ThumbnailProvider,
+        quarantine: QuarantineStore,
         clock: Any,
     ) -> None:
         self._config = config
+        self._quarantine = quarantine
         self._storage = storage
         self._media_store = media_store
         self._client = client
@@ -267,6 +270,8 @@ class RemoteMediaCache:
         try:
             await self._storage.publish(written, path)
             now = int(self._clock.seconds() * 1000)
+            # Bytes quarantined elsewhere arrive quarantined (and are not served).
+            quarantined = await self._quarantine.is_hash_quarantined(written.sha256)
             media = RemoteMedia(
                 media_origin=origin,
                 media_id=media_id,
@@ -276,7 +281,7 @@ class RemoteMediaCache:
                 media_length=written.length,
                 filesystem_id=filesystem_id,
                 last_access_ts=now,
-                quarantined_by=None,
+                quarantined_by=QUARANTINED_BY_SYSTEM if quarantined else None,
                 authenticated=self._config.enable_authenticated_media,
                 sha256=written.sha256,
             )
@@ -292,6 +297,9 @@ class RemoteMediaCache:
             self._storage.end_upload(sink)
         remote_downloads.labels("fetched").inc()
         logger.info("cached %s/%s (%d bytes)", origin, media_id, written.length)
+        if media.quarantined_by is not None:
+            logger.info("%s/%s has quarantined bytes: not served", origin, media_id)
+            raise NotFoundError()
         self._thumbnails.schedule_pregeneration(RemoteThumbnailSource(media, self._media_store))
         return media
 

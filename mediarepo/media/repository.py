@@ -41,6 +41,7 @@ from mediarepo.media.thumbnails import (
 )
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.storage.media import MediaStore
+from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import LocalMedia, Requester
 
 logger = logging.getLogger(__name__)
@@ -78,9 +79,11 @@ class MediaRepository:
         thumbnails: ThumbnailProvider,
         remote: RemoteMediaCache,
         locks: WorkerLocks,
+        quarantine: QuarantineStore,
         clock: IReactorTime,
     ) -> None:
         self.config = config
+        self._quarantine = quarantine
         self.server_name = config.server_name
         self.storage = storage
         self.thumbnails = thumbnails
@@ -103,6 +106,11 @@ class MediaRepository:
 
     def mxc(self, media_id: str) -> str:
         return f"mxc://{self.server_name}/{media_id}"
+
+    def forget_local(self, media_id: str) -> None:
+        """Drop what is cached of a local media whose rows changed here."""
+        self._media_rows.forget(media_id)
+        self.thumbnails.local_rows.forget(media_id)
 
     def begin_upload(self) -> UploadSink:
         """Reserve a media ID and a staging file for a new upload body."""
@@ -219,6 +227,7 @@ class MediaRepository:
                 [local_media_path(m) for m in same_content if m != sink.media_id],
             )
             published = True
+            quarantined = await self._quarantine.is_hash_quarantined(written.sha256)
             media = LocalMedia(
                 media_id=sink.media_id,
                 media_type=media_type,
@@ -226,7 +235,8 @@ class MediaRepository:
                 created_ts=self._now_ms(),
                 upload_name=upload_name,
                 user_id=requester.user_id,
-                quarantined_by=None,
+                # Bytes quarantined elsewhere are stored quarantined, as Synapse does.
+                quarantined_by=QUARANTINED_BY_SYSTEM if quarantined else None,
                 url_cache=None,
                 last_access_ts=None,
                 safe_from_quarantine=False,
@@ -256,9 +266,10 @@ class MediaRepository:
         if reserved:
             self.arrivals.announce(sink.media_id)
             await self._media_store.announce_content(sink.media_id)
-        self.thumbnails.schedule_pregeneration(
-            LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows)
-        )
+        if not quarantined:
+            self.thumbnails.schedule_pregeneration(
+                LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows)
+            )
         uploads_completed.inc()
         bytes_uploaded.inc(written.length)
         if shared:

@@ -8,13 +8,13 @@ from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
 CONTENT_CHANNEL = "mediarepo_media_content"
 
-_LOCAL_MEDIA_COLUMNS = (
+LOCAL_MEDIA_COLUMNS = (
     "media_id, media_type, media_length, created_ts, upload_name, user_id,"
     " quarantined_by, url_cache, last_access_ts, safe_from_quarantine, authenticated, sha256"
 )
 
 
-def _local_media_from_row(row: Row) -> LocalMedia:
+def local_media_from_row(row: Row) -> LocalMedia:
     return LocalMedia(
         media_id=row[0],
         media_type=row[1],
@@ -70,10 +70,10 @@ class MediaStore:
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
         rows = await self._db.run_query(
             "get_local_media",
-            f"SELECT {_LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
+            f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
             (media_id,),
         )
-        return _local_media_from_row(rows[0]) if rows else None
+        return local_media_from_row(rows[0]) if rows else None
 
     async def local_media_exist(self, media_ids: list[str]) -> set[str]:
         """Which of ``media_ids`` have a row."""
@@ -151,10 +151,11 @@ class MediaStore:
         def txn(t: Transaction) -> bool:
             t.execute(
                 "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
-                " media_length = ?, url_cache = NULL, sha256 = ?"
+                " media_length = ?, url_cache = NULL, sha256 = ?,"
+                " quarantined_by = COALESCE(?, quarantined_by)"
                 " WHERE media_id = ? AND media_length IS NULL",
                 (media.media_type, media.upload_name, media.media_length, media.sha256,
-                 media.media_id),
+                 media.quarantined_by, media.media_id),
             )  # fmt: skip
             return t.rowcount == 1
 
@@ -208,19 +209,6 @@ class MediaStore:
         await self._db.run_interaction("update_cached_last_access_time", txn)
 
     # -- retention ----------------------------------------------------------------
-
-    async def local_media_unread_since(self, before_ts: int, limit: int) -> list[str]:
-        """Local media not read (or, never read, not made) since ``before_ts``;
-        never quarantined or protected media, URL previews or reservations."""
-        rows = await self._db.run_query(
-            "get_local_media_ids_to_purge",
-            "SELECT media_id FROM local_media_repository"
-            " WHERE (last_access_ts < ? OR (created_ts < ? AND last_access_ts IS NULL))"
-            " AND media_length > 0 AND quarantined_by IS NULL AND NOT safe_from_quarantine"
-            " AND url_cache IS NULL ORDER BY created_ts LIMIT ?",
-            (before_ts, before_ts, limit),
-        )
-        return [row[0] for row in rows]
 
     async def remote_media_unread_since(
         self, before_ts: int, limit: int

@@ -250,6 +250,39 @@ class FederationTests(FederationTestMixin):
         )
         self.assertEqual((r.code, r.json()["errcode"]), (404, "M_NOT_FOUND"))
 
+    async def test_quarantine_reaches_federation(self) -> None:
+        async def quarantine(peer: Peer, media_id: str) -> None:
+            assert peer.server.database is not None
+            await peer.server.database.run_query(
+                "t",
+                "UPDATE local_media_repository SET quarantined_by = 'x' WHERE media_id = ?",
+                (media_id,),
+            )
+
+        # Quarantined on the origin: peers get 404 and cache nothing.
+        hidden = await self.upload_to(self.b, self.b_token, b"hidden", "text/plain")
+        await quarantine(self.b, hidden)
+        for path in (
+            f"/_matrix/federation/v1/media/download/{hidden}",
+            f"/_matrix/federation/v1/media/thumbnail/{hidden}?width=32&height=32",
+        ):
+            r = await self.signed_get(self.a, self.b, path)
+            self.assertEqual((r.code, r.json()["errcode"]), (404, "M_NOT_FOUND"), path)
+        r = await self.download_via_a(self.b, hidden)
+        self.assertEqual(r.code, 404)
+        # Bytes quarantined here arrive quarantined when fetched from a peer.
+        data = os.urandom(3000)
+        local = await self.upload_to(self.a, self.token, data, "text/plain")
+        await quarantine(self.a, local)
+        remote = await self.upload_to(self.b, self.b_token, data, "text/plain")
+        r = await self.download_via_a(self.b, remote)
+        self.assertEqual(r.code, 404)
+        assert self.a.server.database is not None
+        rows = await self.a.server.database.run_query(
+            "t", "SELECT quarantined_by FROM remote_media_cache WHERE media_id = ?", (remote,)
+        )
+        self.assertEqual(rows, [("system",)])
+
     async def test_serving_peers_checks_signatures(self) -> None:
         media_id = await self.upload_to(self.b, self.b_token, b"signed", "text/plain")
         path = f"/_matrix/federation/v1/media/download/{media_id}"

@@ -244,6 +244,16 @@ class SynapseTestCase(unittest.TestCase):
 
     # -- fixtures ---------------------------------------------------------
 
+    def _sql(self, statement: str) -> None:
+        """Run one statement on Synapse's database."""
+        conn = self._psycopg2.connect(dbname=self.dbname, **postgres_params())
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement)
+        finally:
+            conn.close()
+
     def _connect_admin(self) -> Any:
         conn = self._psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
@@ -595,6 +605,8 @@ class SynapseInteropTest(SynapseTestCase):
         photo = images.jpeg(1000, 800)
         synapse_photo = self._upload(token, photo, "image/jpeg", "photo.jpg")
         self._stop(synapse1)
+        # The user becomes a server admin, for the media admin API below.
+        self._sql(f"UPDATE users SET admin = 1 WHERE name = '@{USER}:{self.server_name}'")
 
         # 2. mediarepo on the very same file: Synapse's token, Synapse's media.
         mediarepo = self._start_mediarepo(token)
@@ -635,6 +647,15 @@ class SynapseInteropTest(SynapseTestCase):
             synapse_thumbnails,
             "mediarepo's thumbnail rows and files differ from Synapse's for the same photo",
         )
+        # Quarantine through our admin API: recorded where Synapse looks.
+        quarantined_mxc = synapse_media[1][0]
+        response = http_request(
+            self.port, "POST",
+            f"/_synapse/admin/v1/media/quarantine/{'/'.join(media_id_of(quarantined_mxc))}",
+            token=token,
+        )  # fmt: skip
+        self.assertEqual((response.status, response.json()), (200, {}))
+        self.assertEqual(self._download(quarantined_mxc, token).status, 404)
         self.assertEqual(self._stop(mediarepo), 0, "mediarepo's exit status after SIGTERM")
         # mediarepo logged through Synapse's log_config, into Synapse's log file.
         self.assertRegex(
@@ -654,7 +675,35 @@ class SynapseInteropTest(SynapseTestCase):
         self._put(token, our_reserved, b"put through Synapse into mediarepo's reservation")
         response = self._download(our_reserved, token)
         self.assertEqual(response.status, 200, response.body)
+        # Synapse honours our quarantine, lists our change in its stream, and
+        # its own release of the media follows ours there.
+        self.assertEqual(self._download(quarantined_mxc, token).status, 404)
+        changes = self._quarantine_changes(token)
+        quarantined_id = media_id_of(quarantined_mxc)[1]
+        self.assertEqual(
+            [(c["media_id"], c["quarantined"]) for c in changes], [(quarantined_id, True)]
+        )
+        response = http_request(
+            self.port, "POST",
+            f"/_synapse/admin/v1/media/unquarantine/{'/'.join(media_id_of(quarantined_mxc))}",
+            token=token,
+        )  # fmt: skip
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self._download(quarantined_mxc, token).status, 200)
+        changes = self._quarantine_changes(token)
+        self.assertEqual(
+            [(c["media_id"], c["quarantined"]) for c in changes],
+            [(quarantined_id, True), (quarantined_id, False)],
+        )
         self._stop(synapse2)
+
+    def _quarantine_changes(self, token: str) -> list[dict[str, Any]]:
+        response = http_request(
+            self.port, "GET", "/_synapse/admin/v1/media/quarantine_changes?from=0", token=token
+        )
+        self.assertEqual(response.status, 200, response.body)
+        changes: list[dict[str, Any]] = response.json()["changes"]
+        return changes
 
 
 class SynapseFederationTest(SynapseTestCase):

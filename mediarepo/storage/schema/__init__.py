@@ -11,6 +11,7 @@ Two cases:
 
 from __future__ import annotations
 
+import enum
 import importlib.resources
 import logging
 
@@ -44,10 +45,41 @@ class SchemaError(Exception):
     pass
 
 
+# Tables of Synapse's whose ``mxc://`` avatar columns the ``keep_profiles``
+# filter of local purges consults, where they exist.
+AVATAR_COLUMNS = (
+    ("profiles", "avatar_url"),
+    ("room_memberships", "avatar_url"),
+    ("user_directory", "avatar_url"),
+    ("room_stats_state", "avatar"),
+)
+
+
+class QuarantineRecords(enum.Enum):
+    """How quarantine changes are recorded in ``quarantined_media_changes``."""
+
+    # A PostgreSQL sequence hands out stream IDs, shared with Synapse's writers.
+    SEQUENCE = "sequence"
+    # We are the only writer (our own SQLite database): the next ID is MAX + 1.
+    NEXT_MAX = "next_max"
+    # A Synapse database older than the table: changes are not recorded.
+    NONE = "none"
+    # Synapse's SQLite database: Synapse counts stream IDs in its own memory,
+    # so IDs we took would collide with its next ones; quarantine goes through Synapse.
+    THROUGH_SYNAPSE = "through_synapse"
+
+
 @attrs.frozen
 class SchemaState:
     synapse_owned: bool
     version: int
+    quarantine_records: QuarantineRecords = QuarantineRecords.NEXT_MAX
+    # (table, column) pairs of AVATAR_COLUMNS present in this database.
+    avatar_columns: tuple[tuple[str, str], ...] = ()
+    # Synapse's ``profiles`` table (display names in user media statistics).
+    has_profiles: bool = False
+    # Synapse's ``events`` and ``event_json`` (media referenced in rooms).
+    has_room_events: bool = False
 
 
 def _statements(filename: str) -> list[str]:
@@ -76,6 +108,8 @@ def _prepare(txn: Transaction) -> SchemaState:
     else:
         for statement in _statements("synapse_tables.sql"):
             txn.execute(statement)
+        if txn.engine.name == "psycopg2":
+            txn.execute("CREATE SEQUENCE IF NOT EXISTS quarantined_media_id_seq")
     for statement in _statements("mediarepo_tables.sql"):
         txn.execute(statement)
 
@@ -88,7 +122,25 @@ def _prepare(txn: Transaction) -> SchemaState:
             f"the database has mediarepo schema version {row[0]}, newer than this "
             f"server's {SCHEMA_VERSION}; run a newer mediarepo"
         )
-    return SchemaState(synapse_owned=synapse_owned, version=SCHEMA_VERSION)
+    return SchemaState(
+        synapse_owned=synapse_owned,
+        version=SCHEMA_VERSION,
+        quarantine_records=_quarantine_records(txn, synapse_owned),
+        avatar_columns=tuple(
+            (table, column) for table, column in AVATAR_COLUMNS if _table_exists(txn, table)
+        ),
+        has_profiles=_table_exists(txn, "profiles"),
+        has_room_events=_table_exists(txn, "events") and _table_exists(txn, "event_json"),
+    )
+
+
+def _quarantine_records(txn: Transaction, synapse_owned: bool) -> QuarantineRecords:
+    postgres = txn.engine.name == "psycopg2"
+    if not synapse_owned:
+        return QuarantineRecords.SEQUENCE if postgres else QuarantineRecords.NEXT_MAX
+    if not _table_exists(txn, "quarantined_media_changes"):
+        return QuarantineRecords.NONE
+    return QuarantineRecords.SEQUENCE if postgres else QuarantineRecords.THROUGH_SYNAPSE
 
 
 async def prepare_database(database: Database) -> SchemaState:

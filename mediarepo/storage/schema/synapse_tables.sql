@@ -150,3 +150,11 @@ CREATE TABLE IF NOT EXISTS server_keys_json (
     key_json BYTEA NOT NULL,
     CONSTRAINT server_keys_json_uniqueness UNIQUE (server_name, key_id, from_server)
 )
+;
+CREATE TABLE IF NOT EXISTS quarantined_media_changes (
+    stream_id INTEGER NOT NULL PRIMARY KEY,
+    instance_name TEXT NOT NULL,
+    origin TEXT,
+    media_id TEXT NOT NULL,
+    quarantined BOOLEAN NOT NULL
+)

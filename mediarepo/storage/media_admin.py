@@ -1,0 +1,207 @@
+"""Queries behind the media admin API and purges: choosing media to delete,
+listing a user's media, per-user statistics."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+
+from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.media import LOCAL_MEDIA_COLUMNS, local_media_from_row
+from mediarepo.values import LocalMedia
+
+
+class UserMediaOrder(enum.Enum):
+    """Columns a user's media may be listed by (Synapse's ``MediaSortOrder``)."""
+
+    MEDIA_ID = "media_id"
+    UPLOAD_NAME = "upload_name"
+    CREATED_TS = "created_ts"
+    LAST_ACCESS_TS = "last_access_ts"
+    MEDIA_LENGTH = "media_length"
+    MEDIA_TYPE = "media_type"
+    QUARANTINED_BY = "quarantined_by"
+    SAFE_FROM_QUARANTINE = "safe_from_quarantine"
+
+
+class UsageOrder(enum.Enum):
+    """Columns the per-user statistics may be ordered by."""
+
+    USER_ID = "user_id"
+    DISPLAYNAME = "displayname"
+    MEDIA_LENGTH = "media_length"
+    MEDIA_COUNT = "media_count"
+
+
+@attrs.frozen
+class LocalPurgeFilter:
+    """Which local media a purge by age takes.
+
+    Media counts as old when it was last read before ``before_ts`` or, never
+    read, made before it. Pending reservations and empty media are never
+    taken (``media_length > size_gt`` with ``size_gt >= 0``), nor URL previews,
+    which have their own expiry.
+    """
+
+    before_ts: int
+    size_gt: int = 0
+    keep_profiles: bool = True
+    include_quarantined: bool = False
+    include_protected: bool = False
+
+
+@attrs.frozen
+class UserUsage:
+    user_id: str
+    displayname: str | None
+    media_count: int
+    media_length: int
+
+
+class MediaAdminStore:
+    def __init__(
+        self,
+        database: Database,
+        server_name: str,
+        avatar_columns: tuple[tuple[str, str], ...],
+        has_profiles: bool,
+    ) -> None:
+        self._db = database
+        self._server_name = server_name
+        self._avatar_columns = avatar_columns
+        self._has_profiles = has_profiles
+
+    async def old_local_media(self, purge: LocalPurgeFilter, limit: int) -> list[str]:
+        """Up to ``limit`` IDs of local media ``purge`` takes, oldest first."""
+        clauses = [
+            "(last_access_ts < ? OR (created_ts < ? AND last_access_ts IS NULL))",
+            "media_length > ?",
+            "url_cache IS NULL",
+        ]
+        args: list[object] = [purge.before_ts, purge.before_ts, purge.size_gt]
+        if not purge.include_quarantined:
+            clauses.append("quarantined_by IS NULL")
+        if not purge.include_protected:
+            clauses.append("NOT safe_from_quarantine")
+        if purge.keep_profiles:
+            # Avatars are mxc URIs of our own server; compare the media ID
+            # part so each avatar table is read once, not once per row.
+            prefix = f"mxc://{self._server_name}/"
+            for table, column in self._avatar_columns:
+                clauses.append(
+                    f"media_id NOT IN (SELECT SUBSTR({column}, ?) FROM {table}"
+                    f" WHERE SUBSTR({column}, 1, ?) = ?)"
+                )
+                args.extend([len(prefix) + 1, len(prefix), prefix])
+        args.append(limit)
+        rows = await self._db.run_query(
+            "get_local_media_ids_to_purge",
+            "SELECT media_id FROM local_media_repository WHERE "
+            + " AND ".join(clauses)
+            + " ORDER BY created_ts, media_id LIMIT ?",
+            args,
+        )
+        return [row[0] for row in rows]
+
+    async def user_exists(self, user_id: str) -> bool:
+        rows = await self._db.run_query(
+            "get_user_by_id", "SELECT 1 FROM users WHERE name = ?", (user_id,)
+        )
+        return bool(rows)
+
+    async def user_media(
+        self,
+        user_id: str,
+        start: int,
+        limit: int,
+        order_by: UserMediaOrder,
+        descending: bool,
+    ) -> tuple[list[LocalMedia], int]:
+        """A page of a user's local media and how many they have in all.
+        Ties are broken by media ID, ascending, as Synapse does."""
+
+        def txn(t: Transaction) -> tuple[list[LocalMedia], int]:
+            t.execute("SELECT COUNT(*) FROM local_media_repository WHERE user_id = ?", (user_id,))
+            row = t.fetchone()
+            total = int(row[0]) if row else 0
+            direction = "DESC" if descending else "ASC"
+            # order_by is an enum member: a fixed column name, never user text.
+            t.execute(
+                f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE user_id = ?"
+                f" ORDER BY {order_by.value} {direction}, media_id ASC LIMIT ? OFFSET ?",
+                (user_id, limit, start),
+            )
+            return [local_media_from_row(r) for r in t.fetchall()], total
+
+        return await self._db.run_interaction("get_local_media_by_user_paginate", txn)
+
+    async def usage_by_user(
+        self,
+        start: int,
+        limit: int,
+        from_ts: int,
+        until_ts: int | None,
+        order_by: UsageOrder,
+        descending: bool,
+        search_term: str | None,
+    ) -> tuple[list[UserUsage], int]:
+        """Media count and bytes per uploader, a page of them, and how many
+        uploaders match in all."""
+
+        def txn(t: Transaction) -> tuple[list[UserUsage], int]:
+            args: list[object] = []
+            if self._has_profiles:
+                displayname = "p.displayname"
+                join = "LEFT JOIN profiles AS p ON lmr.user_id = '@' || p.user_id || ':' || ?"
+                args.append(self._server_name)
+            else:
+                displayname, join = "NULL", ""
+            filters = ["lmr.user_id IS NOT NULL"]
+            if search_term:
+                pattern = _like_pattern(search_term)
+                if self._has_profiles:
+                    filters.append(
+                        "(lmr.user_id LIKE ? ESCAPE '!' OR p.displayname LIKE ? ESCAPE '!')"
+                    )
+                    args.extend(["@" + pattern + ":" + "%", pattern])
+                else:
+                    filters.append("lmr.user_id LIKE ? ESCAPE '!'")
+                    args.append("@" + pattern + ":" + "%")
+            if from_ts:
+                filters.append("lmr.created_ts >= ?")
+                args.append(from_ts)
+            if until_ts is not None:
+                filters.append("lmr.created_ts <= ?")
+                args.append(until_ts)
+            group = "lmr.user_id, p.displayname" if self._has_profiles else "lmr.user_id"
+            base = (
+                f" FROM local_media_repository AS lmr {join} WHERE {' AND '.join(filters)}"
+                f" GROUP BY {group}"
+            )
+            t.execute(f"SELECT COUNT(*) FROM (SELECT lmr.user_id {base}) AS uploaders", args)
+            row = t.fetchone()
+            total = int(row[0]) if row else 0
+            column = {
+                UsageOrder.USER_ID: "lmr.user_id",
+                UsageOrder.DISPLAYNAME: displayname if self._has_profiles else "lmr.user_id",
+                UsageOrder.MEDIA_LENGTH: "media_length",
+                UsageOrder.MEDIA_COUNT: "media_count",
+            }[order_by]
+            direction = "DESC" if descending else "ASC"
+            t.execute(
+                f"SELECT lmr.user_id, {displayname}, COUNT(*) AS media_count,"
+                f" COALESCE(SUM(lmr.media_length), 0) AS media_length {base}"
+                f" ORDER BY {column} {direction}, lmr.user_id ASC LIMIT ? OFFSET ?",
+                [*args, limit, start],
+            )
+            users = [UserUsage(r[0], r[1], int(r[2]), int(r[3])) for r in t.fetchall()]
+            return users, total
+
+        return await self._db.run_interaction("get_users_media_usage_paginate", txn)
+
+
+def _like_pattern(term: str) -> str:
+    """``%term%`` for LIKE, with the term's own wildcards taken literally."""
+    escaped = term.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return "%" + escaped + "%"
