@@ -214,6 +214,15 @@ class FederationRateLimit:
 
 
 @attrs.frozen
+class UploadLimit:
+    """An entry of ``media_upload_limits``: at most ``max_size`` bytes
+    uploaded per user within any ``time_period``."""
+
+    time_period_ms: int
+    max_size: int
+
+
+@attrs.frozen
 class ThumbnailSize:
     """One entry of ``thumbnail_sizes``: a size pre-generated for each image."""
 
@@ -279,6 +288,8 @@ class Config:
     unused_expiration_time_ms: int
     max_pending_media_uploads: int
     rc_media_create: RateLimit
+    # Longest period first, as Synapse checks them.
+    media_upload_limits: tuple[UploadLimit, ...]
     # media_retention: how long unread media is kept; None keeps it for ever.
     local_media_lifetime_ms: int | None
     remote_media_lifetime_ms: int | None
@@ -487,6 +498,22 @@ def _parse_thumbnail_sizes(root: _Reader) -> tuple[ThumbnailSize, ...]:
     return tuple(sizes)
 
 
+def _parse_upload_limits(root: _Reader) -> tuple[UploadLimit, ...]:
+    limits = []
+    for index, raw in enumerate(root.sequence("media_upload_limits")):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"media_upload_limits[{index}]", "expected a mapping")
+        entry = _Reader(raw, f"media_upload_limits[{index}].")
+        for required in ("time_period", "max_size"):
+            if entry.raw(required) is None:
+                raise ConfigError(entry.key(required), "is required")
+        period = entry.duration_ms("time_period", "0")
+        if period <= 0:
+            raise ConfigError(entry.key("time_period"), "must be longer than zero")
+        limits.append(UploadLimit(period, entry.size("max_size", "0")))
+    return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
+
+
 def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
 
@@ -542,6 +569,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         unused_expiration_time_ms=root.duration_ms("unused_expiration_time", "24h"),
         max_pending_media_uploads=root.integer("max_pending_media_uploads", 5),
         rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
+        media_upload_limits=_parse_upload_limits(root),
         local_media_lifetime_ms=_optional_duration(root, "media_retention", "local_media_lifetime"),
         remote_media_lifetime_ms=_optional_duration(
             root, "media_retention", "remote_media_lifetime"

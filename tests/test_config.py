@@ -107,6 +107,21 @@ class ConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError):
                 parse_size("k", bad)
 
+    def test_upload_limits_longest_period_first(self) -> None:
+        config = parse(
+            {
+                "server_name": "example.org",
+                "media_upload_limits": [
+                    {"time_period": "1h", "max_size": "10M"},
+                    {"time_period": "1d", "max_size": "100M"},
+                ],
+            }
+        )
+        self.assertEqual(
+            [(limit.time_period_ms, limit.max_size) for limit in config.media_upload_limits],
+            [(86_400_000, 100 * 1024**2), (3_600_000, 10 * 1024**2)],
+        )
+
     def test_server_names(self) -> None:
         for good in ("example.org", "localhost:8448", "1.2.3.4", "[::1]:8448", "a-b.c"):
             self.assertTrue(is_valid_server_name(good), good)
@@ -124,6 +139,11 @@ class ConfigTests(unittest.TestCase):
             ({"listeners": [{"port": "x"}]}, "listeners[0].port"),
             ({"listeners": [{"port": 1, "resources": [{"names": ["nope"]}]}]}, "names"),
             ({"media_store_path": 5}, "media_store_path"),
+            ({"media_upload_limits": [{"time_period": "1h"}]}, "media_upload_limits[0].max_size"),
+            (
+                {"media_upload_limits": [{"time_period": "0s", "max_size": "1M"}]},
+                "media_upload_limits[0].time_period",
+            ),
         ]
         for extra, key in cases:
             data = {"server_name": "example.org", **extra} if extra else extra

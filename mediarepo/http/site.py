@@ -105,6 +105,8 @@ class MediaRequest(Request):
         self._early_chunks: list[bytes] = []
         self._received_request: tuple[bytes, bytes, bytes] | None = None
         self._upload_error: MatrixError | None = None
+        # The Content-Length of the request, when it had one.
+        self.declared_length: int | None = None
 
     # -- receiving the body -------------------------------------------------
 
@@ -114,6 +116,7 @@ class MediaRequest(Request):
         path = getattr(channel, "_path", b"")
         target = self.site.upload_target(command, path)
         is_upload = target is not None
+        self.declared_length = length
         self._body_limit = self.site.max_upload_size if is_upload else NON_UPLOAD_BODY_LIMIT
         if length is not None and length > self._body_limit:
             self.content = io.BytesIO()

@@ -39,14 +39,20 @@ class UploadHandler:
     async def begin_upload(self, request: MediaRequest, target: UploadTarget) -> UploadSink:
         """Where an upload's body goes, decided when its headers are in.
 
-        New media needs nothing checked first. Content for a reservation is
-        checked (token, owner, no content yet) before any of the body is
-        read, so a refused PUT costs no transfer.
+        New media needs nothing checked first, unless upload quotas are on:
+        then the uploader and the declared length are checked before the
+        body is read. Content for a reservation is always checked (token,
+        owner, no content yet, quota) first, so a refused PUT costs no transfer.
         """
-        if target.media_id is None:
+        quota = self._repository.quota
+        if target.media_id is None and not quota.enabled:
             return self._repository.begin_upload()
         requester = await self._auth.requester(request, allow_guest=False)
         request.requester = requester
+        if quota.enabled and request.declared_length is not None:
+            await quota.check(requester.user_id, request.declared_length)
+        if target.media_id is None:
+            return self._repository.begin_upload()
         return await self._repository.begin_reserved_upload(
             requester, target.server_name or "", target.media_id
         )

@@ -27,6 +27,7 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
+from mediarepo.media.quota import UploadQuota
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
 from mediarepo.media.responder import Responder
@@ -98,6 +99,7 @@ class MediaRepository:
         self._locks = locks
         self.clock = clock
         self._create_limiter = Ratelimiter(config.rc_media_create, clock)
+        self.quota = UploadQuota(config.media_upload_limits, media_store, clock)
         # Uploads into reservations, with the lock each holds.
         self._reserved_uploads: dict[UploadSink, HeldLock] = {}
 
@@ -218,6 +220,10 @@ class MediaRepository:
         published = False
         try:
             written = await sink.finish()
+            # Checked again now the length is known (the body may have had
+            # no Content-Length), before the bytes are published.
+            if self.quota.enabled:
+                await self.quota.check(requester.user_id, written.length)
             same_content = await self._media_store.local_media_with_content(
                 written.sha256, written.length
             )

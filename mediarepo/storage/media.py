@@ -161,6 +161,17 @@ class MediaStore:
 
         return await self._db.run_interaction("update_local_media", txn)
 
+    async def bytes_uploaded_since(self, user_id: str, since_ts: int) -> int:
+        """Bytes of local media ``user_id`` stored after ``since_ts`` (URL
+        previews they caused included, reservations counting nothing)."""
+        rows = await self._db.run_query(
+            "get_media_uploaded_size_for_user",
+            "SELECT COALESCE(SUM(media_length), 0) FROM local_media_repository"
+            " WHERE user_id = ? AND created_ts > ?",
+            (user_id, since_ts),
+        )
+        return int(rows[0][0])
+
     async def announce_content(self, media_id: str) -> None:
         """Tell other processes on a PostgreSQL database (waiting downloads)
         that a reservation has its content."""
