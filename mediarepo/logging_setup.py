@@ -8,6 +8,7 @@ handlers.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import logging.handlers
@@ -61,11 +62,40 @@ _SYNAPSE_CLASSES = {
     "synapse.logging.handlers.PeriodicallyFlushingMemoryHandler": (
         f"{__name__}.PeriodicallyFlushingMemoryHandler"
     ),
-    "synapse.logging.TerseJsonFormatter": "logging.Formatter",
-    "synapse.logging.JsonFormatter": "logging.Formatter",
-    "synapse.logging._terse_json.TerseJsonFormatter": "logging.Formatter",
-    "synapse.logging._terse_json.JsonFormatter": "logging.Formatter",
+    "synapse.logging.TerseJsonFormatter": f"{__name__}.JsonFormatter",
+    "synapse.logging.JsonFormatter": f"{__name__}.JsonFormatter",
+    "synapse.logging._terse_json.TerseJsonFormatter": f"{__name__}.JsonFormatter",
+    "synapse.logging._terse_json.JsonFormatter": f"{__name__}.JsonFormatter",
 }
+
+# What every record has; anything else on a record was given as ``extra``.
+_PLAIN_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """Stands in for Synapse's JSON formatters: one JSON object per record,
+    with ``log``, ``namespace``, ``level`` and ``time`` as Synapse writes
+    them, plus the record's extra attributes (an event and its fields)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "log": record.getMessage(),
+            "namespace": record.name,
+            "level": record.levelname,
+            "time": round(record.created, 2),
+        }
+        for name, value in vars(record).items():
+            if name in _PLAIN_RECORD_ATTRIBUTES or name.startswith("_"):
+                continue
+            plain = value is None or isinstance(value, str | int | float | bool)
+            entry[name] = value if plain else str(value)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def _replace_synapse_classes(node: Any) -> Any:

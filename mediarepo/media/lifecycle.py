@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client import Counter
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.access import AccessTracker
+from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
     local_media_path,
     local_thumbnail_dir,
@@ -30,9 +30,6 @@ from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
 
 logger = logging.getLogger(__name__)
 
-media_purged = Counter(
-    "mediarepo_media_purged_total", "Media deleted (retention, admin API)", ["kind"]
-)
 
 PURGE_BATCH = 500
 
@@ -64,8 +61,7 @@ class MediaPurger:
             self._forget_local(media_id)
             await self._storage.delete(local_media_path(media_id))
             await self._storage.delete_directory(local_thumbnail_dir(media_id))
-            logger.info("%s: deleted local media %s", reason, media_id)
-        media_purged.labels("local").inc(len(media_ids))
+            emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:
         """Delete cached remote media given as (origin, media ID, filesystem ID)."""
@@ -73,8 +69,7 @@ class MediaPurger:
         for origin, media_id, filesystem_id in entries:
             await self._storage.delete(remote_media_path(origin, filesystem_id))
             await self._storage.delete_directory(remote_thumbnail_dir(origin, filesystem_id))
-            logger.info("%s: deleted cached media %s/%s", reason, origin, media_id)
-        media_purged.labels("remote").inc(len(entries))
+            emit(MediaEvent.PURGED, media_id=media_id, origin=origin, reason=reason)
 
     async def delete_old_local(self, purge: LocalPurgeFilter, reason: str) -> list[str]:
         """Delete, in bounded batches, every local media ``purge`` takes."""

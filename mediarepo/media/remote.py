@@ -35,6 +35,7 @@ from mediarepo.federation.multipart import (
     MultipartParser,
     MultipartTooLargeError,
 )
+from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
 from mediarepo.media.ratelimit import Ratelimiter
 from mediarepo.media.sharing import SharedWork
@@ -296,7 +297,14 @@ class RemoteMediaCache:
             await self._storage.local.discard_staged(written.temp_path)
             self._storage.end_upload(sink)
         remote_downloads.labels("fetched").inc()
-        logger.info("cached %s/%s (%d bytes)", origin, media_id, written.length)
+        emit(
+            MediaEvent.REMOTE_CACHED,
+            media_id=media_id,
+            origin=origin,
+            length=written.length,
+            sha256=written.sha256,
+            quarantined=media.quarantined_by is not None,
+        )
         if media.quarantined_by is not None:
             logger.info("%s/%s has quarantined bytes: not served", origin, media_id)
             raise NotFoundError()

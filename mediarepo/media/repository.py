@@ -17,6 +17,7 @@ from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.access import AccessTracker
 from mediarepo.media.cache import ExpiringCache
+from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
@@ -47,11 +48,7 @@ from mediarepo.values import LocalMedia, Requester
 
 logger = logging.getLogger(__name__)
 
-uploads_completed = Counter("mediarepo_uploads_total", "Uploads stored")
 bytes_uploaded = Counter("mediarepo_media_bytes_uploaded_total", "Bytes of media stored by uploads")
-uploads_deduplicated = Counter(
-    "mediarepo_uploads_deduplicated_total", "Uploads whose bytes were already stored, and shared"
-)
 
 # How long a staging file may sit untouched before it counts as abandoned.
 STAGING_MAX_AGE_SECONDS = 3600.0
@@ -276,18 +273,18 @@ class MediaRepository:
             self.thumbnails.schedule_pregeneration(
                 LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows)
             )
-        uploads_completed.inc()
         bytes_uploaded.inc(written.length)
-        if shared:
-            uploads_deduplicated.inc()
-        logger.info(
-            "stored upload %s (%d bytes, %s%s) for %s",
-            sink.media_id,
-            written.length,
-            media_type,
-            ", bytes shared with identical media" if shared else "",
-            requester.user_id,
+        emit(
+            MediaEvent.UPLOADED,
+            media_id=sink.media_id,
+            length=written.length,
+            media_type=media_type,
+            sha256=written.sha256,
+            user_id=requester.user_id,
+            quarantined=quarantined,
         )
+        if shared:
+            emit(MediaEvent.DEDUPLICATED, media_id=sink.media_id, sha256=written.sha256)
         return self.mxc(sink.media_id)
 
     async def _visible_local_media(
@@ -334,6 +331,7 @@ class MediaRepository:
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
         self.access.read_local(media_id)
+        emit(MediaEvent.RETRIEVED, media_id=media_id, origin=None)
         path = url_cache_path(media_id) if media.url_cache else local_media_path(media_id)
         responder = await self.storage.fetch(path)
         if responder is None:
@@ -348,6 +346,7 @@ class MediaRepository:
         need be (and allowed)."""
         media = await self.remote.get(origin, media_id, access)
         self.access.read_remote(origin, media_id)
+        emit(MediaEvent.RETRIEVED, media_id=media_id, origin=origin)
         responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
         if responder is None:
             raise NotFoundError()

@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from mediarepo.config import ThumbnailSize
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.cache import ExpiringCache
+from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
     local_media_path,
     local_thumbnail_path,
@@ -381,10 +382,23 @@ class ThumbnailProvider:
             raise NotFoundError()
         return path
 
-    async def _store(self, source: ThumbnailSource, rendered: Rendered) -> ThumbnailInfo:
+    async def _store(
+        self, source: ThumbnailSource, rendered: Rendered, reason: str
+    ) -> ThumbnailInfo:
         await self._storage.store_file(source.thumbnail_path(rendered.spec), rendered.data)
         info = rendered.spec.info(len(rendered.data))
         await source.record(info)
+        thumbnails_generated.labels(reason).inc()
+        emit(
+            MediaEvent.THUMBNAIL_GENERATED,
+            media=source.key,
+            width=info.width,
+            height=info.height,
+            method=info.method,
+            thumbnail_type=info.type,
+            length=info.length,
+            reason=reason,
+        )
         return info
 
     async def settle(self) -> None:
@@ -424,9 +438,7 @@ class ThumbnailProvider:
             thumbnail_failures.labels(_failure_reason(e)).inc()
             logger.info("not thumbnailing %s: %s", source.key, e)
             return []
-        stored = [await self._store(source, r) for r in rendered]
-        thumbnails_generated.labels("pregenerate").inc(len(stored))
-        return stored
+        return [await self._store(source, r, "pregenerate") for r in rendered]
 
     async def thumbnail(
         self, source: ThumbnailSource, request: ThumbnailRequest
@@ -462,8 +474,7 @@ class ThumbnailProvider:
         except ThumbnailError as e:
             logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
             raise NotFoundError() from e
-        await self._store(source, rendered)
-        thumbnails_generated.labels("regenerate").inc()
+        await self._store(source, rendered, "regenerate")
 
     async def _dynamic_thumbnail(
         self, source: ThumbnailSource, request: ThumbnailRequest
@@ -506,9 +517,7 @@ class ThumbnailProvider:
             thumbnail_failures.labels(_failure_reason(e)).inc()
             logger.info("cannot thumbnail %s: %s", source.key, e)
             raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
-        info = await self._store(source, rendered)
-        thumbnails_generated.labels("dynamic").inc()
-        return info
+        return await self._store(source, rendered, "dynamic")
 
 
 def _failure_reason(error: ThumbnailError) -> str:

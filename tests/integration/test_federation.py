@@ -18,6 +18,7 @@ from mediarepo.app import MediaServer
 from mediarepo.config import parse_config
 from mediarepo.federation.keys import load_signing_keys, write_new_signing_key
 from mediarepo.federation.signing import sign_request
+from mediarepo.media.events import MediaEvent, media_events
 from mediarepo.storage.users import UserStore
 from tests import images
 from tests.tls import TestCA
@@ -139,6 +140,7 @@ class FederationTests(FederationTestMixin):
     async def test_download_fetches_once_and_caches(self) -> None:
         data = os.urandom(2_000_000)
         media_id = await self.upload_to(self.b, self.b_token, data, "application/x-test")
+        cached_before = media_events.labels(MediaEvent.REMOTE_CACHED.value)._value.get()
         responses = await defer.gatherResults(
             [defer.ensureDeferred(self.download_via_a(self.b, media_id)) for _ in range(20)]
         )
@@ -154,6 +156,8 @@ class FederationTests(FederationTestMixin):
         )
         self.assertEqual(len(rows), 1)
         self.assertEqual(rows[0][:2], (self.b.name, len(data)))
+        cached = media_events.labels(MediaEvent.REMOTE_CACHED.value)._value.get()
+        self.assertEqual(cached - cached_before, 1)
         fid = rows[0][2]
         path = os.path.join(
             self.a.server.config.media_store_path,
