@@ -129,7 +129,11 @@ class MediaServer:
         )
         locks = WorkerLocks(LockStore(self.database), reactor)
         quarantine = QuarantineStore(
-            self.database, schema.quarantine_records, QUARANTINE_INSTANCE_NAME
+            self.database,
+            schema.quarantine_records,
+            QUARANTINE_INSTANCE_NAME,
+            reactor,
+            synapse_owned=schema.synapse_owned,
         )
         self.federation_client = FederationClient(
             reactor, config.server_name, signing_keys[0], config.federation

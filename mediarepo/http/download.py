@@ -37,19 +37,30 @@ class DownloadHandler:
         await self._download(request, params, authenticated=False)
 
     async def on_authenticated_get(self, request: MediaRequest, params: dict[str, str]) -> None:
-        await self._auth.requester(request, allow_guest=True)
+        requester = await self._auth.requester(request, allow_guest=True)
+        bypass = query_bool(request, "admin_unsafely_bypass_quarantine", False)
+        if bypass and not requester.is_admin:
+            raise MatrixError(400, Codes.UNKNOWN, "Must be a server admin to bypass quarantine")
         set_download_security_headers(request)
-        await self._download(request, params, authenticated=True)
+        await self._download(request, params, authenticated=True, bypass_quarantine=bypass)
 
     async def _download(
-        self, request: MediaRequest, params: dict[str, str], *, authenticated: bool
+        self,
+        request: MediaRequest,
+        params: dict[str, str],
+        *,
+        authenticated: bool,
+        bypass_quarantine: bool = False,
     ) -> None:
         server_name = checked_server_name(params)
         timeout_ms = parse_timeout_ms(request)
         allow_remote = authenticated or query_bool(request, "allow_remote", True)
         if server_name == self._repository.server_name:
             download = await self._repository.get_local_media(
-                params["media_id"], allow_authenticated=authenticated, timeout_ms=timeout_ms
+                params["media_id"],
+                allow_authenticated=authenticated,
+                timeout_ms=timeout_ms,
+                bypass_quarantine=bypass_quarantine,
             )
         else:
             download = await self._repository.get_remote_media(
@@ -60,6 +71,7 @@ class DownloadHandler:
                     allow_authenticated=authenticated,
                     requester_ip=request.client_ip(),
                     timeout_ms=timeout_ms,
+                    bypass_quarantine=bypass_quarantine,
                 ),
             )
         filename = params.get("file_name") or download.upload_name

@@ -181,6 +181,8 @@ class RemoteAccess:
     allow_authenticated: bool  # an authenticated (Matrix 1.11) endpoint
     requester_ip: str  # whose download budget pays
     timeout_ms: int  # passed on to the origin, for media not uploaded yet
+    # A server admin's admin_unsafely_bypass_quarantine=true.
+    bypass_quarantine: bool = False
 
 
 @attrs.frozen
@@ -219,7 +221,7 @@ class RemoteMediaCache:
             raise NotFoundError()
         if not is_valid_server_name(origin) or not is_valid_media_id(media_id):
             raise NotFoundError()
-        cached = await self._cached(origin, media_id)
+        cached = await self._cached(origin, media_id, access.bypass_quarantine)
         authenticated_only = (
             self._config.enable_authenticated_media and not access.allow_authenticated
         )
@@ -236,11 +238,13 @@ class RemoteMediaCache:
             lambda: self._download(origin, media_id, access.requester_ip, access.timeout_ms),
         )
 
-    async def _cached(self, origin: str, media_id: str) -> RemoteMedia | None:
+    async def _cached(
+        self, origin: str, media_id: str, bypass_quarantine: bool
+    ) -> RemoteMedia | None:
         media = await self._media_store.get_remote_media(origin, media_id)
         if media is None:
             return None
-        if media.quarantined_by is not None:
+        if media.quarantined_by is not None and not bypass_quarantine:
             raise NotFoundError()
         if await self._storage.exists(remote_media_path(origin, media.filesystem_id)):
             return media

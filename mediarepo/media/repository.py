@@ -288,7 +288,12 @@ class MediaRepository:
         return self.mxc(sink.media_id)
 
     async def _visible_local_media(
-        self, media_id: str, *, allow_authenticated: bool, timeout_ms: int
+        self,
+        media_id: str,
+        *,
+        allow_authenticated: bool,
+        timeout_ms: int,
+        bypass_quarantine: bool = False,
     ) -> LocalMedia:
         """The row of local media the request may see, or a 404.
 
@@ -301,7 +306,9 @@ class MediaRepository:
             media = self._media_rows.get(media_id) or await self._media_store.get_local_media(
                 media_id
             )
-            if media is None or media.quarantined_by is not None:
+            if media is None:
+                raise NotFoundError()
+            if media.quarantined_by is not None and not bypass_quarantine:
                 raise NotFoundError()
             if not media.is_pending:
                 self._media_rows.put(media_id, media)
@@ -324,11 +331,19 @@ class MediaRepository:
         return media
 
     async def get_local_media(
-        self, media_id: str, *, allow_authenticated: bool, timeout_ms: int
+        self,
+        media_id: str,
+        *,
+        allow_authenticated: bool,
+        timeout_ms: int,
+        bypass_quarantine: bool = False,
     ) -> MediaDownload:
         """The row and the bytes of local media, checked for visibility."""
         media = await self._visible_local_media(
-            media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
+            media_id,
+            allow_authenticated=allow_authenticated,
+            timeout_ms=timeout_ms,
+            bypass_quarantine=bypass_quarantine,
         )
         self.access.read_local(media_id)
         emit(MediaEvent.RETRIEVED, media_id=media_id, origin=None)
@@ -383,5 +398,5 @@ class MediaRepository:
         return await self.storage.local.sweep_staging(
             STAGING_MAX_AGE_SECONDS,
             self.storage.staging_paths_in_use,
-            self._media_store.local_media_exist,
+            self._media_store.media_ids_with_content,
         )

@@ -75,8 +75,9 @@ class MediaStore:
         )
         return local_media_from_row(rows[0]) if rows else None
 
-    async def local_media_exist(self, media_ids: list[str]) -> set[str]:
-        """Which of ``media_ids`` have a row."""
+    async def media_ids_with_content(self, media_ids: list[str]) -> set[str]:
+        """Which of ``media_ids`` have a row with content (not a reservation
+        still waiting for it)."""
 
         def txn(t: Transaction) -> set[str]:
             found: set[str] = set()
@@ -84,13 +85,14 @@ class MediaStore:
                 batch = media_ids[start : start + 100]
                 marks = ", ".join("?" for _ in batch)
                 t.execute(
-                    f"SELECT media_id FROM local_media_repository WHERE media_id IN ({marks})",
+                    "SELECT media_id FROM local_media_repository"
+                    f" WHERE media_length IS NOT NULL AND media_id IN ({marks})",
                     batch,
                 )
                 found.update(row[0] for row in t.fetchall())
             return found
 
-        return await self._db.run_interaction("local_media_exist", txn)
+        return await self._db.run_interaction("media_ids_with_content", txn)
 
     async def get_local_thumbnails(self, media_id: str) -> list[ThumbnailInfo]:
         rows = await self._db.run_query(

@@ -13,12 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.schema import QuarantineRecords
 
 # Who quarantined media whose bytes were already quarantined when it arrived.
 QUARANTINED_BY_SYSTEM = "system"
+
+# Synapse's background updates building the sha256 indexes.
+_HASH_INDEX_UPDATES = ("local_media_repository_sha256_idx", "remote_media_cache_sha256_idx")
+_HASH_INDEX_RECHECK_SECONDS = 600.0
 
 # Requested IDs are looked up this many at a time (bounded statement size).
 _BATCH = 100
@@ -47,10 +52,24 @@ class QuarantineResult:
 
 
 class QuarantineStore:
-    def __init__(self, database: Database, records: QuarantineRecords, instance_name: str) -> None:
+    def __init__(
+        self,
+        database: Database,
+        records: QuarantineRecords,
+        instance_name: str,
+        clock: IReactorTime,
+        *,
+        synapse_owned: bool,
+    ) -> None:
         self._db = database
         self._records = records
         self._instance_name = instance_name
+        self._clock = clock
+        # Synapse builds its sha256 indexes in the background; until they
+        # exist, a hash lookup would scan both tables, so (like Synapse) none
+        # is made. Our own schema has the indexes from the start.
+        self._hash_indexes_ready = not synapse_owned
+        self._hash_indexes_checked_at = -_HASH_INDEX_RECHECK_SECONDS
 
     @property
     def records(self) -> QuarantineRecords:
@@ -130,7 +149,10 @@ class QuarantineStore:
         return [row[0] for row in rows]
 
     async def is_hash_quarantined(self, sha256: str) -> bool:
-        """Whether any local or cached remote media with these bytes is quarantined."""
+        """Whether any local or cached remote media with these bytes is
+        quarantined (always False while Synapse still builds its indexes)."""
+        if not await self._hash_lookups_possible():
+            return False
         rows = await self._db.run_query(
             "get_is_hash_quarantined",
             "SELECT 1 FROM local_media_repository WHERE sha256 = ? AND quarantined_by IS NOT NULL"
@@ -139,6 +161,21 @@ class QuarantineStore:
             (sha256, sha256),
         )
         return bool(rows)
+
+    async def _hash_lookups_possible(self) -> bool:
+        if self._hash_indexes_ready:
+            return True
+        now = self._clock.seconds()
+        if now - self._hash_indexes_checked_at < _HASH_INDEX_RECHECK_SECONDS:
+            return False
+        self._hash_indexes_checked_at = now
+        rows = await self._db.run_query(
+            "get_is_hash_quarantined_ready",
+            "SELECT 1 FROM background_updates WHERE update_name IN (?, ?)",
+            _HASH_INDEX_UPDATES,
+        )
+        self._hash_indexes_ready = not rows
+        return self._hash_indexes_ready
 
     async def set_protected(self, media_id: str, protected: bool) -> bool:
         """Set ``safe_from_quarantine``; ``False`` if there is no such local media."""

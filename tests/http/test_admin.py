@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from mediarepo.media.paths import local_media_path, remote_media_path
+from mediarepo.storage import quarantine as quarantine_module
 from tests import images
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
 
@@ -89,6 +90,21 @@ class QuarantineTests(AdminTestMixin):
         )
         self.assertEqual(await self.status(f"{DOWNLOAD}/{protected}"), 200)
         self.assertEqual(await self.status(f"{DOWNLOAD}/{other}"), 200)
+        # A server admin may still look, with the unsafe bypass; nobody else.
+        bypass = "?admin_unsafely_bypass_quarantine=true"
+        r = await self.request("GET", f"{DOWNLOAD}/{first}{bypass}", token=self.admin)
+        self.assertEqual((r.code, r.body), (200, photo))
+        r = await self.request(
+            "GET", f"/_matrix/client/v1/media/download/{REMOTE}/remotecopy{bypass}",
+            token=self.admin,
+        )  # fmt: skip
+        self.assertEqual((r.code, r.body), (200, photo))
+        r = await self.request("GET", f"{DOWNLOAD}/{first}{bypass}", token=self.alice)
+        self.assertEqual(
+            (r.code, r.json()),
+            (400, {"errcode": "M_UNKNOWN", "error": "Must be a server admin to bypass quarantine"}),
+        )
+        self.assertEqual(await self.status(f"{DOWNLOAD}/{first}", token=self.admin), 404)
         # Files stay: quarantine hides, it does not delete.
         self.assertTrue(os.path.exists(os.path.join(self.media_store, local_media_path(first))))
 
@@ -385,3 +401,55 @@ class AdminMediaTests(AdminTestMixin):
             "GET", f"/statistics/users/media?from_ts={int(time.time() * 1000) + DAY_MS}"
         )
         self.assertEqual(body, {"users": [], "total": 0})
+
+
+@on_both_databases
+class SynapseDatabaseTests(AdminTestMixin):
+    """The server on a database that looks like Synapse's (it has
+    ``schema_version`` and ``background_updates``)."""
+
+    async def become_synapses(self, pending_updates: list[str]) -> None:
+        await self.sql("CREATE TABLE schema_version (version INTEGER)")
+        await self.sql(
+            "CREATE TABLE background_updates (update_name TEXT, progress_json TEXT,"
+            " depends_on TEXT, ordering INTEGER)"
+        )
+        for name in pending_updates:
+            await self.sql("INSERT INTO background_updates VALUES (?, '{}', NULL, 0)", name)
+        self.patch(quarantine_module, "_HASH_INDEX_RECHECK_SECONDS", 0.0)
+        await self.start_server()
+        self.admin = await self.register("root2", admin=True)
+        self.alice = await self.register("alice2")
+
+    async def test_hash_lookups_wait_for_synapses_indexes(self) -> None:
+        await self.become_synapses(["remote_media_cache_sha256_idx"])
+        data = os.urandom(500)
+        first = await self.upload(self.alice, data)
+        await self.sql(
+            "UPDATE local_media_repository SET quarantined_by = 'x' WHERE media_id = ?", first
+        )
+        # Synapse is still indexing hashes: no lookup, as in Synapse.
+        second = await self.upload(self.alice, data)
+        self.assertEqual(await self.status(f"{DOWNLOAD}/{second}"), 200)
+        await self.sql("DELETE FROM background_updates")
+        third = await self.upload(self.alice, data)
+        self.assertEqual(await self.status(f"{DOWNLOAD}/{third}"), 404)
+
+    async def test_quarantine_records_on_synapses_database(self) -> None:
+        await self.become_synapses([])
+        media_id = await self.upload(self.alice, os.urandom(100))
+        path = f"/media/quarantine/{SERVER_NAME}/{media_id}"
+        if self.engine == "sqlite3":
+            # Synapse on SQLite counts stream IDs in memory: only it may write.
+            body = await self.admin_call("POST", path, code=400)
+            self.assertIn("through Synapse", body["error"])
+            self.assertEqual(await self.status(f"{DOWNLOAD}/{media_id}"), 200)
+            return
+        await self.admin_call("POST", path)
+        rows = await self.sql(
+            "SELECT instance_name, origin, media_id, quarantined FROM quarantined_media_changes"
+        )
+        self.assertEqual(rows, [("mediarepo", None, media_id, True)])
+        sequence = await self.sql("SELECT last_value FROM quarantined_media_id_seq")
+        stream_id = await self.sql("SELECT stream_id FROM quarantined_media_changes")
+        self.assertEqual(sequence[0][0], stream_id[0][0])

@@ -4,6 +4,7 @@ Synapse path and row."""
 from __future__ import annotations
 
 import os
+import time
 
 from twisted.internet import defer
 
@@ -51,3 +52,47 @@ class DeduplicationTests(ServerTestMixin):
             r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=token)
             self.assertEqual(r.body, data)
         self.assertEqual(os.listdir(os.path.join(self.media_store, ".mediarepo_tmp")), [])
+
+    def stage_crashed_upload(self, media_id: str, data: bytes, link_to: str | None) -> None:
+        """Leave what an upload killed between publishing and recording its
+        row leaves: an old staging file and the published final file."""
+        staged = self.stale_staging_file(media_id, data)
+        final = self.path_of(media_id)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.link(self.path_of(link_to) if link_to else staged, final)
+
+    def stale_staging_file(self, media_id: str, data: bytes) -> str:
+        staged = os.path.join(self.media_store, ".mediarepo_tmp", f"{media_id}.deadbeef")
+        with open(staged, "wb") as f:
+            f.write(data)
+        old = time.time() - 2 * 3600
+        os.utime(staged, (old, old))
+        return staged
+
+    async def test_sweep_removes_links_of_crashed_uploads(self) -> None:
+        token = await self.register()
+        data = os.urandom(50_000)
+        kept = await self.upload(token, data)
+        # A crashed upload of the same bytes, deduplicated into a link to kept's.
+        self.stage_crashed_upload("crashedduplicateuploadxx", data, link_to=kept)
+        # A crashed PUT into a reservation, which must stay fillable.
+        r = await self.request("POST", "/_matrix/media/v1/create", token=token)
+        reserved = r.json()["content_uri"].rsplit("/", 1)[1]
+        self.stage_crashed_upload(reserved, b"half a put", link_to=None)
+
+        self.assertEqual(await self.server.repository.sweep_staging(), 2)
+        self.assertFalse(os.path.exists(self.path_of("crashedduplicateuploadxx")))
+        self.assertFalse(os.path.exists(self.path_of(reserved)))
+        self.assertEqual(os.listdir(os.path.join(self.media_store, ".mediarepo_tmp")), [])
+        r = await self.request("GET", f"{DOWNLOAD}/{kept}", token=token)
+        self.assertEqual((r.code, r.body), (200, data))
+        r = await self.request(
+            "PUT", f"/_matrix/media/v3/upload/{SERVER_NAME}/{reserved}", token=token, body=b"whole"
+        )
+        self.assertEqual(r.code, 200, r.body)
+        r = await self.request("GET", f"{DOWNLOAD}/{reserved}", token=token)
+        self.assertEqual(r.body, b"whole")
+        # A stale staging file of media that has its row leaves the media alone.
+        self.stale_staging_file(kept, data)
+        self.assertEqual(await self.server.repository.sweep_staging(), 1)
+        self.assertTrue(os.path.exists(self.path_of(kept)))

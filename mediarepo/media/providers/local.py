@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import logging
 import os
 import secrets
@@ -185,9 +186,11 @@ class LocalMediaStore(StorageProvider):
         """Clean up after crashed uploads; returns how many staging files went.
 
         A staging file older than ``max_age_seconds`` and not ``in_use`` by
-        this process belongs to an upload that died. If its media ID has no
-        database row (``recorded`` says which do), the final file it may have
-        been linked to is an orphan and goes too.
+        this process belongs to an upload that died. If its media has no
+        content in the database (``recorded`` says which do), the final file
+        it may have been published as is an orphan and goes too: the staged
+        file itself linked into place, or, for content that was already
+        stored, a link to the identical bytes of another media.
         """
 
         def list_stale() -> list[str]:
@@ -218,7 +221,7 @@ class LocalMediaStore(StorageProvider):
                 if media_id not in known:
                     try:
                         final = self.paths.absolute(local_media_path(media_id))
-                        if os.path.exists(final) and os.path.samefile(final, staged):
+                        if os.path.exists(final) and _same_bytes(final, staged):
                             os.unlink(final)
                             logger.info("removed orphaned media file for %s", media_id)
                     except (UnsafePathError, OSError) as e:
@@ -232,3 +235,8 @@ class LocalMediaStore(StorageProvider):
         await self._in_thread(remove, stale)
         logger.info("removed %d stale staging files", len(stale))
         return len(stale)
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    """Whether two files are one, or hold identical bytes (read in a thread)."""
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
