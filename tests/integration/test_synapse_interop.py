@@ -656,6 +656,8 @@ class SynapseInteropTest(SynapseTestCase):
         )  # fmt: skip
         self.assertEqual((response.status, response.json()), (200, {}))
         self.assertEqual(self._download(quarantined_mxc, token).status, 404)
+        # The admin API answers as Synapse's does (compared in step 3, on the same data).
+        our_admin_answers = self._admin_reads(token, synapse_media[0][0])
         self.assertEqual(self._stop(mediarepo), 0, "mediarepo's exit status after SIGTERM")
         # mediarepo logged through Synapse's log_config, into Synapse's log file.
         self.assertRegex(
@@ -666,6 +668,9 @@ class SynapseInteropTest(SynapseTestCase):
 
         # 3. Synapse again: mediarepo's upload, as Synapse serves its own.
         synapse2 = self._start_synapse("synapse-2")
+        synapse_admin_answers = self._admin_reads(token, synapse_media[0][0])
+        for path, answer in our_admin_answers.items():
+            self.assertEqual(answer, synapse_admin_answers[path], f"admin answers differ: {path}")
         response = self._download(our_mxc, token)
         self._assert_served(response, our_data, our_name, "synapse-2", our_mxc)
         self._assert_same_headers(response, ours, our_mxc)
@@ -696,6 +701,26 @@ class SynapseInteropTest(SynapseTestCase):
             [(quarantined_id, True), (quarantined_id, False)],
         )
         self._stop(synapse2)
+
+    def _admin_reads(self, token: str, mxc: str) -> dict[str, Any]:
+        """Answers of read-only admin endpoints, minus what reads change."""
+        server, media_id = media_id_of(mxc)
+        user = quote(f"@{USER}:{self.server_name}")
+        answers = {}
+        for path in (
+            f"/_synapse/admin/v1/media/{server}/{media_id}",
+            f"/_synapse/admin/v1/users/{user}/media?limit=3&order_by=media_length&dir=b",
+            f"/_synapse/admin/v1/users/{user}/media?from=1&limit=2",
+            "/_synapse/admin/v1/statistics/users/media",
+            f"/_synapse/admin/v1/users/@nobody:{self.server_name}/media",
+            "/_synapse/admin/v1/users/@x:elsewhere/media",
+        ):
+            response = http_request(self.port, "GET", path, token=token)
+            body = response.json()
+            for media in [*body.get("media", []), body.get("media_info", {})]:
+                media.pop("last_access_ts", None)
+            answers[path] = (response.status, body)
+        return answers
 
     def _quarantine_changes(self, token: str) -> list[dict[str, Any]]:
         response = http_request(
