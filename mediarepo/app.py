@@ -27,12 +27,15 @@ from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.lifecycle import MediaPurger, Retention
+from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.provider_tasks import ProviderTasks
+from mediarepo.media.providers import StorageProvider, create_provider
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.rooms import RoomMedia
-from mediarepo.media.storage import MediaStorage
+from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.storage.database import Database
 from mediarepo.storage.keys import KeyStore
@@ -40,6 +43,7 @@ from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
 from mediarepo.storage.media_admin import MediaAdminStore
 from mediarepo.storage.notifications import PostgresListener
+from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
@@ -53,6 +57,8 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 QUARANTINE_INSTANCE_NAME = "mediarepo"
 # How often leftovers of crashed uploads and expired reservations are removed.
 HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
+# How often queued storage provider tasks (copies, deletions) are looked at.
+PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 _MEDIA_IO_THREADS = 20
 
 
@@ -103,6 +109,9 @@ class MediaServer:
         self._listener: PostgresListener | None = None
         self._access_flush: task.LoopingCall | None = None
         self.retention: Retention | None = None
+        self.local_cache: LocalCacheEviction | None = None
+        self._providers: list[StorageProvider] = []
+        self._provider_tasks: task.LoopingCall | None = None
         self.federation_client: FederationClient | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
 
@@ -115,8 +124,13 @@ class MediaServer:
         self._media_io.start()
         self._thumbnail_pool.start()
 
-        local = LocalMediaStore(config.media_store_path, self._media_io, reactor)
-        storage = MediaStorage(local, providers=[])
+        local = LocalMediaStore(
+            config.media_store_path,
+            self._media_io,
+            reactor,
+            note_reads=config.media_store_max_size is not None,
+        )
+        storage = self._create_storage(local)
         media_store = MediaStore(self.database)
         thumbnails = ThumbnailProvider(
             storage,
@@ -227,6 +241,41 @@ class MediaServer:
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
         logger.info("mediarepo serving %s", config.server_name)
 
+    def _create_storage(self, local: LocalMediaStore) -> MediaStorage:
+        """The local store, then the configured providers, started."""
+        assert self.database is not None
+        config = self.config
+        slots: list[ProviderSlot] = []
+        for entry in config.media_storage_providers:
+            provider = create_provider(entry.backend, self._media_io, self.reactor)
+            if any(slot.provider.name == provider.name for slot in slots):
+                raise ConfigError("media_storage_providers", f"{provider.name} is listed twice")
+            slots.append(
+                ProviderSlot(
+                    provider, entry.store_local, entry.store_remote, entry.store_synchronous
+                )
+            )
+        for slot in slots:
+            slot.provider.start()
+            self._providers.append(slot.provider)
+            logger.info(
+                "storage provider %s (store_local: %s, store_remote: %s, synchronous: %s)",
+                slot.provider.name, slot.store_local, slot.store_remote, slot.store_synchronous,
+            )  # fmt: skip
+        tasks = ProviderTasks(
+            {slot.provider.name: slot.provider for slot in slots},
+            local,
+            ProviderTaskStore(self.database),
+            self.reactor,
+        )
+        if slots:
+            self._provider_tasks = task.LoopingCall(tasks.run_soon)
+            self._provider_tasks.clock = self.reactor
+            self._provider_tasks.start(PROVIDER_TASKS_INTERVAL_SECONDS, now=True)
+        if config.media_store_max_size is not None:
+            self.local_cache = LocalCacheEviction(local, slots, config.media_store_max_size)
+        return MediaStorage(local, slots, tasks)
+
     def _listen(
         self, port: int, addresses: tuple[str, ...], site: MediaSite, tls: Any = None
     ) -> None:
@@ -258,6 +307,8 @@ class MediaServer:
         ]
         if self.retention is not None and self.retention.enabled:
             sweeps.append(self.retention.apply)
+        if self.local_cache is not None:
+            sweeps.append(self.local_cache.run)
         for sweep in sweeps:
             try:
                 await sweep()
@@ -274,6 +325,8 @@ class MediaServer:
         self.ports = []
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self._provider_tasks is not None and self._provider_tasks.running:
+            self._provider_tasks.stop()
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
@@ -298,9 +351,14 @@ class MediaServer:
             if self._access_flush is not None and self._access_flush.running:
                 self._access_flush.stop()
             await self.repository.access.flush()
+        if self.repository is not None and self.repository.storage.tasks is not None:
+            await self.repository.storage.tasks.wait_idle()
         if self.database is not None:
             self.database.close()
             self.database = None
+        for provider in self._providers:
+            provider.stop()
+        self._providers = []
         for pool in (self._media_io, self._thumbnail_pool):
             if pool.started:
                 pool.stop()

@@ -214,6 +214,51 @@ class FederationRateLimit:
 
 
 @attrs.frozen
+class DirectoryProviderConfig:
+    """Synapse's file-system storage provider: a copy of the store elsewhere."""
+
+    directory: str
+
+
+@attrs.frozen
+class S3ProviderConfig:
+    """The S3 storage provider module's ``config`` block, same option names."""
+
+    bucket: str
+    region_name: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    storage_class: str = "STANDARD"
+    prefix: str = ""
+    threadpool_size: int = 40
+    sse_customer_key: str | None = None
+    sse_customer_algo: str = "AES256"
+
+
+@attrs.frozen
+class StorageProviderConfig:
+    """An entry of ``media_storage_providers``; the flags default to false, as in Synapse."""
+
+    backend: DirectoryProviderConfig | S3ProviderConfig
+    store_local: bool = False
+    store_remote: bool = False
+    store_synchronous: bool = False
+
+
+# Module names an existing Synapse config may give each built-in provider.
+DIRECTORY_PROVIDER_MODULES = frozenset(
+    {
+        "file_system",
+        "synapse.rest.media.v1.storage_provider.FileStorageProviderBackend",
+        "synapse.media.storage_provider.FileStorageProviderBackend",
+    }
+)
+S3_PROVIDER_MODULES = frozenset({"s3", "s3_storage_provider.S3StorageProviderBackend"})
+
+
+@attrs.frozen
 class UploadLimit:
     """An entry of ``media_upload_limits``: at most ``max_size`` bytes
     uploaded per user within any ``time_period``."""
@@ -290,6 +335,10 @@ class Config:
     rc_media_create: RateLimit
     # Longest period first, as Synapse checks them.
     media_upload_limits: tuple[UploadLimit, ...]
+    media_storage_providers: tuple[StorageProviderConfig, ...]
+    # Ours: keep the local store under this many bytes by evicting files
+    # read least recently that a provider holds; None: no limit.
+    media_store_max_size: int | None
     # media_retention: how long unread media is kept; None keeps it for ever.
     local_media_lifetime_ms: int | None
     remote_media_lifetime_ms: int | None
@@ -514,6 +563,82 @@ def _parse_upload_limits(root: _Reader) -> tuple[UploadLimit, ...]:
     return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
 
 
+def _parse_provider_backend(
+    module: str, options: _Reader
+) -> DirectoryProviderConfig | S3ProviderConfig:
+    if module in DIRECTORY_PROVIDER_MODULES:
+        directory = options.string("directory")
+        if not directory:
+            raise ConfigError(options.key("directory"), "is required")
+        return DirectoryProviderConfig(os.path.abspath(directory))
+    bucket = options.string("bucket")
+    if not bucket:
+        raise ConfigError(options.key("bucket"), "is required")
+    algo = options.string("sse_customer_algo", "AES256") or "AES256"
+    return S3ProviderConfig(
+        bucket=bucket,
+        region_name=options.string("region_name"),
+        endpoint_url=options.string("endpoint_url"),
+        access_key_id=options.string("access_key_id"),
+        secret_access_key=options.string("secret_access_key"),
+        session_token=options.string("session_token"),
+        storage_class=options.string("storage_class", "STANDARD") or "STANDARD",
+        prefix=options.string("prefix", "") or "",
+        threadpool_size=options.integer("threadpool_size", 40, minimum=1),
+        sse_customer_key=options.string("sse_customer_key"),
+        sse_customer_algo=algo,
+    )
+
+
+def _parse_storage_providers(root: _Reader) -> tuple[StorageProviderConfig, ...]:
+    providers = []
+    for index, raw in enumerate(root.sequence("media_storage_providers")):
+        key = f"media_storage_providers[{index}]"
+        if not isinstance(raw, Mapping):
+            raise ConfigError(key, "expected a mapping")
+        entry = _Reader(raw, f"{key}.")
+        module = entry.string("module")
+        if module not in DIRECTORY_PROVIDER_MODULES | S3_PROVIDER_MODULES:
+            known = ", ".join(sorted(DIRECTORY_PROVIDER_MODULES | S3_PROVIDER_MODULES))
+            raise ConfigError(entry.key("module"), f"{module!r} is not one of {known}")
+        providers.append(
+            StorageProviderConfig(
+                backend=_parse_provider_backend(module, entry.mapping("config")),
+                store_local=entry.boolean("store_local", False),
+                store_remote=entry.boolean("store_remote", False),
+                store_synchronous=entry.boolean("store_synchronous", False),
+            )
+        )
+    backup = root.string("backup_media_store_path")
+    if backup:
+        if providers:
+            raise ConfigError(
+                "backup_media_store_path", "cannot be used with media_storage_providers"
+            )
+        providers.append(
+            StorageProviderConfig(
+                backend=DirectoryProviderConfig(os.path.abspath(backup)),
+                store_local=True,
+                store_remote=True,
+                store_synchronous=root.boolean("synchronous_backup_media_store", False),
+            )
+        )
+    return tuple(providers)
+
+
+def _parse_media_store_max_size(
+    root: _Reader, providers: tuple[StorageProviderConfig, ...]
+) -> int | None:
+    if root.raw("media_store_max_size") is None:
+        return None
+    if not any(p.store_local and p.store_remote for p in providers):
+        raise ConfigError(
+            "media_store_max_size",
+            "needs a storage provider with store_local and store_remote to keep what is evicted",
+        )
+    return root.size("media_store_max_size", "0")
+
+
 def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
 
@@ -545,6 +670,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         return os.path.abspath(value) if value else None
 
     max_upload_size = root.size("max_upload_size", "50M")
+    storage_providers = _parse_storage_providers(root)
     log_config = root.string("log_config")
     return Config(
         server_name=server_name,
@@ -570,6 +696,8 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         max_pending_media_uploads=root.integer("max_pending_media_uploads", 5),
         rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
         media_upload_limits=_parse_upload_limits(root),
+        media_storage_providers=storage_providers,
+        media_store_max_size=_parse_media_store_max_size(root, storage_providers),
         local_media_lifetime_ms=_optional_duration(root, "media_retention", "local_media_lifetime"),
         remote_media_lifetime_ms=_optional_duration(
             root, "media_retention", "remote_media_lifetime"

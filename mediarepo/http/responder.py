@@ -17,7 +17,7 @@ from mediarepo.federation.multipart import (
 from mediarepo.http.headers import MEDIA_CACHE_CONTROL, MEDIA_ETAG, set_media_headers
 from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
-from mediarepo.media.responder import Responder
+from mediarepo.media.responder import Responder, bytes_served
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ async def _stream(request: MediaRequest, responder: Responder, start: int, lengt
     if length:
         try:
             await responder.write_to_consumer(request, start, length)
+            bytes_served.inc(length)
         except ConnectionError:
             # The client went away (the transport stopped the producer
             # before the request hears of the lost connection).

@@ -101,6 +101,21 @@ def remote_thumbnail_path(
     )
 
 
+# Top-level directories of the store, by whose media they hold.
+_LOCAL_TOP = ("local_content", "local_thumbnails")
+_REMOTE_TOP = ("remote_content", "remote_thumbnail")
+
+
+def is_local_path(relative_path: str) -> bool:
+    """Our own media or its thumbnails (not URL previews)."""
+    return relative_path.split("/", 1)[0] in _LOCAL_TOP
+
+
+def is_remote_path(relative_path: str) -> bool:
+    """Other servers' media cached here, or its thumbnails."""
+    return relative_path.split("/", 1)[0] in _REMOTE_TOP
+
+
 class MediaPaths:
     """Turns store-relative paths into absolute ones inside ``base``."""
 

@@ -10,7 +10,10 @@ memory and a large file never sits in memory whole.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import time
+from collections.abc import Callable
 from typing import IO, Any
 
 from prometheus_client import Counter
@@ -20,11 +23,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-bytes_served = Counter("mediarepo_media_bytes_served_total", "Bytes of media streamed to clients")
+bytes_served = Counter(
+    "mediarepo_media_bytes_served_total", "Bytes of media streamed to clients in whole responses"
+)
 
 # Large enough that a thread hop per chunk costs little, small enough to
 # keep per-connection memory low.
 CHUNK_SIZE = 256 * 1024
+# How stale a file's access time may get before a read refreshes it.
+READ_NOTE_INTERVAL_SECONDS = 3600.0
 
 
 class Responder(abc.ABC):
@@ -33,8 +40,11 @@ class Responder(abc.ABC):
     size: int
 
     @abc.abstractmethod
-    async def write_to_consumer(self, consumer: IConsumer, start: int, length: int) -> None:
-        """Write ``length`` bytes from offset ``start`` into ``consumer``.
+    async def write_to_consumer(
+        self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
+    ) -> None:
+        """Write ``length`` bytes from offset ``start`` into ``consumer``,
+        and each chunk to ``copy_to`` too if given (on the reading thread).
 
         Returns when done; raises if the transfer was cut off.
         """
@@ -57,25 +67,50 @@ class FileResponder(Responder):
 
     @classmethod
     async def open(
-        cls, path: str, threadpool: ThreadPool, reactor: IReactorFromThreads
+        cls,
+        path: str,
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+        *,
+        note_read: bool = False,
     ) -> FileResponder | None:
-        """Open ``path`` on the thread pool; ``None`` if it does not exist."""
+        """Open ``path`` on the thread pool; ``None`` if it does not exist.
+
+        With ``note_read``, the file's access time is brought up to date
+        (at most hourly, whatever the mount's atime options), for a cache
+        that evicts the files read least recently.
+        """
 
         def do_open() -> tuple[IO[bytes], int] | None:
             try:
                 file = open(path, "rb")
             except (FileNotFoundError, NotADirectoryError):
                 return None
-            return file, os.fstat(file.fileno()).st_size
+            stat = os.fstat(file.fileno())
+            if note_read and time.time() - stat.st_atime > READ_NOTE_INTERVAL_SECONDS:
+                with contextlib.suppress(OSError):
+                    os.utime(file.fileno(), (time.time(), stat.st_mtime))
+            return file, stat.st_size
 
         opened = await deferToThreadPool(reactor, threadpool, do_open)
         if opened is None:
             return None
         return cls(opened[0], opened[1], threadpool, reactor)
 
-    async def write_to_consumer(self, consumer: IConsumer, start: int, length: int) -> None:
-        producer = _ThreadedFileProducer(
-            self._file, start, length, consumer, self._threadpool, self._reactor
+    async def write_to_consumer(
+        self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
+    ) -> None:
+        position = start
+
+        def read(size: int) -> bytes:
+            nonlocal position
+            self._file.seek(position)
+            chunk = self._file.read(size)
+            position += len(chunk)
+            return chunk
+
+        producer = ThreadedProducer(
+            read, length, consumer, self._threadpool, self._reactor, copy_to
         )
         await producer.run()
 
@@ -84,22 +119,28 @@ class FileResponder(Responder):
 
 
 @implementer(IPushProducer)
-class _ThreadedFileProducer:
+class ThreadedProducer:
+    """Pushes ``length`` bytes from a blocking ``read(size)`` into a consumer.
+
+    Each read runs on the thread pool, one chunk at a time, and none starts
+    while the consumer has paused us: back-pressure reaches the source.
+    """
+
     def __init__(
         self,
-        file: IO[bytes],
-        start: int,
+        read: Callable[[int], bytes],
         length: int,
         consumer: IConsumer,
         threadpool: ThreadPool,
         reactor: IReactorFromThreads,
+        copy_to: IO[bytes] | None = None,
     ) -> None:
-        self._file = file
-        self._offset = start
+        self._read = read
         self._remaining = length
         self._consumer = consumer
         self._threadpool = threadpool
         self._reactor = reactor
+        self._copy_to = copy_to
         self._paused = False
         self._reading = False
         self._stopped = False
@@ -113,9 +154,11 @@ class _ThreadedFileProducer:
         finally:
             self._consumer.unregisterProducer()
 
-    def _read_chunk(self, offset: int, size: int) -> bytes:
-        self._file.seek(offset)
-        return self._file.read(size)
+    def _read_chunk(self, size: int) -> bytes:
+        chunk = self._read(size)
+        if self._copy_to is not None and chunk:
+            self._copy_to.write(chunk)
+        return chunk
 
     def _read_next(self) -> None:
         if self._stopped or self._paused or self._reading or self._done.called:
@@ -125,11 +168,7 @@ class _ThreadedFileProducer:
             return
         self._reading = True
         d = deferToThreadPool(
-            self._reactor,
-            self._threadpool,
-            self._read_chunk,
-            self._offset,
-            min(CHUNK_SIZE, self._remaining),
+            self._reactor, self._threadpool, self._read_chunk, min(CHUNK_SIZE, self._remaining)
         )
         d.addCallbacks(self._got_chunk, self._failed)
 
@@ -138,11 +177,9 @@ class _ThreadedFileProducer:
         if self._stopped:
             return
         if not chunk:
-            self._fail(OSError("file ended before its recorded length"))
+            self._fail(OSError("the file ended before its recorded length"))
             return
-        self._offset += len(chunk)
         self._remaining -= len(chunk)
-        bytes_served.inc(len(chunk))
         # write() may call pauseProducing() synchronously.
         self._consumer.write(chunk)
         self._read_next()
@@ -165,3 +202,18 @@ class _ThreadedFileProducer:
     def stopProducing(self) -> None:
         self._stopped = True
         self._fail(ConnectionError("the client went away"))
+
+
+@implementer(IConsumer)
+class DiscardingConsumer:
+    """A consumer that drops what it gets: for reading a responder only for
+    its ``copy_to`` side (bringing a provider's file to local disk)."""
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        pass

@@ -1,8 +1,13 @@
 """MediaStorage: the chain of storage providers, local store first.
 
 Callers ask for files by their store-relative path and never learn which
-provider answered. Object stores join the chain after the local store
-without any caller changing.
+provider answered. Writes go to the local store, then to each configured
+provider that wants the file (``store_local`` for our media and its
+thumbnails, ``store_remote`` for other servers'), at once when the provider
+is ``store_synchronous`` and through the queue of provider tasks otherwise.
+Reads try the local store, then each provider in order; a file found in a
+provider is brought back to the local store as it streams. Deletions reach
+every provider.
 """
 
 from __future__ import annotations
@@ -10,23 +15,61 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import attrs
+
+from mediarepo.errors import Codes, MatrixError
+from mediarepo.media.paths import is_local_path, is_remote_path
+from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.responder import Responder
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
+from mediarepo.storage.provider_tasks import ProviderOperation
 
 logger = logging.getLogger(__name__)
 
 
+class StorageUnavailableError(MatrixError):
+    """A storage provider failed; the request may succeed later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, Codes.UNKNOWN, message)
+
+
+@attrs.frozen
+class ProviderSlot:
+    """A provider in the chain, with Synapse's ``media_storage_providers`` flags."""
+
+    provider: StorageProvider
+    store_local: bool
+    store_remote: bool
+    store_synchronous: bool
+
+    def wants(self, relative_path: str) -> bool:
+        if is_local_path(relative_path):
+            return self.store_local
+        if is_remote_path(relative_path):
+            return self.store_remote
+        return False  # URL previews stay local, as in Synapse
+
+
 class MediaStorage:
-    def __init__(self, local: LocalMediaStore, providers: list[StorageProvider]) -> None:
+    def __init__(
+        self,
+        local: LocalMediaStore,
+        slots: Sequence[ProviderSlot] = (),
+        tasks: ProviderTasks | None = None,
+    ) -> None:
+        if slots:
+            assert tasks is not None, "providers need the task queue"
         self.local = local
-        self.providers = providers
+        self.slots = list(slots)
+        self.tasks = tasks
         self._uploads_in_progress: set[UploadSink] = set()
 
     @property
-    def chain(self) -> list[StorageProvider]:
-        return [self.local, *self.providers]
+    def providers(self) -> list[StorageProvider]:
+        return [slot.provider for slot in self.slots]
 
     def begin_upload(self, media_id: str) -> UploadSink:
         sink = self.local.new_upload(media_id)
@@ -49,49 +92,118 @@ class MediaStorage:
             sink.abort()
             self.end_upload(sink)
 
+    # -- writing ------------------------------------------------------------------
+
     async def publish(
         self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
     ) -> bool:
         """Put a finished upload at ``relative_path`` in the local store
         (sharing the bytes of a file in ``same_as`` if one is still there),
-        then copy it to the other providers. Returns whether bytes were shared."""
+        then hand it to the providers. Returns whether bytes were shared.
+
+        If a synchronous provider fails, the file is removed again and
+        :class:`StorageUnavailableError` raised.
+        """
         local_path, shared = await self.local.publish(upload, relative_path, same_as)
-        for provider in self.providers:
-            await provider.store(relative_path, local_path)
+        await self._to_providers(relative_path, local_path)
         return shared
 
     async def store_file(self, relative_path: str, data: bytes) -> None:
-        """Store a generated file (a thumbnail) locally, then with the other providers."""
+        """Store a generated file (a thumbnail) locally, then with the providers."""
         local_path = await self.local.write_file(relative_path, data)
+        await self._to_providers(relative_path, local_path)
+
+    async def _to_providers(self, relative_path: str, local_path: str) -> None:
+        wanting = [slot for slot in self.slots if slot.wants(relative_path)]
+        try:
+            for slot in wanting:
+                if slot.store_synchronous:
+                    await slot.provider.store(relative_path, local_path)
+        except Exception as e:
+            logger.warning("storing %s at %s failed: %s", relative_path, slot.provider.name, e)
+            await self.delete(relative_path)
+            raise StorageUnavailableError("The media could not be stored; try again later") from e
+        for slot in wanting:
+            if not slot.store_synchronous:
+                assert self.tasks is not None
+                await self.tasks.queue(slot.provider, relative_path, ProviderOperation.STORE)
+
+    # -- reading ------------------------------------------------------------------
+
+    async def fetch(self, relative_path: str) -> Responder | None:
+        """The first copy of ``relative_path`` in the chain, or ``None``.
+
+        A provider's copy comes back to the local store as it is served.
+        Raises :class:`StorageUnavailableError` if the file was found nowhere
+        and a provider could not be asked.
+        """
+        responder = await self.local.fetch(relative_path)
+        if responder is not None:
+            return responder
+        failed = False
         for provider in self.providers:
-            await provider.store(relative_path, local_path)
+            try:
+                responder = await provider.fetch(relative_path)
+            except Exception as e:
+                logger.warning("reading %s from %s failed: %s", relative_path, provider.name, e)
+                failed = True
+                continue
+            if responder is not None:
+                return self.local.bringing_back(responder, relative_path)
+        if failed:
+            raise StorageUnavailableError("Media storage is unavailable; try again later")
+        return None
 
     async def local_copy(self, relative_path: str) -> str | None:
         """A path on local disk holding ``relative_path``, for work that needs
-        a real file (Pillow); ``None`` if the local store lacks it."""
-        return await self.local.local_path(relative_path)
+        a real file (Pillow), brought back from a provider if need be;
+        ``None`` if no provider has it."""
+        path = await self.local.local_path(relative_path)
+        if path is not None:
+            return path
+        responder = await self.fetch(relative_path)
+        if responder is None:
+            return None
+        return await self.local.bring_back(responder, relative_path)
 
     async def exists(self, relative_path: str) -> bool:
         """Whether any provider has ``relative_path``."""
-        for provider in self.chain:
-            responder = await provider.fetch(relative_path)
-            if responder is not None:
-                responder.close()
-                return True
+        if await self.local.exists(relative_path):
+            return True
+        for provider in self.providers:
+            try:
+                if await provider.exists(relative_path):
+                    return True
+            except Exception as e:
+                raise StorageUnavailableError(
+                    "Media storage is unavailable; try again later"
+                ) from e
         return False
 
-    async def fetch(self, relative_path: str) -> Responder | None:
-        """The first provider's copy of ``relative_path``, or ``None``."""
-        for provider in self.chain:
-            responder = await provider.fetch(relative_path)
-            if responder is not None:
-                return responder
-        return None
+    # -- deleting ------------------------------------------------------------------
 
     async def delete(self, relative_path: str) -> None:
-        for provider in self.chain:
-            await provider.delete(relative_path)
+        await self.local.delete(relative_path)
+        await self._in_providers(relative_path, ProviderOperation.DELETE)
 
     async def delete_directory(self, relative_path: str) -> None:
-        for provider in self.chain:
-            await provider.delete_directory(relative_path)
+        await self.local.delete_directory(relative_path)
+        await self._in_providers(relative_path, ProviderOperation.DELETE_DIRECTORY)
+
+    async def _in_providers(self, relative_path: str, operation: ProviderOperation) -> None:
+        """Delete from every provider; one that fails is asked again later."""
+        for provider in self.providers:
+            try:
+                if operation is ProviderOperation.DELETE:
+                    await provider.delete(relative_path)
+                else:
+                    await provider.delete_directory(relative_path)
+            except Exception as e:
+                logger.warning(
+                    "deleting %s at %s failed (queued to retry): %s",
+                    relative_path,
+                    provider.name,
+                    e,
+                )
+                assert self.tasks is not None
+                await self.tasks.queue(provider, relative_path, operation)

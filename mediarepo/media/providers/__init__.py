@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import abc
 
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.python.threadpool import ThreadPool
+
+from mediarepo.config import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.media.responder import Responder
 
 
 class StorageProvider(abc.ABC):
     """One place media bytes can live; :class:`MediaStorage` chains them."""
 
+    # Identifies the provider in logs and in the queue of pending copies.
     name: str
+
+    # Optional hooks, not abstract: most providers need neither.
+    def start(self) -> None:  # noqa: B027
+        """Acquire what the provider runs on (a thread pool); called at start-up."""
+
+    def stop(self) -> None:  # noqa: B027
+        """Release it again; called at shutdown."""
 
     @abc.abstractmethod
     async def fetch(self, relative_path: str) -> Responder | None:
         """The file at ``relative_path``, or ``None`` if this provider lacks it."""
+
+    @abc.abstractmethod
+    async def exists(self, relative_path: str, size: int | None = None) -> bool:
+        """Whether this provider holds ``relative_path`` (of ``size`` bytes, if given)."""
 
     @abc.abstractmethod
     async def store(self, relative_path: str, local_path: str) -> None:
@@ -28,3 +44,19 @@ class StorageProvider(abc.ABC):
     async def delete_directory(self, relative_path: str) -> None:
         """Remove ``relative_path`` and everything under it (a media's
         thumbnails); no error if it is absent."""
+
+
+def create_provider(
+    config: DirectoryProviderConfig | S3ProviderConfig,
+    media_io: ThreadPool,
+    reactor: IReactorFromThreads,
+) -> StorageProvider:
+    """The provider a ``media_storage_providers`` entry describes."""
+    # Imported here: boto3 is loaded only when an S3 provider is configured.
+    if isinstance(config, S3ProviderConfig):
+        from mediarepo.media.providers.s3 import S3Provider
+
+        return S3Provider(config, reactor)
+    from mediarepo.media.providers.directory import DirectoryProvider
+
+    return DirectoryProvider(config.directory, media_io, reactor)

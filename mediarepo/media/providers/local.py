@@ -19,8 +19,9 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import IO, TypeVar
 
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IConsumer, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -31,12 +32,17 @@ from mediarepo.media.paths import (
     local_media_path,
 )
 from mediarepo.media.providers import StorageProvider
-from mediarepo.media.responder import FileResponder, Responder
+from mediarepo.media.responder import DiscardingConsumer, FileResponder, Responder
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 STAGING_DIR = ".mediarepo_tmp"
+# Staging files not named after a media ID: generated thumbnails, files
+# arriving from other providers.
+_INTERNAL_STAGING_PREFIXES = frozenset({"generated", "incoming"})
 
 
 class FileExistsInStoreError(Exception):
@@ -46,20 +52,85 @@ class FileExistsInStoreError(Exception):
 class LocalMediaStore(StorageProvider):
     name = "local"
 
-    def __init__(self, base: str, threadpool: ThreadPool, reactor: IReactorFromThreads) -> None:
+    def __init__(
+        self,
+        base: str,
+        threadpool: ThreadPool,
+        reactor: IReactorFromThreads,
+        *,
+        note_reads: bool = False,
+    ) -> None:
         self.paths = MediaPaths(base)
         self.staging_dir = os.path.join(self.paths.base, STAGING_DIR)
         self._threadpool = threadpool
         self._reactor = reactor
+        # Keep access times fresh for the cache eviction (see FileResponder.open).
+        self._note_reads = note_reads
         os.makedirs(self.staging_dir, exist_ok=True)
 
-    async def _in_thread(self, func: Callable[..., object], *args: object) -> object:
+    async def in_pool(self, func: Callable[..., T], *args: object) -> T:
+        """Run blocking file work on the media I/O thread pool."""
         return await deferToThreadPool(self._reactor, self._threadpool, func, *args)
 
     async def fetch(self, relative_path: str) -> Responder | None:
         return await FileResponder.open(
-            self.paths.absolute(relative_path), self._threadpool, self._reactor
+            self.paths.absolute(relative_path),
+            self._threadpool,
+            self._reactor,
+            note_read=self._note_reads,
         )
+
+    # -- bringing files back from other providers -------------------------------
+
+    def bringing_back(self, responder: Responder, relative_path: str) -> Responder:
+        """``responder`` (another provider's copy), keeping the bytes it
+        streams as the local file at ``relative_path`` once all have passed."""
+        return _BringBackResponder(responder, self, relative_path)
+
+    async def bring_back(self, responder: Responder, relative_path: str) -> str:
+        """Copy all of ``responder`` to ``relative_path`` here; returns its path."""
+        with contextlib.closing(responder):
+            await self.bringing_back(responder, relative_path).write_to_consumer(
+                DiscardingConsumer(), 0, responder.size
+            )
+        return self.paths.absolute(relative_path)
+
+    async def open_incoming(self) -> tuple[str, IO[bytes]]:
+        """A new staging file for bytes arriving from another provider."""
+        path = os.path.join(self.staging_dir, f"incoming.{secrets.token_hex(8)}")
+        opened: IO[bytes] = await self.in_pool(open, path, "xb")
+        return path, opened
+
+    async def keep_incoming(self, temp_path: str, file: IO[bytes], relative_path: str) -> None:
+        """Make a complete staging file the local file at ``relative_path``
+        (unless another copy got there first)."""
+        final = self.paths.absolute(relative_path)
+
+        def keep() -> None:
+            try:
+                file.flush()
+                os.fsync(file.fileno())
+                file.close()
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.link(temp_path, final)
+            finally:
+                file.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temp_path)
+
+        await self.in_pool(keep)
+
+    async def drop_incoming(self, temp_path: str, file: IO[bytes]) -> None:
+        def drop() -> None:
+            file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+
+        await self.in_pool(drop)
+
+    async def exists(self, relative_path: str, size: int | None = None) -> bool:
+        return await self.in_pool(_file_exists, self.paths.absolute(relative_path), size)
 
     async def store(self, relative_path: str, local_path: str) -> None:
         final = self.paths.absolute(relative_path)
@@ -70,7 +141,7 @@ class LocalMediaStore(StorageProvider):
             os.makedirs(os.path.dirname(final), exist_ok=True)
             shutil.copyfile(local_path, final)
 
-        await self._in_thread(copy)
+        await self.in_pool(copy)
 
     async def delete(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
@@ -81,16 +152,16 @@ class LocalMediaStore(StorageProvider):
             except FileNotFoundError:
                 pass
 
-        await self._in_thread(remove)
+        await self.in_pool(remove)
 
     async def delete_directory(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
-        await self._in_thread(shutil.rmtree, path, True)
+        await self.in_pool(shutil.rmtree, path, True)
 
     async def local_path(self, relative_path: str) -> str | None:
         """The absolute path of ``relative_path`` if the file is here."""
         path = self.paths.absolute(relative_path)
-        exists = await self._in_thread(os.path.isfile, path)
+        exists = await self.in_pool(os.path.isfile, path)
         return path if exists else None
 
     async def write_file(self, relative_path: str, data: bytes) -> str:
@@ -111,7 +182,7 @@ class LocalMediaStore(StorageProvider):
                     os.unlink(temp)
                 raise
 
-        await self._in_thread(write)
+        await self.in_pool(write)
         return final
 
     def new_upload(self, media_id: str) -> UploadSink:
@@ -163,7 +234,7 @@ class LocalMediaStore(StorageProvider):
                 finally:
                     os.close(fd)
 
-        linked = await self._in_thread(link)
+        linked = await self.in_pool(link)
         return final, bool(linked)
 
     async def discard_staged(self, temp_path: str) -> None:
@@ -175,7 +246,7 @@ class LocalMediaStore(StorageProvider):
             except FileNotFoundError:
                 pass
 
-        await self._in_thread(remove)
+        await self.in_pool(remove)
 
     async def sweep_staging(
         self,
@@ -205,8 +276,7 @@ class LocalMediaStore(StorageProvider):
                         continue
             return stale
 
-        stale_names = await self._in_thread(list_stale)
-        assert isinstance(stale_names, list)
+        stale_names = await self.in_pool(list_stale)
         busy = in_use()
         stale = [name for name in stale_names if os.path.join(self.staging_dir, name) not in busy]
         if not stale:
@@ -218,7 +288,7 @@ class LocalMediaStore(StorageProvider):
             for name in names:
                 media_id = name.split(".", 1)[0]
                 staged = os.path.join(self.staging_dir, name)
-                if media_id not in known:
+                if media_id not in known and media_id not in _INTERNAL_STAGING_PREFIXES:
                     try:
                         final = self.paths.absolute(local_media_path(media_id))
                         if os.path.exists(final) and _same_bytes(final, staged):
@@ -232,9 +302,44 @@ class LocalMediaStore(StorageProvider):
                 except FileNotFoundError:
                     pass
 
-        await self._in_thread(remove, stale)
+        await self.in_pool(remove, stale)
         logger.info("removed %d stale staging files", len(stale))
         return len(stale)
+
+
+class _BringBackResponder(Responder):
+    def __init__(self, inner: Responder, local: LocalMediaStore, relative_path: str) -> None:
+        self._inner = inner
+        self._local = local
+        self._relative_path = relative_path
+        self.size = inner.size
+
+    async def write_to_consumer(
+        self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
+    ) -> None:
+        if start != 0 or length != self.size or copy_to is not None:
+            # Part of the file: not enough to keep.
+            await self._inner.write_to_consumer(consumer, start, length, copy_to)
+            return
+        temp_path, file = await self._local.open_incoming()
+        try:
+            await self._inner.write_to_consumer(consumer, start, length, file)
+        except BaseException:
+            await self._local.drop_incoming(temp_path, file)
+            raise
+        await self._local.keep_incoming(temp_path, file, self._relative_path)
+        logger.info("brought %s back to the local media store", self._relative_path)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _file_exists(path: str, size: int | None) -> bool:
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return size is None or stat.st_size == size
 
 
 def _same_bytes(a: str, b: str) -> bool:

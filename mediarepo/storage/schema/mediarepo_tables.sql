@@ -6,3 +6,19 @@ CREATE TABLE IF NOT EXISTS mediarepo_schema_version (
     version INTEGER NOT NULL,
     CONSTRAINT mediarepo_schema_version_lock_key UNIQUE (lock)
 )
+;
+-- Work owed to storage providers: copies to asynchronous providers
+-- (store_synchronous: false) and deletions a provider failed, kept until
+-- done and retried across restarts.
+CREATE TABLE IF NOT EXISTS mediarepo_provider_tasks (
+    provider TEXT NOT NULL,
+    relative_path TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_attempt_ts BIGINT NOT NULL,
+    last_error TEXT,
+    CONSTRAINT mediarepo_provider_tasks_key UNIQUE (provider, relative_path, operation)
+)
+;
+CREATE INDEX IF NOT EXISTS mediarepo_provider_tasks_due
+    ON mediarepo_provider_tasks (next_attempt_ts)

@@ -1,0 +1,129 @@
+"""A bounded local store (``media_store_max_size``): with an object store
+holding the truth, the local disk keeps only what was read lately.
+
+Each run adds up the store (hard-linked copies of deduplicated media once)
+and, over the budget, removes the files read least recently until the store
+is a tenth under it. A file goes only once a provider that keeps such files
+confirms it holds one of the same size; it comes back on its next read.
+Reads keep access times fresh (see ``FileResponder.open``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import attrs
+from prometheus_client import Counter, Gauge
+
+from mediarepo.media.providers.local import LocalMediaStore
+from mediarepo.media.storage import ProviderSlot
+
+logger = logging.getLogger(__name__)
+
+evicted_files = Counter("mediarepo_local_cache_evicted_files_total", "Local files evicted")
+local_store_bytes = Gauge("mediarepo_local_store_bytes", "Bytes in the local media store")
+
+# The directories whose files may be evicted (never staging, never URL previews).
+_EVICTABLE = ("local_content", "local_thumbnails", "remote_content", "remote_thumbnail")
+# Candidates considered per round, least recently read first.
+_ROUND = 2000
+# Eviction stops this far under the budget, so it does not run on every write.
+_LOW_WATER = 0.9
+
+
+@attrs.frozen
+class _File:
+    atime: float
+    relative_path: str
+    size: int
+    # Whether removing this name frees the bytes (no other hard link).
+    last_link: bool
+
+
+def _walk(base: str) -> Iterator[tuple[str, os.stat_result]]:
+    for top in _EVICTABLE:
+        for directory, _subdirs, names in os.walk(os.path.join(base, top)):
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    yield os.path.relpath(path, base), os.stat(path)
+                except FileNotFoundError:
+                    continue
+
+
+def _store_size(base: str) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for _, stat in _walk(base):
+        inode = (stat.st_dev, stat.st_ino)
+        if inode not in seen:
+            seen.add(inode)
+            total += stat.st_size
+    return total
+
+
+def _least_recently_read(base: str, count: int) -> list[_File]:
+    files = (
+        _File(stat.st_atime, relative, stat.st_size, stat.st_nlink == 1)
+        for relative, stat in _walk(base)
+    )
+    return heapq.nsmallest(count, files, key=lambda f: f.atime)
+
+
+class LocalCacheEviction:
+    def __init__(
+        self, local: LocalMediaStore, slots: Sequence[ProviderSlot], max_size: int
+    ) -> None:
+        self._local = local
+        self._slots = list(slots)
+        self._max_size = max_size
+
+    async def run(self) -> int:
+        """Evict until under the budget; returns how many files went."""
+        base = self._local.paths.base
+        total = await self._local.in_pool(_store_size, base)
+        local_store_bytes.set(total)
+        if total <= self._max_size:
+            return 0
+        target = int(self._max_size * _LOW_WATER)
+        evicted = 0
+        while total > target:
+            candidates = await self._local.in_pool(_least_recently_read, base, _ROUND)
+            progress = False
+            for candidate in candidates:
+                if total <= target:
+                    break
+                if not await self._kept_elsewhere(candidate):
+                    continue
+                await self._local.delete(candidate.relative_path)
+                evicted += 1
+                progress = True
+                if candidate.last_link:
+                    total -= candidate.size
+            if not progress:
+                logger.warning(
+                    "the local media store holds %d bytes, over media_store_max_size (%d),"
+                    " but no more files are safely in a storage provider",
+                    total,
+                    self._max_size,
+                )
+                break
+        evicted_files.inc(evicted)
+        local_store_bytes.set(total)
+        logger.info("evicted %d files from the local media store (%d bytes left)", evicted, total)
+        return evicted
+
+    async def _kept_elsewhere(self, candidate: _File) -> bool:
+        for slot in self._slots:
+            if not slot.wants(candidate.relative_path):
+                continue
+            try:
+                if await slot.provider.exists(candidate.relative_path, candidate.size):
+                    return True
+            except Exception as e:
+                logger.warning("cannot check %s at %s: %s", candidate.relative_path,
+                               slot.provider.name, e)  # fmt: skip
+        return False
