@@ -8,6 +8,8 @@ from typing import Any
 from twisted.trial import unittest
 
 from mediarepo.config import (
+    DirectoryProviderConfig,
+    S3ProviderConfig,
     is_valid_server_name,
     load_config,
     parse_config,
@@ -121,6 +123,62 @@ class ConfigTests(unittest.TestCase):
             [(limit.time_period_ms, limit.max_size) for limit in config.media_upload_limits],
             [(86_400_000, 100 * 1024**2), (3_600_000, 10 * 1024**2)],
         )
+
+    def test_storage_providers(self) -> None:
+        config = parse(
+            {
+                "server_name": "example.org",
+                "media_storage_providers": [
+                    {
+                        "module": "s3_storage_provider.S3StorageProviderBackend",
+                        "store_local": True,
+                        "store_remote": True,
+                        "config": {"bucket": "b", "prefix": "media/", "region_name": "eu"},
+                    },
+                    {
+                        "module": "synapse.rest.media.v1.storage_provider"
+                        ".FileStorageProviderBackend",
+                        "config": {"directory": "/backup"},
+                    },
+                ],
+                "media_store_max_size": "10G",
+            }
+        )
+        s3, directory = config.media_storage_providers
+        self.assertEqual(
+            (s3.store_local, s3.store_remote, s3.store_synchronous), (True, True, False)
+        )
+        assert isinstance(s3.backend, S3ProviderConfig)
+        self.assertEqual(
+            (s3.backend.bucket, s3.backend.prefix, s3.backend.threadpool_size),
+            ("b", "media/", 40),
+        )
+        self.assertEqual(directory.backend, DirectoryProviderConfig("/backup"))
+        self.assertFalse(directory.store_local or directory.store_remote)
+        self.assertEqual(config.media_store_max_size, 10 * 1024**3)
+        legacy = parse({"server_name": "example.org", "backup_media_store_path": "/b"})
+        (backup,) = legacy.media_storage_providers
+        self.assertEqual((backup.store_local, backup.store_remote, backup.store_synchronous),
+                         (True, True, False))  # fmt: skip
+        bad = [
+            ({"media_storage_providers": [{"module": "nope.Backend"}]}, "module"),
+            ({"media_storage_providers": [{"module": "file_system"}]}, "config.directory"),
+            ({"media_storage_providers": [{"module": "s3", "config": {}}]}, "config.bucket"),
+            ({"media_store_max_size": "1G"}, "media_store_max_size"),
+            (
+                {
+                    "backup_media_store_path": "/b",
+                    "media_storage_providers": [
+                        {"module": "file_system", "config": {"directory": "/c"}}
+                    ],
+                },
+                "backup_media_store_path",
+            ),
+        ]
+        for extra, key in bad:
+            with self.assertRaises(ConfigError) as raised:
+                parse({"server_name": "example.org", **extra})
+            self.assertIn(key, str(raised.exception))
 
     def test_server_names(self) -> None:
         for good in ("example.org", "localhost:8448", "1.2.3.4", "[::1]:8448", "a-b.c"):

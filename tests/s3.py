@@ -1,0 +1,101 @@
+"""A real S3-compatible server for the tests: moto in server mode, as a
+separate process on a loopback port, stoppable and restartable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+BUCKET = "media-bucket"
+ACCESS_KEY = "test-access-key"
+SECRET_KEY = "test-secret-key"
+REGION = "us-east-1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class MotoServer:
+    def __init__(self, log_dir: str) -> None:
+        self.port = _free_port()
+        self._log_path = os.path.join(log_dir, f"moto-{self.port}.log")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, create_bucket: bool = True) -> None:
+        """Start (or start again, empty) and wait until it answers."""
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self._process.poll() is not None:
+                    raise RuntimeError(f"moto did not start; see {self._log_path}") from None
+                time.sleep(0.05)
+        if create_bucket:
+            self.client().create_bucket(Bucket=BUCKET)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+        )
+
+    def provider_config(self, **flags: Any) -> dict[str, Any]:
+        """A ``media_storage_providers`` entry for this server, as an
+        operator of the Synapse S3 module would write it."""
+        entry: dict[str, Any] = {
+            "module": "s3_storage_provider.S3StorageProviderBackend",
+            "store_local": True,
+            "store_remote": True,
+            "store_synchronous": True,
+            "config": {
+                "bucket": BUCKET,
+                "endpoint_url": self.endpoint_url,
+                "region_name": REGION,
+                "access_key_id": ACCESS_KEY,
+                "secret_access_key": SECRET_KEY,
+                "threadpool_size": 8,
+            },
+        }
+        entry.update(flags)
+        return entry
+
+    def keys(self) -> set[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+    def read(self, key: str) -> bytes:
+        body: bytes = self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        return body
