@@ -104,6 +104,35 @@ class MediaAdminStore:
         )
         return [row[0] for row in rows]
 
+    async def local_media_unread_page(
+        self, before_ts: int, after_media_id: str, limit: int
+    ) -> list[str]:
+        """A page (by media ID, after ``after_media_id``) of local media with
+        content not read since ``before_ts`` (never read: not made since)."""
+        rows = await self._db.run_query(
+            "get_local_media_unread_page",
+            "SELECT media_id FROM local_media_repository"
+            " WHERE COALESCE(last_access_ts, created_ts) < ? AND media_length IS NOT NULL"
+            " AND url_cache IS NULL AND media_id > ? ORDER BY media_id LIMIT ?",
+            (before_ts, after_media_id, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def remote_media_unread_page(
+        self, before_ts: int, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str]]:
+        """A page of (origin, filesystem ID) of cached remote media not read
+        since ``before_ts``, after ``after`` in that order."""
+        rows = await self._db.run_query(
+            "get_remote_media_unread_page",
+            "SELECT media_origin, filesystem_id FROM remote_media_cache"
+            " WHERE last_access_ts < ? AND (media_origin > ? OR"
+            " (media_origin = ? AND filesystem_id > ?))"
+            " ORDER BY media_origin, filesystem_id LIMIT ?",
+            (before_ts, after[0], after[0], after[1], limit),
+        )
+        return [(row[0], row[1]) for row in rows]
+
     async def user_exists(self, user_id: str) -> bool:
         rows = await self._db.run_query(
             "get_user_by_id", "SELECT 1 FROM users WHERE name = ?", (user_id,)
