@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,3 +188,56 @@ class PruneLocalTests(ServerTestMixin):
             "GET", f"/_matrix/client/v1/media/download/{SERVER_NAME}/{old_blob}", token=token
         )
         self.assertEqual((r.code, len(r.body)), (200, 5000))
+
+
+@on_both_databases
+class SwitchToS3Tests(ServerTestMixin):
+    """The whole move: a deployment without S3 gets a provider by a config
+    change and a script run, then loses its local disk and still serves
+    every file."""
+
+    async def test_switch_then_lose_the_local_disk(self) -> None:
+        token = await self.register()
+        photo, blob = images.jpeg(640, 480), os.urandom(300_000)
+        media = {
+            await self.upload(token, photo, "image/jpeg"): photo,
+            await self.upload(token, blob): blob,
+            await self.upload(token, b"hello"): b"hello",
+        }
+        thumbnail = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
+        photo_id = next(iter(media))
+        r = await self.request("GET", f"{thumbnail}/{photo_id}?width=96&height=96", token=token)
+        self.assertEqual(r.code, 200)
+        thumbnail_bytes = r.body
+        await self.server.stop()
+
+        self.moto = MotoServer(self.workdir)
+        self.moto.start()
+        self.addCleanup(self.moto.stop)  # type: ignore[attr-defined]
+        provider = {"media_storage_providers": [self.moto.provider_config()]}
+        config_path = os.path.join(self.workdir, "homeserver.yaml")
+        with open(config_path, "w") as f:
+            yaml.safe_dump(
+                {"server_name": SERVER_NAME, "database": self.database_config,
+                 "media_store_path": self.media_store, **provider}, f,
+            )  # fmt: skip
+        copied = await deferToThread(
+            subprocess.run, _script("copy_media_to_s3", "-c", config_path),
+            capture_output=True, text=True, env=_environment(), timeout=300, check=False,
+        )  # fmt: skip
+        self.assertEqual(copied.returncode, 0, copied.stderr)
+
+        # The local disk is lost.
+        shutil.rmtree(self.media_store)
+        await self.start_server(**provider)
+        for media_id, data in media.items():
+            self.assertEqual(await self._body(media_id, token), data)
+        r = await self.request("GET", f"{thumbnail}/{photo_id}?width=96&height=96", token=token)
+        self.assertEqual((r.code, r.body), (200, thumbnail_bytes))
+
+    async def _body(self, media_id: str, token: str) -> bytes:
+        r = await self.request(
+            "GET", f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}", token=token
+        )
+        self.assertEqual(r.code, 200, r.body[:200])
+        return r.body
