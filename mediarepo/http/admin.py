@@ -19,7 +19,7 @@ from mediarepo.http.server import (
 from mediarepo.http.site import MediaRequest
 from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.rooms import RoomMedia
-from mediarepo.storage.media_admin import UsageOrder, UserMediaOrder
+from mediarepo.storage.media_admin import UsageOrder, UsageQuery, UserMediaOrder
 from mediarepo.values import LocalMedia, RemoteMedia, Requester
 
 E = TypeVar("E", bound=enum.Enum)
@@ -228,15 +228,16 @@ class AdminHandler:
             raise MatrixError(
                 400, Codes.INVALID_PARAM, "Query parameter search_term cannot be an empty string."
             )
-        users, total = await self._admin.usage_by_user(
-            start,
-            limit,
-            from_ts,
-            until_ts,
-            _query_choice(request, "order_by", UsageOrder, UsageOrder.USER_ID),
-            _query_direction(request),
-            search_term,
+        query = UsageQuery(
+            start=start,
+            limit=limit,
+            from_ts=from_ts,
+            until_ts=until_ts,
+            order_by=_query_choice(request, "order_by", UsageOrder, UsageOrder.USER_ID),
+            descending=_query_direction(request),
+            search_term=search_term,
         )
+        users, total = await self._admin.usage_by_user(query)
         body: dict[str, Any] = {
             "users": [
                 {

@@ -12,7 +12,7 @@ from mediarepo.storage.media import MediaStore
 from mediarepo.storage.media_admin import (
     LocalPurgeFilter,
     MediaAdminStore,
-    UsageOrder,
+    UsageQuery,
     UserMediaOrder,
     UserUsage,
 )
@@ -167,19 +167,8 @@ class MediaAdmin:
             await self._purger.delete_local(media_ids, "admin request")
         return media_ids
 
-    async def usage_by_user(
-        self,
-        start: int,
-        limit: int,
-        from_ts: int,
-        until_ts: int | None,
-        order_by: UsageOrder,
-        descending: bool,
-        search_term: str | None,
-    ) -> tuple[list[UserUsage], int]:
-        return await self._admin_store.usage_by_user(
-            start, limit, from_ts, until_ts, order_by, descending, search_term
-        )
+    async def usage_by_user(self, query: UsageQuery) -> tuple[list[UserUsage], int]:
+        return await self._admin_store.usage_by_user(query)
 
     async def _check_local_user(self, user_id: str) -> None:
         if not user_id.endswith(":" + self.server_name):

@@ -52,6 +52,19 @@ class LocalPurgeFilter:
 
 
 @attrs.frozen
+class UsageQuery:
+    """Which uploaders the per-user statistics list, in which order, which page."""
+
+    start: int = 0
+    limit: int = 100
+    from_ts: int = 0
+    until_ts: int | None = None
+    order_by: UsageOrder = UsageOrder.USER_ID
+    descending: bool = False
+    search_term: str | None = None
+
+
+@attrs.frozen
 class UserUsage:
     user_id: str
     displayname: str | None
@@ -165,18 +178,10 @@ class MediaAdminStore:
 
         return await self._db.run_interaction("get_local_media_by_user_paginate", txn)
 
-    async def usage_by_user(
-        self,
-        start: int,
-        limit: int,
-        from_ts: int,
-        until_ts: int | None,
-        order_by: UsageOrder,
-        descending: bool,
-        search_term: str | None,
-    ) -> tuple[list[UserUsage], int]:
+    async def usage_by_user(self, query: UsageQuery) -> tuple[list[UserUsage], int]:
         """Media count and bytes per uploader, a page of them, and how many
         uploaders match in all."""
+        search_term = query.search_term
 
         def txn(t: Transaction) -> tuple[list[UserUsage], int]:
             args: list[object] = []
@@ -197,12 +202,12 @@ class MediaAdminStore:
                 else:
                     filters.append("lmr.user_id LIKE ? ESCAPE '!'")
                     args.append("@" + pattern + ":" + "%")
-            if from_ts:
+            if query.from_ts:
                 filters.append("lmr.created_ts >= ?")
-                args.append(from_ts)
-            if until_ts is not None:
+                args.append(query.from_ts)
+            if query.until_ts is not None:
                 filters.append("lmr.created_ts <= ?")
-                args.append(until_ts)
+                args.append(query.until_ts)
             group = "lmr.user_id, p.displayname" if self._has_profiles else "lmr.user_id"
             base = (
                 f" FROM local_media_repository AS lmr {join} WHERE {' AND '.join(filters)}"
@@ -216,13 +221,13 @@ class MediaAdminStore:
                 UsageOrder.DISPLAYNAME: displayname if self._has_profiles else "lmr.user_id",
                 UsageOrder.MEDIA_LENGTH: "media_length",
                 UsageOrder.MEDIA_COUNT: "media_count",
-            }[order_by]
-            direction = "DESC" if descending else "ASC"
+            }[query.order_by]
+            direction = "DESC" if query.descending else "ASC"
             t.execute(
                 f"SELECT lmr.user_id, {displayname}, COUNT(*) AS media_count,"
                 f" COALESCE(SUM(lmr.media_length), 0) AS media_length {base}"
                 f" ORDER BY {column} {direction}, lmr.user_id ASC LIMIT ? OFFSET ?",
-                [*args, limit, start],
+                [*args, query.limit, query.start],
             )
             users = [UserUsage(r[0], r[1], int(r[2]), int(r[3])) for r in t.fetchall()]
             return users, total

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import TextIO
 
-from mediarepo.config import Config, S3ProviderConfig, StorageProviderConfig
+from mediarepo.config import Config, S3ProviderConfig, StorageProviderConfig, load_config
 from mediarepo.errors import ConfigError
 
 # The media store's directories, by whose media they hold.
@@ -20,11 +20,16 @@ LOCAL_DIRECTORIES = ("local_content", "local_thumbnails")
 REMOTE_DIRECTORIES = ("remote_content", "remote_thumbnail")
 
 
-def s3_provider_entry(config: Config, bucket: str | None) -> StorageProviderConfig:
-    """The configured S3 provider (the one with ``bucket``, if given)."""
+def load_s3_setup(
+    config_path: str, bucket: str | None
+) -> tuple[Config, StorageProviderConfig, S3ProviderConfig]:
+    """The server's config, its S3 provider entry (the one with ``bucket``,
+    if given) and that provider's settings; raises :class:`ConfigError`."""
+    config = load_config(config_path)
     for entry in config.media_storage_providers:
-        if isinstance(entry.backend, S3ProviderConfig) and bucket in (None, entry.backend.bucket):
-            return entry
+        backend = entry.backend
+        if isinstance(backend, S3ProviderConfig) and bucket in (None, backend.bucket):
+            return config, entry, backend
     wanted = f"with bucket {bucket!r} " if bucket else ""
     raise ConfigError("media_storage_providers", f"no S3 provider {wanted}is configured")
 

@@ -21,7 +21,6 @@ from typing import Any
 import attrs
 from twisted.internet import defer, task
 
-from mediarepo.config import S3ProviderConfig, load_config
 from mediarepo.errors import ConfigError
 from mediarepo.media.providers.s3 import S3Provider
 from mediarepo.tools import (
@@ -29,7 +28,7 @@ from mediarepo.tools import (
     REMOTE_DIRECTORIES,
     Progress,
     format_bytes,
-    s3_provider_entry,
+    load_s3_setup,
     walk_store,
 )
 
@@ -139,13 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
-        entry = s3_provider_entry(config, args.bucket)
+        config, entry, settings = load_s3_setup(args.config, args.bucket)
     except ConfigError as e:
         print(f"copy_media_to_s3: {e}", file=sys.stderr)
         return 2
-    assert isinstance(entry.backend, S3ProviderConfig)
-    settings = entry.backend
     directories = (LOCAL_DIRECTORIES if entry.store_local else ()) + (
         REMOTE_DIRECTORIES if entry.store_remote else ()
     )

@@ -21,7 +21,6 @@ from typing import Any
 import attrs
 from twisted.internet import defer, task
 
-from mediarepo.config import S3ProviderConfig, load_config
 from mediarepo.errors import ConfigError
 from mediarepo.media.paths import (
     local_media_path,
@@ -32,7 +31,7 @@ from mediarepo.media.paths import (
 from mediarepo.media.providers.s3 import S3Provider
 from mediarepo.storage.database import Database
 from mediarepo.storage.media_admin import MediaAdminStore
-from mediarepo.tools import format_bytes, s3_provider_entry
+from mediarepo.tools import format_bytes, load_s3_setup
 
 _PAGE = 500
 DAY_MS = 24 * 3600 * 1000
@@ -120,13 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.days < 0:
         parser.error("--days must not be negative")
     try:
-        config = load_config(args.config)
-        entry = s3_provider_entry(config, args.bucket)
+        config, entry, settings = load_s3_setup(args.config, args.bucket)
     except ConfigError as e:
         print(f"prune_local_media: {e}", file=sys.stderr)
         return 2
-    assert isinstance(entry.backend, S3ProviderConfig)
-    settings = entry.backend
     before_ts = int(time.time() * 1000) - args.days * DAY_MS
 
     async def run(reactor: Any) -> None:
