@@ -334,10 +334,18 @@ class MediaChannel(http.HTTPChannel):
     can close the connections still open."""
 
     site: MediaSite
+    _host: IAddress | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
+
+    def getHost(self) -> IAddress:
+        # Asked by every request; the local address of a connection does
+        # not change, so one getsockname() call is enough.
+        if self._host is None:
+            self._host = cast(IAddress, super().getHost())
+        return self._host
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.site.channels.discard(self)

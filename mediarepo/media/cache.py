@@ -42,3 +42,49 @@ class ExpiringCache(Generic[K, V]):
 
     def forget(self, key: K) -> None:
         self._entries.pop(key, None)
+
+
+class SmallFileCache:
+    """The bytes of small files read lately, least recently used out first,
+    at most ``max_bytes`` in all, each kept ``seconds`` at most.
+
+    Media files never change once written (a thumbnail made again replaces
+    its file, which the store forgets here); the short life covers files
+    another process removes.
+    """
+
+    def __init__(self, clock: IReactorTime, max_bytes: int, seconds: float) -> None:
+        self._clock = clock
+        self._max_bytes = max_bytes
+        self._seconds = seconds
+        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, path: str) -> bytes | None:
+        entry = self._entries.get(path)
+        if entry is None:
+            return None
+        if self._clock.seconds() - entry[0] >= self._seconds:
+            self.forget(path)
+            return None
+        self._entries.move_to_end(path)
+        return entry[1]
+
+    def put(self, path: str, data: bytes) -> None:
+        self.forget(path)
+        self._entries[path] = (self._clock.seconds(), data)
+        self._bytes += len(data)
+        while self._bytes > self._max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    def forget(self, path: str) -> None:
+        entry = self._entries.pop(path, None)
+        if entry is not None:
+            self._bytes -= len(entry[1])
+
+    def forget_under(self, directory: str) -> None:
+        """Forget every file below ``directory``."""
+        prefix = directory.rstrip("/") + "/"
+        for path in [p for p in self._entries if p.startswith(prefix)]:
+            self.forget(path)

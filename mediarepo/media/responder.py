@@ -73,15 +73,18 @@ class FileResponder(Responder):
         reactor: IReactorFromThreads,
         *,
         note_read: bool = False,
-    ) -> FileResponder | None:
+        read_whole_below: int = 0,
+    ) -> Responder | None:
         """Open ``path`` on the thread pool; ``None`` if it does not exist.
 
-        With ``note_read``, the file's access time is brought up to date
-        (at most hourly, whatever the mount's atime options), for a cache
-        that evicts the files read least recently.
+        A file smaller than ``read_whole_below`` bytes is read at once and
+        closed, in the same trip to the pool, and comes back as a
+        :class:`BytesResponder`. With ``note_read``, the file's access time
+        is brought up to date (at most hourly, whatever the mount's atime
+        options), for a cache that evicts the files read least recently.
         """
 
-        def do_open() -> tuple[IO[bytes], int] | None:
+        def do_open() -> Responder | None:
             try:
                 file = open(path, "rb")
             except (FileNotFoundError, NotADirectoryError):
@@ -90,12 +93,13 @@ class FileResponder(Responder):
             if note_read and time.time() - stat.st_atime > READ_NOTE_INTERVAL_SECONDS:
                 with contextlib.suppress(OSError):
                     os.utime(file.fileno(), (time.time(), stat.st_mtime))
-            return file, stat.st_size
+            if stat.st_size < read_whole_below:
+                with file:
+                    return BytesResponder(file.read())
+            return cls(file, stat.st_size, threadpool, reactor)
 
-        opened = await deferToThreadPool(reactor, threadpool, do_open)
-        if opened is None:
-            return None
-        return cls(opened[0], opened[1], threadpool, reactor)
+        responder: Responder | None = await deferToThreadPool(reactor, threadpool, do_open)
+        return responder
 
     async def write_to_consumer(
         self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
@@ -116,6 +120,26 @@ class FileResponder(Responder):
 
     def close(self) -> None:
         self._file.close()
+
+
+class BytesResponder(Responder):
+    """A small file already in memory: written out in one go."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    async def write_to_consumer(
+        self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
+    ) -> None:
+        whole = (start, length) == (0, self.size)
+        chunk = self.data if whole else self.data[start : start + length]
+        if copy_to is not None:
+            copy_to.write(chunk)
+        consumer.write(chunk)
+
+    def close(self) -> None:
+        pass
 
 
 @implementer(IPushProducer)

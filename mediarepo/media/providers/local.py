@@ -19,12 +19,13 @@ import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import IO, TypeVar
+from typing import IO, TypeVar, cast
 
-from twisted.internet.interfaces import IConsumer, IReactorFromThreads
+from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.paths import (
     MediaPaths,
     UnsafePathError,
@@ -32,12 +33,23 @@ from mediarepo.media.paths import (
     local_media_path,
 )
 from mediarepo.media.providers import StorageProvider
-from mediarepo.media.responder import DiscardingConsumer, FileResponder, Responder
+from mediarepo.media.responder import (
+    BytesResponder,
+    DiscardingConsumer,
+    FileResponder,
+    Responder,
+)
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Files smaller than this are read whole and kept in memory for a while
+# (small media and thumbnails: most reads), up to the cache's total.
+SMALL_FILE_SIZE = 64 * 1024
+SMALL_FILE_CACHE_BYTES = 64 * 1024 * 1024
+SMALL_FILE_CACHE_SECONDS = 60.0
 
 STAGING_DIR = ".mediarepo_tmp"
 # Staging files not named after a media ID: generated thumbnails, files
@@ -66,6 +78,9 @@ class LocalMediaStore(StorageProvider):
         self._reactor = reactor
         # Keep access times fresh for the cache eviction (see FileResponder.open).
         self._note_reads = note_reads
+        # The reactor is a clock too (the two interfaces are two views of it).
+        clock = cast(IReactorTime, reactor)
+        self._small_files = SmallFileCache(clock, SMALL_FILE_CACHE_BYTES, SMALL_FILE_CACHE_SECONDS)
         os.makedirs(self.staging_dir, exist_ok=True)
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
@@ -73,12 +88,20 @@ class LocalMediaStore(StorageProvider):
         return await deferToThreadPool(self._reactor, self._threadpool, func, *args)
 
     async def fetch(self, relative_path: str) -> Responder | None:
-        return await FileResponder.open(
-            self.paths.absolute(relative_path),
+        path = self.paths.absolute(relative_path)
+        cached = self._small_files.get(path)
+        if cached is not None:
+            return BytesResponder(cached)
+        responder = await FileResponder.open(
+            path,
             self._threadpool,
             self._reactor,
             note_read=self._note_reads,
+            read_whole_below=SMALL_FILE_SIZE,
         )
+        if isinstance(responder, BytesResponder):
+            self._small_files.put(path, responder.data)
+        return responder
 
     # -- bringing files back from other providers -------------------------------
 
@@ -145,6 +168,7 @@ class LocalMediaStore(StorageProvider):
 
     async def delete(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
+        self._small_files.forget(path)
 
         def remove() -> None:
             try:
@@ -156,6 +180,7 @@ class LocalMediaStore(StorageProvider):
 
     async def delete_directory(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
+        self._small_files.forget_under(path)
         await self.in_pool(shutil.rmtree, path, True)
 
     async def local_path(self, relative_path: str) -> str | None:
@@ -183,6 +208,7 @@ class LocalMediaStore(StorageProvider):
                 raise
 
         await self.in_pool(write)
+        self._small_files.forget(final)
         return final
 
     def new_upload(self, media_id: str) -> UploadSink:
