@@ -13,7 +13,7 @@ import logging
 import logging.config
 import logging.handlers
 import sys
-import time
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,20 +41,30 @@ class RequestContextFilter(logging.Filter):
 
 
 class PeriodicallyFlushingMemoryHandler(logging.handlers.MemoryHandler):
-    """Buffers records like ``MemoryHandler`` and also flushes when ``period``
-    seconds have passed since the last flush (Synapse's handler of that name)."""
+    """Buffers records like ``MemoryHandler`` and flushes them at least every
+    ``period`` seconds (Synapse's handler of that name), so that a busy server
+    writes its log in batches, not a system call a line, and a quiet one's
+    last lines still appear promptly."""
 
     def __init__(self, capacity: int, flushLevel: int = logging.ERROR, target: Any = None,
                  flushOnClose: bool = True, period: float = 5.0) -> None:  # fmt: skip
         super().__init__(capacity, flushLevel, target, flushOnClose)
         self._period = period
-        self._last_flush = time.monotonic()
+        self._stopped = threading.Event()
+        # A thread of its own: flushing must not wait for the reactor, which
+        # may be the very thing that is stuck.
+        self._flusher = threading.Thread(
+            target=self._flush_periodically, name="log-flusher", daemon=True
+        )
+        self._flusher.start()
 
-    def shouldFlush(self, record: logging.LogRecord) -> bool:
-        if super().shouldFlush(record) or time.monotonic() - self._last_flush >= self._period:
-            self._last_flush = time.monotonic()
-            return True
-        return False
+    def _flush_periodically(self) -> None:
+        while not self._stopped.wait(self._period):
+            self.flush()
+
+    def close(self) -> None:
+        self._stopped.set()
+        super().close()
 
 
 _SYNAPSE_CLASSES = {
@@ -167,5 +177,10 @@ def setup_logging(log_config_path: str | None) -> None:
         except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
             raise ConfigError("log_config", f"cannot use {log_config_path}: {e}") from e
     else:
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=DEFAULT_FORMAT)
+        to_stderr = logging.StreamHandler(sys.stderr)
+        to_stderr.setFormatter(logging.Formatter(DEFAULT_FORMAT))
+        buffered = PeriodicallyFlushingMemoryHandler(
+            capacity=512, flushLevel=logging.WARNING, target=to_stderr, period=0.5
+        )
+        logging.basicConfig(level=logging.INFO, handlers=[buffered])
     globalLogBeginner.beginLoggingTo([STDLibLogObserver()], redirectStandardIO=False)

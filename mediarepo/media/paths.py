@@ -10,6 +10,7 @@ import os
 import re
 import secrets
 import string
+import threading
 
 # What Synapse lets into any path component.
 _PATH_COMPONENT = re.compile(r"\A[A-Za-z0-9_\-.\[\]:]+\Z")
@@ -23,9 +24,37 @@ class UnsafePathError(ValueError):
     """A path component that could leave the media store or is not Synapse's shape."""
 
 
+# Random bytes below this map evenly onto the 52 letters (4 x 52 = 208).
+_UNBIASED_BELOW = 256 - 256 % len(_ID_ALPHABET)
+
+
+class _RandomLetters:
+    """Letters from the system's randomness, read 4 KiB at a time (a system
+    call per letter, or per ID, costs more than the rest of an upload's
+    bookkeeping). Bytes that would favour some letters are dropped."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._letters = ""
+
+    def take(self, count: int) -> str:
+        with self._lock:
+            while len(self._letters) < count:
+                self._letters += "".join(
+                    _ID_ALPHABET[b % len(_ID_ALPHABET)]
+                    for b in secrets.token_bytes(4096)
+                    if b < _UNBIASED_BELOW
+                )
+            taken, self._letters = self._letters[:count], self._letters[count:]
+            return taken
+
+
+_random_letters = _RandomLetters()
+
+
 def random_media_id() -> str:
     """A new local media ID: 24 random letters, as Synapse makes them."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+    return _random_letters.take(24)
 
 
 def is_valid_media_id(media_id: str) -> bool:

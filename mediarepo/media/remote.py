@@ -298,7 +298,8 @@ class RemoteMediaCache:
                     raise _fetch_failed()
                 media = existing
         finally:
-            await self._storage.local.discard_staged(written.temp_path)
+            # The staging name (and the file, if publishing never closed it).
+            await sink.abort()
             self._storage.end_upload(sink)
         remote_downloads.labels("fetched").inc()
         emit(

@@ -221,16 +221,20 @@ class MediaRepository:
             # no Content-Length), before the bytes are published.
             if self.quota.enabled:
                 await self.quota.check(requester.user_id, written.length)
-            same_content = await self._media_store.local_media_with_content(
-                written.sha256, written.length
+            # Both questions about the content at once (two pool connections).
+            looking_for_copies = defer.ensureDeferred(
+                self._media_store.local_media_with_content(written.sha256, written.length)
             )
+            try:
+                quarantined = await self._quarantine.is_hash_quarantined(written.sha256)
+            finally:
+                same_content = await looking_for_copies
             shared = await self.storage.publish(
                 written,
                 relative_path,
                 [local_media_path(m) for m in same_content if m != sink.media_id],
             )
             published = True
-            quarantined = await self._quarantine.is_hash_quarantined(written.sha256)
             media = LocalMedia(
                 media_id=sink.media_id,
                 media_type=media_type,
@@ -263,7 +267,11 @@ class MediaRepository:
                 # 24 random letters colliding with an existing file.
                 raise MatrixError(500, Codes.UNKNOWN, "Media ID collision; retry") from e
             raise
-        await self.storage.local.discard_staged(written.temp_path)
+        # The staging name goes in the background: the row is written, so a
+        # crash before it goes leaves only a name the staging sweep removes.
+        defer.ensureDeferred(self.storage.local.discard_staged(written.temp_path)).addErrback(
+            lambda f: logger.warning("removing %s failed: %s", written.temp_path, f.value)
+        )
         self.storage.end_upload(sink)
         self._release_reservation_lock(sink)
         if reserved:

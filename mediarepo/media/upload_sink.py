@@ -31,11 +31,14 @@ _LOW_WATER = 1 * 1024 * 1024
 
 @attrs.frozen
 class WrittenUpload:
-    """A body fully on disk and fsynced."""
+    """A body fully written to its staging file, not yet made durable:
+    whoever publishes it calls ``make_durable`` (blocking, on a pool thread)
+    first, in the same trip to the pool as the rest of its file work."""
 
     temp_path: str
     length: int
     sha256: str
+    make_durable: Callable[[], None]
 
 
 class UploadSink:
@@ -113,7 +116,8 @@ class UploadSink:
         self._maybe_flush()
 
     async def finish(self) -> WrittenUpload:
-        """Wait for the queue to reach the disk, then fsync and close the file."""
+        """Wait for the queue to reach the file; its length and SHA-256 are
+        then known (the fsync and close come with publishing)."""
         if self._writing or self._queue:
             d: defer.Deferred[None] = defer.Deferred()
             self._drained.append(d)
@@ -121,17 +125,19 @@ class UploadSink:
         if self._write_error is not None:
             raise self._write_error
         self._closed = True
+        return WrittenUpload(
+            self.temp_path, self.length, self._hash.hexdigest(), self._sync_and_close
+        )
 
-        def sync_and_close() -> None:
-            if self._file is None:
-                # An empty body: no chunk ever opened the file.
-                self._file = open(self.temp_path, "xb")
+    def _sync_and_close(self) -> None:
+        """Flush, fsync and close the staging file (blocking)."""
+        if self._file is None:
+            # An empty body: no chunk ever opened the file.
+            self._file = open(self.temp_path, "xb")
+        if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-
-        await deferToThreadPool(self._reactor, self._threadpool, sync_and_close)
-        return WrittenUpload(self.temp_path, self.length, self._hash.hexdigest())
 
     def abort(self) -> defer.Deferred[None]:
         """Drop the body; the temporary file goes once no write is using it.

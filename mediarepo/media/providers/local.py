@@ -234,6 +234,7 @@ class LocalMediaStore(StorageProvider):
         candidates = [self.paths.absolute(p) for p in same_as]
 
         def link() -> bool:
+            upload.make_durable()
             directory = os.path.dirname(final)
             os.makedirs(directory, exist_ok=True)
             try:
