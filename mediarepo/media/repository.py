@@ -267,11 +267,7 @@ class MediaRepository:
                 # 24 random letters colliding with an existing file.
                 raise MatrixError(500, Codes.UNKNOWN, "Media ID collision; retry") from e
             raise
-        # The staging name goes in the background: the row is written, so a
-        # crash before it goes leaves only a name the staging sweep removes.
-        defer.ensureDeferred(self.storage.local.discard_staged(written.temp_path)).addErrback(
-            lambda f: logger.warning("removing %s failed: %s", written.temp_path, f.value)
-        )
+        await self.storage.local.discard_staged(written.temp_path)
         self.storage.end_upload(sink)
         self._release_reservation_lock(sink)
         if reserved:
