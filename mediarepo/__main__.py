@@ -34,6 +34,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "(default: beside the config)",
     )
     parser.add_argument("--port", type=int, default=8008, help="with --generate-config")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run this many server processes sharing the listening ports (default 1; "
+        "about one per CPU core for CPU-bound loads)",
+    )
     return parser
 
 
@@ -68,7 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return generate_config(options.config_path, options.server_name, data_dir, options.port)
         from mediarepo.cli import run
 
-        return run(options.config_path)
+        if options.workers < 1:
+            print("mediarepo: --workers must be at least 1", file=sys.stderr)
+            return 2
+        return run(options.config_path, options.workers)
     except ConfigError as e:
         print(f"mediarepo: {e}", file=sys.stderr)
         return 1

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from OpenSSL import crypto
 from twisted.internet import defer, ssl, task
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.accounts import Accounts
@@ -49,6 +52,7 @@ from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
 from mediarepo.storage.users import UserStore
+from mediarepo.workers import InheritedSocket
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +94,19 @@ def server_tls_options(certificate_path: str, private_key_path: str) -> Any:
 class MediaServer:
     """One running server. ``start`` and ``stop`` are the whole lifecycle."""
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any = None,
+        inherited_sockets: Sequence[InheritedSocket] = (),
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.config = config
+        # Listening sockets opened by a supervisor (--workers), by listener.
+        self._inherited_sockets = list(inherited_sockets)
         # Any: the reactor is used through several of its interfaces.
         self.reactor: Any = reactor
         self.ports: list[IListeningPort] = []
@@ -220,7 +231,7 @@ class MediaServer:
             AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),
         )
 
-        for listener in config.listeners:
+        for index, listener in enumerate(config.listeners):
             site = MediaSite(
                 build_tree(listener, handlers, config.enable_metrics),
                 reactor,
@@ -238,7 +249,11 @@ class MediaServer:
                         "tls_certificate_path", "a listener has tls: true but no certificate"
                     )
                 tls = server_tls_options(config.tls_certificate_path, config.tls_private_key_path)
-            self._listen(listener.port, listener.bind_addresses, site, tls)
+            inherited = [s for s in self._inherited_sockets if s.listener_index == index]
+            if inherited:
+                self._adopt(inherited, site, tls)
+            else:
+                self._listen(listener.port, listener.bind_addresses, site, tls)
 
         self._sweeper = task.LoopingCall(self._housekeeping)
         self._sweeper.clock = reactor
@@ -282,6 +297,19 @@ class MediaServer:
         if config.media_store_max_size is not None:
             self.local_cache = LocalCacheEviction(local, slots, config.media_store_max_size)
         return MediaStorage(local, slots, tasks)
+
+    def _adopt(self, sockets: Sequence[InheritedSocket], site: MediaSite, tls: Any) -> None:
+        """Serve on listening sockets a supervisor opened (shared with the
+        other workers; the kernel gives each connection to one of us)."""
+        factory: Any = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        for inherited in sockets:
+            family = socket.AF_INET6 if ":" in inherited.address else socket.AF_INET
+            listening = self.reactor.adoptStreamPort(inherited.fd, family, factory)
+            # The reactor has its own copy of the descriptor.
+            os.close(inherited.fd)
+            self.ports.append(listening)
+            logger.info("serving on %s port %d (shared)", inherited.address,
+                        listening.getHost().port)  # fmt: skip
 
     def _listen(
         self, port: int, addresses: tuple[str, ...], site: MediaSite, tls: Any = None

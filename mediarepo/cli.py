@@ -67,16 +67,29 @@ def generate_config(config_path: str, server_name: str, data_dir: str, port: int
     return 0
 
 
-def run(config_path: str) -> int:
-    """Run the server until SIGTERM or SIGINT; returns the exit status."""
-    from twisted.internet import reactor
+def run(config_path: str, workers: int = 1) -> int:
+    """Run the server until SIGTERM or SIGINT; returns the exit status.
 
-    from mediarepo.app import MediaServer
+    With ``workers`` above 1, this process only supervises that many
+    worker processes sharing its listening sockets (see ``mediarepo.workers``).
+    """
     from mediarepo.logging_setup import setup_logging
+    from mediarepo.workers import Supervisor, inherited_sockets
 
     config = load_config(config_path)
     setup_logging(config.log_config)
-    server = MediaServer(config, reactor)
+    if workers > 1:
+        try:
+            return Supervisor(config_path, config, workers).run()
+        except OSError as e:
+            print(f"mediarepo: {e}", file=sys.stderr)
+            return 1
+
+    from twisted.internet import reactor
+
+    from mediarepo.app import MediaServer
+
+    server = MediaServer(config, reactor, inherited_sockets())
     exit_status = [0]
 
     def on_start_failure(failure: Any) -> None:

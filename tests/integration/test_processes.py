@@ -219,6 +219,47 @@ class ServerProcessTests(unittest.TestCase):
 
         return deferToThread(run)  # type: ignore[return-value]
 
+    def test_workers_share_the_port(self) -> None:
+        def run() -> None:
+            port, token = self._generated_and_registered()
+            argv = [sys.executable, "-m", "mediarepo", "-c", self.config_path, "--workers", "2"]
+            supervisor = self._start(argv, port)
+            workers = self._children(supervisor.pid)
+            self.assertEqual(len(workers), 2)
+            download = f"http://127.0.0.1:{port}/_matrix/client/v1/media/download/{SERVER_NAME}"
+            auth = f"Authorization: Bearer {token}"
+            # Uploads land in either worker; each worker serves every upload.
+            ids = []
+            for i in range(6):
+                answer = self._curl_upload(port, token, f"upload {i}")
+                ids.append(answer.split('"')[3].rsplit("/", 1)[1])
+            for i, media_id in enumerate(ids):
+                for _ in range(3):
+                    body = self._curl("-H", auth, f"{download}/{media_id}")
+                    self.assertEqual(body, f"upload {i}")
+            # A worker that dies is replaced; the port keeps answering.
+            os.kill(workers[0], signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                current = self._children(supervisor.pid)
+                if len(current) == 2 and workers[0] not in current:
+                    break
+                time.sleep(0.2)
+            else:
+                self.fail("the killed worker was not replaced")
+            self._curl("-H", auth, f"{download}/{ids[0]}")
+            # SIGTERM to the supervisor stops everything cleanly.
+            self.assertEqual(self._stop(supervisor), 0)
+            for pid in current:
+                self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker {pid} still running")
+
+        return deferToThread(run)  # type: ignore[return-value]
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+
     def test_register_user_twice_gives_new_token(self) -> None:
         def run() -> None:
             self._generate()

@@ -1,0 +1,145 @@
+"""Several server processes behind the same ports (``--workers N``).
+
+One Python process runs one reactor thread, so CPU-bound work (HTTP
+parsing, small downloads) uses one core. With ``--workers N`` a supervisor
+opens every listening socket once and starts N worker processes that
+inherit them; the kernel hands each new connection to one worker. Workers
+share the database and the media store as Synapse's workers do (the upload
+lock, reservations and notifications all work across processes). The
+supervisor forwards SIGTERM and SIGINT, restarts a worker that dies, and
+exits when all have stopped.
+
+Each worker keeps its own in-memory caches and metrics: a scrape of
+``/_synapse/metrics`` sees the worker that answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import attrs
+
+from mediarepo.config import Config
+
+logger = logging.getLogger(__name__)
+
+# The environment variable telling a worker which inherited sockets are
+# which: "listener_index:address:fd,...".
+INHERITED_SOCKETS_ENV = "MEDIAREPO_INHERITED_SOCKETS"
+# A worker that dies sooner than this after starting is restarted only after
+# a pause, so a worker that cannot start does not spin.
+_MIN_UPTIME_SECONDS = 5.0
+_STOP_TIMEOUT_SECONDS = 30.0
+
+
+@attrs.frozen
+class InheritedSocket:
+    listener_index: int
+    address: str
+    fd: int
+
+
+def inherited_sockets() -> list[InheritedSocket]:
+    """The listening sockets a supervisor passed to this worker, if any."""
+    raw = os.environ.get(INHERITED_SOCKETS_ENV, "")
+    found = []
+    for item in filter(None, raw.split(",")):
+        # The address may hold colons itself (IPv6): index first, fd last.
+        index_text, rest = item.split(":", 1)
+        address, fd_text = rest.rsplit(":", 1)
+        found.append(InheritedSocket(int(index_text), address, int(fd_text)))
+    return found
+
+
+def _listening_socket(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # "::" takes IPv4 too where the system allows, as Twisted's listenTCP does.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((address, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+def open_listening_sockets(config: Config) -> list[tuple[InheritedSocket, socket.socket]]:
+    opened = []
+    for index, listener in enumerate(config.listeners):
+        for address in listener.bind_addresses:
+            try:
+                sock = _listening_socket(address, listener.port)
+            except OSError as e:
+                if address == "0.0.0.0" and any(a == "::" for a in listener.bind_addresses):
+                    continue  # "::" took IPv4 already
+                raise OSError(f"cannot listen on {address} port {listener.port}: {e}") from e
+            opened.append((InheritedSocket(index, address, sock.fileno()), sock))
+    return opened
+
+
+class Supervisor:
+    def __init__(self, config_path: str, config: Config, workers: int) -> None:
+        self._config_path = config_path
+        self._config = config
+        self._count = workers
+        self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._stopping = False
+
+    def _spawn(self, slot: int, sockets: Sequence[InheritedSocket]) -> None:
+        env = dict(os.environ)
+        env[INHERITED_SOCKETS_ENV] = ",".join(
+            f"{s.listener_index}:{s.address}:{s.fd}" for s in sockets
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mediarepo", "-c", self._config_path],
+            env=env,
+            pass_fds=[s.fd for s in sockets],
+        )
+        self._processes[slot] = (process, time.monotonic())
+        logger.info("worker %d started (pid %d)", slot, process.pid)
+
+    def _signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+        for process, _ in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        opened = open_listening_sockets(self._config)
+        sockets = [inherited for inherited, _ in opened]
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        for slot in range(self._count):
+            self._spawn(slot, sockets)
+        status = 0
+        while self._processes:
+            time.sleep(0.2)
+            for slot, (process, started) in list(self._processes.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del self._processes[slot]
+                if self._stopping:
+                    status = status or (code if code > 0 else 0)
+                    continue
+                logger.warning("worker %d (pid %d) exited with %d", slot, process.pid, code)
+                if time.monotonic() - started < _MIN_UPTIME_SECONDS:
+                    if code == 1:
+                        # Start-up failed (a config or database problem): stop all.
+                        self._signal(signal.SIGTERM, None)
+                        status = 1
+                        continue
+                    time.sleep(_MIN_UPTIME_SECONDS)
+                self._spawn(slot, sockets)
+        for _, sock in opened:
+            sock.close()
+        return status
