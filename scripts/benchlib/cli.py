@@ -117,6 +117,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     launch.add_argument("--start-ours", action="store_true", help="start our server and run")
     launch.add_argument("--postgres", action="store_true", help="ours on PostgreSQL, not SQLite")
     launch.add_argument(
+        "--ours-workers",
+        type=int,
+        default=1,
+        help="run ours with --workers N (server figures sum the worker processes)",
+    )
+    launch.add_argument(
         "--compare-synapse",
         action="store_true",
         help="start Synapse and ours (on PostgreSQL), run both, print ratios",
@@ -324,7 +330,7 @@ async def _run_launched(
     ours_on_pg = args.postgres or (args.compare_synapse and not args.ours_sqlite)
     ours = await asyncio.to_thread(
         servers.setup_ours, cleanup, python=python, postgres=postgres if ours_on_pg else None,
-        keep=args.keep,
+        keep=args.keep, workers=args.ours_workers,
     )  # fmt: skip
     managed.append(ours)
 

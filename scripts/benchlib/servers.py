@@ -308,6 +308,8 @@ class ManagedServer:
             token=self.token,
             pid=self.proc.pid,
             info=dict(self.info),
+            # A supervisor with workers: their CPU and memory count too.
+            include_children=int(self.info.get("workers", 1)) > 1,
         )
 
 
@@ -350,6 +352,7 @@ def setup_ours(
     postgres: Postgres | None,
     keep: bool,
     label: str = "ours",
+    workers: int = 1,
 ) -> ManagedServer:
     workdir = make_workdir(cleanup, label, keep)
     config_path = os.path.join(workdir, "homeserver.yaml")
@@ -360,7 +363,7 @@ def setup_ours(
         timeout=120,
     )  # fmt: skip
     config = load_yaml(config_path)
-    info: dict[str, Any] = {"server": "mediarepo", "database": "sqlite"}
+    info: dict[str, Any] = {"server": "mediarepo", "database": "sqlite", "workers": workers}
     if postgres is not None:
         dbname = postgres.create_database(cleanup, "bench_ours")
         config["database"] = {"name": "psycopg2", "args": postgres.args(dbname)}
@@ -383,7 +386,7 @@ def setup_ours(
         workdir=workdir,
         config_path=config_path,
         port=port,
-        command=[python, "-m", "mediarepo", "-c", config_path],
+        command=[python, "-m", "mediarepo", "-c", config_path, "--workers", str(workers)],
         info=info,
         configure_hook=configure,
         start_timeout=90,
