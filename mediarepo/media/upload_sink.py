@@ -25,8 +25,8 @@ from twisted.python.threadpool import ThreadPool
 logger = logging.getLogger(__name__)
 
 # Pause the client above this many queued bytes, resume below the low mark.
-_HIGH_WATER = 8 * 1024 * 1024
-_LOW_WATER = 1 * 1024 * 1024
+_HIGH_WATER = 2 * 1024 * 1024
+_LOW_WATER = 512 * 1024
 
 
 @attrs.frozen

@@ -124,6 +124,19 @@ def stop_process(proc: subprocess.Popen[bytes], name: str, *, grace: float = 20.
         proc.wait(timeout=10)
 
 
+def http_status(url: str, token: str | None = None, timeout: float = 10.0) -> int:
+    """The status of a GET of ``url`` (any body, JSON or not)."""
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
 def http_json(
     url: str,
     *,
@@ -274,7 +287,7 @@ class ManagedServer:
                     f"({last}); its log ends:\n{tail}"
                 )
             try:
-                status, _ = http_json(
+                status = http_status(
                     self.base_url + self.ready_path, token=self.token or None, timeout=5
                 )
                 if status in (200, 401):  # listening and answering
