@@ -24,6 +24,8 @@ from twisted.python.threadpool import ThreadPool
 
 logger = logging.getLogger(__name__)
 
+# A body up to this size stays in memory until it is made durable.
+SMALL_BODY_BYTES = 64 * 1024
 # Pause the client above this many queued bytes, resume below the low mark.
 _HIGH_WATER = 2 * 1024 * 1024
 _LOW_WATER = 512 * 1024
@@ -85,6 +87,10 @@ class UploadSink:
     def _maybe_flush(self) -> None:
         if self._writing:
             return
+        if self._file is None and self.length <= SMALL_BODY_BYTES and not self._closed:
+            # Small so far: kept in memory, written with the fsync at the end
+            # (one trip to the pool for the whole file instead of two).
+            return
         if not self._queue:
             drained, self._drained = self._drained, []
             for d in drained:
@@ -117,7 +123,15 @@ class UploadSink:
 
     async def finish(self) -> WrittenUpload:
         """Wait for the queue to reach the file; its length and SHA-256 are
-        then known (the fsync and close come with publishing)."""
+        then known (the fsync and close come with publishing). A small body
+        still in memory is hashed here and written by ``make_durable``."""
+        if self._file is None and not self._writing:
+            self._closed = True
+            for chunk in self._queue:
+                self._hash.update(chunk)
+            return WrittenUpload(
+                self.temp_path, self.length, self._hash.hexdigest(), self._sync_and_close
+            )
         if self._writing or self._queue:
             d: defer.Deferred[None] = defer.Deferred()
             self._drained.append(d)
@@ -132,8 +146,11 @@ class UploadSink:
     def _sync_and_close(self) -> None:
         """Flush, fsync and close the staging file (blocking)."""
         if self._file is None:
-            # An empty body: no chunk ever opened the file.
+            # A small (or empty) body, still in memory.
             self._file = open(self.temp_path, "xb")
+            for chunk in self._queue:
+                self._file.write(chunk)
+            self._queue = []
         if not self._file.closed:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -151,6 +168,10 @@ class UploadSink:
         return self._remove_now()
 
     def _remove_now(self) -> defer.Deferred[None]:
+        if self._file is None:
+            # Nothing ever reached the disk (a small body, never published).
+            return defer.succeed(None)
+
         def remove() -> None:
             if self._file is not None:
                 self._file.close()
