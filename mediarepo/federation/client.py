@@ -15,17 +15,22 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import treq
-from twisted.internet import defer, ssl
+from twisted.internet import defer, protocol, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from mediarepo.config import FederationConfig
-from mediarepo.federation.discovery import FederationTarget, ServerResolver
+from mediarepo.federation.discovery import (
+    FederationTarget,
+    ServerResolver,
+    make_well_known_fetcher,
+)
 from mediarepo.federation.signing import sign_request
 
 logger = logging.getLogger(__name__)
@@ -107,6 +112,17 @@ def _tls_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
+class _DroppedBody(protocol.Protocol):
+    """Receives a body by closing its connection."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        pass
+
+
 class FederationClient:
     def __init__(
         self,
@@ -120,7 +136,11 @@ class FederationClient:
         self.server_name = server_name
         self._signing_key = signing_key
         self._config = config
-        self._resolver = resolver or ServerResolver(reactor)
+        # Well-known lookups go through get_url: the same address filter and
+        # TLS settings as every other request to a peer.
+        self._resolver = resolver or ServerResolver(
+            reactor, http_get_well_known=make_well_known_fetcher(reactor, get_url=self.get_url)
+        )
         self._filter = IPRangeFilter(config.ip_range_blacklist, config.ip_range_whitelist)
         self._trust = tls_trust(config) if config.verify_certificates else None
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -261,7 +281,8 @@ class FederationClient:
             location = response.headers.getRawHeaders(b"Location")
             if response.code not in _REDIRECT_CODES or not location:
                 return response
-            await treq.content(response)
+            # A redirect's body is not read (it could be of any size).
+            response.deliverBody(_DroppedBody())
             url = urljoin(url, location[0].decode("ascii", "replace"))
         raise FederationRequestError("too many redirects")
 

@@ -39,7 +39,7 @@ from twisted.names import error as dns_error
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgent
+from twisted.web.iweb import IAgent, IResponse
 
 from mediarepo.config import is_valid_server_name
 from mediarepo.media.sharing import SharedWork
@@ -212,20 +212,31 @@ class _LimitedBody(protocol.Protocol):
             self.done.errback(reason)
 
 
-def make_well_known_fetcher(reactor: Any, agent: IAgent | None = None) -> WellKnownFetcher:
+def make_well_known_fetcher(
+    reactor: Any,
+    agent: IAgent | None = None,
+    get_url: Callable[[str], Awaitable[IResponse]] | None = None,
+) -> WellKnownFetcher:
     """A fetcher of ``https://<host>/.well-known/matrix/server`` that follows
-    redirects and gives up after 10 s or 50 KiB. ``agent`` (default: one
-    checking certificates against the system's CAs) makes the connections."""
+    redirects and gives up after 10 s or 50 KiB.
+
+    ``get_url`` makes the request (the federation client's, which checks
+    every address against ``ip_range_blacklist`` and applies the federation
+    TLS settings); otherwise ``agent`` does (default: one checking
+    certificates against the system's CAs).
+    """
     base_agent: IAgent = agent if agent is not None else Agent(reactor)
 
-    async def get(host: str) -> WellKnownResponse:
-        response = await treq.get(
-            f"https://{host}{WELL_KNOWN_PATH}",
-            agent=base_agent,
-            allow_redirects=True,
-            unbuffered=True,
-            reactor=reactor,
+    async def request(url: str) -> IResponse:
+        if get_url is not None:
+            return await get_url(url)
+        response: IResponse = await treq.get(
+            url, agent=base_agent, allow_redirects=True, unbuffered=True, reactor=reactor
         )
+        return response
+
+    async def get(host: str) -> WellKnownResponse:
+        response = await request(f"https://{host}{WELL_KNOWN_PATH}")
         headers = {
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
             for name, values in response.headers.getAllRawHeaders()
