@@ -29,7 +29,7 @@ bytes_served = Counter(
 
 # Large enough that a thread hop per chunk costs little, small enough to
 # keep per-connection memory low.
-CHUNK_SIZE = 256 * 1024
+CHUNK_SIZE = 1024 * 1024
 # How stale a file's access time may get before a read refreshes it.
 READ_NOTE_INTERVAL_SECONDS = 3600.0
 
