@@ -99,6 +99,7 @@ class MediaServer:
         config: Config,
         reactor: Any = None,
         inherited_sockets: Sequence[InheritedSocket] = (),
+        runs_housekeeping: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -107,6 +108,8 @@ class MediaServer:
         self.config = config
         # Listening sockets opened by a supervisor (--workers), by listener.
         self._inherited_sockets = list(inherited_sockets)
+        # With several workers, one runs the periodic jobs for all.
+        self._runs_housekeeping = runs_housekeeping
         # Any: the reactor is used through several of its interfaces.
         self.reactor: Any = reactor
         self.ports: list[IListeningPort] = []
@@ -255,9 +258,10 @@ class MediaServer:
             else:
                 self._listen(listener.port, listener.bind_addresses, site, tls)
 
-        self._sweeper = task.LoopingCall(self._housekeeping)
-        self._sweeper.clock = reactor
-        self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
+        if self._runs_housekeeping:
+            self._sweeper = task.LoopingCall(self._housekeeping)
+            self._sweeper.clock = reactor
+            self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
         self._access_flush = task.LoopingCall(self.repository.access.flush)
         self._access_flush.clock = reactor
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
@@ -290,7 +294,7 @@ class MediaServer:
             ProviderTaskStore(self.database),
             self.reactor,
         )
-        if slots:
+        if slots and self._runs_housekeeping:
             self._provider_tasks = task.LoopingCall(tasks.run_soon)
             self._provider_tasks.clock = self.reactor
             self._provider_tasks.start(PROVIDER_TASKS_INTERVAL_SECONDS, now=True)

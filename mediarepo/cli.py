@@ -74,7 +74,7 @@ def run(config_path: str, workers: int = 1) -> int:
     worker processes sharing its listening sockets (see ``mediarepo.workers``).
     """
     from mediarepo.logging_setup import setup_logging
-    from mediarepo.workers import Supervisor, inherited_sockets
+    from mediarepo.workers import Supervisor, inherited_sockets, worker_index
 
     config = load_config(config_path)
     setup_logging(config.log_config)
@@ -89,7 +89,9 @@ def run(config_path: str, workers: int = 1) -> int:
 
     from mediarepo.app import MediaServer
 
-    server = MediaServer(config, reactor, inherited_sockets())
+    server = MediaServer(
+        config, reactor, inherited_sockets(), runs_housekeeping=worker_index() == 0
+    )
     exit_status = [0]
 
     def on_start_failure(failure: Any) -> None:

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # The environment variable telling a worker which inherited sockets are
 # which: "listener_index:address:fd,...".
 INHERITED_SOCKETS_ENV = "MEDIAREPO_INHERITED_SOCKETS"
+# Which worker this is (0 to N-1): only worker 0 runs the periodic
+# housekeeping (sweeps, retention, eviction, provider task polling).
+WORKER_INDEX_ENV = "MEDIAREPO_WORKER_INDEX"
 # A worker that dies sooner than this after starting is restarted only after
 # a pause, so a worker that cannot start does not spin.
 _MIN_UPTIME_SECONDS = 5.0
@@ -56,6 +59,14 @@ def inherited_sockets() -> list[InheritedSocket]:
         address, fd_text = rest.rsplit(":", 1)
         found.append(InheritedSocket(int(index_text), address, int(fd_text)))
     return found
+
+
+def worker_index() -> int:
+    """This process's worker number; 0 when it runs alone."""
+    try:
+        return int(os.environ.get(WORKER_INDEX_ENV, "0"))
+    except ValueError:
+        return 0
 
 
 def _listening_socket(address: str, port: int) -> socket.socket:
@@ -99,6 +110,7 @@ class Supervisor:
         env[INHERITED_SOCKETS_ENV] = ",".join(
             f"{s.listener_index}:{s.address}:{s.fd}" for s in sockets
         )
+        env[WORKER_INDEX_ENV] = str(slot)
         process = subprocess.Popen(
             [sys.executable, "-m", "mediarepo", "-c", self._config_path],
             env=env,
@@ -120,12 +132,24 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._signal)
         for slot in range(self._count):
             self._spawn(slot, sockets)
+        started_once: set[int] = set()
+        stop_deadline: float | None = None
         status = 0
         while self._processes:
             time.sleep(0.2)
+            if self._stopping and stop_deadline is None:
+                stop_deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                for process, _ in self._processes.values():
+                    if process.poll() is None:
+                        logger.warning("worker pid %d did not stop; killing it", process.pid)
+                        process.kill()
+                stop_deadline = float("inf")
             for slot, (process, started) in list(self._processes.items()):
                 code = process.poll()
                 if code is None:
+                    if time.monotonic() - started >= _MIN_UPTIME_SECONDS:
+                        started_once.add(slot)
                     continue
                 del self._processes[slot]
                 if self._stopping:
@@ -133,12 +157,14 @@ class Supervisor:
                     continue
                 logger.warning("worker %d (pid %d) exited with %d", slot, process.pid, code)
                 if time.monotonic() - started < _MIN_UPTIME_SECONDS:
-                    if code == 1:
-                        # Start-up failed (a config or database problem): stop all.
+                    if code == 1 and slot not in started_once:
+                        # It never got going (a config or database problem): stop all.
                         self._signal(signal.SIGTERM, None)
                         status = 1
                         continue
                     time.sleep(_MIN_UPTIME_SECONDS)
+                    if self._stopping:
+                        continue
                 self._spawn(slot, sockets)
         for _, sock in opened:
             sock.close()

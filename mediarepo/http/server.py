@@ -96,7 +96,13 @@ class Router(Resource):
                 continue
             request.endpoint = candidate.name
             try:
-                params = {k: unquote(v, errors="strict") for k, v in match.groupdict().items() if v}
+                # An optional group that did not take part is absent; one that
+                # matched nothing is "" (and the handler refuses it).
+                params = {
+                    k: unquote(v, errors="strict")
+                    for k, v in match.groupdict().items()
+                    if v is not None
+                }
             except UnicodeDecodeError:
                 respond_error(request, MatrixError(400, Codes.INVALID_PARAM, "Path is not UTF-8"))
                 return NOT_DONE_YET

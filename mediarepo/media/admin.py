@@ -119,6 +119,9 @@ class MediaAdmin:
     async def quarantine_changes(self, after: int) -> tuple[list[QuarantineChange], int]:
         """A page of recorded quarantine changes after stream ID ``after``,
         and the position to ask from next."""
+        if self._quarantine.records is QuarantineRecords.NONE:
+            # A Synapse database from before the table: nothing is recorded.
+            return [], 0
         changes, highest = await self._quarantine.changes_since(after, QUARANTINE_CHANGES_PAGE)
         if after > highest:
             raise MatrixError(

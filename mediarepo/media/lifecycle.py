@@ -1,8 +1,8 @@
 """Retention: media nobody has read for ``media_retention``'s lifetimes goes.
 
 Local media is judged by ``last_access_ts`` (or, never read, by
-``created_ts``); quarantined and protected media, URL previews and
-reservations are never purged. Cached remote media is judged by
+``created_ts``); quarantined and protected media and reservations are
+never purged. Cached remote media is judged by
 ``last_access_ts`` and simply fetched again if asked for later. Work is done
 in bounded batches, yielding between them, and every deletion is logged.
 :class:`MediaPurger` does the deleting, for the admin API too.
@@ -10,6 +10,7 @@ in bounded batches, yielding between them, and every deletion is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from mediarepo.media.paths import (
     local_thumbnail_dir,
     remote_media_path,
     remote_thumbnail_dir,
+    url_cache_path,
 )
 from mediarepo.media.storage import MediaStorage
 from mediarepo.storage.media import MediaStore
@@ -61,6 +63,9 @@ class MediaPurger:
             self._forget_local(media_id)
             await self._storage.delete(local_media_path(media_id))
             await self._storage.delete_directory(local_thumbnail_dir(media_id))
+            # A URL-preview download keeps its bytes under url_cache/ instead.
+            with contextlib.suppress(ValueError):  # an ID of no url_cache shape
+                await self._storage.local.delete(url_cache_path(media_id))
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:

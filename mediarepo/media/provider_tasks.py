@@ -33,6 +33,9 @@ provider_tasks_queued = Gauge(
 # the previous delay, up to the maximum.
 RETRY_BASE_SECONDS = 5.0
 RETRY_MAX_SECONDS = 600.0
+# How long a process may hold a task before another may take it (a large
+# upload to a slow store must fit).
+CLAIM_SECONDS = 900.0
 _BATCH = 100
 
 
@@ -49,6 +52,7 @@ class ProviderTasks:
         self._store = store
         self._clock = clock
         self._running: defer.Deferred[int] | None = None
+        self._run_again = False
         self._unknown_reported: set[str] = set()
 
     def _now_ms(self) -> int:
@@ -61,18 +65,29 @@ class ProviderTasks:
         await self._store.add(ProviderTask(provider.name, relative_path, op, 0), self._now_ms())
         self.run_soon()
 
+    async def stored(self, provider: StorageProvider, relative_path: str) -> None:
+        """A provider has just stored a path: older deletions of it are void."""
+        await self._store.cancel_deletes(provider.name, relative_path)
+
     def run_soon(self) -> None:
-        if self._running is None:
-            self._running = defer.ensureDeferred(self.run_due())
+        """Run the due tasks now, or, if a run is under way, once more after it
+        (a task queued during a run is not left for the next tick)."""
+        if self._running is not None:
+            self._run_again = True
+            return
+        self._run_again = False
+        self._running = defer.ensureDeferred(self.run_due())
 
-            def finished(result: object) -> object:
-                self._running = None
-                return result
+        def finished(result: object) -> object:
+            self._running = None
+            if self._run_again:
+                self.run_soon()
+            return result
 
-            self._running.addBoth(finished)
-            self._running.addErrback(
-                lambda f: logger.error("running provider tasks failed: %s", f.value)
-            )
+        self._running.addBoth(finished)
+        self._running.addErrback(
+            lambda f: logger.error("running provider tasks failed: %s", f.value)
+        )
 
     async def wait_idle(self) -> None:
         """Wait for a run under way (tests, shutdown)."""
@@ -97,6 +112,9 @@ class ProviderTasks:
         return succeeded
 
     async def _run(self, task: ProviderTask) -> bool:
+        # Claimed first: several processes (workers) may look at the queue.
+        if not await self._store.claim(task, self._now_ms() + int(CLAIM_SECONDS * 1000)):
+            return False
         provider = self._providers.get(task.provider)
         if provider is None:
             if task.provider not in self._unknown_reported:

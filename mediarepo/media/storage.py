@@ -7,7 +7,7 @@ thumbnails, ``store_remote`` for other servers'), at once when the provider
 is ``store_synchronous`` and through the queue of provider tasks otherwise.
 Reads try the local store, then each provider in order; a file found in a
 provider is brought back to the local store as it streams. Deletions reach
-every provider.
+every provider through the same queue.
 """
 
 from __future__ import annotations
@@ -101,11 +101,16 @@ class MediaStorage:
         (sharing the bytes of a file in ``same_as`` if one is still there),
         then hand it to the providers. Returns whether bytes were shared.
 
-        If a synchronous provider fails, the file is removed again and
-        :class:`StorageUnavailableError` raised.
+        If that fails (a synchronous provider is down), the file is removed
+        again and the error raised (:class:`StorageUnavailableError` for a
+        provider).
         """
         local_path, shared = await self.local.publish(upload, relative_path, same_as)
-        await self._to_providers(relative_path, local_path)
+        try:
+            await self._to_providers(relative_path, local_path)
+        except BaseException:
+            await self.local.delete(relative_path)
+            raise
         return shared
 
     async def store_file(self, relative_path: str, data: bytes) -> None:
@@ -115,18 +120,32 @@ class MediaStorage:
 
     async def _to_providers(self, relative_path: str, local_path: str) -> None:
         wanting = [slot for slot in self.slots if slot.wants(relative_path)]
-        try:
-            for slot in wanting:
-                if slot.store_synchronous:
-                    await slot.provider.store(relative_path, local_path)
-        except Exception as e:
-            logger.warning("storing %s at %s failed: %s", relative_path, slot.provider.name, e)
-            await self.delete(relative_path)
-            raise StorageUnavailableError("The media could not be stored; try again later") from e
+        stored: list[StorageProvider] = []
         for slot in wanting:
             if not slot.store_synchronous:
-                assert self.tasks is not None
-                await self.tasks.queue(slot.provider, relative_path, ProviderOperation.STORE)
+                continue
+            try:
+                await slot.provider.store(relative_path, local_path)
+            except Exception as e:
+                logger.warning("storing %s at %s failed: %s", relative_path, slot.provider.name, e)
+                # Undone where it was done; the failed provider has nothing.
+                for provider in stored:
+                    await self._queue(provider, relative_path, ProviderOperation.DELETE)
+                raise StorageUnavailableError(
+                    "The media could not be stored; try again later"
+                ) from e
+            stored.append(slot.provider)
+            assert self.tasks is not None
+            await self.tasks.stored(slot.provider, relative_path)
+        for slot in wanting:
+            if not slot.store_synchronous:
+                await self._queue(slot.provider, relative_path, ProviderOperation.STORE)
+
+    async def _queue(
+        self, provider: StorageProvider, relative_path: str, operation: ProviderOperation
+    ) -> None:
+        assert self.tasks is not None
+        await self.tasks.queue(provider, relative_path, operation)
 
     # -- reading ------------------------------------------------------------------
 
@@ -183,27 +202,14 @@ class MediaStorage:
     # -- deleting ------------------------------------------------------------------
 
     async def delete(self, relative_path: str) -> None:
+        """Delete locally now, and in every provider through the task queue
+        (at once in the background, retried until it is done: a provider
+        that is down never holds up a purge)."""
         await self.local.delete(relative_path)
-        await self._in_providers(relative_path, ProviderOperation.DELETE)
+        for provider in self.providers:
+            await self._queue(provider, relative_path, ProviderOperation.DELETE)
 
     async def delete_directory(self, relative_path: str) -> None:
         await self.local.delete_directory(relative_path)
-        await self._in_providers(relative_path, ProviderOperation.DELETE_DIRECTORY)
-
-    async def _in_providers(self, relative_path: str, operation: ProviderOperation) -> None:
-        """Delete from every provider; one that fails is asked again later."""
         for provider in self.providers:
-            try:
-                if operation is ProviderOperation.DELETE:
-                    await provider.delete(relative_path)
-                else:
-                    await provider.delete_directory(relative_path)
-            except Exception as e:
-                logger.warning(
-                    "deleting %s at %s failed (queued to retry): %s",
-                    relative_path,
-                    provider.name,
-                    e,
-                )
-                assert self.tasks is not None
-                await self.tasks.queue(provider, relative_path, operation)
+            await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)

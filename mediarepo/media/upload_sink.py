@@ -125,7 +125,9 @@ class UploadSink:
         """Wait for the queue to reach the file; its length and SHA-256 are
         then known (the fsync and close come with publishing). A small body
         still in memory is hashed here and written by ``make_durable``."""
-        if self._file is None and not self._writing:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._file is None and not self._writing and self.length <= SMALL_BODY_BYTES:
             self._closed = True
             for chunk in self._queue:
                 self._hash.update(chunk)

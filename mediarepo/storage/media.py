@@ -245,6 +245,7 @@ class MediaStore:
             t.execute_batch(
                 "DELETE FROM local_media_repository_thumbnails WHERE media_id = ?", args
             )
+            t.execute_batch("DELETE FROM local_media_repository_url_cache WHERE media_id = ?", args)
 
         await self._db.run_interaction("delete_local_media", txn)
 

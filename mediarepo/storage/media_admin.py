@@ -40,8 +40,8 @@ class LocalPurgeFilter:
 
     Media counts as old when it was last read before ``before_ts`` or, never
     read, made before it. Pending reservations and empty media are never
-    taken (``media_length > size_gt`` with ``size_gt >= 0``), nor URL previews,
-    which have their own expiry.
+    taken (``media_length > size_gt`` with ``size_gt >= 0``). URL-preview
+    downloads are taken like other media, as Synapse's query takes them.
     """
 
     before_ts: int
@@ -90,7 +90,6 @@ class MediaAdminStore:
         clauses = [
             "(last_access_ts < ? OR (created_ts < ? AND last_access_ts IS NULL))",
             "media_length > ?",
-            "url_cache IS NULL",
         ]
         args: list[object] = [purge.before_ts, purge.before_ts, purge.size_gt]
         if not purge.include_quarantined:

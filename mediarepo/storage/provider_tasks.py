@@ -6,7 +6,7 @@ import enum
 
 import attrs
 
-from mediarepo.storage.database import Database
+from mediarepo.storage.database import Database, Transaction
 
 
 class ProviderOperation(enum.Enum):
@@ -21,6 +21,8 @@ class ProviderTask:
     relative_path: str
     operation: ProviderOperation
     attempts: int
+    # When it was due, as read (what a claim compares against).
+    due_ts: int = 0
 
 
 class ProviderTaskStore:
@@ -28,23 +30,79 @@ class ProviderTaskStore:
         self._db = database
 
     async def add(self, task: ProviderTask, due_ms: int) -> None:
-        """Queue ``task`` (the same task already queued stays as it is)."""
-        await self._db.run_query(
-            "add_provider_task",
-            "INSERT INTO mediarepo_provider_tasks (provider, relative_path, operation, attempts,"
-            " next_attempt_ts) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (provider, relative_path, operation) DO NOTHING",
-            (task.provider, task.relative_path, task.operation.value, task.attempts, due_ms),
+        """Queue ``task`` (the same task already queued stays as it is).
+
+        A task undoes its opposite still waiting: a store cancels a pending
+        deletion of the path, a deletion the pending stores it covers, so an
+        old deletion can never remove a newer copy.
+        """
+
+        def txn(t: Transaction) -> None:
+            if task.operation is ProviderOperation.STORE:
+                self._cancel_deletes_txn(t, task.provider, task.relative_path)
+            elif task.operation is ProviderOperation.DELETE:
+                t.execute(
+                    "DELETE FROM mediarepo_provider_tasks WHERE provider = ?"
+                    " AND relative_path = ? AND operation = ?",
+                    (task.provider, task.relative_path, ProviderOperation.STORE.value),
+                )
+            else:
+                prefix = task.relative_path.rstrip("/") + "/"
+                t.execute(
+                    "DELETE FROM mediarepo_provider_tasks WHERE provider = ?"
+                    " AND SUBSTR(relative_path, 1, ?) = ? AND operation = ?",
+                    (task.provider, len(prefix), prefix, ProviderOperation.STORE.value),
+                )
+            t.execute(
+                "INSERT INTO mediarepo_provider_tasks (provider, relative_path, operation,"
+                " attempts, next_attempt_ts) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (provider, relative_path, operation) DO NOTHING",
+                (task.provider, task.relative_path, task.operation.value, task.attempts, due_ms),
+            )
+
+        await self._db.run_interaction("add_provider_task", txn)
+
+    async def cancel_deletes(self, provider: str, relative_path: str) -> None:
+        """Forget pending deletions of a path the provider has just stored."""
+        await self._db.run_interaction(
+            "cancel_provider_deletes",
+            lambda t: self._cancel_deletes_txn(t, provider, relative_path),
         )
+
+    @staticmethod
+    def _cancel_deletes_txn(t: Transaction, provider: str, relative_path: str) -> None:
+        t.execute(
+            "DELETE FROM mediarepo_provider_tasks WHERE provider = ? AND relative_path = ?"
+            " AND operation = ?",
+            (provider, relative_path, ProviderOperation.DELETE.value),
+        )
+
+    async def claim(self, task: ProviderTask, lease_until_ms: int) -> bool:
+        """Take ``task`` for this process until ``lease_until_ms``; ``False``
+        if another process (or run) took it first."""
+
+        def txn(t: Transaction) -> bool:
+            t.execute(
+                "UPDATE mediarepo_provider_tasks SET next_attempt_ts = ? WHERE provider = ?"
+                " AND relative_path = ? AND operation = ? AND next_attempt_ts = ?",
+                (lease_until_ms, task.provider, task.relative_path, task.operation.value,
+                 task.due_ts),
+            )  # fmt: skip
+            return t.rowcount == 1
+
+        return await self._db.run_interaction("claim_provider_task", txn)
 
     async def due(self, now_ms: int, limit: int) -> list[ProviderTask]:
         rows = await self._db.run_query(
             "get_due_provider_tasks",
-            "SELECT provider, relative_path, operation, attempts FROM mediarepo_provider_tasks"
+            "SELECT provider, relative_path, operation, attempts, next_attempt_ts"
+            " FROM mediarepo_provider_tasks"
             " WHERE next_attempt_ts <= ? ORDER BY next_attempt_ts LIMIT ?",
             (now_ms, limit),
         )
-        return [ProviderTask(r[0], r[1], ProviderOperation(r[2]), int(r[3])) for r in rows]
+        return [
+            ProviderTask(r[0], r[1], ProviderOperation(r[2]), int(r[3]), int(r[4])) for r in rows
+        ]
 
     async def postpone(self, task: ProviderTask, next_attempt_ms: int, error: str) -> None:
         await self._db.run_query(

@@ -224,6 +224,18 @@ class AdminMediaTests(AdminTestMixin):
             r = await self.request(method, ADMIN + path)
             self.assertEqual((r.code, r.json()["errcode"]), (401, "M_MISSING_TOKEN"), path)
 
+    async def test_empty_path_segments(self) -> None:
+        for method, path, code in [
+            ("GET", f"{ADMIN}/media//abcdefghij", 404),
+            ("DELETE", f"{ADMIN}/media/{SERVER_NAME}/", 404),
+            ("GET", f"{ADMIN}/users//media", 400),
+            ("GET", f"{DOWNLOAD}/", 404),
+            ("GET", "/_matrix/client/v1/media/download//abcdefghij", 400),
+        ]:
+            r = await self.request(method, path, token=self.admin)
+            self.assertEqual(r.code, code, (path, r.body))
+            self.assertIn("errcode", r.json())
+
     async def test_media_info(self) -> None:
         media_id = await self.upload(self.alice, b"hello", "text/plain", "hi.txt")
         info = (await self.admin_call("GET", f"/media/{SERVER_NAME}/{media_id}"))["media_info"]
@@ -434,6 +446,15 @@ class SynapseDatabaseTests(AdminTestMixin):
         await self.sql("DELETE FROM background_updates")
         third = await self.upload(self.alice, data)
         self.assertEqual(await self.status(f"{DOWNLOAD}/{third}"), 404)
+
+    async def test_synapse_database_before_the_changes_table(self) -> None:
+        await self.sql("DROP TABLE quarantined_media_changes")
+        await self.become_synapses([])
+        media_id = await self.upload(self.alice, os.urandom(100))
+        await self.admin_call("POST", f"/media/quarantine/{SERVER_NAME}/{media_id}")
+        self.assertEqual(await self.status(f"{DOWNLOAD}/{media_id}"), 404)
+        body = await self.admin_call("GET", "/media/quarantine_changes")
+        self.assertEqual(body, {"next_batch": 0, "changes": []})
 
     async def test_quarantine_records_on_synapses_database(self) -> None:
         await self.become_synapses([])

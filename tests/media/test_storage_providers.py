@@ -149,13 +149,20 @@ class SynchronousS3Tests(S3TestMixin):
         self.assertTrue(any(media_id[4:] in key for key in self.moto.keys()))
         r = await self.request("DELETE", f"{ADMIN}/media/{SERVER_NAME}/{media_id}", token=admin)
         self.assertEqual(r.code, 200)
+        # Provider deletions go through the task queue, at once.
+        await self.run_tasks_until_done()
         self.assertEqual({k for k in self.moto.keys() if media_id[4:] in k}, set())
         # A provider that cannot delete now is asked again later.
         other = await self.upload(self.token, b"to be deleted while S3 is down")
         self.moto.stop()
         r = await self.request("DELETE", f"{ADMIN}/media/{SERVER_NAME}/{other}", token=admin)
         self.assertEqual(r.code, 200)
-        self.assertEqual(len(await self.rows("SELECT * FROM mediarepo_provider_tasks")), 2)
+        tasks = self.server.repository.storage.tasks
+        assert tasks is not None
+        await tasks.wait_idle()
+        queued = await self.rows("SELECT operation, attempts FROM mediarepo_provider_tasks")
+        self.assertEqual(sorted(op for op, _ in queued), ["delete", "delete_directory"])
+        self.assertTrue(all(attempts >= 1 for _, attempts in queued))
         self.moto.start(create_bucket=True)
         self.moto.client().put_object(Bucket=BUCKET, Key=local_media_path(other), Body=b"x")
         self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
@@ -172,6 +179,22 @@ class SynchronousS3Tests(S3TestMixin):
                 return
             await task.deferLater(reactor, 0.05, lambda: None)
         self.fail("provider tasks did not finish")
+
+    async def test_old_deletion_never_removes_a_newer_copy(self) -> None:
+        # A PUT whose synchronous store fails leaves nothing queued against
+        # the provider that failed; the PUT retried later is kept.
+        r = await self.request("POST", "/_matrix/media/v1/create", token=self.token)
+        media_id = r.json()["content_uri"].rsplit("/", 1)[1]
+        put = f"/_matrix/media/v3/upload/{SERVER_NAME}/{media_id}"
+        self.moto.stop()
+        r = await self.request("PUT", put, token=self.token, body=b"first try")
+        self.assertEqual(r.code, 503)
+        self.moto.start()
+        r = await self.request("PUT", put, token=self.token, body=b"second try")
+        self.assertEqual(r.code, 200, r.body)
+        self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
+        await self.run_tasks_until_done()
+        self.assertEqual(self.moto.read(local_media_path(media_id)), b"second try")
 
     async def test_large_file_streams_from_s3(self) -> None:
         size = 24 * 1024 * 1024

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from typing import TypeVar
@@ -56,7 +57,7 @@ class DirectoryProvider(StorageProvider):
             # Copied under a temporary name and renamed: a reader (or a crash)
             # never sees half a file at the final path.
             os.makedirs(os.path.dirname(final), exist_ok=True)
-            temp = f"{final}.part-{os.getpid()}"
+            temp = f"{final}.part-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 shutil.copyfile(local_path, temp)
                 os.replace(temp, final)

@@ -177,11 +177,14 @@ class LocalMediaStore(StorageProvider):
                 pass
 
         await self.in_pool(remove)
+        # Again: a read that finished while the file went may have cached it.
+        self._small_files.forget(path)
 
     async def delete_directory(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
         self._small_files.forget_under(path)
         await self.in_pool(shutil.rmtree, path, True)
+        self._small_files.forget_under(path)
 
     async def local_path(self, relative_path: str) -> str | None:
         """The absolute path of ``relative_path`` if the file is here."""

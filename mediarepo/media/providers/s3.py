@@ -165,9 +165,16 @@ class S3Provider(StorageProvider):
             for page in pages:
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:
-                    self._client.delete_objects(
+                    answer = self._client.delete_objects(
                         Bucket=self.settings.bucket, Delete={"Objects": keys, "Quiet": True}
                     )
+                    errors = answer.get("Errors") or []
+                    if errors:
+                        first = errors[0]
+                        raise OSError(
+                            f"{len(errors)} objects under {prefix} not deleted, such as"
+                            f" {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                        )
 
         await self.in_pool(delete_all)
 

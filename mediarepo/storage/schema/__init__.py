@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import importlib.resources
 import logging
+import sqlite3
 
 import attrs
 
@@ -94,7 +95,16 @@ def _table_exists(txn: Transaction, name: str) -> bool:
     return txn.fetchone() is not None
 
 
+# RETURNING (quarantine) needs 3.35; ON CONFLICT upserts 3.24.
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+
 def _prepare(txn: Transaction) -> SchemaState:
+    if txn.engine.name == "sqlite3" and sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        wanted = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise SchemaError(
+            f"SQLite {sqlite3.sqlite_version} is too old; {wanted} or newer is needed"
+        )
     if txn.engine.name == "psycopg2":
         txn.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_ID,))
     synapse_owned = _table_exists(txn, "schema_version")
