@@ -309,6 +309,9 @@ class MediaServer:
         for inherited in sockets:
             family = socket.AF_INET6 if ":" in inherited.address else socket.AF_INET
             listening = self.reactor.adoptStreamPort(inherited.fd, family, factory)
+            # One connection per wake-up: otherwise the first worker to wake
+            # takes every pending connection and the others stay idle.
+            listening.numberAccepts = 1
             # The reactor has its own copy of the descriptor.
             os.close(inherited.fd)
             self.ports.append(listening)
