@@ -2,8 +2,9 @@
 
 One Python process runs one reactor thread, so CPU-bound work (HTTP
 parsing, small downloads) uses one core. With ``--workers N`` a supervisor
-opens every listening socket once and starts N worker processes that
-inherit them; the kernel hands each new connection to one worker. Workers
+opens the listening sockets, a set per worker on the same ports
+(``SO_REUSEPORT``), and starts N worker processes that inherit them; the
+kernel spreads new connections over the workers. Workers
 share the database and the media store as Synapse's workers do (the upload
 lock, reservations and notifications all work across processes). The
 supervisor forwards SIGTERM and SIGINT, restarts a worker that dies, and
@@ -22,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 
 import attrs
 
@@ -73,6 +73,9 @@ def _listening_socket(address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Every worker has a socket of its own on the same port; the kernel
+    # spreads new connections over them evenly.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         # "::" takes IPv4 too where the system allows, as Twisted's listenTCP does.
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -103,9 +106,11 @@ class Supervisor:
         self._config = config
         self._count = workers
         self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._sockets: dict[int, list[tuple[InheritedSocket, socket.socket]]] = {}
         self._stopping = False
 
-    def _spawn(self, slot: int, sockets: Sequence[InheritedSocket]) -> None:
+    def _spawn(self, slot: int) -> None:
+        sockets = [inherited for inherited, _ in self._sockets[slot]]
         env = dict(os.environ)
         env[INHERITED_SOCKETS_ENV] = ",".join(
             f"{s.listener_index}:{s.address}:{s.fd}" for s in sockets
@@ -126,12 +131,14 @@ class Supervisor:
                 process.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
-        opened = open_listening_sockets(self._config)
-        sockets = [inherited for inherited, _ in opened]
+        # One set of sockets per worker, kept here too: connections the
+        # kernel gives a worker that is being replaced wait for its successor.
+        for slot in range(self._count):
+            self._sockets[slot] = open_listening_sockets(self._config)
         signal.signal(signal.SIGTERM, self._signal)
         signal.signal(signal.SIGINT, self._signal)
         for slot in range(self._count):
-            self._spawn(slot, sockets)
+            self._spawn(slot)
         started_once: set[int] = set()
         stop_deadline: float | None = None
         status = 0
@@ -165,7 +172,8 @@ class Supervisor:
                     time.sleep(_MIN_UPTIME_SECONDS)
                     if self._stopping:
                         continue
-                self._spawn(slot, sockets)
-        for _, sock in opened:
-            sock.close()
+                self._spawn(slot)
+        for opened in self._sockets.values():
+            for _, sock in opened:
+                sock.close()
         return status
