@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchlib.scenarios import Target
+from benchlib.wrk import install_debian_package
 
 SYNAPSE_PIN = "1.163.2"
 SERVER_NAME = "bench.test"
@@ -536,9 +537,7 @@ def setup_nginx(
     cleanup: Cleanup, *, keep: bool, small: bytes, large: bytes
 ) -> ManagedServer | None:
     """nginx (2 workers, sendfile) serving a 4 KiB and a 20 MiB file; None if absent."""
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None
-    )
+    binary = install_debian_package("nginx", "nginx-light")
     if binary is None:
         return None
     workdir = make_workdir(cleanup, "nginx", keep)

@@ -12,6 +12,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -67,8 +68,30 @@ class WrkResult:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
 
+def install_debian_package(binary: str, package: str) -> str | None:
+    """``binary``'s path, installing Debian's ``package`` first if it is
+    missing and this is a Debian system where we are root; ``None`` if it
+    still cannot be found."""
+    found = _find(binary)
+    if found is not None or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return found
+    print(f"[bench] installing {package} (apt-get)", file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", package]
+    if subprocess.run(install, capture_output=True, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        subprocess.run(install, capture_output=True, env=env)
+    return _find(binary)
+
+
+def _find(binary: str) -> str | None:
+    # /usr/sbin is not on every PATH (nginx lives there).
+    candidates = (f"/usr/sbin/{binary}", f"/usr/bin/{binary}")
+    return shutil.which(binary) or next((p for p in candidates if os.path.exists(p)), None)
+
+
 def wrk_path() -> str:
-    path = shutil.which("wrk")
+    path = install_debian_package("wrk", "wrk")
     if path is None:
         raise WrkMissing("wrk is not installed (apt-get install -y wrk)")
     return path
