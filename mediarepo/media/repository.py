@@ -221,14 +221,11 @@ class MediaRepository:
             # no Content-Length), before the bytes are published.
             if self.quota.enabled:
                 await self.quota.check(requester.user_id, written.length)
-            # Both questions about the content at once (two pool connections).
-            looking_for_copies = defer.ensureDeferred(
-                self._media_store.local_media_with_content(written.sha256, written.length)
+            same_content, quarantined = await self._media_store.known_content(
+                written.sha256,
+                written.length,
+                check_quarantine=await self._quarantine.hash_lookups_possible(),
             )
-            try:
-                quarantined = await self._quarantine.is_hash_quarantined(written.sha256)
-            finally:
-                same_content = await looking_for_copies
             shared = await self.storage.publish(
                 written,
                 relative_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mediarepo.storage.database import Database, Row, Transaction
+from mediarepo.storage.quarantine import hash_quarantined_txn
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
@@ -56,16 +57,23 @@ class MediaStore:
             ),
         )
 
-    async def local_media_with_content(self, sha256: str, length: int) -> list[str]:
-        """IDs of local media (not URL previews, not quarantined) whose bytes
-        hash to ``sha256``."""
-        rows = await self._db.run_query(
-            "get_local_media_by_sha256",
-            "SELECT media_id FROM local_media_repository WHERE sha256 = ? AND media_length = ?"
-            " AND url_cache IS NULL AND quarantined_by IS NULL LIMIT 5",
-            (sha256, length),
-        )
-        return [row[0] for row in rows]
+    async def known_content(
+        self, sha256: str, length: int, *, check_quarantine: bool
+    ) -> tuple[list[str], bool]:
+        """What is already known of these bytes, in one transaction: IDs of
+        local media holding them (not URL previews, not quarantined), and,
+        if asked, whether any media with them is quarantined."""
+
+        def txn(t: Transaction) -> tuple[list[str], bool]:
+            t.execute(
+                "SELECT media_id FROM local_media_repository WHERE sha256 = ?"
+                " AND media_length = ? AND url_cache IS NULL AND quarantined_by IS NULL LIMIT 5",
+                (sha256, length),
+            )
+            copies = [row[0] for row in t.fetchall()]
+            return copies, check_quarantine and hash_quarantined_txn(t, sha256)
+
+        return await self._db.run_interaction("get_known_content", txn)
 
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
         rows = await self._db.run_query(

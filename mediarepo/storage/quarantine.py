@@ -151,18 +151,14 @@ class QuarantineStore:
     async def is_hash_quarantined(self, sha256: str) -> bool:
         """Whether any local or cached remote media with these bytes is
         quarantined (always False while Synapse still builds its indexes)."""
-        if not await self._hash_lookups_possible():
+        if not await self.hash_lookups_possible():
             return False
-        rows = await self._db.run_query(
-            "get_is_hash_quarantined",
-            "SELECT 1 FROM local_media_repository WHERE sha256 = ? AND quarantined_by IS NOT NULL"
-            " UNION ALL SELECT 1 FROM remote_media_cache"
-            " WHERE sha256 = ? AND quarantined_by IS NOT NULL LIMIT 1",
-            (sha256, sha256),
+        return await self._db.run_interaction(
+            "get_is_hash_quarantined", lambda t: hash_quarantined_txn(t, sha256)
         )
-        return bool(rows)
 
-    async def _hash_lookups_possible(self) -> bool:
+    async def hash_lookups_possible(self) -> bool:
+        """Whether hashes may be looked up (see the constructor)."""
         if self._hash_indexes_ready:
             return True
         now = self._clock.seconds()
@@ -249,6 +245,17 @@ class QuarantineStore:
             )
             return
         raise AssertionError(f"quarantine changes cannot be recorded here ({self._records})")
+
+
+def hash_quarantined_txn(t: Transaction, sha256: str) -> bool:
+    """Whether any local or cached remote media with these bytes is quarantined."""
+    t.execute(
+        "SELECT 1 FROM local_media_repository WHERE sha256 = ? AND quarantined_by IS NOT NULL"
+        " UNION ALL SELECT 1 FROM remote_media_cache"
+        " WHERE sha256 = ? AND quarantined_by IS NOT NULL LIMIT 1",
+        (sha256, sha256),
+    )
+    return t.fetchone() is not None
 
 
 def _batches(items: Sequence[str]) -> Iterable[list[str]]:
