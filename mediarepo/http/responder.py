@@ -15,9 +15,10 @@ from mediarepo.federation.multipart import (
     new_boundary,
 )
 from mediarepo.http.headers import MEDIA_CACHE_CONTROL, MEDIA_ETAG, set_media_headers
+from mediarepo.http.sendfile import can_sendfile, send_file
 from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
-from mediarepo.media.responder import Responder, bytes_served
+from mediarepo.media.responder import FileResponder, Responder, bytes_served
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,11 @@ async def _stream(request: MediaRequest, responder: Responder, start: int, lengt
         return False
     if length:
         try:
-            await responder.write_to_consumer(request, start, length)
+            if can_sendfile(request, responder, length):
+                assert isinstance(responder, FileResponder)
+                await send_file(request, responder, start, length)
+            else:
+                await responder.write_to_consumer(request, start, length)
             bytes_served.inc(length)
         except ConnectionError:
             # The client went away (the transport stopped the producer

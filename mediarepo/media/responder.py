@@ -118,6 +118,10 @@ class FileResponder(Responder):
         )
         await producer.run()
 
+    def fileno(self) -> int:
+        """The open file's descriptor (for sendfile)."""
+        return self._file.fileno()
+
     def close(self) -> None:
         self._file.close()
 
