@@ -187,6 +187,23 @@ class RangeTests(ServerTestMixin):
         r = await self._get("bytes=999990-2000000")
         self.assertEqual(r.body, self.data[999990:])
 
+    async def test_large_ranges_and_small_files(self) -> None:
+        # Long enough to go out with sendfile, from an offset.
+        r = await self._get("bytes=300000-")
+        self.assertEqual((r.code, r.body), (206, self.data[300000:]))
+        r = await self._get("bytes=1-999998")
+        self.assertEqual((r.code, r.body), (206, self.data[1:999999]))
+        # A small file is served from memory, ranges too.
+        small = os.urandom(5000)
+        media_id = await self.upload(self.token, small)
+        for header, expected in (("bytes=10-19", small[10:20]), ("bytes=-7", small[-7:])):
+            r = await self.request(
+                "GET", f"{DOWNLOAD}/{media_id}", token=self.token, headers={"Range": header}
+            )
+            self.assertEqual((r.code, r.body), (206, expected), header)
+        r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=self.token)
+        self.assertEqual(r.body, small)
+
     async def test_unsatisfiable(self) -> None:
         r = await self._get("bytes=1000000-")
         self.assertEqual(r.code, 416)
