@@ -393,7 +393,7 @@ class MediaServer:
             if self._access_flush is not None and self._access_flush.running:
                 self._access_flush.stop()
             await self.repository.access.flush()
-        if self.repository is not None and self.repository.storage.tasks is not None:
+        if self.repository is not None:
             await self.repository.storage.tasks.wait_idle()
         if self.database is not None:
             self.database.close()

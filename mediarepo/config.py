@@ -17,6 +17,11 @@ from typing import Any
 import attrs
 import yaml
 
+from mediarepo.config_storage import (
+    StorageProviderConfig,
+    parse_media_store_max_size,
+    parse_storage_providers,
+)
 from mediarepo.errors import ConfigError
 
 _SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -99,7 +104,7 @@ def is_valid_server_name(name: str) -> bool:
     return True
 
 
-class _Reader:
+class ConfigReader:
     """Typed access to one mapping of the config, naming keys in errors."""
 
     def __init__(self, data: Mapping[str, Any], prefix: str = "") -> None:
@@ -139,17 +144,27 @@ class _Reader:
     def duration_ms(self, name: str, default: str) -> int:
         return parse_duration_ms(self.key(name), self.raw(name, default))
 
-    def mapping(self, name: str) -> _Reader:
+    def mapping(self, name: str) -> ConfigReader:
         value = self.raw(name, {})
         if not isinstance(value, Mapping):
             raise ConfigError(self.key(name), "expected a mapping")
-        return _Reader(value, f"{self.key(name)}.")
+        return ConfigReader(value, f"{self.key(name)}.")
 
-    def sequence(self, name: str) -> list[Any]:
-        value = self.raw(name, [])
+    def sequence(self, name: str, default: list[Any] | None = None) -> list[Any]:
+        value = self.raw(name, default if default is not None else [])
         if not isinstance(value, list):
             raise ConfigError(self.key(name), "expected a list")
         return value
+
+    def entries(self, name: str, default: list[Any] | None = None) -> list[ConfigReader]:
+        """A list of mappings, each read with its place (``name[i].key``) in errors."""
+        readers = []
+        for index, raw in enumerate(self.sequence(name, default)):
+            place = f"{self.key(name)}[{index}]"
+            if not isinstance(raw, Mapping):
+                raise ConfigError(place, "expected a mapping")
+            readers.append(ConfigReader(raw, f"{place}."))
+        return readers
 
 
 # Synapse's default ``ip_range_blacklist``: where outbound requests never go.
@@ -211,51 +226,6 @@ class FederationRateLimit:
     sleep_delay_ms: int = 500
     reject_limit: int = 50
     concurrent: int = 3
-
-
-@attrs.frozen
-class DirectoryProviderConfig:
-    """Synapse's file-system storage provider: a copy of the store elsewhere."""
-
-    directory: str
-
-
-@attrs.frozen
-class S3ProviderConfig:
-    """The S3 storage provider module's ``config`` block, same option names."""
-
-    bucket: str
-    region_name: str | None = None
-    endpoint_url: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
-    storage_class: str = "STANDARD"
-    prefix: str = ""
-    threadpool_size: int = 40
-    sse_customer_key: str | None = None
-    sse_customer_algo: str = "AES256"
-
-
-@attrs.frozen
-class StorageProviderConfig:
-    """An entry of ``media_storage_providers``; the flags default to false, as in Synapse."""
-
-    backend: DirectoryProviderConfig | S3ProviderConfig
-    store_local: bool = False
-    store_remote: bool = False
-    store_synchronous: bool = False
-
-
-# Module names an existing Synapse config may give each built-in provider.
-DIRECTORY_PROVIDER_MODULES = frozenset(
-    {
-        "file_system",
-        "synapse.rest.media.v1.storage_provider.FileStorageProviderBackend",
-        "synapse.media.storage_provider.FileStorageProviderBackend",
-    }
-)
-S3_PROVIDER_MODULES = frozenset({"s3", "s3_storage_provider.S3StorageProviderBackend"})
 
 
 @attrs.frozen
@@ -366,36 +336,30 @@ _HTTP_RESOURCE_NAMES = {
 }
 
 
-def _parse_listener(index: int, raw: object, key: str) -> ListenerConfig | None:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{key}[{index}]", "expected a mapping")
-    reader = _Reader(raw, f"{key}[{index}].")
+def _parse_listener(reader: ConfigReader) -> ListenerConfig | None:
     listener_type = reader.string("type", "http") or "http"
     if listener_type not in ("http", "metrics"):
         # manhole, replication and the like belong to Synapse.
         return None
-    if "path" in raw and "port" not in raw:
+    if reader.raw("path") is not None and reader.raw("port") is None:
         raise ConfigError(reader.key("path"), "unix socket listeners are not supported")
     port = reader.integer("port", -1, minimum=0)
     if not 0 <= port < 65536:
         raise ConfigError(reader.key("port"), "expected a port number")
-    bind = raw.get("bind_addresses")
+    bind = reader.raw("bind_addresses")
     if bind is None:
-        single = raw.get("bind_address")
+        single = reader.raw("bind_address")
         bind = [single] if single else ["::", "0.0.0.0"]
     if not isinstance(bind, list) or not all(isinstance(a, str) for a in bind):
         raise ConfigError(reader.key("bind_addresses"), "expected a list of addresses")
     names: set[str] = set()
-    for res_index, resource in enumerate(reader.sequence("resources")):
-        res_key = f"{reader.key('resources')}[{res_index}]"
-        if not isinstance(resource, Mapping):
-            raise ConfigError(res_key, "expected a mapping")
-        res_names = resource.get("names", [])
+    for resource in reader.entries("resources"):
+        res_names = resource.raw("names", [])
         if not isinstance(res_names, list) or not all(isinstance(n, str) for n in res_names):
-            raise ConfigError(f"{res_key}.names", "expected a list of resource names")
+            raise ConfigError(resource.key("names"), "expected a list of resource names")
         unknown = set(res_names) - _HTTP_RESOURCE_NAMES
         if unknown:
-            raise ConfigError(f"{res_key}.names", f"unknown resource {sorted(unknown)[0]!r}")
+            raise ConfigError(resource.key("names"), f"unknown resource {sorted(unknown)[0]!r}")
         names.update(res_names)
     if listener_type == "metrics":
         names.add("metrics")
@@ -409,7 +373,7 @@ def _parse_listener(index: int, raw: object, key: str) -> ListenerConfig | None:
     )
 
 
-def _parse_database(root: _Reader) -> DatabaseConfig:
+def _parse_database(root: ConfigReader) -> DatabaseConfig:
     section = root.mapping("database")
     engine = section.string("name", "sqlite3")
     if engine not in ("sqlite3", "psycopg2"):
@@ -434,7 +398,7 @@ def _parse_database(root: _Reader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
-def _string_list(root: _Reader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+def _string_list(root: ConfigReader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
     if root.raw(key) is None:
         return default
     values = root.sequence(key)
@@ -443,7 +407,7 @@ def _string_list(root: _Reader, key: str, default: tuple[str, ...] = ()) -> tupl
     return tuple(values)
 
 
-def _parse_federation(root: _Reader) -> FederationConfig:
+def _parse_federation(root: ConfigReader) -> FederationConfig:
     whitelist = root.raw("federation_domain_whitelist")
     if whitelist is not None:
         whitelist = frozenset(_string_list(root, "federation_domain_whitelist"))
@@ -458,13 +422,7 @@ def _parse_federation(root: _Reader) -> FederationConfig:
             except ValueError as e:
                 raise ConfigError(key, f"{value!r} is not an IP range") from e
     notaries = []
-    raw_notaries = root.raw("trusted_key_servers", [{"server_name": "matrix.org"}])
-    if not isinstance(raw_notaries, list):
-        raise ConfigError("trusted_key_servers", "expected a list")
-    for index, raw in enumerate(raw_notaries):
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"trusted_key_servers[{index}]", "expected a mapping")
-        entry = _Reader(raw, f"trusted_key_servers[{index}].")
+    for entry in root.entries("trusted_key_servers", [{"server_name": "matrix.org"}]):
         name = entry.string("server_name")
         if name is None or not is_valid_server_name(name):
             raise ConfigError(entry.key("server_name"), f"{name!r} is not a server name")
@@ -476,7 +434,7 @@ def _parse_federation(root: _Reader) -> FederationConfig:
     for name, raw in root.mapping("old_signing_keys")._data.items():
         if not isinstance(raw, Mapping):
             raise ConfigError(f"old_signing_keys.{name}", "expected a mapping")
-        entry = _Reader(raw, f"old_signing_keys.{name}.")
+        entry = ConfigReader(raw, f"old_signing_keys.{name}.")
         old_key = entry.string("key")
         if not old_key:
             raise ConfigError(entry.key("key"), "is required")
@@ -501,7 +459,7 @@ def _parse_federation(root: _Reader) -> FederationConfig:
     )
 
 
-def _parse_federation_rate_limit(root: _Reader) -> FederationRateLimit:
+def _parse_federation_rate_limit(root: ConfigReader) -> FederationRateLimit:
     section = root.mapping("rc_federation")
     default = FederationRateLimit()
     return FederationRateLimit(
@@ -513,14 +471,14 @@ def _parse_federation_rate_limit(root: _Reader) -> FederationRateLimit:
     )
 
 
-def _optional_duration(root: _Reader, section: str, key: str) -> int | None:
+def _optional_duration(root: ConfigReader, section: str, key: str) -> int | None:
     reader = root.mapping(section)
     if reader.raw(key) is None:
         return None
     return reader.duration_ms(key, "0")
 
 
-def _parse_rate_limit(root: _Reader, key: str, default: RateLimit) -> RateLimit:
+def _parse_rate_limit(root: ConfigReader, key: str, default: RateLimit) -> RateLimit:
     section = root.mapping(key)
     per_second = section.raw("per_second", default.per_second)
     if isinstance(per_second, bool) or not isinstance(per_second, int | float) or per_second < 0:
@@ -528,14 +486,11 @@ def _parse_rate_limit(root: _Reader, key: str, default: RateLimit) -> RateLimit:
     return RateLimit(float(per_second), section.integer("burst_count", default.burst_count))
 
 
-def _parse_thumbnail_sizes(root: _Reader) -> tuple[ThumbnailSize, ...]:
+def _parse_thumbnail_sizes(root: ConfigReader) -> tuple[ThumbnailSize, ...]:
     if root.raw("thumbnail_sizes") is None:
         return DEFAULT_THUMBNAIL_SIZES
     sizes = []
-    for index, raw in enumerate(root.sequence("thumbnail_sizes")):
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"thumbnail_sizes[{index}]", "expected a mapping")
-        entry = _Reader(raw, f"thumbnail_sizes[{index}].")
+    for entry in root.entries("thumbnail_sizes"):
         method = entry.string("method", "scale")
         if method not in ("crop", "scale"):
             raise ConfigError(entry.key("method"), f"expected crop or scale, got {method!r}")
@@ -547,12 +502,9 @@ def _parse_thumbnail_sizes(root: _Reader) -> tuple[ThumbnailSize, ...]:
     return tuple(sizes)
 
 
-def _parse_upload_limits(root: _Reader) -> tuple[UploadLimit, ...]:
+def _parse_upload_limits(root: ConfigReader) -> tuple[UploadLimit, ...]:
     limits = []
-    for index, raw in enumerate(root.sequence("media_upload_limits")):
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"media_upload_limits[{index}]", "expected a mapping")
-        entry = _Reader(raw, f"media_upload_limits[{index}].")
+    for entry in root.entries("media_upload_limits"):
         for required in ("time_period", "max_size"):
             if entry.raw(required) is None:
                 raise ConfigError(entry.key(required), "is required")
@@ -563,82 +515,6 @@ def _parse_upload_limits(root: _Reader) -> tuple[UploadLimit, ...]:
     return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
 
 
-def _parse_provider_backend(
-    module: str, options: _Reader
-) -> DirectoryProviderConfig | S3ProviderConfig:
-    if module in DIRECTORY_PROVIDER_MODULES:
-        directory = options.string("directory")
-        if not directory:
-            raise ConfigError(options.key("directory"), "is required")
-        return DirectoryProviderConfig(os.path.abspath(directory))
-    bucket = options.string("bucket")
-    if not bucket:
-        raise ConfigError(options.key("bucket"), "is required")
-    algo = options.string("sse_customer_algo", "AES256") or "AES256"
-    return S3ProviderConfig(
-        bucket=bucket,
-        region_name=options.string("region_name"),
-        endpoint_url=options.string("endpoint_url"),
-        access_key_id=options.string("access_key_id"),
-        secret_access_key=options.string("secret_access_key"),
-        session_token=options.string("session_token"),
-        storage_class=options.string("storage_class", "STANDARD") or "STANDARD",
-        prefix=options.string("prefix", "") or "",
-        threadpool_size=options.integer("threadpool_size", 40, minimum=1),
-        sse_customer_key=options.string("sse_customer_key"),
-        sse_customer_algo=algo,
-    )
-
-
-def _parse_storage_providers(root: _Reader) -> tuple[StorageProviderConfig, ...]:
-    providers = []
-    for index, raw in enumerate(root.sequence("media_storage_providers")):
-        key = f"media_storage_providers[{index}]"
-        if not isinstance(raw, Mapping):
-            raise ConfigError(key, "expected a mapping")
-        entry = _Reader(raw, f"{key}.")
-        module = entry.string("module")
-        if module not in DIRECTORY_PROVIDER_MODULES | S3_PROVIDER_MODULES:
-            known = ", ".join(sorted(DIRECTORY_PROVIDER_MODULES | S3_PROVIDER_MODULES))
-            raise ConfigError(entry.key("module"), f"{module!r} is not one of {known}")
-        providers.append(
-            StorageProviderConfig(
-                backend=_parse_provider_backend(module, entry.mapping("config")),
-                store_local=entry.boolean("store_local", False),
-                store_remote=entry.boolean("store_remote", False),
-                store_synchronous=entry.boolean("store_synchronous", False),
-            )
-        )
-    backup = root.string("backup_media_store_path")
-    if backup:
-        if providers:
-            raise ConfigError(
-                "backup_media_store_path", "cannot be used with media_storage_providers"
-            )
-        providers.append(
-            StorageProviderConfig(
-                backend=DirectoryProviderConfig(os.path.abspath(backup)),
-                store_local=True,
-                store_remote=True,
-                store_synchronous=root.boolean("synchronous_backup_media_store", False),
-            )
-        )
-    return tuple(providers)
-
-
-def _parse_media_store_max_size(
-    root: _Reader, providers: tuple[StorageProviderConfig, ...]
-) -> int | None:
-    if root.raw("media_store_max_size") is None:
-        return None
-    if not any(p.store_local and p.store_remote for p in providers):
-        raise ConfigError(
-            "media_store_max_size",
-            "needs a storage provider with store_local and store_remote to keep what is evicted",
-        )
-    return root.size("media_store_max_size", "0")
-
-
 def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
 
@@ -647,7 +523,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     """
     if not isinstance(data, Mapping):
         raise ConfigError("(top level)", "expected a mapping of keys")
-    root = _Reader(data)
+    root = ConfigReader(data)
     server_name = root.string("server_name")
     if server_name is None:
         raise ConfigError("server_name", "is required")
@@ -657,8 +533,8 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     # A Synapse media worker's file has worker_listeners instead of listeners.
     listener_key = "listeners" if "listeners" in data else "worker_listeners"
     listeners = []
-    for index, raw in enumerate(root.sequence(listener_key)):
-        listener = _parse_listener(index, raw, listener_key)
+    for entry in root.entries(listener_key):
+        listener = _parse_listener(entry)
         if listener is not None:
             listeners.append(listener)
 
@@ -670,7 +546,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         return os.path.abspath(value) if value else None
 
     max_upload_size = root.size("max_upload_size", "50M")
-    storage_providers = _parse_storage_providers(root)
+    storage_providers = parse_storage_providers(root)
     log_config = root.string("log_config")
     return Config(
         server_name=server_name,
@@ -697,7 +573,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         rc_media_create=_parse_rate_limit(root, "rc_media_create", RateLimit(10, 50)),
         media_upload_limits=_parse_upload_limits(root),
         media_storage_providers=storage_providers,
-        media_store_max_size=_parse_media_store_max_size(root, storage_providers),
+        media_store_max_size=parse_media_store_max_size(root, storage_providers),
         local_media_lifetime_ms=_optional_duration(root, "media_retention", "local_media_lifetime"),
         remote_media_lifetime_ms=_optional_duration(
             root, "media_retention", "remote_media_lifetime"

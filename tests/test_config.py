@@ -8,14 +8,13 @@ from typing import Any
 from twisted.trial import unittest
 
 from mediarepo.config import (
-    DirectoryProviderConfig,
-    S3ProviderConfig,
     is_valid_server_name,
     load_config,
     parse_config,
     parse_duration_ms,
     parse_size,
 )
+from mediarepo.config_storage import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.errors import ConfigError
 
 # A Synapse config as operators have them: many keys mediarepo does not use.

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.server import (
+    PATH_SEGMENT,
     Route,
     query_bool,
     query_int,
@@ -23,8 +24,6 @@ from mediarepo.storage.media_admin import UsageOrder, UsageQuery, UserMediaOrder
 from mediarepo.values import LocalMedia, RemoteMedia, Requester
 
 E = TypeVar("E", bound=enum.Enum)
-
-_SEGMENT = r"[^/]*"
 
 
 def local_media_json(media: LocalMedia) -> dict[str, Any]:
@@ -270,13 +269,13 @@ class AdminHandler:
 def admin_routes(handler: AdminHandler) -> list[Route]:
     """Routes under ``/_synapse/admin/v1``; the specific ones come before
     the ``media/{serverName}/{mediaId}`` pattern they would also match."""
-    media_key = rf"(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})"
+    media_key = rf"(?P<server_name>{PATH_SEGMENT})/(?P<media_id>{PATH_SEGMENT})"
     return [
         route("admin_delete_old", ["POST"], r"media/delete", handler.on_delete_old_media),
         route(
             "admin_delete_old_legacy",
             ["POST"],
-            rf"media/(?P<server_name>{_SEGMENT})/delete",
+            rf"media/(?P<server_name>{PATH_SEGMENT})/delete",
             handler.on_delete_old_media,
         ),
         route(
@@ -297,13 +296,13 @@ def admin_routes(handler: AdminHandler) -> list[Route]:
         route(
             "admin_protect",
             ["POST"],
-            rf"media/protect/(?P<media_id>{_SEGMENT})",
+            rf"media/protect/(?P<media_id>{PATH_SEGMENT})",
             handler.on_protect,
         ),
         route(
             "admin_unprotect",
             ["POST"],
-            rf"media/unprotect/(?P<media_id>{_SEGMENT})",
+            rf"media/unprotect/(?P<media_id>{PATH_SEGMENT})",
             handler.on_unprotect,
         ),
         route("admin_media", ["GET"], rf"media/{media_key}", handler.on_get_media),
@@ -312,19 +311,19 @@ def admin_routes(handler: AdminHandler) -> list[Route]:
         route(
             "admin_user_media",
             ["GET"],
-            rf"users/(?P<user_id>{_SEGMENT})/media",
+            rf"users/(?P<user_id>{PATH_SEGMENT})/media",
             handler.on_get_user_media,
         ),
         route(
             "admin_user_media_delete",
             ["DELETE"],
-            rf"users/(?P<user_id>{_SEGMENT})/media",
+            rf"users/(?P<user_id>{PATH_SEGMENT})/media",
             handler.on_delete_user_media,
         ),
         route(
             "admin_user_quarantine",
             ["POST"],
-            rf"user/(?P<user_id>{_SEGMENT})/media/quarantine",
+            rf"user/(?P<user_id>{PATH_SEGMENT})/media/quarantine",
             handler.on_quarantine_user_media,
         ),
         route(
@@ -336,19 +335,19 @@ def admin_routes(handler: AdminHandler) -> list[Route]:
         route(
             "admin_room_media",
             ["GET"],
-            rf"room/(?P<room_id>{_SEGMENT})/media",
+            rf"room/(?P<room_id>{PATH_SEGMENT})/media",
             handler.on_get_room_media,
         ),
         route(
             "admin_room_quarantine",
             ["POST"],
-            rf"room/(?P<room_id>{_SEGMENT})/media/quarantine",
+            rf"room/(?P<room_id>{PATH_SEGMENT})/media/quarantine",
             handler.on_quarantine_room_media,
         ),
         route(
             "admin_room_quarantine_legacy",
             ["POST"],
-            rf"quarantine_media/(?P<room_id>{_SEGMENT})",
+            rf"quarantine_media/(?P<room_id>{PATH_SEGMENT})",
             handler.on_quarantine_room_media,
         ),
     ]

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[MediaRequest, dict[str, str]], Awaitable[None]]
 
+# One path segment in a route pattern (it may be empty: the handler refuses that).
+PATH_SEGMENT = r"[^/]*"
+
 
 @attrs.frozen
 class Route:

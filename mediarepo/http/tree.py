@@ -24,19 +24,17 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
-from mediarepo.http.server import Directory, Route, Router, route
+from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, route
 from mediarepo.http.site import UploadTarget
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
 
-_SEGMENT = r"[^/]*"
-_DOWNLOAD = (
-    rf"download/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})(?:/(?P<file_name>{_SEGMENT}))?"
-)
+_MEDIA_KEY = rf"(?P<server_name>{PATH_SEGMENT})/(?P<media_id>{PATH_SEGMENT})"
+_DOWNLOAD = rf"download/{_MEDIA_KEY}(?:/(?P<file_name>{PATH_SEGMENT}))?"
 
-_THUMBNAIL = rf"thumbnail/(?P<server_name>{_SEGMENT})/(?P<media_id>{_SEGMENT})"
+_THUMBNAIL = rf"thumbnail/{_MEDIA_KEY}"
 
 _NEW_UPLOAD = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
 _RESERVED_UPLOAD = re.compile(
@@ -109,7 +107,7 @@ def legacy_media_routes(handlers: Handlers, version: str) -> list[Route]:
             route(
                 "upload_reserved",
                 ["PUT"],
-                rf"upload/{_SEGMENT}/{_SEGMENT}/?",
+                rf"upload/{PATH_SEGMENT}/{PATH_SEGMENT}/?",
                 handlers.upload.on_put,
             )
         )
@@ -132,13 +130,13 @@ def federation_media_routes(handlers: Handlers) -> list[Route]:
         route(
             "federation_download",
             ["GET"],
-            rf"download/(?P<media_id>{_SEGMENT})",
+            rf"download/(?P<media_id>{PATH_SEGMENT})",
             handlers.federation.on_download,
         ),
         route(
             "federation_thumbnail",
             ["GET"],
-            rf"thumbnail/(?P<media_id>{_SEGMENT})",
+            rf"thumbnail/(?P<media_id>{PATH_SEGMENT})",
             handlers.federation.on_thumbnail,
         ),
     ]
@@ -146,7 +144,7 @@ def federation_media_routes(handlers: Handlers) -> list[Route]:
 
 def key_routes(handlers: Handlers) -> list[Route]:
     # The /{keyId} form is deprecated; like Synapse, it answers with every key.
-    return [route("keys", ["GET"], rf"server(?:/{_SEGMENT})?/?", handlers.keys.on_get)]
+    return [route("keys", ["GET"], rf"server(?:/{PATH_SEGMENT})?/?", handlers.keys.on_get)]
 
 
 def _child(parent: Resource, name: str, child: _Child) -> _Child:

@@ -57,11 +57,9 @@ class MediaStorage:
     def __init__(
         self,
         local: LocalMediaStore,
-        slots: Sequence[ProviderSlot] = (),
-        tasks: ProviderTasks | None = None,
+        slots: Sequence[ProviderSlot],
+        tasks: ProviderTasks,
     ) -> None:
-        if slots:
-            assert tasks is not None, "providers need the task queue"
         self.local = local
         self.slots = list(slots)
         self.tasks = tasks
@@ -135,7 +133,6 @@ class MediaStorage:
                     "The media could not be stored; try again later"
                 ) from e
             stored.append(slot.provider)
-            assert self.tasks is not None
             await self.tasks.stored(slot.provider, relative_path)
         for slot in wanting:
             if not slot.store_synchronous:
@@ -144,7 +141,6 @@ class MediaStorage:
     async def _queue(
         self, provider: StorageProvider, relative_path: str, operation: ProviderOperation
     ) -> None:
-        assert self.tasks is not None
         await self.tasks.queue(provider, relative_path, operation)
 
     # -- reading ------------------------------------------------------------------

@@ -12,7 +12,8 @@ import sys
 import time
 from typing import TextIO
 
-from mediarepo.config import Config, S3ProviderConfig, StorageProviderConfig, load_config
+from mediarepo.config import Config, load_config
+from mediarepo.config_storage import S3ProviderConfig, StorageProviderConfig
 from mediarepo.errors import ConfigError
 
 # The media store's directories, by whose media they hold.

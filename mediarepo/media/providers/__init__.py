@@ -7,7 +7,7 @@ import abc
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 
-from mediarepo.config import DirectoryProviderConfig, S3ProviderConfig
+from mediarepo.config_storage import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.media.responder import Responder
 
 

@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mediarepo.media.paths import MediaPaths
 from mediarepo.media.providers import StorageProvider
+from mediarepo.media.providers.local import file_exists
 from mediarepo.media.responder import FileResponder, Responder
 
 T = TypeVar("T")
@@ -41,14 +42,7 @@ class DirectoryProvider(StorageProvider):
         )
 
     async def exists(self, relative_path: str, size: int | None = None) -> bool:
-        def check() -> bool:
-            try:
-                stat = os.stat(self.paths.absolute(relative_path))
-            except (FileNotFoundError, NotADirectoryError):
-                return False
-            return size is None or stat.st_size == size
-
-        return await self.in_pool(check)
+        return await self.in_pool(file_exists, self.paths.absolute(relative_path), size)
 
     async def store(self, relative_path: str, local_path: str) -> None:
         final = self.paths.absolute(relative_path)

@@ -133,7 +133,6 @@ class LocalMediaStore(StorageProvider):
             try:
                 file.flush()
                 os.fsync(file.fileno())
-                file.close()
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 with contextlib.suppress(FileExistsError):
                     os.link(temp_path, final)
@@ -153,7 +152,7 @@ class LocalMediaStore(StorageProvider):
         await self.in_pool(drop)
 
     async def exists(self, relative_path: str, size: int | None = None) -> bool:
-        return await self.in_pool(_file_exists, self.paths.absolute(relative_path), size)
+        return await self.in_pool(file_exists, self.paths.absolute(relative_path), size)
 
     async def store(self, relative_path: str, local_path: str) -> None:
         final = self.paths.absolute(relative_path)
@@ -364,7 +363,8 @@ class _BringBackResponder(Responder):
         self._inner.close()
 
 
-def _file_exists(path: str, size: int | None) -> bool:
+def file_exists(path: str, size: int | None) -> bool:
+    """Whether ``path`` is a file here (of ``size`` bytes, if given); blocking."""
     try:
         stat = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):

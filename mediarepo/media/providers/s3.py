@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IConsumer, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mediarepo.config import S3ProviderConfig
+from mediarepo.config_storage import S3ProviderConfig
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.responder import Responder, ThreadedProducer
 
