@@ -8,6 +8,7 @@ reactor never waits on a socket or a disk.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import sqlite3
 import time
@@ -74,6 +75,11 @@ class Engine(abc.ABC):
 
     name: str
     module: Any
+    # Whether connections commit every statement by themselves, so that a
+    # lone statement costs one round trip and transactions are opened with
+    # an explicit BEGIN (see ``Database.run_interaction``).
+    autocommit = False
+    begin_sql = "BEGIN"
 
     def convert(self, sql: str) -> str:
         return sql
@@ -105,6 +111,10 @@ class Sqlite3Engine(Engine):
 
 class PostgresEngine(Engine):
     name = "psycopg2"
+    # psycopg2 otherwise wraps even a lone SELECT in BEGIN ... COMMIT: three
+    # round trips instead of one, on every hot-path query.
+    autocommit = True
+    begin_sql = "BEGIN ISOLATION LEVEL READ COMMITTED"
 
     def __init__(self) -> None:
         import psycopg2
@@ -115,7 +125,7 @@ class PostgresEngine(Engine):
         return sql.replace("?", "%s")
 
     def on_new_connection(self, conn: Any) -> None:
-        conn.set_session(isolation_level="READ COMMITTED")
+        conn.set_session(autocommit=True)
 
     def is_connection_lost(self, error: BaseException) -> bool:
         module = self.module
@@ -204,8 +214,49 @@ class Database:
         """
 
         def interaction(cursor: Any) -> R:
-            return func(Transaction(cursor, self.engine), *args, **kwargs)
+            txn = Transaction(cursor, self.engine)
+            if not self.engine.autocommit:
+                # The driver opens the transaction; the pool commits or rolls back.
+                return func(txn, *args, **kwargs)
+            cursor.execute(self.engine.begin_sql)
+            try:
+                result = func(txn, *args, **kwargs)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    cursor.execute("ROLLBACK")
+                raise
+            cursor.execute("COMMIT")
+            return result
 
+        return await self._run("transaction", desc, interaction)
+
+    async def run_query(self, desc: str, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        """Run one statement and return its rows (empty for statements
+        without rows). A statement is atomic by itself: on PostgreSQL it is
+        sent alone, without a BEGIN and a COMMIT around it."""
+
+        def query(cursor: Any) -> list[Row]:
+            txn = Transaction(cursor, self.engine)
+            txn.execute(sql, args)
+            if cursor.description is None:
+                return []
+            return txn.fetchall()
+
+        return await self._run("statement", desc, query)
+
+    async def run_update(self, desc: str, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement that changes rows, on its own like
+        ``run_query``; returns how many rows it changed."""
+
+        def update(cursor: Any) -> int:
+            Transaction(cursor, self.engine).execute(sql, args)
+            return int(cursor.rowcount)
+
+        return await self._run("statement", desc, update)
+
+    async def _run(self, kind: str, desc: str, interaction: Callable[[Any], R]) -> R:
+        """Run ``interaction(cursor)`` on a pool thread, again on a fresh
+        connection if the first one turned out to be lost."""
         start = time.monotonic()
         transactions_in_flight.inc()
         try:
@@ -218,21 +269,12 @@ class Database:
                     if attempt >= _RECONNECT_RETRIES or not self.engine.is_connection_lost(e):
                         raise
                     attempt += 1
-                    logger.warning("database connection lost during %s; retrying: %s", desc, e)
+                    logger.warning(
+                        "database connection lost during %s %s; retrying: %s", kind, desc, e
+                    )
         finally:
             transactions_in_flight.dec()
             transaction_seconds.labels(desc).observe(time.monotonic() - start)
-
-    async def run_query(self, desc: str, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        """Run one statement and return its rows (empty for statements without rows)."""
-
-        def query(txn: Transaction) -> list[Row]:
-            txn.execute(sql, args)
-            if txn._cursor.description is None:
-                return []
-            return txn.fetchall()
-
-        return await self.run_interaction(desc, query)
 
     def close(self) -> None:
         """Close every connection; waits for running transactions to finish."""

@@ -3,7 +3,7 @@ process on the database, Synapse's workers included."""
 
 from __future__ import annotations
 
-from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.database import Database
 
 # A lock not renewed for this long is free for anyone to take (Synapse's figure).
 LOCK_TIMEOUT_MS = 2 * 60 * 1000
@@ -17,21 +17,18 @@ class LockStore:
         self, name: str, key: str, instance_name: str, token: str, now_ms: int
     ) -> bool:
         """Take the lock unless another instance holds it and renewed it lately."""
-
-        def txn(t: Transaction) -> bool:
-            t.execute(
-                "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
-                " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (lock_name, lock_key) DO UPDATE SET token = EXCLUDED.token,"
-                " instance_name = EXCLUDED.instance_name,"
-                " last_renewed_ts = EXCLUDED.last_renewed_ts"
-                " WHERE worker_locks.last_renewed_ts < ?"
-                " OR worker_locks.instance_name = EXCLUDED.instance_name",
-                (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
-            )
-            return t.rowcount == 1
-
-        return await self._db.run_interaction("try_acquire_lock", txn)
+        changed = await self._db.run_update(
+            "try_acquire_lock",
+            "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
+            " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (lock_name, lock_key) DO UPDATE SET token = EXCLUDED.token,"
+            " instance_name = EXCLUDED.instance_name,"
+            " last_renewed_ts = EXCLUDED.last_renewed_ts"
+            " WHERE worker_locks.last_renewed_ts < ?"
+            " OR worker_locks.instance_name = EXCLUDED.instance_name",
+            (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
+        )
+        return changed == 1
 
     async def renew(self, name: str, key: str, token: str, now_ms: int) -> None:
         await self._db.run_query(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mediarepo.storage.database import Database, Row, Transaction
-from mediarepo.storage.quarantine import hash_quarantined_txn
+from mediarepo.storage.quarantine import HASH_QUARANTINED_SQL
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
@@ -60,20 +60,23 @@ class MediaStore:
     async def known_content(
         self, sha256: str, length: int, *, check_quarantine: bool
     ) -> tuple[list[str], bool]:
-        """What is already known of these bytes, in one transaction: IDs of
-        local media holding them (not URL previews, not quarantined), and,
-        if asked, whether any media with them is quarantined."""
-
-        def txn(t: Transaction) -> tuple[list[str], bool]:
-            t.execute(
-                "SELECT media_id FROM local_media_repository WHERE sha256 = ?"
-                " AND media_length = ? AND url_cache IS NULL AND quarantined_by IS NULL LIMIT 5",
-                (sha256, length),
-            )
-            copies = [row[0] for row in t.fetchall()]
-            return copies, check_quarantine and hash_quarantined_txn(t, sha256)
-
-        return await self._db.run_interaction("get_known_content", txn)
+        """What is already known of these bytes, in one statement (this is
+        on every upload's path): IDs of local media holding them (not URL
+        previews, not quarantined), and, if asked, whether any media with
+        them is quarantined."""
+        sql = (
+            "SELECT media_id FROM (SELECT media_id FROM local_media_repository"
+            " WHERE sha256 = ? AND media_length = ? AND url_cache IS NULL"
+            " AND quarantined_by IS NULL LIMIT 5) AS copies"
+        )
+        args: tuple[object, ...] = (sha256, length)
+        if check_quarantine:
+            # A row with a NULL media ID says "quarantined".
+            sql += f" UNION ALL SELECT NULL FROM ({HASH_QUARANTINED_SQL}) AS quarantined"
+            args += (sha256, sha256)
+        rows = await self._db.run_query("get_known_content", sql, args)
+        copies = [row[0] for row in rows if row[0] is not None]
+        return copies, len(copies) < len(rows)
 
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
         rows = await self._db.run_query(
@@ -157,19 +160,16 @@ class MediaStore:
 
     async def fill_reserved_media(self, media: LocalMedia) -> bool:
         """Give a reservation its content; ``False`` if it had content already."""
-
-        def txn(t: Transaction) -> bool:
-            t.execute(
-                "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
-                " media_length = ?, url_cache = NULL, sha256 = ?,"
-                " quarantined_by = COALESCE(?, quarantined_by)"
-                " WHERE media_id = ? AND media_length IS NULL",
-                (media.media_type, media.upload_name, media.media_length, media.sha256,
-                 media.quarantined_by, media.media_id),
-            )  # fmt: skip
-            return t.rowcount == 1
-
-        return await self._db.run_interaction("update_local_media", txn)
+        changed = await self._db.run_update(
+            "update_local_media",
+            "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
+            " media_length = ?, url_cache = NULL, sha256 = ?,"
+            " quarantined_by = COALESCE(?, quarantined_by)"
+            " WHERE media_id = ? AND media_length IS NULL",
+            (media.media_type, media.upload_name, media.media_length, media.sha256,
+             media.quarantined_by, media.media_id),
+        )  # fmt: skip
+        return changed == 1
 
     async def bytes_uploaded_since(self, user_id: str, since_ts: int) -> int:
         """Bytes of local media ``user_id`` stored after ``since_ts`` (URL
@@ -301,30 +301,27 @@ class MediaStore:
     async def store_remote_media(self, media: RemoteMedia) -> bool:
         """Record a download; ``False`` if another download of the same media
         (here or in another process) was recorded first."""
-
-        def txn(t: Transaction) -> bool:
-            t.execute(
-                "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
-                " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
-                " quarantined_by, authenticated, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (media_origin, media_id) DO NOTHING",
-                (
-                    media.media_origin,
-                    media.media_id,
-                    media.media_type,
-                    media.created_ts,
-                    media.upload_name,
-                    media.media_length,
-                    media.filesystem_id,
-                    media.last_access_ts,
-                    media.quarantined_by,
-                    media.authenticated,
-                    media.sha256,
-                ),
-            )
-            return t.rowcount == 1
-
-        return await self._db.run_interaction("store_cached_remote_media", txn)
+        changed = await self._db.run_update(
+            "store_cached_remote_media",
+            "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
+            " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
+            " quarantined_by, authenticated, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (media_origin, media_id) DO NOTHING",
+            (
+                media.media_origin,
+                media.media_id,
+                media.media_type,
+                media.created_ts,
+                media.upload_name,
+                media.media_length,
+                media.filesystem_id,
+                media.last_access_ts,
+                media.quarantined_by,
+                media.authenticated,
+                media.sha256,
+            ),
+        )
+        return changed == 1
 
     async def get_remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailInfo]:
         rows = await self._db.run_query(

@@ -80,17 +80,14 @@ class ProviderTaskStore:
     async def claim(self, task: ProviderTask, lease_until_ms: int) -> bool:
         """Take ``task`` for this process until ``lease_until_ms``; ``False``
         if another process (or run) took it first."""
-
-        def txn(t: Transaction) -> bool:
-            t.execute(
-                "UPDATE mediarepo_provider_tasks SET next_attempt_ts = ? WHERE provider = ?"
-                " AND relative_path = ? AND operation = ? AND next_attempt_ts = ?",
-                (lease_until_ms, task.provider, task.relative_path, task.operation.value,
-                 task.due_ts),
-            )  # fmt: skip
-            return t.rowcount == 1
-
-        return await self._db.run_interaction("claim_provider_task", txn)
+        changed = await self._db.run_update(
+            "claim_provider_task",
+            "UPDATE mediarepo_provider_tasks SET next_attempt_ts = ? WHERE provider = ?"
+            " AND relative_path = ? AND operation = ? AND next_attempt_ts = ?",
+            (lease_until_ms, task.provider, task.relative_path, task.operation.value,
+             task.due_ts),
+        )  # fmt: skip
+        return changed == 1
 
     async def due(self, now_ms: int, limit: int) -> list[ProviderTask]:
         rows = await self._db.run_query(

@@ -153,9 +153,10 @@ class QuarantineStore:
         quarantined (always False while Synapse still builds its indexes)."""
         if not await self.hash_lookups_possible():
             return False
-        return await self._db.run_interaction(
-            "get_is_hash_quarantined", lambda t: hash_quarantined_txn(t, sha256)
+        rows = await self._db.run_query(
+            "get_is_hash_quarantined", HASH_QUARANTINED_SQL, (sha256, sha256)
         )
+        return bool(rows)
 
     async def hash_lookups_possible(self) -> bool:
         """Whether hashes may be looked up (see the constructor)."""
@@ -175,15 +176,12 @@ class QuarantineStore:
 
     async def set_protected(self, media_id: str, protected: bool) -> bool:
         """Set ``safe_from_quarantine``; ``False`` if there is no such local media."""
-
-        def txn(t: Transaction) -> bool:
-            t.execute(
-                "UPDATE local_media_repository SET safe_from_quarantine = ? WHERE media_id = ?",
-                (protected, media_id),
-            )
-            return t.rowcount > 0
-
-        return await self._db.run_interaction("mark_local_media_as_safe", txn)
+        changed = await self._db.run_update(
+            "mark_local_media_as_safe",
+            "UPDATE local_media_repository SET safe_from_quarantine = ? WHERE media_id = ?",
+            (protected, media_id),
+        )
+        return changed > 0
 
     async def changes_since(self, after: int, limit: int) -> tuple[list[QuarantineChange], int]:
         """Recorded changes with stream IDs above ``after``, oldest first, and
@@ -247,15 +245,13 @@ class QuarantineStore:
         raise AssertionError(f"quarantine changes cannot be recorded here ({self._records})")
 
 
-def hash_quarantined_txn(t: Transaction, sha256: str) -> bool:
-    """Whether any local or cached remote media with these bytes is quarantined."""
-    t.execute(
-        "SELECT 1 FROM local_media_repository WHERE sha256 = ? AND quarantined_by IS NOT NULL"
-        " UNION ALL SELECT 1 FROM remote_media_cache"
-        " WHERE sha256 = ? AND quarantined_by IS NOT NULL LIMIT 1",
-        (sha256, sha256),
-    )
-    return t.fetchone() is not None
+# A row if any local or cached remote media with these bytes (the SHA-256,
+# given twice) is quarantined.
+HASH_QUARANTINED_SQL = (
+    "SELECT 1 FROM local_media_repository WHERE sha256 = ? AND quarantined_by IS NOT NULL"
+    " UNION ALL SELECT 1 FROM remote_media_cache"
+    " WHERE sha256 = ? AND quarantined_by IS NOT NULL LIMIT 1"
+)
 
 
 def _batches(items: Sequence[str]) -> Iterable[list[str]]:

@@ -110,7 +110,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     target.add_argument("--base-url", help="e.g. http://127.0.0.1:8008")
     target.add_argument("--server-name", help="the server_name in its mxc:// URIs")
     target.add_argument("--token", help="an access token of a user on it")
-    target.add_argument("--pid", type=int, help="its process id, for CPU and memory figures")
+    target.add_argument(
+        "--pid",
+        type=int,
+        help="its process id, for CPU and memory figures (its child processes included)",
+    )
     target.add_argument("--label", default="server", help="its name in the output")
 
     launch = parser.add_argument_group("launching servers")
@@ -282,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server_name=args.server_name,
                 token=args.token,
                 pid=args.pid,
+                # A server's child processes are its workers.
+                include_children=True,
             )
             asyncio.run(run_on_targets(args.scenario_list, [target], opts, output))
     except KeyboardInterrupt:

@@ -67,6 +67,25 @@ class DatabaseTests(DatabaseFixture):
         )
         self.assertEqual(rows, [])  # type: ignore[attr-defined]
 
+    async def index_definition(self, name: str) -> str | None:
+        if self.database.engine.name == "psycopg2":
+            sql = "SELECT indexdef FROM pg_indexes WHERE indexname = ?"
+        else:
+            sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
+        rows = await self.database.run_query("t", sql, (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def test_pending_reservations_have_their_own_index(self) -> None:
+        await prepare_database(self.database)
+        definition = await self.index_definition("mediarepo_pending_media")
+        assert definition is not None
+        self.assertIn("media_length IS NULL", definition)  # type: ignore[attr-defined]
+        # Idempotent: a second start keeps the one index.
+        await prepare_database(self.open())
+        self.assertEqual(  # type: ignore[attr-defined]
+            await self.index_definition("mediarepo_pending_media"), definition
+        )
+
     async def test_interaction_commits_or_rolls_back(self) -> None:
         await prepare_database(self.database)
 
@@ -83,6 +102,44 @@ class DatabaseTests(DatabaseFixture):
             await self.database.run_interaction("t", insert, True)
         rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
         self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
+
+
+class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
+    engine = "psycopg2"
+
+    async def test_invalid_index_is_built_again(self) -> None:
+        """A CREATE INDEX CONCURRENTLY that died half way leaves an invalid
+        index behind; the next start replaces it."""
+        await prepare_database(self.database)
+        validity = (
+            "SELECT i.indisvalid FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+            " WHERE c.relname = 'mediarepo_pending_media'"
+        )
+        await self.database.run_query(
+            "t",
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid ="
+            " 'mediarepo_pending_media'::regclass",
+        )
+        self.assertEqual(await self.database.run_query("t", validity), [(False,)])
+        await prepare_database(self.open())
+        self.assertEqual(await self.database.run_query("t", validity), [(True,)])
+
+    async def test_lone_statements_run_outside_transactions(self) -> None:
+        """On PostgreSQL a lone statement is not wrapped in BEGIN/COMMIT (one
+        round trip), while an interaction is one transaction."""
+        await prepare_database(self.database)
+        rows = await self.database.run_query("t", "SELECT now() = statement_timestamp()")
+        self.assertEqual(rows, [(True,)])
+
+        def two_statements(txn: Transaction) -> tuple[object, object]:
+            txn.execute("SELECT txid_current()")
+            first = txn.fetchone()
+            txn.execute("SELECT txid_current()")
+            second = txn.fetchone()
+            return first, second
+
+        first, second = await self.database.run_interaction("t", two_statements)
+        self.assertEqual(first, second)
 
 
 class ReconnectTests(DatabaseFixture, unittest.TestCase):
