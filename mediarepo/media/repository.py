@@ -42,7 +42,14 @@ from mediarepo.media.thumbnails import (
     ThumbnailResponse,
 )
 from mediarepo.media.upload_sink import UploadSink
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.database import Transaction
+from mediarepo.storage.media import (
+    MediaStore,
+    announce_content_txn,
+    fill_reserved_media_txn,
+    known_content_txn,
+    store_local_media_txn,
+)
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import LocalMedia, Requester
 
@@ -209,51 +216,69 @@ class MediaRepository:
         a reservation; returns its mxc URI.
 
         Order matters for crash safety: the file is fsynced and linked into
-        place before the row has it, and the staging name is removed only
-        after (see ``LocalMediaStore``).
+        place (and given to the providers that keep copies) before the row
+        has it, and the staging name is removed only after (see
+        ``LocalMediaStore``). Without such providers all of it, queries and
+        files, is one trip to a database pool thread: on a busy server each
+        trip to a pool costs more than the work done there.
         """
         relative_path = local_media_path(sink.media_id)
         reserved = sink in self._reserved_uploads
-        published = False
+        local = self.storage.local
+        providers_first = self.storage.providers_want(relative_path)
+        placed = False
         try:
             written = await sink.finish()
             # Checked again now the length is known (the body may have had
             # no Content-Length), before the bytes are published.
             if self.quota.enabled:
                 await self.quota.check(requester.user_id, written.length)
-            same_content, quarantined = await self._media_store.known_content(
-                written.sha256,
-                written.length,
-                check_quarantine=await self._quarantine.hash_lookups_possible(),
-            )
-            shared = await self.storage.publish(
-                written,
-                relative_path,
-                [local_media_path(m) for m in same_content if m != sink.media_id],
-            )
-            published = True
-            media = LocalMedia(
-                media_id=sink.media_id,
-                media_type=media_type,
-                media_length=written.length,
-                created_ts=self._now_ms(),
-                upload_name=upload_name,
-                user_id=requester.user_id,
-                # Bytes quarantined elsewhere are stored quarantined, as Synapse does.
-                quarantined_by=QUARANTINED_BY_SYSTEM if quarantined else None,
-                url_cache=None,
-                last_access_ts=None,
-                safe_from_quarantine=False,
-                authenticated=self.config.enable_authenticated_media,
-                sha256=written.sha256,
-            )
-            if not reserved:
-                await self._media_store.store_local_media(media)
-            elif not await self._media_store.fill_reserved_media(media):
-                # Swept as expired while the body arrived.
-                raise NotFoundError("Media ID has expired")
+            check_quarantine = await self._quarantine.hash_lookups_possible()
+            created_ts = self._now_ms()
+
+            def place(t: Transaction) -> tuple[LocalMedia, bool]:
+                nonlocal placed
+                known = known_content_txn(
+                    t, written.sha256, written.length, check_quarantine=check_quarantine
+                )
+                same_as = [local_media_path(m) for m in known.copies if m != sink.media_id]
+                _, shared = local.place_upload(written, relative_path, same_as)
+                placed = True
+                media = LocalMedia(
+                    media_id=sink.media_id,
+                    media_type=media_type,
+                    media_length=written.length,
+                    created_ts=created_ts,
+                    upload_name=upload_name,
+                    user_id=requester.user_id,
+                    # Bytes quarantined elsewhere are stored quarantined, as Synapse does.
+                    quarantined_by=QUARANTINED_BY_SYSTEM if known.quarantined else None,
+                    url_cache=None,
+                    last_access_ts=None,
+                    safe_from_quarantine=False,
+                    authenticated=self.config.enable_authenticated_media,
+                    sha256=written.sha256,
+                )
+                if not providers_first:
+                    record(t, media)
+                return media, shared
+
+            def record(t: Transaction, media: LocalMedia) -> None:
+                if not reserved:
+                    store_local_media_txn(t, media)
+                elif fill_reserved_media_txn(t, media):
+                    announce_content_txn(t, media.media_id)
+                else:
+                    # Swept as expired while the body arrived.
+                    raise NotFoundError("Media ID has expired")
+                local.remove_staged(written.temp_path)
+
+            media, shared = await self._media_store.run_statements("store_upload", place)
+            if providers_first:
+                await self.storage.to_providers(relative_path, local.paths.absolute(relative_path))
+                await self._media_store.run_statements("record_upload", lambda t: record(t, media))
         except BaseException as e:
-            if published:
+            if placed:
                 await self.storage.delete(relative_path)
             await self.abandon_upload(sink)
             if isinstance(e, FileExistsInStoreError):
@@ -264,12 +289,11 @@ class MediaRepository:
                 # 24 random letters colliding with an existing file.
                 raise MatrixError(500, Codes.UNKNOWN, "Media ID collision; retry") from e
             raise
-        await self.storage.local.discard_staged(written.temp_path)
+        quarantined = media.quarantined_by is not None
         self.storage.end_upload(sink)
         self._release_reservation_lock(sink)
         if reserved:
             self.arrivals.announce(sink.media_id)
-            await self._media_store.announce_content(sink.media_id)
         if not quarantined:
             self.thumbnails.schedule_pregeneration(
                 LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows)

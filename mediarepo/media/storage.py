@@ -105,7 +105,7 @@ class MediaStorage:
         """
         local_path, shared = await self.local.publish(upload, relative_path, same_as)
         try:
-            await self._to_providers(relative_path, local_path)
+            await self.to_providers(relative_path, local_path)
         except BaseException:
             await self.local.delete(relative_path)
             raise
@@ -114,9 +114,16 @@ class MediaStorage:
     async def store_file(self, relative_path: str, data: bytes) -> None:
         """Store a generated file (a thumbnail) locally, then with the providers."""
         local_path = await self.local.write_file(relative_path, data)
-        await self._to_providers(relative_path, local_path)
+        await self.to_providers(relative_path, local_path)
 
-    async def _to_providers(self, relative_path: str, local_path: str) -> None:
+    def providers_want(self, relative_path: str) -> bool:
+        """Whether any provider keeps a copy of ``relative_path``."""
+        return any(slot.wants(relative_path) for slot in self.slots)
+
+    async def to_providers(self, relative_path: str, local_path: str) -> None:
+        """Give a file now in the local store to the providers that keep it:
+        synchronous ones store it now (raising :class:`StorageUnavailableError`
+        if one fails, after undoing the others), asynchronous ones get a task."""
         wanting = [slot for slot in self.slots if slot.wants(relative_path)]
         stored: list[StorageProvider] = []
         for slot in wanting:

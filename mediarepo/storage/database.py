@@ -46,14 +46,24 @@ _RECONNECT_RETRIES = 2
 
 
 class Transaction:
-    """A cursor that takes ``?`` placeholders on every engine."""
+    """A cursor that takes ``?`` placeholders on every engine.
 
-    def __init__(self, cursor: Any, engine: Engine) -> None:
+    Given ``commit`` (see ``Database.run_statements``), every statement is
+    committed as soon as it has run."""
+
+    def __init__(
+        self, cursor: Any, engine: Engine, *, commit: Callable[[], None] | None = None
+    ) -> None:
         self._cursor = cursor
         self.engine = engine
+        self._commit = commit
+        self.statements_run = 0
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
         self._cursor.execute(self.engine.convert(sql), tuple(args))
+        self.statements_run += 1
+        if self._commit is not None:
+            self._commit()
 
     def execute_batch(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
         self._cursor.executemany(self.engine.convert(sql), [tuple(a) for a in args])
@@ -213,7 +223,8 @@ class Database:
         it), the pool reconnects and the transaction is run again.
         """
 
-        def interaction(cursor: Any) -> R:
+        def interaction(conn: Any) -> R:
+            cursor = conn.cursor()
             txn = Transaction(cursor, self.engine)
             if not self.engine.autocommit:
                 # The driver opens the transaction; the pool commits or rolls back.
@@ -235,7 +246,8 @@ class Database:
         without rows). A statement is atomic by itself: on PostgreSQL it is
         sent alone, without a BEGIN and a COMMIT around it."""
 
-        def query(cursor: Any) -> list[Row]:
+        def query(conn: Any) -> list[Row]:
+            cursor = conn.cursor()
             txn = Transaction(cursor, self.engine)
             txn.execute(sql, args)
             if cursor.description is None:
@@ -248,25 +260,61 @@ class Database:
         """Run one statement that changes rows, on its own like
         ``run_query``; returns how many rows it changed."""
 
-        def update(cursor: Any) -> int:
+        def update(conn: Any) -> int:
+            cursor = conn.cursor()
             Transaction(cursor, self.engine).execute(sql, args)
             return int(cursor.rowcount)
 
         return await self._run("statement", desc, update)
 
-    async def _run(self, kind: str, desc: str, interaction: Callable[[Any], R]) -> R:
-        """Run ``interaction(cursor)`` on a pool thread, again on a fresh
-        connection if the first one turned out to be lost."""
+    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
+        """Run ``func(txn)`` on a pool thread, each of its statements
+        committed on its own as it runs, for work that puts other blocking
+        steps (files made durable) between statements in one trip to the
+        pool: a trip costs more than the statements themselves.
+
+        Nothing is rolled back when ``func`` raises: what it committed
+        stays. ``func`` is run again on a fresh connection only if the
+        connection was found lost at its first statement, so that must come
+        before any of its other work.
+        """
+        started: list[Transaction] = []
+
+        def statements(conn: Any) -> R:
+            commit = None if self.engine.autocommit else conn.commit
+            txn = Transaction(conn.cursor(), self.engine, commit=commit)
+            started.append(txn)
+            return func(txn)
+
+        def may_retry() -> bool:
+            return started[-1].statements_run == 0 if started else True
+
+        return await self._run("statements", desc, statements, may_retry)
+
+    async def _run(
+        self,
+        kind: str,
+        desc: str,
+        interaction: Callable[[Any], R],
+        may_retry: Callable[[], bool] = lambda: True,
+    ) -> R:
+        """Run ``interaction(connection)`` on a pool thread (the pool commits
+        after it or rolls back), again on a fresh connection if the first
+        one turned out to be lost."""
         start = time.monotonic()
         transactions_in_flight.inc()
         try:
             attempt = 0
             while True:
                 try:
-                    result: R = await self._pool.runInteraction(interaction)
+                    result: R = await self._pool.runWithConnection(interaction)
                     return result
                 except Exception as e:
-                    if attempt >= _RECONNECT_RETRIES or not self.engine.is_connection_lost(e):
+                    if (
+                        attempt >= _RECONNECT_RETRIES
+                        or not self.engine.is_connection_lost(e)
+                        or not may_retry()
+                    ):
                         raise
                     attempt += 1
                     logger.warning(

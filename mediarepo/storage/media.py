@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+import attrs
+
 from mediarepo.storage.database import Database, Row, Transaction
 from mediarepo.storage.quarantine import HASH_QUARANTINED_SQL
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
+
+R = TypeVar("R")
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
 CONTENT_CHANNEL = "mediarepo_media_content"
@@ -32,51 +39,82 @@ def local_media_from_row(row: Row) -> LocalMedia:
     )
 
 
+@attrs.frozen
+class KnownContent:
+    """What the database knows of some bytes, found by their SHA-256."""
+
+    # Local media holding them (not URL previews, not quarantined), at most five.
+    copies: list[str]
+    # Whether any media (local or cached remote) with them is quarantined.
+    quarantined: bool
+
+
+# -- the statements of an upload, run together in one trip to the pool ----------
+# (see MediaRepository.complete_upload): a trip costs more than a statement.
+
+
+def known_content_txn(
+    t: Transaction, sha256: str, length: int, *, check_quarantine: bool
+) -> KnownContent:
+    """What is known of these bytes, in one statement; quarantine is only
+    looked up if asked."""
+    sql = (
+        "SELECT media_id FROM (SELECT media_id FROM local_media_repository"
+        " WHERE sha256 = ? AND media_length = ? AND url_cache IS NULL"
+        " AND quarantined_by IS NULL LIMIT 5) AS copies"
+    )
+    args: tuple[object, ...] = (sha256, length)
+    if check_quarantine:
+        # A row with a NULL media ID says "quarantined".
+        sql += f" UNION ALL SELECT NULL FROM ({HASH_QUARANTINED_SQL}) AS quarantined"
+        args += (sha256, sha256)
+    t.execute(sql, args)
+    rows = t.fetchall()
+    copies = [row[0] for row in rows if row[0] is not None]
+    return KnownContent(copies, quarantined=len(copies) < len(rows))
+
+
+def store_local_media_txn(t: Transaction, media: LocalMedia) -> None:
+    """Insert a finished upload's row, as Synapse's ``store_local_media`` does."""
+    t.execute(
+        "INSERT INTO local_media_repository (media_id, media_type, created_ts,"
+        " upload_name, media_length, user_id, url_cache, authenticated, sha256,"
+        " quarantined_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (media.media_id, media.media_type, media.created_ts, media.upload_name,
+         media.media_length, media.user_id, media.url_cache, media.authenticated,
+         media.sha256, media.quarantined_by),
+    )  # fmt: skip
+
+
+def fill_reserved_media_txn(t: Transaction, media: LocalMedia) -> bool:
+    """Give a reservation its content; ``False`` if it had content already
+    (or is gone)."""
+    t.execute(
+        "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
+        " media_length = ?, url_cache = NULL, sha256 = ?,"
+        " quarantined_by = COALESCE(?, quarantined_by)"
+        " WHERE media_id = ? AND media_length IS NULL",
+        (media.media_type, media.upload_name, media.media_length, media.sha256,
+         media.quarantined_by, media.media_id),
+    )  # fmt: skip
+    return t.rowcount == 1
+
+
+def announce_content_txn(t: Transaction, media_id: str) -> None:
+    """Tell other processes on a PostgreSQL database (waiting downloads)
+    that a reservation has its content."""
+    if t.engine.name == "psycopg2":
+        t.execute("SELECT pg_notify(?, ?)", (CONTENT_CHANNEL, media_id))
+
+
 class MediaStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def store_local_media(self, media: LocalMedia) -> None:
-        """Insert a finished upload's row, as Synapse's ``store_local_media`` does."""
-        await self._db.run_query(
-            "store_local_media",
-            "INSERT INTO local_media_repository (media_id, media_type, created_ts,"
-            " upload_name, media_length, user_id, url_cache, authenticated, sha256,"
-            " quarantined_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                media.media_id,
-                media.media_type,
-                media.created_ts,
-                media.upload_name,
-                media.media_length,
-                media.user_id,
-                media.url_cache,
-                media.authenticated,
-                media.sha256,
-                media.quarantined_by,
-            ),
-        )
-
-    async def known_content(
-        self, sha256: str, length: int, *, check_quarantine: bool
-    ) -> tuple[list[str], bool]:
-        """What is already known of these bytes, in one statement (this is
-        on every upload's path): IDs of local media holding them (not URL
-        previews, not quarantined), and, if asked, whether any media with
-        them is quarantined."""
-        sql = (
-            "SELECT media_id FROM (SELECT media_id FROM local_media_repository"
-            " WHERE sha256 = ? AND media_length = ? AND url_cache IS NULL"
-            " AND quarantined_by IS NULL LIMIT 5) AS copies"
-        )
-        args: tuple[object, ...] = (sha256, length)
-        if check_quarantine:
-            # A row with a NULL media ID says "quarantined".
-            sql += f" UNION ALL SELECT NULL FROM ({HASH_QUARANTINED_SQL}) AS quarantined"
-            args += (sha256, sha256)
-        rows = await self._db.run_query("get_known_content", sql, args)
-        copies = [row[0] for row in rows if row[0] is not None]
-        return copies, len(copies) < len(rows)
+    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
+        """Run ``func`` with statements committed one by one, in one trip to
+        the pool (see :meth:`Database.run_statements`)."""
+        return await self._db.run_statements(desc, func)
 
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
         rows = await self._db.run_query(
@@ -158,19 +196,6 @@ class MediaStore:
         )
         return int(rows[0][0]), rows[0][1]
 
-    async def fill_reserved_media(self, media: LocalMedia) -> bool:
-        """Give a reservation its content; ``False`` if it had content already."""
-        changed = await self._db.run_update(
-            "update_local_media",
-            "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
-            " media_length = ?, url_cache = NULL, sha256 = ?,"
-            " quarantined_by = COALESCE(?, quarantined_by)"
-            " WHERE media_id = ? AND media_length IS NULL",
-            (media.media_type, media.upload_name, media.media_length, media.sha256,
-             media.quarantined_by, media.media_id),
-        )  # fmt: skip
-        return changed == 1
-
     async def bytes_uploaded_since(self, user_id: str, since_ts: int) -> int:
         """Bytes of local media ``user_id`` stored after ``since_ts`` (URL
         previews they caused included, reservations counting nothing)."""
@@ -181,14 +206,6 @@ class MediaStore:
             (user_id, since_ts),
         )
         return int(rows[0][0])
-
-    async def announce_content(self, media_id: str) -> None:
-        """Tell other processes on a PostgreSQL database (waiting downloads)
-        that a reservation has its content."""
-        if self._db.engine.name == "psycopg2":
-            await self._db.run_query(
-                "announce_content", "SELECT pg_notify(?, ?)", (CONTENT_CHANNEL, media_id)
-            )
 
     async def delete_expired_reservations(self, created_before: int, limit: int) -> list[str]:
         """Remove up to ``limit`` reservations made before ``created_before``

@@ -223,8 +223,15 @@ class LocalMediaStore(StorageProvider):
     async def publish(
         self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
     ) -> tuple[str, bool]:
-        """Link the staged file to ``relative_path``; returns the absolute path
-        and whether an existing file was linked instead.
+        """:meth:`place_upload` on the media I/O pool."""
+        return await self.in_pool(self.place_upload, upload, relative_path, same_as)
+
+    def place_upload(
+        self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
+    ) -> tuple[str, bool]:
+        """Make the staged file durable and link it to ``relative_path``
+        (blocking: run it on a pool thread); returns the absolute path and
+        whether an existing file was linked instead.
 
         ``same_as`` names files already stored with the same content (by
         SHA-256): the first one still there, and of the right size, is linked
@@ -233,49 +240,44 @@ class LocalMediaStore(StorageProvider):
         Raises :class:`FileExistsInStoreError` if something is already there.
         """
         final = self.paths.absolute(relative_path)
-        candidates = [self.paths.absolute(p) for p in same_as]
-
-        def link() -> bool:
-            upload.make_durable()
-            directory = os.path.dirname(final)
-            os.makedirs(directory, exist_ok=True)
-            try:
-                for existing in candidates:
-                    try:
-                        if os.stat(existing).st_size == upload.length:
-                            os.link(existing, final)
-                            return True
-                    except (FileNotFoundError, NotADirectoryError):
-                        continue
-                    except OSError as e:
-                        if e.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
-                            break  # no hard links here; keep a copy of our own
-                        raise
-                os.link(upload.temp_path, final)
-                return False
-            except FileExistsError as e:
-                raise FileExistsInStoreError(relative_path) from e
-            finally:
-                # Make the new directory entry itself durable.
-                fd = os.open(directory, os.O_RDONLY)
+        upload.make_durable()
+        directory = os.path.dirname(final)
+        os.makedirs(directory, exist_ok=True)
+        try:
+            for existing in (self.paths.absolute(p) for p in same_as):
                 try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-
-        linked = await self.in_pool(link)
-        return final, bool(linked)
-
-    async def discard_staged(self, temp_path: str) -> None:
-        """Remove a staging file once its media is recorded (or abandoned)."""
-
-        def remove() -> None:
+                    if os.stat(existing).st_size == upload.length:
+                        os.link(existing, final)
+                        return final, True
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+                        break  # no hard links here; keep a copy of our own
+                    raise
+            os.link(upload.temp_path, final)
+            return final, False
+        except FileExistsError as e:
+            raise FileExistsInStoreError(relative_path) from e
+        finally:
+            # Make the new directory entry itself durable.
+            fd = os.open(directory, os.O_RDONLY)
             try:
-                os.unlink(temp_path)
-            except FileNotFoundError:
-                pass
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
-        await self.in_pool(remove)
+    @staticmethod
+    def remove_staged(temp_path: str) -> None:
+        """Remove a staging file once its media is recorded (blocking). A
+        failure is only logged: the media is stored, and the staging sweep
+        removes the name later."""
+        try:
+            os.unlink(temp_path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("could not remove staging file %s: %s", temp_path, e)
 
     async def sweep_staging(
         self,
