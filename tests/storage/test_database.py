@@ -104,6 +104,24 @@ class DatabaseTests(DatabaseFixture):
         self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
 
 
+    async def test_statements_commit_one_by_one(self) -> None:
+        """``run_statements`` keeps what ran before a failure (files may
+        depend on it), unlike a transaction."""
+        await prepare_database(self.database)
+
+        def insert_then_fail(txn: Transaction) -> None:
+            txn.execute(
+                "INSERT INTO local_media_repository (media_id, created_ts) VALUES (?, ?)",
+                ("qrstuvwx", 1),
+            )
+            raise ValueError("after the insert")
+
+        with self.assertRaises(ValueError):  # type: ignore[attr-defined]
+            await self.database.run_statements("t", insert_then_fail)
+        rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
+        self.assertEqual(rows, [("qrstuvwx",)])  # type: ignore[attr-defined]
+
+
 class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
     engine = "psycopg2"
 
@@ -165,4 +183,46 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
         rows = await self.database.run_query("t", "SELECT COUNT(*) FROM local_media_repository")
         self.assertEqual(rows, [(0,)])  # type: ignore[attr-defined]
         # adbapi logs the failed rollback on the dead connection.
+        self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+    def terminate_backends(self) -> None:
+        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (self.config.database.args["dbname"],),
+            )
+        conn.close()
+
+    async def test_statements_retried_only_if_lost_at_the_first(self) -> None:
+        """A lost connection found at the first statement runs the function
+        again; found later, the error is raised (what ran may not repeat)."""
+        await prepare_database(self.database)
+        await self.database.run_query("t", "SELECT 1")  # the pool's connection exists
+        calls: list[str] = []
+
+        def lookup(txn: Transaction) -> int:
+            calls.append("lookup")
+            txn.execute("SELECT COUNT(*) FROM local_media_repository")
+            row = txn.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        self.terminate_backends()
+        self.assertEqual(await self.database.run_statements("t", lookup), 0)
+        # Again on another connection (more than once if that one was cut too).
+        self.assertGreaterEqual(len(calls), 2)  # type: ignore[attr-defined]
+
+        def two_steps(txn: Transaction) -> None:
+            calls.append("two")
+            txn.execute("SELECT 1")
+            txn.fetchall()
+            self.terminate_backends()
+            txn.execute("SELECT 2")
+
+        calls.clear()
+        with self.assertRaises(psycopg2.Error):  # type: ignore[attr-defined]
+            await self.database.run_statements("t", two_steps)
+        self.assertEqual(calls, ["two"])  # type: ignore[attr-defined]
         self.flushLoggedErrors()  # type: ignore[attr-defined]
