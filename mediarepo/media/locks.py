@@ -12,11 +12,16 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
-from mediarepo.storage.locks import LockStore
+from mediarepo.storage.database import Transaction
+from mediarepo.storage.locks import LockStore, release_lock_txn, try_acquire_lock_txn
+
+R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +52,19 @@ class HeldLock:
             logger.exception("renewing lock %s/%s failed", self.name, self.key)
 
     async def release(self) -> None:
+        self.forget()
+        await self._locks.store.release(self.name, self.key, self.token)
+
+    def release_txn(self, t: Transaction) -> None:
+        """Release the lock with a statement of a trip already under way
+        (blocking); call :meth:`forget` once that trip is over."""
+        release_lock_txn(t, self.name, self.key, self.token)
+
+    def forget(self) -> None:
+        """Stop renewing the lock and let this process take it again."""
         if self._renewal.running:
             self._renewal.stop()
         self._locks.held.discard((self.name, self.key))
-        await self._locks.store.release(self.name, self.key, self.token)
 
 
 class WorkerLocks:
@@ -65,18 +79,36 @@ class WorkerLocks:
 
     async def try_lock(self, name: str, key: str) -> HeldLock | None:
         """The lock ``(name, key)`` if nobody (here or elsewhere) holds it."""
+        lock, _ = await self.try_lock_then(name, key, lambda t: None)
+        return lock
+
+    async def try_lock_then(
+        self, name: str, key: str, then: Callable[[Transaction], R]
+    ) -> tuple[HeldLock | None, R | None]:
+        """The lock ``(name, key)`` if nobody (here or elsewhere) holds it,
+        and what ``then`` (blocking statements: reading what the lock
+        guards) returned once it was taken, in the same trip to the pool."""
         if (name, key) in self.held:
-            return None
+            return None, None
         self.held.add((name, key))
         token = secrets.token_urlsafe(12)
+        now_ms = self.now_ms()
+
+        def take(t: Transaction) -> tuple[bool, R | None]:
+            if not try_acquire_lock_txn(t, name, key, self.instance_name, token, now_ms):
+                return False, None
+            try:
+                return True, then(t)
+            except BaseException:
+                release_lock_txn(t, name, key, token)
+                raise
+
         try:
-            acquired = await self.store.try_acquire(
-                name, key, self.instance_name, token, self.now_ms()
-            )
+            acquired, result = await self.store.run_statements("try_acquire_lock", take)
         except BaseException:
             self.held.discard((name, key))
             raise
         if not acquired:
             self.held.discard((name, key))
-            return None
-        return HeldLock(self, name, key, token)
+            return None, None
+        return HeldLock(self, name, key, token), result

@@ -47,6 +47,7 @@ from mediarepo.storage.media import (
     MediaStore,
     announce_content_txn,
     fill_reserved_media_txn,
+    get_local_media_txn,
     known_content_txn,
     store_local_media_txn,
 )
@@ -143,15 +144,18 @@ class MediaRepository:
         self._create_limiter.check(requester.user_id)
         now = self._now_ms()
         expiry = self.config.unused_expiration_time_ms
-        pending, oldest = await self._media_store.count_pending_media(
-            requester.user_id, now - expiry
-        )
-        if pending >= self.config.max_pending_media_uploads:
-            raise limit_exceeded((oldest or now) + expiry - now)
         media_id = random_media_id()
-        await self._media_store.reserve_local_media(
-            media_id, requester.user_id, now, self.config.enable_authenticated_media
+        reserved = await self._media_store.reserve_local_media(
+            media_id,
+            requester.user_id,
+            now,
+            self.config.enable_authenticated_media,
+            max_pending=self.config.max_pending_media_uploads,
+            pending_after=now - expiry,
         )
+        if not reserved:
+            _, oldest = await self._media_store.count_pending_media(requester.user_id, now - expiry)
+            raise limit_exceeded((oldest or now) + expiry - now)
         return self.mxc(media_id), now + expiry
 
     async def begin_reserved_upload(
@@ -164,11 +168,12 @@ class MediaRepository:
             raise NotFoundError("Non-local server name specified")
         if not is_valid_media_id(media_id) or len(media_id) < 5:
             raise NotFoundError("Unknown media ID")
-        lock = await self._locks.try_lock(UPLOAD_LOCK_NAME, media_id)
+        lock, media = await self._locks.try_lock_then(
+            UPLOAD_LOCK_NAME, media_id, lambda t: get_local_media_txn(t, media_id)
+        )
         if lock is None:
             raise MatrixError(409, Codes.CANNOT_OVERWRITE_MEDIA, "Media ID cannot be overwritten")
         try:
-            media = await self._media_store.get_local_media(media_id)
             if media is None:
                 raise NotFoundError("Unknown media ID")
             if media.user_id != requester.user_id:
@@ -223,7 +228,9 @@ class MediaRepository:
         trip to a pool costs more than the work done there.
         """
         relative_path = local_media_path(sink.media_id)
-        reserved = sink in self._reserved_uploads
+        # An upload into a reservation holds its lock until the row has the content.
+        reservation_lock = self._reserved_uploads.get(sink)
+        reserved = reservation_lock is not None
         local = self.storage.local
         providers_first = self.storage.providers_want(relative_path)
         placed = False
@@ -264,10 +271,11 @@ class MediaRepository:
                 return media, shared
 
             def record(t: Transaction, media: LocalMedia) -> None:
-                if not reserved:
+                if reservation_lock is None:
                     store_local_media_txn(t, media)
                 elif fill_reserved_media_txn(t, media):
                     announce_content_txn(t, media.media_id)
+                    reservation_lock.release_txn(t)
                 else:
                     # Swept as expired while the body arrived.
                     raise NotFoundError("Media ID has expired")
@@ -291,8 +299,9 @@ class MediaRepository:
             raise
         quarantined = media.quarantined_by is not None
         self.storage.end_upload(sink)
-        self._release_reservation_lock(sink)
-        if reserved:
+        if reservation_lock is not None:
+            del self._reserved_uploads[sink]
+            reservation_lock.forget()
             self.arrivals.announce(sink.media_id)
         if not quarantined:
             self.thumbnails.schedule_pregeneration(

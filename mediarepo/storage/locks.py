@@ -3,7 +3,12 @@ process on the database, Synapse's workers included."""
 
 from __future__ import annotations
 
-from mediarepo.storage.database import Database
+from collections.abc import Callable
+from typing import TypeVar
+
+from mediarepo.storage.database import Database, Transaction
+
+R = TypeVar("R")
 
 # A lock not renewed for this long is free for anyone to take (Synapse's figure).
 LOCK_TIMEOUT_MS = 2 * 60 * 1000
@@ -13,22 +18,9 @@ class LockStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def try_acquire(
-        self, name: str, key: str, instance_name: str, token: str, now_ms: int
-    ) -> bool:
-        """Take the lock unless another instance holds it and renewed it lately."""
-        changed = await self._db.run_update(
-            "try_acquire_lock",
-            "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
-            " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT (lock_name, lock_key) DO UPDATE SET token = EXCLUDED.token,"
-            " instance_name = EXCLUDED.instance_name,"
-            " last_renewed_ts = EXCLUDED.last_renewed_ts"
-            " WHERE worker_locks.last_renewed_ts < ?"
-            " OR worker_locks.instance_name = EXCLUDED.instance_name",
-            (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
-        )
-        return changed == 1
+    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
+        """Run ``func`` in one trip to the pool (see :meth:`Database.run_statements`)."""
+        return await self._db.run_statements(desc, func)
 
     async def renew(self, name: str, key: str, token: str, now_ms: int) -> None:
         await self._db.run_query(
@@ -39,8 +31,28 @@ class LockStore:
         )
 
     async def release(self, name: str, key: str, token: str) -> None:
-        await self._db.run_query(
-            "drop_lock",
-            "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
-            (name, key, token),
-        )
+        await self._db.run_statements("drop_lock", lambda t: release_lock_txn(t, name, key, token))
+
+
+def try_acquire_lock_txn(
+    t: Transaction, name: str, key: str, instance_name: str, token: str, now_ms: int
+) -> bool:
+    """Take the lock unless another instance holds it and renewed it lately."""
+    t.execute(
+        "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
+        " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (lock_name, lock_key) DO UPDATE SET token = EXCLUDED.token,"
+        " instance_name = EXCLUDED.instance_name,"
+        " last_renewed_ts = EXCLUDED.last_renewed_ts"
+        " WHERE worker_locks.last_renewed_ts < ?"
+        " OR worker_locks.instance_name = EXCLUDED.instance_name",
+        (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
+    )
+    return t.rowcount == 1
+
+
+def release_lock_txn(t: Transaction, name: str, key: str, token: str) -> None:
+    t.execute(
+        "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
+        (name, key, token),
+    )

@@ -74,6 +74,15 @@ def known_content_txn(
     return KnownContent(copies, quarantined=len(copies) < len(rows))
 
 
+def get_local_media_txn(t: Transaction, media_id: str) -> LocalMedia | None:
+    t.execute(
+        f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
+        (media_id,),
+    )
+    row = t.fetchone()
+    return local_media_from_row(row) if row is not None else None
+
+
 def store_local_media_txn(t: Transaction, media: LocalMedia) -> None:
     """Insert a finished upload's row, as Synapse's ``store_local_media`` does."""
     t.execute(
@@ -117,12 +126,9 @@ class MediaStore:
         return await self._db.run_statements(desc, func)
 
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
-        rows = await self._db.run_query(
-            "get_local_media",
-            f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
-            (media_id,),
+        return await self._db.run_statements(
+            "get_local_media", lambda t: get_local_media_txn(t, media_id)
         )
-        return local_media_from_row(rows[0]) if rows else None
 
     async def media_ids_with_content(self, media_ids: list[str]) -> set[str]:
         """Which of ``media_ids`` have a row with content (not a reservation
@@ -175,15 +181,27 @@ class MediaStore:
     # -- async uploads: reservations without content ---------------------------
 
     async def reserve_local_media(
-        self, media_id: str, user_id: str, created_ts: int, authenticated: bool
-    ) -> None:
-        """Record a media ID with no content yet, as Synapse's ``/create`` does."""
-        await self._db.run_query(
+        self,
+        media_id: str,
+        user_id: str,
+        created_ts: int,
+        authenticated: bool,
+        *,
+        max_pending: int,
+        pending_after: int,
+    ) -> bool:
+        """Record a media ID with no content yet, as Synapse's ``/create``
+        does, unless ``user_id`` already has ``max_pending`` reservations made
+        after ``pending_after`` waiting for content (then ``False``). One
+        statement: this is on every ``/create``'s path."""
+        changed = await self._db.run_update(
             "store_local_media_id",
             "INSERT INTO local_media_repository (media_id, created_ts, user_id, authenticated)"
-            " VALUES (?, ?, ?, ?)",
-            (media_id, created_ts, user_id, authenticated),
+            " SELECT ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM local_media_repository"
+            " WHERE user_id = ? AND created_ts > ? AND media_length IS NULL) < ?",
+            (media_id, created_ts, user_id, authenticated, user_id, pending_after, max_pending),
         )
+        return changed == 1
 
     async def count_pending_media(self, user_id: str, created_after: int) -> tuple[int, int | None]:
         """How many reservations of ``user_id`` made after ``created_after``

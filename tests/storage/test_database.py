@@ -103,7 +103,6 @@ class DatabaseTests(DatabaseFixture):
         rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
         self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
 
-
     async def test_statements_commit_one_by_one(self) -> None:
         """``run_statements`` keeps what ran before a failure (files may
         depend on it), unlike a transaction."""
@@ -141,6 +140,41 @@ class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
         self.assertEqual(await self.database.run_query("t", validity), [(False,)])
         await prepare_database(self.open())
         self.assertEqual(await self.database.run_query("t", validity), [(True,)])
+
+    async def test_statements_prepared_once_per_connection(self) -> None:
+        await prepare_database(self.database)
+
+        def run(txn: Transaction) -> tuple[list[object], list[object]]:
+            for _ in range(2):
+                txn.execute(
+                    "SELECT COUNT(*) FROM local_media_repository WHERE media_id = ?", ("x",)
+                )
+                txn.fetchall()
+            # A parameter PostgreSQL cannot type: run as it is, unprepared.
+            txn.execute("SELECT ?", ("as is",))
+            plain = txn.fetchall()
+            txn.execute("SELECT statement FROM pg_prepared_statements")
+            return plain, [row[0] for row in txn.fetchall()]
+
+        plain, prepared = await self.database.run_statements("t", run)
+        self.assertEqual(plain, [("as is",)])
+        ours = [str(p) for p in prepared if "local_media_repository" in str(p)]
+        self.assertEqual(len(ours), 1)  # prepared once, executed twice
+        self.assertTrue(
+            ours[0].endswith("AS SELECT COUNT(*) FROM local_media_repository WHERE media_id = $1")
+        )
+
+        def in_transaction(txn: Transaction) -> int:
+            # Inside a transaction nothing new is prepared.
+            txn.execute("SELECT COUNT(*) FROM local_media_repository WHERE sha256 = ?", ("y",))
+            txn.execute(
+                "SELECT COUNT(*) FROM pg_prepared_statements WHERE statement LIKE ?", ("%sha256%",)
+            )
+            row = txn.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        self.assertEqual(await self.database.run_interaction("t", in_transaction), 0)
 
     async def test_lone_statements_run_outside_transactions(self) -> None:
         """On PostgreSQL a lone statement is not wrapped in BEGIN/COMMIT (one
