@@ -137,6 +137,9 @@ class Measurement:
         self.postgres_cpu = 0.0
 
     def begin(self) -> None:
+        # Write back what earlier scenarios (or the other server) left
+        # dirty, so that no server pays for another's writes in its fsyncs.
+        os.sync()
         cpu_idle_wait(self.target.pid)
         self.loadavg = os.getloadavg()[0]
         if self.target.pid is not None:
