@@ -18,6 +18,7 @@ from typing import TypeVar
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
+from mediarepo.media.paths import random_letters
 from mediarepo.storage.database import Transaction
 from mediarepo.storage.locks import LockStore, release_lock_txn, try_acquire_lock_txn
 
@@ -91,7 +92,7 @@ class WorkerLocks:
         if (name, key) in self.held:
             return None, None
         self.held.add((name, key))
-        token = secrets.token_urlsafe(12)
+        token = random_letters(16)
         now_ms = self.now_ms()
 
         def take(t: Transaction) -> tuple[bool, R | None]:

@@ -52,9 +52,15 @@ class _RandomLetters:
 _random_letters = _RandomLetters()
 
 
+def random_letters(count: int) -> str:
+    """``count`` letters from the system's randomness, without a system call
+    each time (for names and tokens made on every upload)."""
+    return _random_letters.take(count)
+
+
 def random_media_id() -> str:
     """A new local media ID: 24 random letters, as Synapse makes them."""
-    return _random_letters.take(24)
+    return random_letters(24)
 
 
 def is_valid_media_id(media_id: str) -> bool:

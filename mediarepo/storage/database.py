@@ -231,8 +231,10 @@ def create_engine(name: str) -> Engine:
 
 
 class Database:
-    """One connection pool with a two-method interface: ``run_interaction``
-    runs a function in a transaction, ``run_query`` runs one statement."""
+    """One connection pool. ``run_interaction`` runs a function in a
+    transaction; ``run_query`` and ``run_update`` run one statement;
+    ``run_statements`` runs a function whose statements commit one by one,
+    with other blocking work between them, in one trip to the pool."""
 
     def __init__(self, config: DatabaseConfig, reactor: IReactorCore | None = None) -> None:
         self.engine = create_engine(config.engine)

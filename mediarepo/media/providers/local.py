@@ -31,6 +31,7 @@ from mediarepo.media.paths import (
     UnsafePathError,
     is_valid_media_id,
     local_media_path,
+    random_letters,
 )
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.responder import (
@@ -215,7 +216,7 @@ class LocalMediaStore(StorageProvider):
 
     def new_upload(self, media_id: str) -> UploadSink:
         """A sink writing to a fresh staging file for ``media_id``."""
-        name = f"{media_id}.{secrets.token_hex(4)}"
+        name = f"{media_id}.{random_letters(8)}"
         return UploadSink(
             os.path.join(self.staging_dir, name), media_id, self._threadpool, self._reactor
         )
