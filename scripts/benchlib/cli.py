@@ -386,7 +386,10 @@ async def _run_launched(
                 output.add([Result(server.label, s, status="failed", reason=reason)
                             for s in scenarios])  # fmt: skip
                 continue
-            targets.append(server.target())
+            target = server.target()
+            if args.compare_synapse or args.postgres:
+                target.settle = postgres.checkpoint
+            targets.append(target)
         if nginx is not None and phase.name == "defaults":
             nginx.start(cleanup)
             static = nginx.target()

@@ -51,6 +51,8 @@ class Target:
     include_children: bool = False
     # For a static file server (nginx): download scenario -> URL path of the file.
     static_paths: dict[str, str] = field(default_factory=dict)
+    # Run before each measurement starts (a PostgreSQL checkpoint).
+    settle: Callable[[], None] | None = None
 
     @property
     def host_port_prefix(self) -> tuple[str, int, str]:
@@ -138,8 +140,11 @@ class Measurement:
 
     def begin(self) -> None:
         # Write back what earlier scenarios (or the other server) left
-        # dirty, so that no server pays for another's writes in its fsyncs.
+        # dirty, so that no server pays for another's writes in its fsyncs
+        # or for a checkpoint of the other's rows.
         os.sync()
+        if self.target.settle is not None:
+            self.target.settle()
         cpu_idle_wait(self.target.pid)
         self.loadavg = os.getloadavg()[0]
         if self.target.pid is not None:

@@ -181,6 +181,11 @@ class Postgres:
             timeout=120,
         )  # fmt: skip
 
+    def checkpoint(self) -> None:
+        """Write PostgreSQL's dirty buffers out now, not in the middle of
+        the next measurement."""
+        self._psql("CHECKPOINT")
+
     def create_database(self, cleanup: Cleanup, prefix: str) -> str:
         if shutil.which("psql") is None:
             raise RuntimeError("psql is not installed; it is needed to create the databases")
