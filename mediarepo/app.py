@@ -6,7 +6,6 @@ import errno
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -58,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
-REACTOR_SWITCH_INTERVAL_SECONDS = 0.0005
 # Our name in the instance_name column of quarantined_media_changes.
 QUARANTINE_INSTANCE_NAME = "mediarepo"
 # How often leftovers of crashed uploads and expired reservations are removed.
@@ -134,11 +132,6 @@ class MediaServer:
     async def start(self) -> None:
         config = self.config
         reactor = self.reactor
-        # The reactor thread gives up the GIL at every system call; with the
-        # default 5 ms switch interval a busy pool thread then keeps it that
-        # long before the reactor gets it back. Shorter turns keep the reactor
-        # responsive while the pools work.
-        sys.setswitchinterval(REACTOR_SWITCH_INTERVAL_SECONDS)
         signing_keys = load_signing_keys(config.signing_key_path)
         self.database = Database(config.database, reactor)
         schema = await prepare_database(self.database)

@@ -127,6 +127,15 @@ def unique_small_body(base: bytes) -> bytes:
 # -- measuring ---------------------------------------------------------------
 
 
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache of clean pages, where allowed (root)."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("1\n")
+    except OSError:
+        pass
+
+
 class Measurement:
     """Wait for the server to be idle, then measure CPU and memory until :meth:`finish`."""
 
@@ -139,10 +148,13 @@ class Measurement:
         self.postgres_cpu = 0.0
 
     def begin(self) -> None:
-        # Write back what earlier scenarios (or the other server) left
-        # dirty, so that no server pays for another's writes in its fsyncs
-        # or for a checkpoint of the other's rows.
+        # Every measurement starts from the same machine state: what earlier
+        # scenarios (or the other server) wrote is on disk and out of the
+        # page cache (as root), so that no server pays in its fsyncs for
+        # another's writes, or reclaims memory another's files filled; and
+        # a PostgreSQL checkpoint is not due in the middle of it.
         os.sync()
+        drop_page_cache()
         if self.target.settle is not None:
             self.target.settle()
         cpu_idle_wait(self.target.pid)
