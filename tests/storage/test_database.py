@@ -204,14 +204,7 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
     async def test_reconnect_after_backends_terminated(self) -> None:
         await prepare_database(self.database)
         before = await self.database.run_query("t", "SELECT pg_backend_pid()")
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (self.config.database.args["dbname"],),
-            )
-        conn.close()
+        self.terminate_backends()
         after = await self.database.run_query("t", "SELECT pg_backend_pid()")
         self.assertNotEqual(before, after)  # type: ignore[attr-defined]
         rows = await self.database.run_query("t", "SELECT COUNT(*) FROM local_media_repository")
@@ -220,6 +213,7 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
         self.flushLoggedErrors()  # type: ignore[attr-defined]
 
     def terminate_backends(self) -> None:
+        """Cut every connection to the test database, as a restart would."""
         conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
         conn.autocommit = True
         with conn.cursor() as cur:
