@@ -52,7 +52,8 @@ _RECONNECT_RETRIES = 2
 
 
 class Transaction:
-    """A cursor that takes ``?`` placeholders on every engine.
+    """A cursor whose statements mark their parameters with ``?`` on every
+    engine.
 
     Given ``commit`` (see ``Database.run_statements``), every statement is
     committed as soon as it has run."""
@@ -63,7 +64,7 @@ class Transaction:
         engine: Engine,
         *,
         commit: Callable[[], None] | None = None,
-        explicit_transaction: bool = False,
+        in_transaction: bool = False,
     ) -> None:
         self._cursor = cursor
         self.engine = engine
@@ -71,10 +72,10 @@ class Transaction:
         self.statements_run = 0
         # Only outside a transaction may statements be prepared: a PREPARE
         # that fails inside one would abort it.
-        self._may_prepare = not explicit_transaction
+        self._may_prepare = not in_transaction
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        self.engine.execute(self._cursor, sql, tuple(args), prepare=self._may_prepare)
+        self.engine.execute(self._cursor, sql, tuple(args), may_prepare=self._may_prepare)
         self.statements_run += 1
         if self._commit is not None:
             self._commit()
@@ -108,9 +109,9 @@ class Engine(abc.ABC):
     def convert(self, sql: str) -> str:
         return sql
 
-    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, prepare: bool) -> None:
-        """Run ``sql`` (with ``?`` placeholders); ``prepare``: it is not part
-        of an explicit transaction."""
+    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
+        """Run ``sql``, its parameters marked ``?``. ``may_prepare`` says it
+        runs outside a transaction, where preparing it cannot abort one."""
         cursor.execute(self.convert(sql), args)
 
     @abc.abstractmethod
@@ -157,12 +158,12 @@ class PostgresEngine(Engine):
     def convert(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
-    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, prepare: bool) -> None:
-        """Statements run outside explicit transactions are prepared once per
+    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
+        """Statements run outside transactions are prepared once per
         connection and then EXECUTEd: PostgreSQL then skips parsing and
         planning, most of the cost of a small query (a third, measured, for
         the upload's content lookup)."""
-        name = self._prepared_name(cursor, sql) if prepare and args else None
+        name = self._prepared_name(cursor, sql) if may_prepare and args else None
         if name is None:
             cursor.execute(self.convert(sql), args)
         else:
@@ -283,7 +284,7 @@ class Database:
 
         def interaction(conn: Any) -> R:
             cursor = conn.cursor()
-            txn = Transaction(cursor, self.engine, explicit_transaction=self.engine.autocommit)
+            txn = Transaction(cursor, self.engine, in_transaction=True)
             if not self.engine.autocommit:
                 # The driver opens the transaction; the pool commits or rolls back.
                 return func(txn, *args, **kwargs)

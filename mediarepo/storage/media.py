@@ -16,6 +16,13 @@ R = TypeVar("R")
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
 CONTENT_CHANNEL = "mediarepo_media_content"
 
+# A user's reservations made after a time and still waiting for content
+# (parameters: the user ID, the time); the partial index
+# mediarepo_pending_media serves it.
+_PENDING_OF_USER = (
+    "FROM local_media_repository WHERE user_id = ? AND created_ts > ? AND media_length IS NULL"
+)
+
 LOCAL_MEDIA_COLUMNS = (
     "media_id, media_type, media_length, created_ts, upload_name, user_id,"
     " quarantined_by, url_cache, last_access_ts, safe_from_quarantine, authenticated, sha256"
@@ -197,8 +204,7 @@ class MediaStore:
         changed = await self._db.run_update(
             "store_local_media_id",
             "INSERT INTO local_media_repository (media_id, created_ts, user_id, authenticated)"
-            " SELECT ?, ?, ?, ? WHERE (SELECT COUNT(*) FROM local_media_repository"
-            " WHERE user_id = ? AND created_ts > ? AND media_length IS NULL) < ?",
+            f" SELECT ?, ?, ?, ? WHERE (SELECT COUNT(*) {_PENDING_OF_USER}) < ?",
             (media_id, created_ts, user_id, authenticated, user_id, pending_after, max_pending),
         )
         return changed == 1
@@ -208,8 +214,7 @@ class MediaStore:
         still wait for content, and when the oldest of them was made."""
         rows = await self._db.run_query(
             "get_pending_media",
-            "SELECT COUNT(*), MIN(created_ts) FROM local_media_repository"
-            " WHERE user_id = ? AND created_ts > ? AND media_length IS NULL",
+            f"SELECT COUNT(*), MIN(created_ts) {_PENDING_OF_USER}",
             (user_id, created_after),
         )
         return int(rows[0][0]), rows[0][1]

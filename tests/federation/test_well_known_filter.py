@@ -20,30 +20,28 @@ def _client(**settings: Any) -> FederationClient:
 
 
 class WellKnownAddressFilterTest(unittest.TestCase):
-    async def test_blocked_address_is_not_asked(self) -> None:
-        client = _client()  # Synapse's default blacklist: loopback included
+    def recorded_sends(self, client: FederationClient, error: Exception) -> list[tuple[Any, ...]]:
+        """The requests ``client`` sends from now on, each failing with ``error``."""
         self.addCleanup(client.close)
         sent: list[tuple[Any, ...]] = []
 
         async def send(*args: Any) -> Any:
             sent.append(args)
-            raise AssertionError("a blocked address was contacted")
+            raise error
 
         self.patch(client, "_send", send)
+        return sent
+
+    async def test_blocked_address_is_not_asked(self) -> None:
+        client = _client()  # Synapse's default blacklist: loopback included
+        sent = self.recorded_sends(client, AssertionError("a blocked address was contacted"))
         self.assertIsNone(await client._resolver.delegation("localhost"))
         self.assertIsNone(await client._resolver.delegation("127.0.0.1"))
         self.assertEqual(sent, [])
 
     async def test_allowed_address_is_asked(self) -> None:
         client = _client(ip_range_whitelist=["127.0.0.0/8"])
-        self.addCleanup(client.close)
-        sent: list[tuple[Any, ...]] = []
-
-        async def send(*args: Any) -> Any:
-            sent.append(args)
-            raise ConnectionRefusedError("nobody listens on 443 here")
-
-        self.patch(client, "_send", send)
+        sent = self.recorded_sends(client, ConnectionRefusedError("nobody listens on 443 here"))
         self.assertIsNone(await client._resolver.delegation("localhost"))
         self.assertEqual(len(sent), 1)
         method, url, address, port = sent[0][:4]
