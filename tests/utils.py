@@ -28,7 +28,22 @@ from mediarepo.config import Config, parse_config
 from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.storage.users import UserStore
 
-POSTGRES_DSN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+
+def postgres_params() -> dict[str, Any]:
+    """Where the test PostgreSQL server is: the usual libpq variables
+    (``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``), defaulting to
+    postgres@127.0.0.1:5432."""
+    params: dict[str, Any] = {
+        "host": os.environ.get("PGHOST", "127.0.0.1"),
+        "port": int(os.environ.get("PGPORT", "5432")),
+        "user": os.environ.get("PGUSER", "postgres"),
+    }
+    if os.environ.get("PGPASSWORD"):
+        params["password"] = os.environ["PGPASSWORD"]
+    return params
+
+
+POSTGRES_DSN = postgres_params()
 SERVER_NAME = "test.example"
 
 T = TypeVar("T", bound=type)

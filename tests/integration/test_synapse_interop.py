@@ -41,6 +41,8 @@ from urllib.parse import quote, urlsplit
 
 from twisted.trial import unittest
 
+from tests.utils import postgres_params
+
 try:
     import synapse  # noqa: F401
 except ImportError as e:
@@ -100,18 +102,6 @@ def rate_limits() -> dict[str, Any]:
             "failed_attempts": unlimited(),
         },
     }
-
-
-def postgres_params() -> dict[str, Any]:
-    """Where the PostgreSQL server is, from the usual libpq variables."""
-    params: dict[str, Any] = {
-        "host": os.environ.get("PGHOST", "127.0.0.1"),
-        "port": int(os.environ.get("PGPORT", "5432")),
-        "user": os.environ.get("PGUSER", "postgres"),
-    }
-    if os.environ.get("PGPASSWORD"):
-        params["password"] = os.environ["PGPASSWORD"]
-    return params
 
 
 def free_port() -> int:
