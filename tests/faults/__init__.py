@@ -1,0 +1,1 @@
+"""Fault tests: the server under crashes, outages, full disks and hostile peers."""
