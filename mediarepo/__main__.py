@@ -1,6 +1,6 @@
 """Command line: run the server, generate a config, register a user.
 
-python -m mediarepo -c homeserver.yaml
+python -m mediarepo -c homeserver.yaml [-c workers/media.yaml ...]
 python -m mediarepo --generate-config -c homeserver.yaml --server-name example.org
 python -m mediarepo register-user -c homeserver.yaml @alice:example.org [--admin]
 """
@@ -21,7 +21,14 @@ def _run_parser() -> argparse.ArgumentParser:
         description="A Synapse-compatible Matrix media repository server.",
         epilog="Subcommand: register-user -c CONFIG USER_ID [--admin]",
     )
-    parser.add_argument("-c", "--config-path", required=True, help="homeserver.yaml to read")
+    parser.add_argument(
+        "-c",
+        "--config-path",
+        action="append",
+        required=True,
+        help="a config file, or a directory of *.yaml files, to read; repeat it to "
+        "merge several in order, as Synapse does (homeserver.yaml, then a worker file)",
+    )
     parser.add_argument(
         "--generate-config",
         action="store_true",
@@ -50,7 +57,7 @@ def _register_parser() -> argparse.ArgumentParser:
         description="Create a user (or a new token for an existing one) and print "
         "the access token on the last line.",
     )
-    parser.add_argument("-c", "--config-path", required=True)
+    parser.add_argument("-c", "--config-path", action="append", required=True)
     parser.add_argument("user_id", help="full Matrix ID, such as @alice:example.org")
     parser.add_argument("--admin", action="store_true", help="make the user a server admin")
     return parser
@@ -71,8 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not options.server_name:
                 print("mediarepo: --generate-config needs --server-name", file=sys.stderr)
                 return 2
-            data_dir = options.data_dir or os.path.dirname(os.path.abspath(options.config_path))
-            return generate_config(options.config_path, options.server_name, data_dir, options.port)
+            if len(options.config_path) != 1:
+                print("mediarepo: --generate-config writes one file: give one -c", file=sys.stderr)
+                return 2
+            config_path = options.config_path[0]
+            data_dir = options.data_dir or os.path.dirname(os.path.abspath(config_path))
+            return generate_config(config_path, options.server_name, data_dir, options.port)
         from mediarepo.cli import run
 
         if options.workers < 1:

@@ -18,7 +18,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.accounts import Accounts
-from mediarepo.config import Config
+from mediarepo.config import Config, ListenerConfig
 from mediarepo.errors import ConfigError
 from mediarepo.federation.client import FederationClient
 from mediarepo.federation.keyring import Keyring
@@ -106,8 +106,9 @@ class MediaServer:
         self.config = config
         # Listening sockets opened by a supervisor (--workers), by listener.
         self._inherited_sockets = list(inherited_sockets)
-        # With several workers, one runs the periodic jobs for all.
-        self._runs_housekeeping = runs_housekeeping
+        # With several workers, one runs the periodic jobs for all; of several
+        # instances, the one media_instance_running_background_jobs names.
+        self._runs_housekeeping = runs_housekeeping and config.runs_background_jobs
         # Any: the reactor is used through several of its interfaces.
         self.reactor: Any = reactor
         self.ports: list[IListeningPort] = []
@@ -249,7 +250,7 @@ class MediaServer:
             if inherited:
                 self._adopt(inherited, site, tls)
             else:
-                self._listen(listener.port, listener.bind_addresses, site, tls)
+                self._listen(listener, site, tls)
 
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
@@ -258,7 +259,15 @@ class MediaServer:
         self._access_flush = task.LoopingCall(self.repository.access.flush)
         self._access_flush.clock = reactor
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
-        logger.info("mediarepo serving %s", config.server_name)
+        if self._runs_housekeeping:
+            logger.info("media background jobs run in this process")
+        elif not config.runs_background_jobs:
+            logger.info(
+                "media background jobs are left to instance %s",
+                config.media_instance_running_background_jobs,
+            )
+        logger.info("mediarepo serving %s as instance %s", config.server_name,
+                    config.instance_name)  # fmt: skip
 
     def _create_storage(self, local: LocalMediaStore) -> MediaStorage:
         """The local store, then the configured providers, started."""
@@ -311,11 +320,10 @@ class MediaServer:
             logger.info("serving on %s port %d (shared)", inherited.address,
                         listening.getHost().port)  # fmt: skip
 
-    def _listen(
-        self, port: int, addresses: tuple[str, ...], site: MediaSite, tls: Any = None
-    ) -> None:
+    def _listen(self, listener: ListenerConfig, site: MediaSite, tls: Any = None) -> None:
+        port = listener.port
         bound_any_v6 = False
-        for address in addresses:
+        for address in listener.bind_addresses:
             try:
                 if tls is None:
                     listening = self.reactor.listenTCP(port, site, interface=address)
@@ -327,7 +335,7 @@ class MediaServer:
                 in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
                 if address == "0.0.0.0" and bound_any_v6 and in_use:
                     continue
-                raise
+                raise listener.cannot_listen(address, e.socketError or e) from e
             bound_any_v6 = bound_any_v6 or address == "::"
             self.ports.append(listening)
             host = listening.getHost()

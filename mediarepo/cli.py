@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -67,20 +69,35 @@ def generate_config(config_path: str, server_name: str, data_dir: str, port: int
     return 0
 
 
-def run(config_path: str, workers: int = 1) -> int:
+def run(config_paths: Sequence[str], workers: int = 1) -> int:
     """Run the server until SIGTERM or SIGINT; returns the exit status.
 
     With ``workers`` above 1, this process only supervises that many
     worker processes sharing its listening sockets (see ``mediarepo.workers``).
     """
-    from mediarepo.logging_setup import setup_logging
-    from mediarepo.workers import Supervisor, inherited_sockets, worker_index
+    from mediarepo.logging_setup import flush_logs, setup_logging
+    from mediarepo.workers import (
+        Supervisor,
+        inherited_sockets,
+        is_supervised_worker,
+        worker_index,
+    )
 
-    config = load_config(config_path)
-    setup_logging(config.log_config)
+    config = load_config(config_paths)
+    try:
+        setup_logging(config.log_config, config.log_config_key)
+    except ConfigError as e:
+        raise config.locate(e) from e
+    supervised = is_supervised_worker()
+    if not supervised:
+        warn_about_background_jobs(config)
     if workers > 1:
         try:
-            return Supervisor(config_path, config, workers).run()
+            with pid_file(config, config.pid_file):
+                return Supervisor(config_paths, config, workers).run()
+        except ConfigError as e:
+            print(f"mediarepo: {config.locate(e)}", file=sys.stderr)
+            return 1
         except OSError as e:
             print(f"mediarepo: {e}", file=sys.stderr)
             return 1
@@ -92,16 +109,10 @@ def run(config_path: str, workers: int = 1) -> int:
     server = MediaServer(
         config, reactor, inherited_sockets(), runs_housekeeping=worker_index() == 0
     )
-    exit_status = [0]
+    failure_line: list[str] = []
 
     def on_start_failure(failure: Any) -> None:
-        exit_status[0] = 1
-        error = failure.value
-        if isinstance(error, ConfigError):
-            print(f"mediarepo: {error}", file=sys.stderr)
-        else:
-            logger.error("start-up failed: %s", error, exc_info=failure.getTracebackObject())
-            print(f"mediarepo: start-up failed: {error}", file=sys.stderr)
+        failure_line.append(report_start_failure(config, failure))
         reactor.stop()
 
     def start() -> None:
@@ -109,14 +120,74 @@ def run(config_path: str, workers: int = 1) -> int:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)
-    reactor.run()
-    return exit_status[0]
+    # A worker under a supervisor: the supervisor's pid is the service's.
+    with pid_file(config, None if supervised else config.pid_file):
+        reactor.run()
+    if failure_line:
+        # Last, after the lines of the stop, where an operator looks first.
+        flush_logs()
+        print(f"mediarepo: {failure_line[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report_start_failure(config: Config, failure: Any) -> str:
+    """Log, in one line, why the server did not start, and return that line;
+    the traceback only at debug level (the cause is ours to name, not the
+    reader's to dig out)."""
+    error = failure.value
+    if isinstance(error, ConfigError):
+        line = str(config.locate(error))
+    else:
+        # Drivers' messages may run over several lines.
+        line = "start-up failed: " + " ".join(str(error).split())
+    logger.debug("start-up failure", exc_info=failure.getTracebackObject())
+    logger.error("%s", line)
+    return line
+
+
+def warn_about_background_jobs(config: Config) -> None:
+    """Synapse's main process still loads the media repository (and so runs
+    media background jobs on the same tables) unless the shared config says
+    otherwise: say so once, at start."""
+    if (
+        config.worker_app is not None
+        and config.enable_media_repo
+        and config.media_instance_running_background_jobs is None
+    ):
+        logger.warning(
+            "enable_media_repo is true in the shared config, so Synapse's main process "
+            "also serves media and runs media background jobs on the same tables; set "
+            "enable_media_repo: false for it, or media_instance_running_background_jobs: "
+            "%s to name the instance that runs them",
+            config.instance_name,
+        )
+
+
+@contextlib.contextmanager
+def pid_file(config: Config, path: str | None) -> Iterator[None]:
+    """Write this process's pid to ``path`` (``worker_pid_file``) while it runs."""
+    if path is None:
+        yield
+        return
+    try:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as e:
+        raise config.locate(
+            ConfigError("worker_pid_file", f"cannot write {path}: {e.strerror}")
+        ) from e
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 _USER_ID = re.compile(r"\A@([a-z0-9._=\-/+]+):(.+)\Z")
 
 
-def register_user(config_path: str, user_id: str, admin: bool) -> int:
+def register_user(config_path: str | Sequence[str], user_id: str, admin: bool) -> int:
     from twisted.internet import task
 
     config = load_config(config_path)

@@ -8,10 +8,11 @@ one line.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -176,6 +177,13 @@ DEFAULT_IP_RANGE_BLACKLIST = (
 )  # fmt: skip
 
 
+# The worker_app values under which Synapse serves media: this server is then
+# that worker.
+MEDIA_WORKER_APPS = ("synapse.app.media_repository", "synapse.app.generic_worker")
+# Synapse's name for its main process (no worker_name).
+MAIN_INSTANCE_NAME = "master"
+
+
 @attrs.frozen
 class ListenerConfig:
     port: int
@@ -184,6 +192,16 @@ class ListenerConfig:
     x_forwarded: bool
     resource_names: frozenset[str]
     tls: bool = False
+    # Where in the config it was given ("worker_listeners[0]"), for errors.
+    place: str = "listeners"
+
+    def cannot_listen(self, address: str, error: BaseException) -> ConfigError:
+        """The start-up error for failing to listen on ``address``."""
+        where = f"[{address}]:{self.port}" if ":" in address else f"{address}:{self.port}"
+        if getattr(error, "errno", None) == errno.EADDRINUSE:
+            return ConfigError(self.place, f"{where} is already in use")
+        reason = getattr(error, "strerror", None) or str(error)
+        return ConfigError(self.place, f"cannot listen on {where}: {reason}")
 
     @property
     def serves_media(self) -> bool:
@@ -315,6 +333,38 @@ class Config:
     tls_certificate_path: str | None
     tls_private_key_path: str | None
     federation: FederationConfig
+    # worker_app when this process is a Synapse worker (a media repository or
+    # generic worker); None for a standalone server.
+    worker_app: str | None = None
+    # Synapse's instance name: worker_name (or worker_app), else "master".
+    instance_name: str = MAIN_INSTANCE_NAME
+    pid_file: str | None = None
+    # Which instance runs the media background jobs; None: every instance.
+    media_instance_running_background_jobs: str | None = None
+    # enable_media_repo as the (shared) config says it, for Synapse's main process.
+    enable_media_repo: bool = True
+    # For each top-level key, the file it was read from (the last one wins).
+    sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
+
+    @property
+    def log_config_key(self) -> str:
+        """The key ``log_config`` was read from."""
+        return "worker_log_config" if self.worker_app else "log_config"
+
+    @property
+    def runs_background_jobs(self) -> bool:
+        """Whether this instance runs the media background jobs (sweeps,
+        retention, eviction, provider tasks), by Synapse's rule."""
+        chosen = self.media_instance_running_background_jobs
+        return chosen is None or chosen == self.instance_name
+
+    def locate(self, error: ConfigError) -> ConfigError:
+        """``error`` naming the file its key came from, when known."""
+        if error.source is None:
+            source = self.sources.get(_top_level_key(error.key))
+            if source is not None:
+                return ConfigError(error.key, error.problem, source)
+        return error
 
     @property
     def max_request_body_size(self) -> int:
@@ -370,6 +420,7 @@ def _parse_listener(reader: ConfigReader) -> ListenerConfig | None:
         x_forwarded=reader.boolean("x_forwarded", False),
         resource_names=frozenset(names),
         tls=reader.boolean("tls", False),
+        place=reader.key("").rstrip("."),
     )
 
 
@@ -530,8 +581,21 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
     if not is_valid_server_name(server_name):
         raise ConfigError("server_name", f"{server_name!r} is not a valid server name")
 
-    # A Synapse media worker's file has worker_listeners instead of listeners.
-    listener_key = "listeners" if "listeners" in data else "worker_listeners"
+    worker_app = root.string("worker_app")
+    if worker_app == "synapse.app.homeserver":
+        worker_app = None  # Synapse's name for its main process
+    if worker_app is not None and worker_app not in MEDIA_WORKER_APPS:
+        raise ConfigError(
+            "worker_app",
+            f"{worker_app!r} is not a media worker; expected one of {MEDIA_WORKER_APPS}",
+        )
+    if worker_app is not None:
+        # A Synapse worker listens on its worker_listeners only; the shared
+        # listeners are the main process's.
+        listener_key = "worker_listeners"
+    else:
+        listener_key = "listeners" if "listeners" in data else "worker_listeners"
+    worker_name = root.string("worker_name")
     listeners = []
     for entry in root.entries(listener_key):
         listener = _parse_listener(entry)
@@ -547,7 +611,8 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
 
     max_upload_size = root.size("max_upload_size", "50M")
     storage_providers = parse_storage_providers(root)
-    log_config = root.string("log_config")
+    log_config = root.string("worker_log_config" if worker_app is not None else "log_config")
+    pid_file = root.string("worker_pid_file") if worker_app else None
     return Config(
         server_name=server_name,
         config_dir=config_dir,
@@ -581,16 +646,70 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         tls_certificate_path=optional_path("tls_certificate_path"),
         tls_private_key_path=optional_path("tls_private_key_path"),
         federation=_parse_federation(root),
+        worker_app=worker_app,
+        instance_name=worker_name or worker_app or MAIN_INSTANCE_NAME,
+        pid_file=os.path.abspath(pid_file) if pid_file else None,
+        media_instance_running_background_jobs=root.string(
+            "media_instance_running_background_jobs"
+        ),
+        enable_media_repo=root.boolean("enable_media_repo", True),
     )
 
 
-def load_config(config_path: str) -> Config:
-    """Read and parse the YAML file at ``config_path``."""
+def _top_level_key(key: str) -> str:
+    """The top-level key of a place in the config ("worker_listeners[0].port")."""
+    return re.split(r"[.\[]", key, maxsplit=1)[0]
+
+
+def find_config_files(paths: Sequence[str]) -> list[str]:
+    """The files the ``-c`` arguments name, as Synapse finds them: a file is
+    itself, a directory gives its ``*.yaml`` files in sorted order."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            files.extend(
+                sorted(
+                    os.path.join(path, entry)
+                    for entry in os.listdir(path)
+                    if entry.endswith(".yaml") and os.path.isfile(os.path.join(path, entry))
+                )
+            )
+        else:
+            files.append(path)
+    return files
+
+
+def load_config(config_paths: str | Sequence[str]) -> Config:
+    """Read the YAML files (or directories of them) and parse them as one.
+
+    Files are merged in order, as Synapse merges them: a top-level key in a
+    later file replaces the whole value an earlier file gave it. Errors name
+    the file a key came from. Relative paths inside resolve against the
+    working directory; the default signing key sits beside the last file.
+    """
+    paths = [config_paths] if isinstance(config_paths, str) else list(config_paths)
+    files = find_config_files(paths)
+    if not files:
+        raise ConfigError("(file)", f"no *.yaml files in {', '.join(paths)}")
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for config_path in files:
+        try:
+            with open(config_path, encoding="utf-8") as config_file:
+                data = yaml.safe_load(config_file)
+        except OSError as e:
+            raise ConfigError("(file)", f"cannot read {config_path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError("(file)", f"{config_path} is not valid YAML: {e}") from e
+        if data is None:
+            continue
+        if not isinstance(data, Mapping):
+            raise ConfigError("(top level)", "expected a mapping of keys", config_path)
+        merged.update(data)
+        sources.update((str(key), config_path) for key in data)
+    config_dir = os.path.dirname(os.path.abspath(files[-1]))
     try:
-        with open(config_path, encoding="utf-8") as config_file:
-            data = yaml.safe_load(config_file)
-    except OSError as e:
-        raise ConfigError("(file)", f"cannot read {config_path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError("(file)", f"{config_path} is not valid YAML: {e}") from e
-    return parse_config(data or {}, os.path.dirname(os.path.abspath(config_path)))
+        config = parse_config(merged, config_dir)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.problem, sources.get(_top_level_key(e.key))) from e
+    return attrs.evolve(config, sources=sources)

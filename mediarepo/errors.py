@@ -64,9 +64,16 @@ class NotFoundError(MatrixError):
 
 
 class ConfigError(Exception):
-    """A configuration value that stops start-up; the message names the key."""
+    """A configuration value that stops start-up; the message names the key
+    and, once known, the file it came from (``source``)."""
 
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config key {key!r}: {problem}")
+    def __init__(self, key: str, problem: str, source: str | None = None) -> None:
+        super().__init__(key, problem, source)
         self.key = key
         self.problem = problem
+        self.source = source
+
+    def __str__(self) -> str:
+        if self.source is not None:
+            return f"{self.key} in {self.source}: {self.problem}"
+        return f"config key {self.key!r}: {self.problem}"

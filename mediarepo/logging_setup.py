@@ -167,7 +167,15 @@ def log_to_twisted() -> None:
     root.addHandler(TwistedLogHandler())
 
 
-def setup_logging(log_config_path: str | None) -> None:
+def flush_logs() -> None:
+    """Write out records still held in buffers."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def setup_logging(log_config_path: str | None, key: str = "log_config") -> None:
+    """Log as the Synapse-format logging config at ``log_config_path`` says
+    (``key`` names where it was given), or INFO and above to stderr."""
     _add_request_default()
     if log_config_path:
         try:
@@ -175,7 +183,7 @@ def setup_logging(log_config_path: str | None) -> None:
                 data = yaml.safe_load(f)
             logging.config.dictConfig(_replace_synapse_classes(data))
         except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
-            raise ConfigError("log_config", f"cannot use {log_config_path}: {e}") from e
+            raise ConfigError(key, f"cannot use {log_config_path}: {e}") from e
     else:
         to_stderr = logging.StreamHandler(sys.stderr)
         to_stderr.setFormatter(logging.Formatter(DEFAULT_FORMAT))

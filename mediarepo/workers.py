@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import attrs
 
@@ -61,6 +62,11 @@ def inherited_sockets() -> list[InheritedSocket]:
     return found
 
 
+def is_supervised_worker() -> bool:
+    """Whether a supervisor (``--workers``) started this process."""
+    return WORKER_INDEX_ENV in os.environ
+
+
 def worker_index() -> int:
     """This process's worker number; 0 when it runs alone."""
     try:
@@ -95,14 +101,14 @@ def open_listening_sockets(config: Config) -> list[tuple[InheritedSocket, socket
             except OSError as e:
                 if address == "0.0.0.0" and any(a == "::" for a in listener.bind_addresses):
                     continue  # "::" took IPv4 already
-                raise OSError(f"cannot listen on {address} port {listener.port}: {e}") from e
+                raise listener.cannot_listen(address, e) from e
             opened.append((InheritedSocket(index, address, sock.fileno()), sock))
     return opened
 
 
 class Supervisor:
-    def __init__(self, config_path: str, config: Config, workers: int) -> None:
-        self._config_path = config_path
+    def __init__(self, config_paths: Sequence[str], config: Config, workers: int) -> None:
+        self._config_paths = list(config_paths)
         self._config = config
         self._count = workers
         self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
@@ -117,7 +123,8 @@ class Supervisor:
         )
         env[WORKER_INDEX_ENV] = str(slot)
         process = subprocess.Popen(
-            [sys.executable, "-m", "mediarepo", "-c", self._config_path],
+            [sys.executable, "-m", "mediarepo"]
+            + [arg for path in self._config_paths for arg in ("-c", path)],
             env=env,
             pass_fds=[s.fd for s in sockets],
         )

@@ -217,3 +217,148 @@ class ConfigTests(unittest.TestCase):
             f.write("server_name: [unclosed\n")
         with self.assertRaises(ConfigError):
             load_config(path)
+
+
+# A Synapse media worker's file, as Synapse's worker documentation has them.
+MEDIA_WORKER_FILE = """\
+worker_app: synapse.app.media_repository
+worker_name: media1
+worker_listeners:
+  - type: http
+    port: 8085
+    bind_addresses: ['127.0.0.1']
+    x_forwarded: true
+    resources:
+      - names: [media]
+worker_log_config: /etc/matrix-synapse/media1.log.config
+worker_pid_file: /run/matrix-synapse/media1.pid
+"""
+
+
+class SynapseStyleConfigFilesTests(unittest.TestCase):
+    """Several -c files (and directories) merged as Synapse merges them."""
+
+    def write(self, directory: str, name: str, text: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        import yaml
+
+        self.homeserver = self.write(self.dir, "homeserver.yaml", yaml.safe_dump(SYNAPSE_CONFIG))
+
+    def test_worker_file_selects_worker_listeners_and_log_config(self) -> None:
+        worker = self.write(os.path.join(self.dir, "workers"), "media1.yaml", MEDIA_WORKER_FILE)
+        config = load_config([self.homeserver, worker])
+        # Synapse's own listeners (8008, the metrics port) are the main process's.
+        self.assertEqual([listener.port for listener in config.listeners], [8085])
+        self.assertEqual(config.listeners[0].place, "worker_listeners[0]")
+        self.assertTrue(config.listeners[0].x_forwarded)
+        self.assertEqual(config.log_config, "/etc/matrix-synapse/media1.log.config")
+        self.assertEqual(config.pid_file, "/run/matrix-synapse/media1.pid")
+        self.assertEqual(config.worker_app, "synapse.app.media_repository")
+        self.assertEqual(config.instance_name, "media1")
+        # Everything else still comes from homeserver.yaml.
+        self.assertEqual(config.database.engine, "psycopg2")
+        self.assertEqual(config.max_upload_size, 100 * 1024 * 1024)
+        self.assertEqual(config.sources["worker_listeners"], worker)
+        self.assertEqual(config.sources["database"], self.homeserver)
+
+    def test_without_worker_app_the_shared_listeners_are_used(self) -> None:
+        config = load_config(self.homeserver)
+        self.assertEqual([listener.port for listener in config.listeners], [8008, 9092])
+        self.assertEqual(config.log_config, "/data/example.org.log.config")
+        self.assertIsNone(config.worker_app)
+        self.assertEqual(config.instance_name, "master")
+        self.assertIsNone(config.pid_file)
+
+    def test_generic_worker_without_worker_log_config_logs_to_stderr(self) -> None:
+        worker = self.write(
+            self.dir,
+            "generic.yaml",
+            "worker_app: synapse.app.generic_worker\nworker_listeners: []\n",
+        )
+        config = load_config([self.homeserver, worker])
+        self.assertIsNone(config.log_config)
+        self.assertEqual(config.instance_name, "synapse.app.generic_worker")
+        self.assertEqual(config.listeners, ())
+
+    def test_other_workers_are_refused(self) -> None:
+        worker = self.write(self.dir, "fs.yaml", "worker_app: synapse.app.federation_sender\n")
+        with self.assertRaises(ConfigError) as raised:
+            load_config([self.homeserver, worker])
+        self.assertEqual(raised.exception.key, "worker_app")
+        self.assertIn("fs.yaml", str(raised.exception))
+
+    def test_later_files_replace_whole_top_level_keys(self) -> None:
+        override = self.write(
+            self.dir, "override.yaml", "database:\n  name: sqlite3\n  args: {database: x.db}\n"
+        )
+        config = load_config([self.homeserver, override])
+        self.assertEqual(config.database.engine, "sqlite3")
+        # Replaced whole, not merged: the earlier pool bounds are gone.
+        self.assertEqual((config.database.cp_min, config.database.cp_max), (5, 10))
+        config = load_config([override, self.homeserver])
+        self.assertEqual(config.database.engine, "psycopg2")
+
+    def test_directory_gives_its_yaml_files_in_sorted_order(self) -> None:
+        conf_d = os.path.join(self.dir, "conf.d")
+        self.write(conf_d, "20-size.yaml", "max_upload_size: 20M\n")
+        self.write(conf_d, "10-size.yaml", "max_upload_size: 10M\nmax_image_pixels: 1M\n")
+        self.write(conf_d, "30-ignored.yml", "max_upload_size: 30M\n")
+        os.makedirs(os.path.join(conf_d, "sub.yaml"))
+        config = load_config([self.homeserver, conf_d])
+        self.assertEqual(config.max_upload_size, 20 * 1024 * 1024)
+        self.assertEqual(config.max_image_pixels, 1024 * 1024)
+        # A directory without *.yaml files is an error, not an empty config.
+        with self.assertRaises(ConfigError):
+            load_config([os.path.join(self.dir, "empty.d")])
+
+    def test_errors_name_the_file_the_key_came_from(self) -> None:
+        bad = self.write(
+            self.dir, "bad.yaml", "worker_app: synapse.app.media_repository\n"
+            "worker_listeners:\n  - port: 99999\n"
+        )  # fmt: skip
+        with self.assertRaises(ConfigError) as raised:
+            load_config([self.homeserver, bad])
+        self.assertEqual(
+            str(raised.exception), f"worker_listeners[0].port in {bad}: expected a port number"
+        )
+
+    def test_listen_failures_name_the_listener_and_file(self) -> None:
+        import errno
+
+        worker = self.write(os.path.join(self.dir, "workers"), "media1.yaml", MEDIA_WORKER_FILE)
+        config = load_config([self.homeserver, worker])
+        error = config.listeners[0].cannot_listen(
+            "127.0.0.1", OSError(errno.EADDRINUSE, "Address already in use")
+        )
+        self.assertEqual(
+            str(config.locate(error)),
+            f"worker_listeners[0] in {worker}: 127.0.0.1:8085 is already in use",
+        )
+        error = config.listeners[0].cannot_listen("::1", OSError(errno.EACCES, "Permission denied"))
+        self.assertEqual(
+            str(config.locate(error)),
+            f"worker_listeners[0] in {worker}: cannot listen on [::1]:8085: Permission denied",
+        )
+
+    def test_background_jobs_follow_media_instance_running_background_jobs(self) -> None:
+        worker = self.write(self.dir, "media1.yaml", MEDIA_WORKER_FILE)
+        cases = [
+            ("", True),  # unset: every instance runs them
+            ("media_instance_running_background_jobs: media1\n", True),
+            ("media_instance_running_background_jobs: media2\n", False),
+        ]
+        for extra, runs in cases:
+            shared = self.write(self.dir, "jobs.yaml", extra or "{}\n")
+            config = load_config([self.homeserver, shared, worker])
+            self.assertEqual(config.runs_background_jobs, runs, extra)
+        shared = self.write(
+            self.dir, "jobs.yaml", "media_instance_running_background_jobs: master\n"
+        )
+        self.assertTrue(load_config([self.homeserver, shared]).runs_background_jobs)
