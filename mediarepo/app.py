@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -12,13 +11,12 @@ from typing import Any
 
 from OpenSSL import crypto
 from twisted.internet import defer, ssl, task
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.accounts import Accounts
-from mediarepo.config import Config, ListenerConfig
+from mediarepo.config import Config
 from mediarepo.errors import ConfigError
 from mediarepo.federation.client import FederationClient
 from mediarepo.federation.keyring import Keyring
@@ -51,14 +49,16 @@ from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
 from mediarepo.storage.users import UserStore
-from mediarepo.workers import InheritedSocket
+from mediarepo.workers import ListeningSocket, open_listening_sockets
 
 logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
-# Our name in the instance_name column of quarantined_media_changes.
-QUARANTINE_INSTANCE_NAME = "mediarepo"
+# Our name in the instance_name columns of Synapse's tables (the stream
+# writer of quarantined_media_changes, worker_locks' holders) when we are not
+# a Synapse worker with a worker_name.
+STANDALONE_INSTANCE_NAME = "mediarepo"
 # How often leftovers of crashed uploads and expired reservations are removed.
 HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 # How often queued storage provider tasks (copies, deletions) are looked at.
@@ -96,7 +96,7 @@ class MediaServer:
         self,
         config: Config,
         reactor: Any = None,
-        inherited_sockets: Sequence[InheritedSocket] = (),
+        inherited_sockets: Sequence[ListeningSocket] = (),
         runs_housekeeping: bool = True,
     ) -> None:
         if reactor is None:
@@ -106,6 +106,8 @@ class MediaServer:
         self.config = config
         # Listening sockets opened by a supervisor (--workers), by listener.
         self._inherited_sockets = list(inherited_sockets)
+        # Listening sockets opened or inherited and not yet given to the reactor.
+        self._unserved_sockets: list[ListeningSocket] = list(inherited_sockets)
         # With several workers, one runs the periodic jobs for all; of several
         # instances, the one media_instance_running_background_jobs names.
         self._runs_housekeeping = runs_housekeeping and config.runs_background_jobs
@@ -134,6 +136,9 @@ class MediaServer:
         config = self.config
         reactor = self.reactor
         signing_keys = load_signing_keys(config.signing_key_path)
+        # The ports first: a port in use fails the start before the database
+        # is touched, and connections wait in the backlog meanwhile.
+        sockets = self._inherited_sockets or self._open_sockets()
         self.database = Database(config.database, reactor)
         schema = await prepare_database(self.database)
         self._media_io.start()
@@ -156,11 +161,13 @@ class MediaServer:
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
         )
-        locks = WorkerLocks(LockStore(self.database), reactor)
+        # A Synapse worker goes by its worker_name in Synapse's tables.
+        worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
+        locks = WorkerLocks(LockStore(self.database), reactor, worker_name)
         quarantine = QuarantineStore(
             self.database,
             schema.quarantine_records,
-            QUARANTINE_INSTANCE_NAME,
+            worker_name,
             reactor,
             synapse_owned=schema.synapse_owned,
         )
@@ -246,11 +253,7 @@ class MediaServer:
                         "tls_certificate_path", "a listener has tls: true but no certificate"
                     )
                 tls = server_tls_options(config.tls_certificate_path, config.tls_private_key_path)
-            inherited = [s for s in self._inherited_sockets if s.listener_index == index]
-            if inherited:
-                self._adopt(inherited, site, tls)
-            else:
-                self._listen(listener, site, tls)
+            self._serve([s for s in sockets if s.listener_index == index], site, tls)
 
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
@@ -304,42 +307,35 @@ class MediaServer:
             self.local_cache = LocalCacheEviction(local, slots, config.media_store_max_size)
         return MediaStorage(local, slots, tasks)
 
-    def _adopt(self, sockets: Sequence[InheritedSocket], site: MediaSite, tls: Any) -> None:
-        """Serve on listening sockets a supervisor opened (shared with the
-        other workers; the kernel gives each connection to one of us)."""
-        factory: Any = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
-        for inherited in sockets:
-            family = socket.AF_INET6 if ":" in inherited.address else socket.AF_INET
-            listening = self.reactor.adoptStreamPort(inherited.fd, family, factory)
-            # One connection per wake-up: otherwise the first worker to wake
-            # takes every pending connection and the others stay idle.
-            listening.numberAccepts = 1
-            # The reactor has its own copy of the descriptor.
-            os.close(inherited.fd)
-            self.ports.append(listening)
-            logger.info("serving on %s port %d (shared)", inherited.address,
-                        listening.getHost().port)  # fmt: skip
+    def _open_sockets(self) -> list[ListeningSocket]:
+        """Listening sockets of this process's own, one per listener address."""
+        sockets = []
+        for listening, sock in open_listening_sockets(self.config, shared=False):
+            # The descriptor is handed to the reactor in _serve.
+            sock.detach()
+            sockets.append(listening)
+        self._unserved_sockets = sockets
+        return sockets
 
-    def _listen(self, listener: ListenerConfig, site: MediaSite, tls: Any = None) -> None:
-        port = listener.port
-        bound_any_v6 = False
-        for address in listener.bind_addresses:
-            try:
-                if tls is None:
-                    listening = self.reactor.listenTCP(port, site, interface=address)
-                else:
-                    listening = self.reactor.listenSSL(port, site, tls, interface=address)
-            except CannotListenError as e:
-                # "::" also takes IPv4 on dual-stack hosts, so a following
-                # "0.0.0.0" on the same port finds it in use; that is fine.
-                in_use = getattr(e.socketError, "errno", None) == errno.EADDRINUSE
-                if address == "0.0.0.0" and bound_any_v6 and in_use:
-                    continue
-                raise listener.cannot_listen(address, e.socketError or e) from e
-            bound_any_v6 = bound_any_v6 or address == "::"
+    def _serve(self, sockets: Sequence[ListeningSocket], site: MediaSite, tls: Any) -> None:
+        """Serve ``site`` on listening sockets: this process's own, or a
+        supervisor's shared with the other workers (the kernel gives each
+        connection to one of them)."""
+        factory: Any = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        shared = bool(self._inherited_sockets)
+        for listening_socket in sockets:
+            family = socket.AF_INET6 if ":" in listening_socket.address else socket.AF_INET
+            listening = self.reactor.adoptStreamPort(listening_socket.fd, family, factory)
+            if shared:
+                # One connection per wake-up: otherwise the first worker to
+                # wake takes every pending connection and the others stay idle.
+                listening.numberAccepts = 1
+            # The reactor has its own copy of the descriptor.
+            os.close(listening_socket.fd)
+            self._unserved_sockets.remove(listening_socket)
             self.ports.append(listening)
-            host = listening.getHost()
-            logger.info("listening on %s port %d", getattr(host, "host", address), host.port)
+            logger.info("listening on %s port %d%s", listening_socket.address,
+                        listening.getHost().port, " (shared)" if shared else "")  # fmt: skip
 
     async def _housekeeping(self) -> None:
         """Clean up after crashed uploads and expired reservations."""
@@ -361,6 +357,10 @@ class MediaServer:
     async def stop(self) -> None:
         """Stop listening, let uploads in flight finish (or roll them back
         after a grace period), then close the database pool."""
+        for unserved in self._unserved_sockets:
+            # Opened for a start that failed before serving them.
+            os.close(unserved.fd)
+        self._unserved_sockets = []
         for port in self.ports:
             stopped = port.stopListening()
             if stopped is not None:

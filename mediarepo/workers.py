@@ -44,13 +44,16 @@ _STOP_TIMEOUT_SECONDS = 30.0
 
 
 @attrs.frozen
-class InheritedSocket:
+class ListeningSocket:
+    """A bound, listening socket of one listener: opened by this process
+    before anything else starts, or inherited from a supervisor."""
+
     listener_index: int
     address: str
     fd: int
 
 
-def inherited_sockets() -> list[InheritedSocket]:
+def inherited_sockets() -> list[ListeningSocket]:
     """The listening sockets a supervisor passed to this worker, if any."""
     raw = os.environ.get(INHERITED_SOCKETS_ENV, "")
     found = []
@@ -58,7 +61,7 @@ def inherited_sockets() -> list[InheritedSocket]:
         # The address may hold colons itself (IPv6): index first, fd last.
         index_text, rest = item.split(":", 1)
         address, fd_text = rest.rsplit(":", 1)
-        found.append(InheritedSocket(int(index_text), address, int(fd_text)))
+        found.append(ListeningSocket(int(index_text), address, int(fd_text)))
     return found
 
 
@@ -75,13 +78,15 @@ def worker_index() -> int:
         return 0
 
 
-def _listening_socket(address: str, port: int) -> socket.socket:
+def _listening_socket(address: str, port: int, shared: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Every worker has a socket of its own on the same port; the kernel
-    # spreads new connections over them evenly.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        # Every worker has a socket of its own on the same port; the kernel
+        # spreads new connections over them evenly. (Only then: a second
+        # server started on a taken port must fail, not share it.)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         # "::" takes IPv4 too where the system allows, as Twisted's listenTCP does.
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -92,17 +97,27 @@ def _listening_socket(address: str, port: int) -> socket.socket:
     return sock
 
 
-def open_listening_sockets(config: Config) -> list[tuple[InheritedSocket, socket.socket]]:
-    opened = []
-    for index, listener in enumerate(config.listeners):
-        for address in listener.bind_addresses:
-            try:
-                sock = _listening_socket(address, listener.port)
-            except OSError as e:
-                if address == "0.0.0.0" and any(a == "::" for a in listener.bind_addresses):
-                    continue  # "::" took IPv4 already
-                raise listener.cannot_listen(address, e) from e
-            opened.append((InheritedSocket(index, address, sock.fileno()), sock))
+def open_listening_sockets(
+    config: Config, shared: bool = True
+) -> list[tuple[ListeningSocket, socket.socket]]:
+    """Bind and listen on every listener's addresses; ``shared``: with
+    ``SO_REUSEPORT``, for workers. Raises :class:`ConfigError` naming the
+    listener that cannot listen (nothing is left open then)."""
+    opened: list[tuple[ListeningSocket, socket.socket]] = []
+    try:
+        for index, listener in enumerate(config.listeners):
+            for address in listener.bind_addresses:
+                try:
+                    sock = _listening_socket(address, listener.port, shared)
+                except OSError as e:
+                    if address == "0.0.0.0" and "::" in listener.bind_addresses:
+                        continue  # "::" took IPv4 already
+                    raise listener.cannot_listen(address, e) from e
+                opened.append((ListeningSocket(index, address, sock.fileno()), sock))
+    except BaseException:
+        for _, sock in opened:
+            sock.close()
+        raise
     return opened
 
 
@@ -112,7 +127,7 @@ class Supervisor:
         self._config = config
         self._count = workers
         self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
-        self._sockets: dict[int, list[tuple[InheritedSocket, socket.socket]]] = {}
+        self._sockets: dict[int, list[tuple[ListeningSocket, socket.socket]]] = {}
         self._stopping = False
 
     def _spawn(self, slot: int) -> None:

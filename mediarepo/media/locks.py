@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 RENEW_INTERVAL_SECONDS = 30.0
 
 
-def instance_name() -> str:
-    """This process's name in ``worker_locks``: never one of Synapse's, and
-    new at every start, so a restarted process does not take over the locks
-    of the one it replaces before they time out."""
-    return f"mediarepo-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+def instance_name(worker_name: str = "mediarepo") -> str:
+    """This process's name in ``worker_locks``: the worker's name for
+    whoever reads the table, then what makes it new at every start (as
+    Synapse's instance IDs are), so a restarted process does not take over
+    the locks of the one it replaces before they time out."""
+    return f"{worker_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class HeldLock:
@@ -69,10 +70,12 @@ class HeldLock:
 
 
 class WorkerLocks:
-    def __init__(self, store: LockStore, clock: IReactorTime) -> None:
+    def __init__(
+        self, store: LockStore, clock: IReactorTime, worker_name: str = "mediarepo"
+    ) -> None:
         self.store = store
         self.clock = clock
-        self.instance_name = instance_name()
+        self.instance_name = instance_name(worker_name)
         self.held: set[tuple[str, str]] = set()
 
     def now_ms(self) -> int:

@@ -76,7 +76,9 @@ class MediaRepoService(Service):
             atexit.register(_exit_failed, line)
             reactor.stop()
 
-        self._server.start_deferred().addErrback(failed)
+        # twistd starts services before the reactor runs; a start that fails
+        # at once must find a reactor to stop.
+        reactor.callWhenRunning(lambda: self._server.start_deferred().addErrback(failed))
 
     def stopService(self) -> Any:
         super().stopService()
