@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
-from mediarepo.http.server import respond_json
+from mediarepo.http.server import path_segment_text, request_text, respond_json
 from mediarepo.http.site import MediaRequest, UploadTarget
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.upload_sink import UploadSink
@@ -15,20 +15,17 @@ def upload_filename(request: MediaRequest) -> str | None:
     values: list[bytes] | None = request.args.get(b"filename")
     if not values or not values[0]:
         return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MatrixError(400, Codes.UNKNOWN, "Invalid UTF-8 filename parameter") from e
+    # Synapse answers bad UTF-8 here with M_UNKNOWN.
+    return request_text(values[0], "filename parameter", errcode=Codes.UNKNOWN)
 
 
 def upload_media_type(request: MediaRequest) -> str:
     values = request.requestHeaders.getRawHeaders(b"Content-Type")
     if not values or not values[0].strip():
         return "application/octet-stream"
-    try:
-        return values[0].decode("ascii").strip()
-    except UnicodeDecodeError as e:
-        raise MatrixError(400, Codes.UNKNOWN, "Content-Type is not ASCII") from e
+    if not values[0].isascii():
+        raise MatrixError(400, Codes.UNKNOWN, "Content-Type is not ASCII")
+    return request_text(values[0], "Content-Type").strip()
 
 
 class UploadHandler:
@@ -54,7 +51,9 @@ class UploadHandler:
         if target.media_id is None:
             return self._repository.begin_upload()
         return await self._repository.begin_reserved_upload(
-            requester, target.server_name or "", target.media_id
+            requester,
+            path_segment_text(target.server_name or "", "Path parameter 'server_name'"),
+            path_segment_text(target.media_id, "Path parameter 'media_id'"),
         )
 
     async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:

@@ -387,7 +387,7 @@ class BadRequestTests(ServerTestMixin):
             ("GET", f"{DOWNLOAD}/..%2F..%2Fetc%2Fpasswd", 404, "M_NOT_FOUND"),
             ("GET", f"{DOWNLOAD}/abc", 404, "M_NOT_FOUND"),
             ("GET", f"{DOWNLOAD}/{'a' * 300}", 404, "M_NOT_FOUND"),
-            ("GET", f"{DOWNLOAD}/ab%00cdefgh", 404, "M_NOT_FOUND"),
+            ("GET", f"{DOWNLOAD}/ab%00cdefgh", 400, "M_INVALID_PARAM"),
             (
                 "GET",
                 "/_matrix/client/v1/media/download/bad%20server/abcdefgh",
