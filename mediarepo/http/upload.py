@@ -9,6 +9,7 @@ from mediarepo.http.server import path_segment_text, request_text, respond_json
 from mediarepo.http.site import MediaRequest, UploadTarget
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.values import Requester
 
 
 def upload_filename(request: MediaRequest) -> str | None:
@@ -33,6 +34,18 @@ class UploadHandler:
         self._repository = repository
         self._auth = auth
 
+    async def _uploader(self, request: MediaRequest) -> Requester:
+        """Who adds media: not a guest, and not suspended (a suspended
+        account keeps reading media, as the spec suggests, but adds none)."""
+        requester = await self._auth.requester(request, allow_guest=False)
+        if requester.is_suspended:
+            raise MatrixError(
+                403,
+                Codes.USER_SUSPENDED,
+                "You cannot upload media while your account is suspended.",
+            )
+        return requester
+
     async def begin_upload(self, request: MediaRequest, target: UploadTarget) -> UploadSink:
         """Where an upload's body goes, decided when its headers are in.
 
@@ -44,7 +57,7 @@ class UploadHandler:
         quota = self._repository.quota
         if target.media_id is None and not quota.enabled:
             return self._repository.begin_upload()
-        requester = await self._auth.requester(request, allow_guest=False)
+        requester = await self._uploader(request)
         request.requester = requester
         if quota.enabled and request.declared_length is not None:
             await quota.check(requester.user_id, request.declared_length)
@@ -70,7 +83,7 @@ class UploadHandler:
         upload = request.take_upload()
         try:
             # A PUT into a reservation was authenticated before its body.
-            requester = request.requester or await self._auth.requester(request, allow_guest=False)
+            requester = request.requester or await self._uploader(request)
             headers = request.requestHeaders
             if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(
                 b"Transfer-Encoding"
@@ -84,6 +97,6 @@ class UploadHandler:
         return await self._repository.complete_upload(upload, requester, media_type, filename)
 
     async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
-        requester = await self._auth.requester(request, allow_guest=False)
+        requester = await self._uploader(request)
         mxc, expires_at = await self._repository.create_media_id(requester)
         respond_json(request, 200, {"content_uri": mxc, "unused_expires_at": expires_at})
