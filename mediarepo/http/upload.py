@@ -54,19 +54,17 @@ class UploadHandler:
         body is read. Content for a reservation is always checked (token,
         owner, no content yet, quota) first, so a refused PUT costs no transfer.
         """
-        quota = self._repository.quota
-        if target.media_id is None and not quota.enabled:
-            return self._repository.begin_upload()
+        if target.media_id is None and not self._repository.quota.enabled:
+            return await self._repository.begin_upload()
         requester = await self._uploader(request)
         request.requester = requester
-        if quota.enabled and request.declared_length is not None:
-            await quota.check(requester.user_id, request.declared_length)
         if target.media_id is None:
-            return self._repository.begin_upload()
+            return await self._repository.begin_upload(requester, request.declared_length)
         return await self._repository.begin_reserved_upload(
             requester,
             path_segment_text(target.server_name or "", "Path parameter 'server_name'"),
             path_segment_text(target.media_id, "Path parameter 'media_id'"),
+            request.declared_length,
         )
 
     async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:
