@@ -128,6 +128,20 @@ class UploadLimitTests(ServerTestMixin):
             token=alice, body=os.urandom(1200),
         )  # fmt: skip
         self.assertEqual((r.code, r.json()["errcode"]), (400, "M_RESOURCE_LIMIT_EXCEEDED"))
+        # Without a Content-Length, the database refuses it when it is recorded.
+        chunk = os.urandom(1200)
+        head = (
+            f"PUT /_matrix/media/v3/upload/{SERVER_NAME}/{media_id} HTTP/1.1\r\n".encode()
+            + b"Host: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+            + b"Authorization: Bearer "
+            + alice.encode()
+            + b"\r\n\r\n"
+        )
+        body = [b"%x\r\n" % len(chunk) + chunk + b"\r\n", b"0\r\n\r\n"]
+        answer = await deferToThread(raw_exchange, self.server.ports[0].getHost().port, head, body)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:300])
+        self.assertIn(b"M_RESOURCE_LIMIT_EXCEEDED", answer)
+        self.assertEqual(self.stored_files(), 0)
         r = await self.request(
             "PUT", f"/_matrix/media/v3/upload/{SERVER_NAME}/{media_id}",
             token=alice, body=os.urandom(800),
