@@ -75,6 +75,7 @@ class Accounts:
             is_guest=lookup.is_guest,
             is_admin=lookup.is_admin,
             access_token_id=lookup.token_id,
+            is_suspended=lookup.suspended,
         )
 
 

@@ -14,6 +14,8 @@ class Requester:
     is_guest: bool
     is_admin: bool
     access_token_id: int | None
+    # Suspended by an admin: may read, may not add media (403 M_USER_SUSPENDED).
+    is_suspended: bool = False
 
 
 @attrs.frozen
@@ -30,6 +32,7 @@ class TokenLookup:
     is_admin: bool
     locked: bool
     deactivated: bool
+    suspended: bool
 
 
 @attrs.frozen

@@ -6,12 +6,19 @@ from mediarepo.accounts import Accounts
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.federation.keyring import Keyring
 from mediarepo.federation.signing import AuthHeaderError, parse_x_matrix, verify_request
+from mediarepo.http.server import is_storable_text
 from mediarepo.http.site import MediaRequest
 from mediarepo.values import Requester
 
 
 def _missing_token(message: str) -> MatrixError:
     return MatrixError(401, Codes.MISSING_TOKEN, message)
+
+
+def _unknown_token() -> MatrixError:
+    return MatrixError(
+        401, Codes.UNKNOWN_TOKEN, "Invalid access token passed.", extra={"soft_logout": False}
+    )
 
 
 def access_token_of(request: MediaRequest) -> str:
@@ -32,10 +39,15 @@ def access_token_of(request: MediaRequest) -> str:
         raw = query[0]
     else:
         raise _missing_token("Missing access token")
+    # No token has a byte that isn't ASCII, or a NUL (which the database
+    # cannot even be asked about): such a token is simply not known.
     try:
-        return raw.decode("ascii")
+        token = raw.decode("ascii")
     except UnicodeDecodeError as e:
-        raise MatrixError(401, Codes.UNKNOWN_TOKEN, "Invalid access token passed.") from e
+        raise _unknown_token() from e
+    if not is_storable_text(token):
+        raise _unknown_token()
+    return token
 
 
 class Authenticator:

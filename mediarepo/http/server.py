@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 import attrs
 from twisted.internet import defer
@@ -65,6 +65,42 @@ def respond_error(request: MediaRequest, error: MatrixError) -> None:
     respond_json(request, error.code, error.to_json())
 
 
+# -- text from a request -------------------------------------------------------
+# Every piece of text a request carries towards the database (path segments,
+# query parameters, headers) is read through these: PostgreSQL cannot store a
+# NUL character, and nothing but UTF-8 is text.
+
+
+def is_storable_text(text: str) -> bool:
+    """Whether ``text`` (already decoded) can be a query parameter of the database."""
+    return "\x00" not in text
+
+
+def request_text(raw: bytes, what: str, errcode: str = Codes.INVALID_PARAM) -> str:
+    """``raw`` as text, or a 400: it must be UTF-8 without a NUL character.
+    ``what`` names it in the error; ``errcode`` is the one for bad UTF-8
+    (Synapse's, where it has one)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MatrixError(400, errcode, f"{what} is not valid UTF-8") from e
+    if not is_storable_text(text):
+        raise MatrixError(400, Codes.INVALID_PARAM, f"{what} contains a NUL character")
+    return text
+
+
+def path_segment_text(raw: str, what: str) -> str:
+    """A path segment as received (percent-encoded, and possibly holding
+    raw bytes kept as surrogates by :func:`raw_path_text`), decoded."""
+    return request_text(unquote_to_bytes(raw.encode("ascii", "surrogateescape")), what)
+
+
+def raw_path_text(raw: bytes) -> str:
+    """Raw path bytes as a ``str`` to match route patterns against, every
+    byte kept (non-ASCII ones as surrogates) for :func:`path_segment_text`."""
+    return raw.decode("ascii", "surrogateescape")
+
+
 def unrecognized(request: MediaRequest, code: int = 404) -> None:
     respond_error(request, MatrixError(code, Codes.UNRECOGNIZED, "Unrecognized request"))
 
@@ -82,12 +118,14 @@ class Router(Resource):
         super().__init__()
         self._routes = list(routes)
 
+    @property
+    def routes(self) -> list[Route]:
+        return list(self._routes)
+
     def render(self, request: MediaRequest) -> Any:
         assert request.prepath is not None  # set by Site.getResourceFor before render
         depth = len(request.prepath)
-        raw_rest = "/".join(
-            segment.decode("ascii", "replace") for segment in request.path.split(b"/")[depth + 1 :]
-        )
+        raw_rest = raw_path_text(b"/".join(request.path.split(b"/")[depth + 1 :]))
         method = b"GET" if request.method == b"HEAD" else request.method
         method_mismatch = False
         for candidate in self._routes:
@@ -102,12 +140,12 @@ class Router(Resource):
                 # An optional group that did not take part is absent; one that
                 # matched nothing is "" (and the handler refuses it).
                 params = {
-                    k: unquote(v, errors="strict")
+                    k: path_segment_text(v, f"Path parameter {k!r}")
                     for k, v in match.groupdict().items()
                     if v is not None
                 }
-            except UnicodeDecodeError:
-                respond_error(request, MatrixError(400, Codes.INVALID_PARAM, "Path is not UTF-8"))
+            except MatrixError as e:
+                respond_error(request, e)
                 return NOT_DONE_YET
             defer.ensureDeferred(self._run(candidate.handler, request, params))
             return NOT_DONE_YET
@@ -155,12 +193,7 @@ def query_string(request: MediaRequest, name: str) -> str | None:
     values: list[bytes] | None = request.args.get(name.encode())
     if not values:
         return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MatrixError(
-            400, Codes.INVALID_PARAM, f"Query parameter {name!r} is not valid UTF-8"
-        ) from e
+    return request_text(values[0], f"Query parameter {name!r}")
 
 
 def query_int(request: MediaRequest, name: str, default: int | None = None) -> int:

@@ -63,7 +63,8 @@ _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 @attrs.frozen
 class UploadTarget:
     """Where an upload's body goes, read off the request line: new media,
-    or the content of a reserved media ID (``PUT .../upload/{server}/{id}``)."""
+    or the content of a reserved media ID (``PUT .../upload/{server}/{id}``),
+    its path segments as received (decoded by the handler, which can refuse them)."""
 
     server_name: str | None = None
     media_id: str | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import attrs
 from prometheus_client.twisted import MetricsResource
@@ -24,7 +23,7 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
-from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, route
+from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, raw_path_text, route
 from mediarepo.http.site import UploadTarget
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
@@ -50,9 +49,7 @@ def upload_target(method: bytes, path: bytes) -> UploadTarget | None:
     if method == b"PUT":
         match = _RESERVED_UPLOAD.match(path)
         if match is not None:
-            server_name, media_id = (
-                unquote(part.decode("ascii", "replace")) for part in match.groups()
-            )
+            server_name, media_id = (raw_path_text(part) for part in match.groups())
             return UploadTarget(server_name=server_name, media_id=media_id)
     return None
 

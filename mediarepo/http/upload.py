@@ -5,36 +5,46 @@ from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
-from mediarepo.http.server import respond_json
+from mediarepo.http.server import path_segment_text, request_text, respond_json
 from mediarepo.http.site import MediaRequest, UploadTarget
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.values import Requester
 
 
 def upload_filename(request: MediaRequest) -> str | None:
     values: list[bytes] | None = request.args.get(b"filename")
     if not values or not values[0]:
         return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MatrixError(400, Codes.UNKNOWN, "Invalid UTF-8 filename parameter") from e
+    # Synapse answers bad UTF-8 here with M_UNKNOWN.
+    return request_text(values[0], "filename parameter", errcode=Codes.UNKNOWN)
 
 
 def upload_media_type(request: MediaRequest) -> str:
     values = request.requestHeaders.getRawHeaders(b"Content-Type")
     if not values or not values[0].strip():
         return "application/octet-stream"
-    try:
-        return values[0].decode("ascii").strip()
-    except UnicodeDecodeError as e:
-        raise MatrixError(400, Codes.UNKNOWN, "Content-Type is not ASCII") from e
+    if not values[0].isascii():
+        raise MatrixError(400, Codes.UNKNOWN, "Content-Type is not ASCII")
+    return request_text(values[0], "Content-Type").strip()
 
 
 class UploadHandler:
     def __init__(self, repository: MediaRepository, auth: Authenticator) -> None:
         self._repository = repository
         self._auth = auth
+
+    async def _uploader(self, request: MediaRequest) -> Requester:
+        """Who adds media: not a guest, and not suspended (a suspended
+        account keeps reading media, as the spec suggests, but adds none)."""
+        requester = await self._auth.requester(request, allow_guest=False)
+        if requester.is_suspended:
+            raise MatrixError(
+                403,
+                Codes.USER_SUSPENDED,
+                "You cannot upload media while your account is suspended.",
+            )
+        return requester
 
     async def begin_upload(self, request: MediaRequest, target: UploadTarget) -> UploadSink:
         """Where an upload's body goes, decided when its headers are in.
@@ -44,17 +54,17 @@ class UploadHandler:
         body is read. Content for a reservation is always checked (token,
         owner, no content yet, quota) first, so a refused PUT costs no transfer.
         """
-        quota = self._repository.quota
-        if target.media_id is None and not quota.enabled:
-            return self._repository.begin_upload()
-        requester = await self._auth.requester(request, allow_guest=False)
+        if target.media_id is None and not self._repository.quota.enabled:
+            return await self._repository.begin_upload()
+        requester = await self._uploader(request)
         request.requester = requester
-        if quota.enabled and request.declared_length is not None:
-            await quota.check(requester.user_id, request.declared_length)
         if target.media_id is None:
-            return self._repository.begin_upload()
+            return await self._repository.begin_upload(requester, request.declared_length)
         return await self._repository.begin_reserved_upload(
-            requester, target.server_name or "", target.media_id
+            requester,
+            path_segment_text(target.server_name or "", "Path parameter 'server_name'"),
+            path_segment_text(target.media_id, "Path parameter 'media_id'"),
+            request.declared_length,
         )
 
     async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:
@@ -71,7 +81,7 @@ class UploadHandler:
         upload = request.take_upload()
         try:
             # A PUT into a reservation was authenticated before its body.
-            requester = request.requester or await self._auth.requester(request, allow_guest=False)
+            requester = request.requester or await self._uploader(request)
             headers = request.requestHeaders
             if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(
                 b"Transfer-Encoding"
@@ -85,6 +95,6 @@ class UploadHandler:
         return await self._repository.complete_upload(upload, requester, media_type, filename)
 
     async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
-        requester = await self._auth.requester(request, allow_guest=False)
+        requester = await self._uploader(request)
         mxc, expires_at = await self._repository.create_media_id(requester)
         respond_json(request, 200, {"content_uri": mxc, "unused_expires_at": expires_at})

@@ -7,6 +7,7 @@ delegates bytes to :class:`MediaStorage` and rows to the storage layer.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import attrs
 from prometheus_client import Counter
@@ -28,7 +29,7 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.providers.local import FileExistsInStoreError
-from mediarepo.media.quota import UploadQuota
+from mediarepo.media.quota import QuotaHold, UploadQuota, quota_exceeded
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
 from mediarepo.media.responder import Responder
@@ -48,7 +49,9 @@ from mediarepo.storage.media import (
     announce_content_txn,
     fill_reserved_media_txn,
     get_local_media_txn,
+    is_pending_txn,
     known_content_txn,
+    quota_serialised_txn,
     store_local_media_txn,
 )
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
@@ -107,6 +110,8 @@ class MediaRepository:
         self.quota = UploadQuota(config.media_upload_limits, media_store, clock)
         # Uploads into reservations, with the lock each holds.
         self._reserved_uploads: dict[UploadSink, HeldLock] = {}
+        # Uploads whose declared length is held against their user's quota.
+        self._quota_holds: dict[UploadSink, QuotaHold] = {}
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -119,9 +124,29 @@ class MediaRepository:
         self._media_rows.forget(media_id)
         self.thumbnails.local_rows.forget(media_id)
 
-    def begin_upload(self) -> UploadSink:
-        """Reserve a media ID and a staging file for a new upload body."""
-        return self.storage.begin_upload(random_media_id())
+    async def begin_upload(
+        self, uploader: Requester | None = None, declared_length: int | None = None
+    ) -> UploadSink:
+        """Reserve a media ID and a staging file for a new upload body; with
+        the uploader and the body's declared length known (and quotas on),
+        the length is checked against, and held in, their quota first."""
+        hold = await self._hold_quota(uploader, declared_length)
+        try:
+            sink = self.storage.begin_upload(random_media_id())
+        except BaseException:
+            if hold is not None:
+                hold.release()
+            raise
+        if hold is not None:
+            self._quota_holds[sink] = hold
+        return sink
+
+    async def _hold_quota(
+        self, uploader: Requester | None, declared_length: int | None
+    ) -> QuotaHold | None:
+        if uploader is None or declared_length is None or not self.quota.enabled:
+            return None
+        return await self.quota.hold(uploader.user_id, declared_length)
 
     def abandon_upload(self, sink: UploadSink) -> defer.Deferred[None]:
         """Roll an upload back; the Deferred fires once its staging file is
@@ -129,7 +154,13 @@ class MediaRepository:
         removed = sink.abort()
         self.storage.end_upload(sink)
         self._release_reservation_lock(sink)
+        self._release_quota(sink)
         return removed
+
+    def _release_quota(self, sink: UploadSink) -> None:
+        hold = self._quota_holds.pop(sink, None)
+        if hold is not None:
+            hold.release()
 
     def _release_reservation_lock(self, sink: UploadSink) -> None:
         lock = self._reserved_uploads.pop(sink, None)
@@ -159,11 +190,15 @@ class MediaRepository:
         return self.mxc(media_id), now + expiry
 
     async def begin_reserved_upload(
-        self, requester: Requester, server_name: str, media_id: str
+        self,
+        requester: Requester,
+        server_name: str,
+        media_id: str,
+        declared_length: int | None = None,
     ) -> UploadSink:
-        """Accept the content of a reservation, checked (in Synapse's order)
-        before any of it is read. The upload lock is held until the upload
-        is completed or abandoned."""
+        """Accept the content of a reservation, checked (in Synapse's order,
+        the quota last) before any of it is read. The upload lock is held
+        until the upload is completed or abandoned."""
         if server_name != self.server_name:
             raise NotFoundError("Non-local server name specified")
         if not is_valid_media_id(media_id) or len(media_id) < 5:
@@ -184,11 +219,14 @@ class MediaRepository:
                 raise MatrixError(409, Codes.CANNOT_OVERWRITE_MEDIA, "Media ID already has content")
             if self._reservation_expired(media):
                 raise NotFoundError("Media ID has expired")
+            hold = await self._hold_quota(requester, declared_length)
         except BaseException:
             await lock.release()
             raise
         sink = self.storage.begin_upload(media_id)
         self._reserved_uploads[sink] = lock
+        if hold is not None:
+            self._quota_holds[sink] = hold
         return sink
 
     def _reservation_expired(self, media: LocalMedia) -> bool:
@@ -236,10 +274,9 @@ class MediaRepository:
         placed = False
         try:
             written = await sink.finish()
-            # Checked again now the length is known (the body may have had
-            # no Content-Length), before the bytes are published.
-            if self.quota.enabled:
-                await self.quota.check(requester.user_id, written.length)
+            # The quota is checked by the database with the row, per user
+            # one at a time (see media/quota.py).
+            windows = self.quota.windows() if self.quota.enabled else ()
             check_quarantine = await self._quarantine.hash_lookups_possible()
             created_ts = self._now_ms()
 
@@ -271,14 +308,18 @@ class MediaRepository:
                 return media, shared
 
             def record(t: Transaction, media: LocalMedia) -> None:
-                if reservation_lock is None:
-                    store_local_media_txn(t, media)
-                elif fill_reserved_media_txn(t, media):
-                    announce_content_txn(t, media.media_id)
-                    reservation_lock.release_txn(t)
-                else:
-                    # Swept as expired while the body arrived.
-                    raise NotFoundError("Media ID has expired")
+                with quota_serialised_txn(t, requester.user_id) if windows else nullcontext():
+                    if reservation_lock is None:
+                        if not store_local_media_txn(t, media, windows):
+                            raise quota_exceeded()
+                    elif fill_reserved_media_txn(t, media, windows):
+                        announce_content_txn(t, media.media_id)
+                        reservation_lock.release_txn(t)
+                    elif windows and is_pending_txn(t, media.media_id):
+                        raise quota_exceeded()
+                    else:
+                        # Swept as expired while the body arrived.
+                        raise NotFoundError("Media ID has expired")
                 local.remove_staged(written.temp_path)
 
             media, shared = await self._media_store.run_statements("store_upload", place)
@@ -299,6 +340,7 @@ class MediaRepository:
             raise
         quarantined = media.quarantined_by is not None
         self.storage.end_upload(sink)
+        self._release_quota(sink)
         if reservation_lock is not None:
             del self._reserved_uploads[sink]
             reservation_lock.forget()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import attrs
@@ -44,6 +46,62 @@ def local_media_from_row(row: Row) -> LocalMedia:
         authenticated=bool(row[10]),
         sha256=row[11],
     )
+
+
+@attrs.frozen
+class UploadWindow:
+    """A quota as the database checks it: at most ``max_bytes`` of a user's
+    local media created after ``since_ts`` (ms)."""
+
+    since_ts: int
+    max_bytes: int
+
+
+# The class of PostgreSQL advisory locks (two-key form) serialising one
+# user's quota-checked inserts; the second key is the user's hash.
+_QUOTA_LOCK_CLASS = 0x6D717561
+
+
+def _fits_windows_sql(
+    user_id: str | None, length: int, windows: Sequence[UploadWindow]
+) -> tuple[str, tuple[object, ...]]:
+    """A condition (and its parameters) that ``length`` more bytes of
+    ``user_id`` fit in every window. Reservations count nothing."""
+    sql = " AND ".join(
+        "(SELECT COALESCE(SUM(media_length), 0) FROM local_media_repository"
+        " WHERE user_id = ? AND created_ts > ?) + ? <= ?"
+        for _ in windows
+    )
+    args: tuple[object, ...] = ()
+    for window in windows:
+        args += (user_id, window.since_ts, length, window.max_bytes)
+    return sql, args
+
+
+@contextlib.contextmanager
+def quota_serialised_txn(t: Transaction, user_id: str) -> Iterator[None]:
+    """Run the statements inside one at a time per user across every
+    process on the database, so that a quota check and the row it admits
+    are one step.
+
+    PostgreSQL: a session advisory lock around them (each statement commits
+    on its own before the lock goes, so the next holder sees its row).
+    SQLite: nothing to do; the quota-checked statements are single writing
+    statements, which SQLite runs one at a time under its write lock."""
+    if t.engine.name != "psycopg2":
+        yield
+        return
+    # The lock's second key is an int4.
+    key = zlib.crc32(user_id.encode("utf-8")) - 2**31
+    t.execute("SELECT pg_advisory_lock(?, ?)", (_QUOTA_LOCK_CLASS, key))
+    try:
+        yield
+    except BaseException:
+        # A lost connection took the lock with it; don't hide why.
+        with contextlib.suppress(Exception):
+            t.execute("SELECT pg_advisory_unlock(?, ?)", (_QUOTA_LOCK_CLASS, key))
+        raise
+    t.execute("SELECT pg_advisory_unlock(?, ?)", (_QUOTA_LOCK_CLASS, key))
 
 
 @attrs.frozen
@@ -90,30 +148,53 @@ def get_local_media_txn(t: Transaction, media_id: str) -> LocalMedia | None:
     return local_media_from_row(row) if row is not None else None
 
 
-def store_local_media_txn(t: Transaction, media: LocalMedia) -> None:
-    """Insert a finished upload's row, as Synapse's ``store_local_media`` does."""
-    t.execute(
+def store_local_media_txn(
+    t: Transaction, media: LocalMedia, windows: Sequence[UploadWindow] = ()
+) -> bool:
+    """Insert a finished upload's row, as Synapse's ``store_local_media``
+    does; with quota ``windows``, only if its length fits them all (else
+    ``False``; run it inside :func:`quota_serialised_txn`)."""
+    columns = (
         "INSERT INTO local_media_repository (media_id, media_type, created_ts,"
         " upload_name, media_length, user_id, url_cache, authenticated, sha256,"
-        " quarantined_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (media.media_id, media.media_type, media.created_ts, media.upload_name,
-         media.media_length, media.user_id, media.url_cache, media.authenticated,
-         media.sha256, media.quarantined_by),
-    )  # fmt: skip
+        " quarantined_by)"
+    )
+    values = (media.media_id, media.media_type, media.created_ts, media.upload_name,
+              media.media_length, media.user_id, media.url_cache, media.authenticated,
+              media.sha256, media.quarantined_by)  # fmt: skip
+    if not windows:
+        t.execute(f"{columns} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
+        return True
+    fits, fits_args = _fits_windows_sql(media.user_id, media.media_length or 0, windows)
+    t.execute(f"{columns} SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {fits}", (*values, *fits_args))
+    return t.rowcount == 1
 
 
-def fill_reserved_media_txn(t: Transaction, media: LocalMedia) -> bool:
+def fill_reserved_media_txn(
+    t: Transaction, media: LocalMedia, windows: Sequence[UploadWindow] = ()
+) -> bool:
     """Give a reservation its content; ``False`` if it had content already
-    (or is gone)."""
+    (or is gone), or, with quota ``windows``, if the length does not fit
+    them (see :func:`store_local_media_txn`)."""
+    fits, fits_args = _fits_windows_sql(media.user_id, media.media_length or 0, windows)
     t.execute(
         "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
         " media_length = ?, url_cache = NULL, sha256 = ?,"
         " quarantined_by = COALESCE(?, quarantined_by)"
-        " WHERE media_id = ? AND media_length IS NULL",
+        " WHERE media_id = ? AND media_length IS NULL" + (f" AND {fits}" if fits else ""),
         (media.media_type, media.upload_name, media.media_length, media.sha256,
-         media.quarantined_by, media.media_id),
+         media.quarantined_by, media.media_id, *fits_args),
     )  # fmt: skip
     return t.rowcount == 1
+
+
+def is_pending_txn(t: Transaction, media_id: str) -> bool:
+    """Whether ``media_id`` is a reservation still waiting for content."""
+    t.execute(
+        "SELECT 1 FROM local_media_repository WHERE media_id = ? AND media_length IS NULL",
+        (media_id,),
+    )
+    return t.fetchone() is not None
 
 
 def announce_content_txn(t: Transaction, media_id: str) -> None:

@@ -17,7 +17,7 @@ class UserStore:
             "get_user_by_access_token",
             "SELECT users.name, access_tokens.id, access_tokens.device_id,"
             " access_tokens.valid_until_ms, access_tokens.user_id, access_tokens.used,"
-            " users.is_guest, users.admin, users.locked, users.deactivated"
+            " users.is_guest, users.admin, users.locked, users.deactivated, users.suspended"
             " FROM users JOIN access_tokens"
             " ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)"
             " WHERE token = ?",
@@ -37,6 +37,7 @@ class UserStore:
             is_admin=bool(row[7]),
             locked=bool(row[8]),
             deactivated=bool(row[9]),
+            suspended=bool(row[10]),
         )
 
     async def mark_token_used(self, token_id: int) -> None:

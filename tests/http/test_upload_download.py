@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
@@ -330,6 +331,45 @@ class AuthTests(ServerTestMixin):
         r = await self.request("GET", "/_matrix/media/v3/config", token=token)
         self.assertEqual((r.code, r.json()["errcode"]), (401, "M_UNKNOWN_TOKEN"))
 
+    async def test_suspended_users(self) -> None:
+        """A suspended account adds no media (403 M_USER_SUSPENDED: uploads,
+        /create and content for a reservation made before the suspension)
+        and still reads media and the config."""
+        alice = await self.register("alice")
+        theirs = await self.upload(alice, b"alice's")
+        bob = await self.register("bob")
+        assert self.server.database is not None
+        reserved = await self.server.database.run_query(
+            "test",
+            "INSERT INTO local_media_repository (media_id, created_ts, user_id)"
+            " VALUES ('bobsreservation', ?, ?)",
+            (int(time.time() * 1000), f"@bob:{SERVER_NAME}"),
+        )
+        self.assertEqual(reserved, [])
+        await self._set_user(
+            "UPDATE users SET suspended = ? WHERE name = ?", True, f"@bob:{SERVER_NAME}"
+        )
+        refused = (403, "M_USER_SUSPENDED")
+        r = await self.request("POST", "/_matrix/media/v3/upload", body=b"x" * 1000, token=bob)
+        self.assertEqual((r.code, r.json()["errcode"]), refused)
+        r = await self.request("POST", "/_matrix/media/v1/create", token=bob)
+        self.assertEqual((r.code, r.json()["errcode"]), refused)
+        r = await self.request(
+            "PUT", f"/_matrix/media/v3/upload/{SERVER_NAME}/bobsreservation", body=b"x", token=bob
+        )
+        self.assertEqual((r.code, r.json()["errcode"]), refused)
+        rows = await self.server.database.run_query(
+            "test",
+            "SELECT media_id, media_length FROM local_media_repository WHERE user_id = ?",
+            (f"@bob:{SERVER_NAME}",),
+        )
+        self.assertEqual(rows, [("bobsreservation", None)])
+        self.assertEqual(os.listdir(os.path.join(self.media_store, ".mediarepo_tmp")), [])
+        r = await self.request("GET", f"{DOWNLOAD}/{theirs}", token=bob)
+        self.assertEqual((r.code, r.body), (200, b"alice's"))
+        r = await self.request("GET", "/_matrix/client/v1/media/config", token=bob)
+        self.assertEqual(r.code, 200)
+
     async def test_guests(self) -> None:
         token = await self.register("guest")
         await self._set_user(
@@ -387,7 +427,7 @@ class BadRequestTests(ServerTestMixin):
             ("GET", f"{DOWNLOAD}/..%2F..%2Fetc%2Fpasswd", 404, "M_NOT_FOUND"),
             ("GET", f"{DOWNLOAD}/abc", 404, "M_NOT_FOUND"),
             ("GET", f"{DOWNLOAD}/{'a' * 300}", 404, "M_NOT_FOUND"),
-            ("GET", f"{DOWNLOAD}/ab%00cdefgh", 404, "M_NOT_FOUND"),
+            ("GET", f"{DOWNLOAD}/ab%00cdefgh", 400, "M_INVALID_PARAM"),
             (
                 "GET",
                 "/_matrix/client/v1/media/download/bad%20server/abcdefgh",

@@ -4,7 +4,10 @@ is stored."""
 from __future__ import annotations
 
 import os
+import socket
 
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
@@ -77,6 +80,45 @@ class UploadLimitTests(ServerTestMixin):
         self.assertEqual(self.stored_files(), 1)
         self.assert_nothing_staged()
 
+    async def test_concurrent_uploads_count_each_other(self) -> None:
+        alice = await self.register("alice")
+        answers = await defer.gatherResults(
+            [defer.ensureDeferred(self.post(alice, 600)) for _ in range(3)]
+        )
+        codes = sorted(code for code, _ in answers)
+        self.assertEqual(codes, [200, 400, 400])
+        self.assertEqual(self.stored_files(), 1)
+        self.assert_nothing_staged()
+
+    async def held(self, user: str, expected: int) -> None:
+        """Wait until the server holds ``expected`` bytes for ``user``."""
+        quota = self.server.repository.quota
+        for _ in range(500):
+            if quota.held_bytes(f"@{user}:{SERVER_NAME}") == expected:
+                return
+            await deferLater(reactor, 0.01)
+        self.fail(f"{user} never had {expected} bytes held")
+
+    async def test_length_held_while_the_body_streams(self) -> None:
+        alice = await self.register("alice")
+        port = self.server.ports[0].getHost().port
+        sock = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(sock.close)
+        sock.sendall(
+            b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + alice.encode() + b"\r\n"
+            b"Content-Length: 900\r\n\r\n" + os.urandom(400)
+        )
+        await self.held("alice", 900)
+        # Nothing is stored yet, but the 900 bytes under way count.
+        code, body = await self.post(alice, 200)
+        self.assertEqual((code, body["errcode"]), (400, "M_RESOURCE_LIMIT_EXCEEDED"))
+        # The client goes away: what it held is free again.
+        sock.close()
+        await self.held("alice", 0)
+        self.assertEqual((await self.post(alice, 900))[0], 200)
+        self.assert_nothing_staged()
+
     async def test_put_into_a_reservation(self) -> None:
         alice = await self.register("alice")
         r = await self.request("POST", "/_matrix/media/v1/create", token=alice)
@@ -86,6 +128,20 @@ class UploadLimitTests(ServerTestMixin):
             token=alice, body=os.urandom(1200),
         )  # fmt: skip
         self.assertEqual((r.code, r.json()["errcode"]), (400, "M_RESOURCE_LIMIT_EXCEEDED"))
+        # Without a Content-Length, the database refuses it when it is recorded.
+        chunk = os.urandom(1200)
+        head = (
+            f"PUT /_matrix/media/v3/upload/{SERVER_NAME}/{media_id} HTTP/1.1\r\n".encode()
+            + b"Host: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n"
+            + b"Authorization: Bearer "
+            + alice.encode()
+            + b"\r\n\r\n"
+        )
+        body = [b"%x\r\n" % len(chunk) + chunk + b"\r\n", b"0\r\n\r\n"]
+        answer = await deferToThread(raw_exchange, self.server.ports[0].getHost().port, head, body)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:300])
+        self.assertIn(b"M_RESOURCE_LIMIT_EXCEEDED", answer)
+        self.assertEqual(self.stored_files(), 0)
         r = await self.request(
             "PUT", f"/_matrix/media/v3/upload/{SERVER_NAME}/{media_id}",
             token=alice, body=os.urandom(800),
