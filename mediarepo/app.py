@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from mediarepo.accounts import Accounts
 from mediarepo.config import Config
 from mediarepo.errors import ConfigError
+from mediarepo.federation.backoff import BackoffPolicy, DestinationBackoff
 from mediarepo.federation.client import FederationClient
 from mediarepo.federation.keyring import Keyring
 from mediarepo.federation.keys import load_signing_keys, server_keys_response
@@ -39,6 +40,7 @@ from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.storage.database import Database
+from mediarepo.storage.destinations import DestinationStore
 from mediarepo.storage.keys import KeyStore
 from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
@@ -171,8 +173,11 @@ class MediaServer:
             reactor,
             synapse_owned=schema.synapse_owned,
         )
+        backoff = DestinationBackoff(
+            DestinationStore(self.database), BackoffPolicy.from_config(config.federation), reactor
+        )
         self.federation_client = FederationClient(
-            reactor, config.server_name, signing_keys[0], config.federation
+            reactor, config.server_name, signing_keys[0], config.federation, backoff=backoff
         )
         remote = RemoteMediaCache(
             config, storage, media_store, self.federation_client, thumbnails, quarantine, reactor
@@ -229,7 +234,7 @@ class MediaServer:
             self.repository,
             authenticator,
             FederationAuthenticator(
-                keyring, config.server_name, config.federation.domain_whitelist
+                keyring, config.server_name, config.federation.domain_whitelist, backoff
             ),
             keys_response,
             AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),

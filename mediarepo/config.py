@@ -298,6 +298,12 @@ class FederationConfig:
     prevent_media_downloads_from: frozenset[str]
     remote_download_rate: RateLimit  # bytes: burst and per second
     inbound_rate: FederationRateLimit
+    # Ours: give up on a peer's answer after this long without a byte.
+    idle_timeout_ms: int = 20_000
+    # Synapse's federation.destination_*: backoff from failing servers.
+    destination_min_retry_interval_ms: int = 10 * 60 * 1000
+    destination_retry_multiplier: float = 2.0
+    destination_max_retry_interval_ms: int = 7 * 24 * 60 * 60 * 1000
 
 
 @attrs.frozen
@@ -507,7 +513,38 @@ def _parse_federation(root: ConfigReader) -> FederationConfig:
             float(root.size("remote_media_download_per_second", "87K")),
             root.size("remote_media_download_burst_count", "500M"),
         ),
+        idle_timeout_ms=_positive_duration(root, "federation_idle_timeout", "20s"),
+        **_parse_destination_backoff(root.mapping("federation")),
     )
+
+
+def _positive_duration(reader: ConfigReader, key: str, default: str) -> int:
+    value = reader.duration_ms(key, default)
+    if value <= 0:
+        raise ConfigError(reader.key(key), "must be longer than zero")
+    return value
+
+
+def _parse_destination_backoff(section: ConfigReader) -> dict[str, Any]:
+    """Synapse's ``federation.destination_*`` keys, with Synapse's defaults."""
+    multiplier = section.raw("destination_retry_multiplier", 2)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or multiplier < 1:
+        raise ConfigError(
+            section.key("destination_retry_multiplier"),
+            f"expected a number of at least 1, got {multiplier!r}",
+        )
+    minimum = _positive_duration(section, "destination_min_retry_interval", "10m")
+    maximum = _positive_duration(section, "destination_max_retry_interval", "7d")
+    if maximum < minimum:
+        raise ConfigError(
+            section.key("destination_max_retry_interval"),
+            "must not be shorter than destination_min_retry_interval",
+        )
+    return {
+        "destination_min_retry_interval_ms": minimum,
+        "destination_retry_multiplier": float(multiplier),
+        "destination_max_retry_interval_ms": maximum,
+    }
 
 
 def _parse_federation_rate_limit(root: ConfigReader) -> FederationRateLimit:

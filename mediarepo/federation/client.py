@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import treq
-from twisted.internet import defer, protocol, ssl
+from twisted.internet import defer, ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from mediarepo.config import FederationConfig
+from mediarepo.federation.backoff import DestinationAttempt, DestinationBackoff
+from mediarepo.federation.bodies import (
+    drop_body,
+    read_body,
+    read_body_prefix,
+    read_limited_body,
+)
 from mediarepo.federation.discovery import (
     FederationTarget,
     ServerResolver,
@@ -50,6 +56,16 @@ class FederationRequestError(Exception):
 
 class BlockedAddressError(FederationRequestError):
     pass
+
+
+class NotRetryingDestination(FederationRequestError):
+    """The server failed lately and is being left alone (its backoff in
+    ``destinations`` runs until ``retry_at_ms``)."""
+
+    def __init__(self, destination: str, retry_at_ms: int) -> None:
+        super().__init__(f"not retrying {destination} until {retry_at_ms}")
+        self.destination = destination
+        self.retry_at_ms = retry_at_ms
 
 
 class IPRangeFilter:
@@ -112,17 +128,6 @@ def _tls_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-class _DroppedBody(protocol.Protocol):
-    """Receives a body by closing its connection."""
-
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        pass
-
-
 class FederationClient:
     def __init__(
         self,
@@ -131,15 +136,22 @@ class FederationClient:
         signing_key: Any,
         config: FederationConfig,
         resolver: ServerResolver | None = None,
+        backoff: DestinationBackoff | None = None,
     ) -> None:
         self._reactor = reactor
         self.server_name = server_name
         self._signing_key = signing_key
         self._config = config
+        self._backoff = backoff
+        # Seconds without a byte of a peer's answer's body before giving up.
+        self.idle_timeout = config.idle_timeout_ms / 1000
         # Well-known lookups go through get_url: the same address filter and
         # TLS settings as every other request to a peer.
         self._resolver = resolver or ServerResolver(
-            reactor, http_get_well_known=make_well_known_fetcher(reactor, get_url=self.get_url)
+            reactor,
+            http_get_well_known=make_well_known_fetcher(
+                reactor, get_url=self.get_url, idle_timeout=self.idle_timeout
+            ),
         )
         self._filter = IPRangeFilter(config.ip_range_blacklist, config.ip_range_whitelist)
         self._trust = tls_trust(config) if config.verify_certificates else None
@@ -167,10 +179,14 @@ class FederationClient:
             raise BlockedAddressError(f"{host} resolves to a blocked address")
         return allowed
 
-    async def get(self, destination: str, path: str, *, signed: bool = True) -> IResponse:
+    async def get(
+        self, destination: str, path: str, *, signed: bool = True, ignore_backoff: bool = False
+    ) -> IResponse:
         """``GET`` ``path`` (with its query) from ``destination``; the
         response with its body still to be read."""
-        return await self.request(b"GET", destination, path, signed=signed)
+        return await self.request(
+            b"GET", destination, path, signed=signed, ignore_backoff=ignore_backoff
+        )
 
     async def request(
         self,
@@ -180,6 +196,35 @@ class FederationClient:
         *,
         signed: bool = True,
         json_body: object | None = None,
+        ignore_backoff: bool = False,
+    ) -> IResponse:
+        """The response of ``destination`` (its body still to be read), or
+        :class:`FederationRequestError`; :class:`NotRetryingDestination` at
+        once while the server is backed off, unless ``ignore_backoff``
+        (which also keeps a failure from lengthening the backoff)."""
+        attempt: DestinationAttempt | None = None
+        if self._backoff is not None:
+            attempt = await self._backoff.attempt(destination, ignore_backoff=ignore_backoff)
+            retry_at = attempt.retry_at_ms()
+            if retry_at is not None and retry_at > self._backoff.now_ms():
+                raise NotRetryingDestination(destination, retry_at)
+        try:
+            response = await self._request_any_target(method, destination, path, signed, json_body)
+        except FederationRequestError as e:
+            if attempt is not None:
+                await attempt.failed(str(e))
+            raise
+        if attempt is not None:
+            await attempt.answered(response.code)
+        return response
+
+    async def _request_any_target(
+        self,
+        method: bytes,
+        destination: str,
+        path: str,
+        signed: bool,
+        json_body: object | None,
     ) -> IResponse:
         try:
             targets: list[FederationTarget] = await self._resolver.resolve(destination)
@@ -282,9 +327,23 @@ class FederationClient:
             if response.code not in _REDIRECT_CODES or not location:
                 return response
             # A redirect's body is not read (it could be of any size).
-            response.deliverBody(_DroppedBody())
+            drop_body(response)
             url = urljoin(url, location[0].decode("ascii", "replace"))
         raise FederationRequestError("too many redirects")
+
+    async def read_body(self, response: IResponse, on_data: Callable[[bytes], None]) -> None:
+        """Read a peer's body into ``on_data``, giving up (with
+        :class:`~mediarepo.federation.bodies.BodyReadError`) on a peer idle
+        for ``federation_idle_timeout``."""
+        await read_body(response, on_data, self._reactor, self.idle_timeout)
+
+    async def read_limited_body(self, response: IResponse, limit: int) -> bytes:
+        """A peer's whole body, of at most ``limit`` bytes, likewise."""
+        return await read_limited_body(response, limit, self._reactor, self.idle_timeout)
+
+    async def read_error_body(self, response: IResponse, limit: int = 64 * 1024) -> bytes:
+        """The start of an error answer's body, for its message."""
+        return await read_body_prefix(response, limit, self._reactor, self.idle_timeout)
 
     def close(self) -> defer.Deferred[None]:
         closing: defer.Deferred[None] = self._pool.closeCachedConnections()

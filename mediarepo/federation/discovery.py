@@ -32,16 +32,15 @@ from typing import Any
 
 import attrs
 import treq
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.names import client as dns_client
 from twisted.names import dns
 from twisted.names import error as dns_error
-from twisted.python.failure import Failure
-from twisted.web.client import Agent, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgent, IResponse
 
 from mediarepo.config import is_valid_server_name
+from mediarepo.federation.bodies import DEFAULT_IDLE_TIMEOUT_SECONDS, read_limited_body
 from mediarepo.media.sharing import SharedWork
 
 logger = logging.getLogger(__name__)
@@ -175,50 +174,15 @@ def delegated_name(status: int, body: bytes) -> str:
     return server
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _LimitedBody(protocol.Protocol):
-    """Collects a response body of at most ``limit`` bytes; more, or
-    cancelling ``done``, drops the connection rather than reading on."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._received = 0
-        self.done: defer.Deferred[bytes] = defer.Deferred(lambda _: self._stop())
-
-    def _stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()  # type: ignore[attr-defined]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._received += len(data)
-        if self._received > self._limit:
-            self.done.errback(_BodyTooLarge(f"over {self._limit} bytes"))
-            self._stop()
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
 def make_well_known_fetcher(
     reactor: Any,
     agent: IAgent | None = None,
     get_url: Callable[[str], Awaitable[IResponse]] | None = None,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
 ) -> WellKnownFetcher:
     """A fetcher of ``https://<host>/.well-known/matrix/server`` that follows
-    redirects and gives up after 10 s or 50 KiB.
+    redirects and gives up after 10 s, or ``idle_timeout`` without a byte
+    of the body, or 50 KiB.
 
     ``get_url`` makes the request (the federation client's, which checks
     every address against ``ip_range_blacklist`` and applies the federation
@@ -241,9 +205,8 @@ def make_well_known_fetcher(
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
             for name, values in response.headers.getAllRawHeaders()
         }
-        body = _LimitedBody(WELL_KNOWN_MAX_BYTES)
-        response.deliverBody(body)
-        return response.code, headers, await body.done
+        body = await read_limited_body(response, WELL_KNOWN_MAX_BYTES, reactor, idle_timeout)
+        return response.code, headers, body
 
     async def fetch(host: str) -> WellKnownResponse:
         running = defer.Deferred.fromCoroutine(get(host))

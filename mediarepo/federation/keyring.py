@@ -14,13 +14,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import treq
 from canonicaljson import encode_canonical_json
 from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from mediarepo.config import TrustedKeyServer
+from mediarepo.federation.bodies import BodyReadError, drop_body
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.keys import key_id as name_of_key
 from mediarepo.media.sharing import SharedWork
@@ -167,27 +167,20 @@ class Keyring:
             raise KeyResponseError("no answer about the server")
 
     async def _get_json(self, destination: str, path: str, *, signed: bool) -> Any:
-        response = await self._client.get(destination, path, signed=signed)
+        # Asked whatever its backoff says, as Synapse asks (a server whose
+        # request we are checking is evidently up).
+        response = await self._client.get(destination, path, signed=signed, ignore_backoff=True)
         return await self._read_json(response)
 
     async def _read_json(self, response: Any) -> Any:
         if response.code != 200:
+            drop_body(response)
             raise KeyResponseError(f"HTTP {response.code}")
-        if response.length is not None and isinstance(response.length, int):
-            if response.length > MAX_KEY_RESPONSE_BYTES:
-                raise KeyResponseError("answer too large")
-        chunks: list[bytes] = []
-        received = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal received
-            received += len(data)
-            if received > MAX_KEY_RESPONSE_BYTES:
-                raise KeyResponseError("answer too large")
-            chunks.append(data)
-
-        await treq.collect(response, collect)
-        return json.loads(b"".join(chunks))
+        try:
+            body = await self._client.read_limited_body(response, MAX_KEY_RESPONSE_BYTES)
+        except BodyReadError as e:
+            raise KeyResponseError(f"answer not read: {e}") from e
+        return json.loads(body)
 
     async def _accept(self, server_name: str, response: Any, *, from_server: str) -> None:
         now = self._now_ms()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mediarepo.accounts import Accounts
 from mediarepo.errors import Codes, MatrixError
+from mediarepo.federation.backoff import DestinationBackoff
 from mediarepo.federation.keyring import Keyring
 from mediarepo.federation.signing import AuthHeaderError, parse_x_matrix, verify_request
 from mediarepo.http.server import is_storable_text
@@ -65,11 +66,16 @@ class FederationAuthenticator:
     """Checks the ``X-Matrix`` signature of a request from another server."""
 
     def __init__(
-        self, keyring: Keyring, server_name: str, domain_whitelist: frozenset[str] | None
+        self,
+        keyring: Keyring,
+        server_name: str,
+        domain_whitelist: frozenset[str] | None,
+        backoff: DestinationBackoff | None = None,
     ) -> None:
         self._keyring = keyring
         self._server_name = server_name
         self._whitelist = domain_whitelist
+        self._backoff = backoff
 
     async def origin(self, request: MediaRequest) -> str:
         """The server that signed ``request``, or a 400/401/403 :class:`MatrixError`."""
@@ -112,4 +118,7 @@ class FederationAuthenticator:
                 raise MatrixError(401, Codes.UNAUTHORIZED, "Signatures of several origins")
             origin = auth.origin
         assert origin is not None
+        if self._backoff is not None:
+            # It reached us, so it is up: stop leaving it alone (as Synapse does).
+            await self._backoff.clear(origin)
         return origin

@@ -20,15 +20,12 @@ from urllib.parse import quote, unquote
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IDelayedCall
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.internet import defer
 from twisted.web.iweb import IResponse
 
 from mediarepo.config import Config, is_valid_server_name
 from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.federation.bodies import BodyReader, BodyReadError
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.multipart import (
     MultipartError,
@@ -52,12 +49,6 @@ remote_downloads = Counter(
     "mediarepo_remote_downloads_total", "Downloads of remote media", ["outcome"]
 )
 
-# A download is checked this often and abandoned if it moved less than
-# MIN_TRANSFER_RATE bytes a second since the last check. There is no cap on
-# the total time, so a large file on a slow but working link still arrives,
-# while a peer that stalls or trickles cannot hold a request.
-IDLE_TIMEOUT_SECONDS = 60.0
-MIN_TRANSFER_RATE = 1024
 # Headroom the requester's download bucket must have before a fetch starts.
 _RATE_LIMIT_HEADROOM = 1024 * 1024
 # What a multipart answer may add around the file.
@@ -109,68 +100,6 @@ def _is_unknown_endpoint(code: int, body: bytes) -> bool:
     if code in (404, 405):
         return errcode in (None, Codes.UNRECOGNIZED)
     return code == 400 and errcode == Codes.UNRECOGNIZED
-
-
-class _BodyReader(protocol.Protocol):
-    """Feeds a response body to ``on_data`` with back-pressure from the sink,
-    and gives up on a peer that goes quiet."""
-
-    def __init__(self, on_data: Callable[[bytes], None], sink: UploadSink, clock: Any) -> None:
-        self._on_data = on_data
-        self._sink = sink
-        self._clock = clock
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self._idle: IDelayedCall | None = None
-        self._received_since_check = 0
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        self._sink.set_flow_control(transport.pauseProducing, transport.resumeProducing)
-        self._arm()
-
-    def _arm(self) -> None:
-        self._received_since_check = 0
-        self._idle = self._clock.callLater(IDLE_TIMEOUT_SECONDS, self._check_progress)
-
-    def _check_progress(self) -> None:
-        if self._received_since_check < MIN_TRANSFER_RATE * IDLE_TIMEOUT_SECONDS:
-            self._fail(MatrixError(504, Codes.UNKNOWN, "Remote server stopped sending the media"))
-        else:
-            self._arm()
-
-    def _fail(self, error: Exception) -> None:
-        if not self.done.called:
-            self.done.errback(error)
-        transport: Any = self.transport
-        if transport is None:
-            return
-        # stopProducing() would close the connection politely, waiting on a
-        # peer we have given up on; cut it instead. (The body's transport is
-        # a proxy in front of the connection, which Twisted keeps private.)
-        connection = getattr(transport, "_producer", None)
-        if connection is not None and hasattr(connection, "abortConnection"):
-            connection.abortConnection()
-        else:
-            transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._received_since_check += len(data)
-        try:
-            self._on_data(data)
-        except Exception as e:
-            self._fail(e)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        if self.done.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(_fetch_failed())
 
 
 @attrs.frozen
@@ -266,7 +195,9 @@ class RemoteMediaCache:
             remote_downloads.labels("failed").inc()
             if isinstance(e, MatrixError):
                 raise
-            if isinstance(e, (FederationRequestError, defer.TimeoutError, ConnectionError)):
+            if isinstance(
+                e, (FederationRequestError, BodyReadError, defer.TimeoutError, ConnectionError)
+            ):
                 logger.info("fetching %s/%s failed: %s", origin, media_id, e)
                 raise _fetch_failed() from e
             raise
@@ -323,7 +254,7 @@ class RemoteMediaCache:
         response = await self._client.get(origin, path)
         if response.code == 200:
             return await self._read_multipart(response, sink)
-        body = await _small_body(response)
+        body = await self._client.read_error_body(response)
         if not _is_unknown_endpoint(response.code, body):
             raise _error_from_peer(response.code, body)
         # A peer from before Matrix 1.11: the unauthenticated endpoint.
@@ -333,7 +264,7 @@ class RemoteMediaCache:
         )
         response = await self._client.get(origin, legacy)
         if response.code != 200:
-            raise _error_from_peer(response.code, await _small_body(response))
+            raise _error_from_peer(response.code, await self._client.read_error_body(response))
         return await self._read_plain(response, sink)
 
     async def _read_plain(self, response: IResponse, sink: UploadSink) -> _Fetched:
@@ -392,7 +323,7 @@ class RemoteMediaCache:
                 logger.info("fetching redirected media failed: %s", e)
                 raise _fetch_failed() from e
             if response.code != 200:
-                await _small_body(response)
+                await self._client.read_error_body(response)
                 raise MatrixError(502, Codes.UNKNOWN, f"Got error {response.code}")
             return await self._read_plain(response, sink)
         return _Fetched(
@@ -403,7 +334,10 @@ class RemoteMediaCache:
     async def _read(
         self, response: IResponse, sink: UploadSink, on_data: Callable[[bytes], None]
     ) -> None:
-        reader = _BodyReader(on_data, sink, self._clock)
+        """Stream the body into ``on_data``, paused while the disk is behind;
+        a peer idle for ``federation_idle_timeout`` is given up on."""
+        reader = BodyReader(on_data, self._clock, self._client.idle_timeout)
+        sink.set_flow_control(reader.pause, reader.resume)
         response.deliverBody(reader)
         await reader.done
 
@@ -414,28 +348,6 @@ def _first_header(headers: Any, name: bytes) -> str | None:
         return None
     value: bytes = values[0]
     return value.decode("ascii", "replace")
-
-
-async def _small_body(response: IResponse, limit: int = 64 * 1024) -> bytes:
-    """An error answer's body (cut at ``limit``)."""
-    chunks: list[bytes] = []
-    size = 0
-    done: defer.Deferred[None] = defer.Deferred()
-
-    class Collect(protocol.Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            nonlocal size
-            if size < limit:
-                chunks.append(data[: limit - size])
-                size += len(data)
-
-        def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-            if not done.called:
-                done.callback(None)
-
-    response.deliverBody(Collect())
-    await done
-    return b"".join(chunks)
 
 
 def _error_from_peer(code: int, body: bytes) -> MatrixError:

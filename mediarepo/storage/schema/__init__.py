@@ -39,6 +39,7 @@ REQUIRED_SYNAPSE_TABLES = (
     "access_tokens",
     "worker_locks",
     "server_keys_json",
+    "destinations",
 )
 
 

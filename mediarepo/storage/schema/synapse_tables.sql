@@ -158,3 +158,12 @@ CREATE TABLE IF NOT EXISTS quarantined_media_changes (
     media_id TEXT NOT NULL,
     quarantined BOOLEAN NOT NULL
 )
+;
+-- Synapse's federation backoff per server (all times in milliseconds).
+CREATE TABLE IF NOT EXISTS destinations (
+    destination TEXT NOT NULL PRIMARY KEY,
+    retry_last_ts BIGINT,
+    retry_interval BIGINT,
+    failure_ts BIGINT,
+    last_successful_stream_ordering BIGINT
+)
