@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -21,15 +20,9 @@ from mediarepo.federation.signing import sign_request
 from mediarepo.media.events import MediaEvent, media_events
 from mediarepo.storage.users import UserStore
 from tests import images
+from tests.processes import free_port
 from tests.tls import TestCA
 from tests.utils import Response, database_section, http_request, on_both_databases
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Peer:

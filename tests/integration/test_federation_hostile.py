@@ -22,7 +22,8 @@ from mediarepo.federation.multipart import (
     multipart_tail,
     new_boundary,
 )
-from tests.integration.test_federation import FederationTestMixin, free_port
+from tests.integration.test_federation import FederationTestMixin
+from tests.processes import free_port
 from tests.utils import on_both_databases
 
 

@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from urllib.parse import quote, urlsplit
 
 from twisted.trial import unittest
 
+from tests.processes import free_port
 from tests.utils import postgres_params
 
 try:
@@ -102,13 +102,6 @@ def rate_limits() -> dict[str, Any]:
             "failed_attempts": unlimited(),
         },
     }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tail(path: str, lines: int = LOG_TAIL_LINES) -> str:

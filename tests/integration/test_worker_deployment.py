@@ -33,7 +33,7 @@ from twisted.trial import unittest
 
 import mediarepo
 from mediarepo.federation.keys import write_new_signing_key
-from tests.integration.test_processes import free_port
+from tests.processes import free_port
 
 SERVER_NAME = "worker.test"
 TIMEOUT = 60.0
