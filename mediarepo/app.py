@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_SECONDS = 10.0
 # Our name in the instance_name column of quarantined_media_changes.
 QUARANTINE_INSTANCE_NAME = "mediarepo"
-# How often leftovers of crashed uploads and expired reservations are removed.
-HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 # How often queued storage provider tasks (copies, deletions) are looked at.
 PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 _MEDIA_IO_THREADS = 20
@@ -143,6 +141,7 @@ class MediaServer:
             self._media_io,
             reactor,
             note_reads=config.media_store_max_size is not None,
+            admin_contact=config.admin_contact,
         )
         storage = self._create_storage(local)
         media_store = MediaStore(self.database)
@@ -254,7 +253,7 @@ class MediaServer:
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
             self._sweeper.clock = reactor
-            self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
+            self._sweeper.start(config.media_housekeeping_interval_ms / 1000, now=True)
         self._access_flush = task.LoopingCall(self.repository.access.flush)
         self._access_flush.clock = reactor
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)

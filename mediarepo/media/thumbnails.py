@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import ThumbnailSize
-from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.errors import Codes, InsufficientStorageError, MatrixError, NotFoundError
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
@@ -415,6 +415,8 @@ class ThumbnailProvider:
         async def pregenerate() -> list[ThumbnailInfo]:
             try:
                 return await self._pregenerate(source)
+            except InsufficientStorageError:
+                return []  # logged (once) where the disk was found full
             except Exception:
                 logger.exception("pre-generating thumbnails of %s failed", source.key)
                 return []

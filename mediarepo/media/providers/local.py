@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.media.cache import SmallFileCache
+from mediarepo.media.disk_full import StorageFullReporter, is_storage_full
 from mediarepo.media.paths import (
     MediaPaths,
     UnsafePathError,
@@ -40,7 +41,7 @@ from mediarepo.media.responder import (
     FileResponder,
     Responder,
 )
-from mediarepo.media.upload_sink import UploadSink, WrittenUpload
+from mediarepo.media.upload_sink import UploadSink, WrittenUpload, remove_staging_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class LocalMediaStore(StorageProvider):
         reactor: IReactorFromThreads,
         *,
         note_reads: bool = False,
+        admin_contact: str | None = None,
     ) -> None:
         self.paths = MediaPaths(base)
         self.staging_dir = os.path.join(self.paths.base, STAGING_DIR)
@@ -82,6 +84,8 @@ class LocalMediaStore(StorageProvider):
         # The reactor is a clock too (the two interfaces are two views of it).
         clock = cast(IReactorTime, reactor)
         self._small_files = SmallFileCache(clock, SMALL_FILE_CACHE_BYTES, SMALL_FILE_CACHE_SECONDS)
+        # Every write that finds the disk full reports here.
+        self.full = StorageFullReporter(clock, admin_contact)
         os.makedirs(self.staging_dir, exist_ok=True)
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
@@ -114,9 +118,10 @@ class LocalMediaStore(StorageProvider):
     async def bring_back(self, responder: Responder, relative_path: str) -> str:
         """Copy all of ``responder`` to ``relative_path`` here; returns its path."""
         with contextlib.closing(responder):
-            await self.bringing_back(responder, relative_path).write_to_consumer(
-                DiscardingConsumer(), 0, responder.size
-            )
+            bringing = _BringBackResponder(responder, self, relative_path)
+            await bringing.write_to_consumer(DiscardingConsumer(), 0, responder.size)
+        if bringing.full is not None:
+            raise self.full.exception() from bringing.full
         return self.paths.absolute(relative_path)
 
     async def open_incoming(self) -> tuple[str, IO[bytes]]:
@@ -138,19 +143,12 @@ class LocalMediaStore(StorageProvider):
                 with contextlib.suppress(FileExistsError):
                     os.link(temp_path, final)
             finally:
-                file.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp_path)
+                remove_staging_file(temp_path, file)
 
         await self.in_pool(keep)
 
     async def drop_incoming(self, temp_path: str, file: IO[bytes]) -> None:
-        def drop() -> None:
-            file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_path)
-
-        await self.in_pool(drop)
+        await self.in_pool(remove_staging_file, temp_path, file)
 
     async def exists(self, relative_path: str, size: int | None = None) -> bool:
         return await self.in_pool(file_exists, self.paths.absolute(relative_path), size)
@@ -345,6 +343,8 @@ class _BringBackResponder(Responder):
         self._local = local
         self._relative_path = relative_path
         self.size = inner.size
+        # Why the copy could not be kept, if the disk was full.
+        self.full: OSError | None = None
 
     async def write_to_consumer(
         self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
@@ -353,17 +353,59 @@ class _BringBackResponder(Responder):
             # Part of the file: not enough to keep.
             await self._inner.write_to_consumer(consumer, start, length, copy_to)
             return
-        temp_path, file = await self._local.open_incoming()
+        # A full disk stops the copy, never the download it rides on.
         try:
-            await self._inner.write_to_consumer(consumer, start, length, file)
+            temp_path, file = await self._local.open_incoming()
+        except OSError as e:
+            if not is_storage_full(e):
+                raise
+            self._note_full(e)
+            await self._inner.write_to_consumer(consumer, start, length)
+            return
+        copy = _CopyUnlessFull(file)
+        try:
+            await self._inner.write_to_consumer(consumer, start, length, cast(IO[bytes], copy))
         except BaseException:
             await self._local.drop_incoming(temp_path, file)
             raise
-        await self._local.keep_incoming(temp_path, file, self._relative_path)
+        if copy.full is not None:
+            await self._local.drop_incoming(temp_path, file)
+            self._note_full(copy.full)
+            return
+        try:
+            await self._local.keep_incoming(temp_path, file, self._relative_path)
+        except OSError as e:
+            if not is_storage_full(e):
+                raise
+            self._note_full(e)
+            return
         logger.info("brought %s back to the local media store", self._relative_path)
+
+    def _note_full(self, error: OSError) -> None:
+        self.full = error
+        self._local.full.note(error, "bring back")
 
     def close(self) -> None:
         self._inner.close()
+
+
+class _CopyUnlessFull:
+    """Where a copy being brought back is written: a write that finds the
+    disk full ends the copying (``full`` says why), not the read."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.full: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.full is None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                if not is_storage_full(e):
+                    raise
+                self.full = e
+        return len(data)
 
 
 def file_exists(path: str, size: int | None) -> bool:
