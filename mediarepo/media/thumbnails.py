@@ -227,6 +227,9 @@ class ThumbnailSource(abc.ABC):
 
     # Names the media in logs and keys the work done on it.
     key: str
+    # The media, as events name it (origin None for local media).
+    media_id: str
+    origin: str | None
     media_type: str | None
     content_path: str
 
@@ -251,6 +254,8 @@ class LocalThumbnailSource(ThumbnailSource):
         self._media_store = media_store
         self._row_cache = row_cache
         self.key = media.media_id
+        self.media_id = media.media_id
+        self.origin = None
         self.media_type = media.media_type
         self.content_path = local_media_path(media.media_id)
 
@@ -282,6 +287,8 @@ class RemoteThumbnailSource(ThumbnailSource):
         self._media = media
         self._media_store = media_store
         self.key = f"{media.media_origin}/{media.media_id}"
+        self.media_id = media.media_id
+        self.origin = media.media_origin
         self.media_type = media.media_type
         self.content_path = remote_media_path(media.media_origin, media.filesystem_id)
 
@@ -391,7 +398,8 @@ class ThumbnailProvider:
         thumbnails_generated.labels(reason).inc()
         emit(
             MediaEvent.THUMBNAIL_GENERATED,
-            media=source.key,
+            media_id=source.media_id,
+            origin=source.origin,
             width=info.width,
             height=info.height,
             method=info.method,

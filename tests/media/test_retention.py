@@ -66,6 +66,13 @@ class RetentionTests(ServerTestMixin):
         self.assertEqual(left, {read_lately, quarantined, protected, fresh})
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(stale))))
         self.assertFalse(os.path.exists(thumbnails))
+        # The directories the purge emptied went too (local_content/ab/cd,
+        # local_thumbnails/ab/cd), the top-level ones stay.
+        for top in ("local_content", "local_thumbnails"):
+            self.assertFalse(
+                os.path.exists(os.path.join(self.media_store, top, stale[:2], stale[2:4]))
+            )
+            self.assertTrue(os.path.isdir(os.path.join(self.media_store, top)))
         rows = await self.sql(
             "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?", stale
         )
@@ -93,3 +100,4 @@ class RetentionTests(ServerTestMixin):
         left = await self.sql("SELECT COUNT(*) FROM local_media_repository")
         self.assertEqual(left[0][0], 0)
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(media_id))))
+        self.assertEqual(os.listdir(os.path.join(self.media_store, "local_content")), [])

@@ -139,9 +139,8 @@ class LocalMediaStore(StorageProvider):
             try:
                 file.flush()
                 os.fsync(file.fileno())
-                os.makedirs(os.path.dirname(final), exist_ok=True)
                 with contextlib.suppress(FileExistsError):
-                    os.link(temp_path, final)
+                    in_directory(os.path.dirname(final), lambda: os.link(temp_path, final))
             finally:
                 remove_staging_file(temp_path, file)
 
@@ -159,8 +158,7 @@ class LocalMediaStore(StorageProvider):
             return
 
         def copy() -> None:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            shutil.copyfile(local_path, final)
+            in_directory(os.path.dirname(final), lambda: shutil.copyfile(local_path, final))
 
         await self.in_pool(copy)
 
@@ -173,6 +171,7 @@ class LocalMediaStore(StorageProvider):
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            self._remove_emptied_directories(path)
 
         await self.in_pool(remove)
         # Again: a read that finished while the file went may have cached it.
@@ -181,8 +180,30 @@ class LocalMediaStore(StorageProvider):
     async def delete_directory(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
         self._small_files.forget_under(path)
-        await self.in_pool(shutil.rmtree, path, True)
+
+        def remove() -> None:
+            shutil.rmtree(path, ignore_errors=True)
+            self._remove_emptied_directories(path)
+
+        await self.in_pool(remove)
         self._small_files.forget_under(path)
+
+    def _remove_emptied_directories(self, removed: str) -> None:
+        """Remove the directories above ``removed`` that it left empty
+        (``local_content/ab/cd``, then ``local_content/ab``...), never a
+        top-level one of the store (blocking). A directory a new file is
+        being put into may go too: writers make it again (``in_directory``)."""
+        directory = os.path.dirname(removed)
+        while os.path.dirname(directory) != self.paths.base:
+            if not directory.startswith(self.paths.base + os.sep):
+                return
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return  # not empty: neither is anything above it
+            directory = os.path.dirname(directory)
 
     async def local_path(self, relative_path: str) -> str | None:
         """The absolute path of ``relative_path`` if the file is here."""
@@ -197,12 +218,11 @@ class LocalMediaStore(StorageProvider):
         final = self.paths.absolute(relative_path)
 
         def write() -> None:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
             temp = os.path.join(self.staging_dir, f"generated.{secrets.token_hex(8)}")
             try:
                 with open(temp, "xb") as f:
                     f.write(data)
-                os.replace(temp, final)
+                in_directory(os.path.dirname(final), lambda: os.replace(temp, final))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -241,13 +261,13 @@ class LocalMediaStore(StorageProvider):
         final = self.paths.absolute(relative_path)
         upload.make_durable()
         directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
-        try:
+
+        def link() -> bool:
             for existing in (self.paths.absolute(p) for p in same_as):
                 try:
                     if os.stat(existing).st_size == upload.length:
                         os.link(existing, final)
-                        return final, True
+                        return True
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as e:
@@ -255,7 +275,10 @@ class LocalMediaStore(StorageProvider):
                         break  # no hard links here; keep a copy of our own
                     raise
             os.link(upload.temp_path, final)
-            return final, False
+            return False
+
+        try:
+            return final, in_directory(directory, link)
         except FileExistsError as e:
             raise FileExistsInStoreError(relative_path) from e
         finally:
@@ -406,6 +429,24 @@ class _CopyUnlessFull:
                     raise
                 self.full = e
         return len(data)
+
+
+# How often a new file is put into a directory that a deletion removed
+# (having emptied it) between its creation and the file's arrival.
+_DIRECTORY_ATTEMPTS = 3
+
+
+def in_directory(directory: str, create: Callable[[], T]) -> T:
+    """Make ``directory`` and run ``create`` (which puts a new entry in it),
+    again if a deletion removed the directory in between (blocking)."""
+    for attempt in range(_DIRECTORY_ATTEMPTS):
+        os.makedirs(directory, exist_ok=True)
+        try:
+            return create()
+        except FileNotFoundError:
+            if attempt == _DIRECTORY_ATTEMPTS - 1 or os.path.isdir(directory):
+                raise
+    raise AssertionError("unreachable")
 
 
 def file_exists(path: str, size: int | None) -> bool:
