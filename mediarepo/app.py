@@ -291,7 +291,12 @@ class MediaServer:
             self._provider_tasks.clock = self.reactor
             self._provider_tasks.start(PROVIDER_TASKS_INTERVAL_SECONDS, now=True)
         if config.media_store_max_size is not None:
-            self.local_cache = LocalCacheEviction(local, slots, config.media_store_max_size)
+            self.local_cache = LocalCacheEviction(
+                local, slots, config.media_store_max_size, self.reactor
+            )
+            # Every worker evicts once its writes take the store over the limit.
+            local.on_written = self.local_cache.note_written
+            tasks.on_stored = self.local_cache.note_copied
         return MediaStorage(local, slots, tasks)
 
     def _adopt(self, sockets: Sequence[InheritedSocket], site: MediaSite, tls: Any) -> None:
@@ -361,6 +366,8 @@ class MediaServer:
             self._sweeper.stop()
         if self._provider_tasks is not None and self._provider_tasks.running:
             self._provider_tasks.stop()
+        if self.local_cache is not None:
+            self.local_cache.stop()
         if self._listener is not None:
             self._listener.stop()
             self._listener = None

@@ -16,12 +16,18 @@ DAY_MS = 24 * 3600 * 1000
 @on_both_databases
 class RetentionTests(ServerTestMixin):
     extra_config = {
-        "media_retention": {"local_media_lifetime": "30d", "remote_media_lifetime": "7d"}
+        "media_retention": {"local_media_lifetime": "30d", "remote_media_lifetime": "7d"},
+        "media_housekeeping_interval": "2h",
     }
 
     async def sql(self, statement: str, *args: object) -> list[tuple[object, ...]]:
         assert self.server.database is not None
         return await self.server.database.run_query("t", statement, args)
+
+    def test_housekeeping_interval_from_config(self) -> None:
+        sweeper = self.server._sweeper
+        assert sweeper is not None
+        self.assertEqual(sweeper.interval, 2 * 3600)
 
     async def test_purges_exactly_the_stale_media(self) -> None:
         token = await self.register()

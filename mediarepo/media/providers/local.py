@@ -86,7 +86,14 @@ class LocalMediaStore(StorageProvider):
         self._small_files = SmallFileCache(clock, SMALL_FILE_CACHE_BYTES, SMALL_FILE_CACHE_SECONDS)
         # Every write that finds the disk full reports here.
         self.full = StorageFullReporter(clock, admin_contact)
+        # Told (on the reactor thread) how many bytes each new file added.
+        self.on_written: Callable[[int], None] | None = None
         os.makedirs(self.staging_dir, exist_ok=True)
+
+    def _written(self, length: int) -> None:
+        """Note a new file of ``length`` bytes (from any thread)."""
+        if self.on_written is not None:
+            self._reactor.callFromThread(self.on_written, length)
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking file work on the media I/O thread pool."""
@@ -141,6 +148,7 @@ class LocalMediaStore(StorageProvider):
                 os.fsync(file.fileno())
                 with contextlib.suppress(FileExistsError):
                     in_directory(os.path.dirname(final), lambda: os.link(temp_path, final))
+                    self._written(os.fstat(file.fileno()).st_size)
             finally:
                 remove_staging_file(temp_path, file)
 
@@ -159,6 +167,7 @@ class LocalMediaStore(StorageProvider):
 
         def copy() -> None:
             in_directory(os.path.dirname(final), lambda: shutil.copyfile(local_path, final))
+            self._written(os.path.getsize(final))
 
         await self.in_pool(copy)
 
@@ -223,6 +232,7 @@ class LocalMediaStore(StorageProvider):
                 with open(temp, "xb") as f:
                     f.write(data)
                 in_directory(os.path.dirname(final), lambda: os.replace(temp, final))
+                self._written(len(data))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -278,7 +288,10 @@ class LocalMediaStore(StorageProvider):
             return False
 
         try:
-            return final, in_directory(directory, link)
+            shared = in_directory(directory, link)
+            if not shared:
+                self._written(upload.length)
+            return final, shared
         except FileExistsError as e:
             raise FileExistsInStoreError(relative_path) from e
         finally:
