@@ -29,6 +29,7 @@ from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
+from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
@@ -135,6 +136,8 @@ class MediaServer:
         schema = await prepare_database(self.database)
         self._media_io.start()
         self._thumbnail_pool.start()
+        # Pixels freed by thumbnailing go back to the system (see allocator).
+        map_large_allocations()
 
         local = LocalMediaStore(
             config.media_store_path,
@@ -153,6 +156,7 @@ class MediaServer:
             sizes=config.thumbnail_sizes,
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
+            pixel_budget=config.thumbnail_pixel_budget,
         )
         locks = WorkerLocks(LockStore(self.database), reactor)
         quarantine = QuarantineStore(

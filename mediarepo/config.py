@@ -321,6 +321,8 @@ class Config:
     # Ours: how often the periodic jobs (staging sweep, expired reservations,
     # retention, local store eviction) run.
     media_housekeeping_interval_ms: int = 3600 * 1000
+    # Ours: source pixels the thumbnail threads may decode at once.
+    thumbnail_pixel_budget: int = 32 * 1024 * 1024
 
     @property
     def max_request_body_size(self) -> int:
@@ -503,6 +505,13 @@ def _retention_lifetime(root: ConfigReader, key: str) -> int | None:
     return lifetime
 
 
+def _parse_pixel_budget(root: ConfigReader) -> int:
+    budget = root.size("thumbnail_pixel_budget", "32M")
+    if budget < 1:
+        raise ConfigError("thumbnail_pixel_budget", "must be at least 1")
+    return budget
+
+
 def _parse_housekeeping_interval(root: ConfigReader) -> int:
     interval = root.duration_ms("media_housekeeping_interval", "1h")
     if interval < 1000:
@@ -613,6 +622,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         federation=_parse_federation(root),
         admin_contact=root.string("admin_contact"),
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
+        thumbnail_pixel_budget=_parse_pixel_budget(root),
     )
 
 

@@ -238,6 +238,15 @@ class ConfigTests(unittest.TestCase):
                 parse({"server_name": "example.org", "media_housekeeping_interval": interval})
             self.assertIn("media_housekeeping_interval", str(raised.exception))
 
+    def test_thumbnail_pixel_budget(self) -> None:
+        self.assertEqual(parse({"server_name": "example.org"}).thumbnail_pixel_budget, 32 * 1024**2)
+        config = parse({"server_name": "example.org", "thumbnail_pixel_budget": "64M"})
+        self.assertEqual(config.thumbnail_pixel_budget, 64 * 1024**2)
+        for bad in (0, "0", "lots"):
+            with self.assertRaises(ConfigError) as raised:
+                parse({"server_name": "example.org", "thumbnail_pixel_budget": bad})
+            self.assertIn("thumbnail_pixel_budget", str(raised.exception))
+
     def test_unreadable_and_invalid_files(self) -> None:
         with self.assertRaises(ConfigError):
             load_config("/nonexistent/homeserver.yaml")

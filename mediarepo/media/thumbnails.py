@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import ThumbnailSize
 from mediarepo.errors import Codes, InsufficientStorageError, MatrixError, NotFoundError
+from mediarepo.media.allocator import return_freed_memory
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
@@ -30,6 +31,7 @@ from mediarepo.media.paths import (
     remote_media_path,
     remote_thumbnail_path,
 )
+from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
 from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
@@ -50,6 +52,8 @@ _T = TypeVar("_T")
 
 # How long rows read on the request path are reused (see media.cache).
 METADATA_CACHE_SECONDS = 5.0
+# Work decoding at least this many pixels gives freed memory back after it.
+RELEASE_MEMORY_ABOVE_PIXELS = 4 * 1024 * 1024
 
 thumbnails_generated = Counter(
     "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
@@ -324,6 +328,7 @@ class ThumbnailProvider:
         sizes: Sequence[ThumbnailSize],
         max_image_pixels: int,
         dynamic: bool,
+        pixel_budget: int,
     ) -> None:
         self._storage = storage
         self.media_store = media_store
@@ -332,6 +337,7 @@ class ThumbnailProvider:
         self._sizes = tuple(sizes)
         self._max_image_pixels = max_image_pixels
         self._dynamic = dynamic
+        self.pixel_budget = PixelBudget(pixel_budget)
         self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
         self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
         # Thumbnail rows of local media, read on every thumbnail request.
@@ -343,6 +349,28 @@ class ThumbnailProvider:
 
     def _open(self, path: str, media_type: str) -> Thumbnailer:
         return Thumbnailer(path, media_type, self._max_image_pixels)
+
+    def _measure(self, path: str, media_type: str, measure: Callable[[Thumbnailer], int]) -> int:
+        with self._open(path, media_type) as thumbnailer:
+            return measure(thumbnailer)
+
+    def _pregeneration_pixels(self, thumbnailer: Thumbnailer, output_type: str) -> int:
+        specs = pregeneration_specs(
+            thumbnailer.width, thumbnailer.height, output_type, self._sizes, thumbnailer.is_animated
+        )
+        if not specs:
+            return 0
+        return thumbnailer.pixels_to_decode(
+            max(s.width for s in specs), max(s.height for s in specs)
+        )
+
+    @staticmethod
+    def _render_then_release(pixels: int, render: Callable[..., _T], *args: object) -> _T:
+        try:
+            return render(*args)
+        finally:
+            if pixels >= RELEASE_MEMORY_ABOVE_PIXELS:
+                return_freed_memory()
 
     def _render_pregenerated(self, path: str, media_type: str, output_type: str) -> list[Rendered]:
         with self._open(path, media_type) as thumbnailer:
@@ -382,6 +410,26 @@ class ThumbnailProvider:
         with thumbnail_seconds.labels(label).time():
             result: _T = await deferToThreadPool(self._reactor, self._threadpool, func, *args)
             return result
+
+    async def _in_pool_within_budget(
+        self,
+        label: str,
+        measure: Callable[[Thumbnailer], int],
+        render: Callable[..., _T],
+        path: str,
+        media_type: str,
+        *args: object,
+    ) -> _T:
+        """``render(path, media_type, *args)`` on the pool once the pixels
+        it decodes (``measure`` of the source's header, read on the pool
+        first) fit the pixel budget; see ``mediarepo.media.pixel_budget``."""
+        pixels = await deferToThreadPool(
+            self._reactor, self._threadpool, self._measure, path, media_type, measure
+        )
+        async with self.pixel_budget.reserved_for(pixels):
+            return await self._in_pool(
+                label, self._render_then_release, pixels, render, path, media_type, *args
+            )
 
     async def _source_file(self, source: ThumbnailSource) -> str:
         path = await self._storage.local_copy(source.content_path)
@@ -441,8 +489,13 @@ class ThumbnailProvider:
             return []
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "pregenerate", self._render_pregenerated, path, source.media_type, output_type
+            rendered = await self._in_pool_within_budget(
+                "pregenerate",
+                lambda t: self._pregeneration_pixels(t, output_type),
+                self._render_pregenerated,
+                path,
+                source.media_type,
+                output_type,
             )
         except ThumbnailError as e:
             thumbnail_failures.labels(_failure_reason(e)).inc()
@@ -478,8 +531,13 @@ class ThumbnailProvider:
         spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "regenerate", self._render_exact, path, source.media_type or "", spec
+            rendered = await self._in_pool_within_budget(
+                "regenerate",
+                lambda t: t.pixels_to_decode(spec.width, spec.height),
+                self._render_exact,
+                path,
+                source.media_type or "",
+                spec,
             )
         except ThumbnailError as e:
             logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
@@ -516,9 +574,17 @@ class ThumbnailProvider:
     ) -> ThumbnailInfo:
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "dynamic", self._render_dynamic, path, source.media_type or "", output_type,
-                request,
+
+            def measure(thumbnailer: Thumbnailer) -> int:
+                _, drawn_w, drawn_h = dynamic_spec(
+                    thumbnailer, output_type, request.width, request.height, request.method,
+                    request.animated,
+                )  # fmt: skip
+                return thumbnailer.pixels_to_decode(drawn_w, drawn_h)
+
+            rendered = await self._in_pool_within_budget(
+                "dynamic", measure, self._render_dynamic, path, source.media_type or "",
+                output_type, request,
             )  # fmt: skip
         except ImageTooLargeError as e:
             thumbnail_failures.labels("too_large").inc()
