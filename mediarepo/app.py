@@ -28,6 +28,7 @@ from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
+from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
@@ -61,8 +62,6 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 # writer of quarantined_media_changes, worker_locks' holders) when we are not
 # a Synapse worker with a worker_name.
 STANDALONE_INSTANCE_NAME = "mediarepo"
-# How often leftovers of crashed uploads and expired reservations are removed.
-HOUSEKEEPING_INTERVAL_SECONDS = 3600.0
 # How often queued storage provider tasks (copies, deletions) are looked at.
 PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 _MEDIA_IO_THREADS = 20
@@ -145,12 +144,15 @@ class MediaServer:
         schema = await prepare_database(self.database)
         self._media_io.start()
         self._thumbnail_pool.start()
+        # Pixels freed by thumbnailing go back to the system (see allocator).
+        map_large_allocations()
 
         local = LocalMediaStore(
             config.media_store_path,
             self._media_io,
             reactor,
             note_reads=config.media_store_max_size is not None,
+            admin_contact=config.admin_contact,
         )
         storage = self._create_storage(local)
         media_store = MediaStore(self.database)
@@ -162,6 +164,7 @@ class MediaServer:
             sizes=config.thumbnail_sizes,
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
+            pixel_budget=config.thumbnail_pixel_budget,
         )
         # A Synapse worker goes by its worker_name in Synapse's tables.
         worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
@@ -263,7 +266,7 @@ class MediaServer:
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
             self._sweeper.clock = reactor
-            self._sweeper.start(HOUSEKEEPING_INTERVAL_SECONDS, now=True)
+            self._sweeper.start(config.media_housekeeping_interval_ms / 1000, now=True)
         self._access_flush = task.LoopingCall(self.repository.access.flush)
         self._access_flush.clock = reactor
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
@@ -309,7 +312,12 @@ class MediaServer:
             self._provider_tasks.clock = self.reactor
             self._provider_tasks.start(PROVIDER_TASKS_INTERVAL_SECONDS, now=True)
         if config.media_store_max_size is not None:
-            self.local_cache = LocalCacheEviction(local, slots, config.media_store_max_size)
+            self.local_cache = LocalCacheEviction(
+                local, slots, config.media_store_max_size, self.reactor
+            )
+            # Every worker evicts once its writes take the store over the limit.
+            local.on_written = self.local_cache.note_written
+            tasks.on_stored = self.local_cache.note_copied
         return MediaStorage(local, slots, tasks)
 
     def _open_sockets(self) -> list[ListeningSocket]:
@@ -375,6 +383,8 @@ class MediaServer:
             self._sweeper.stop()
         if self._provider_tasks is not None and self._provider_tasks.running:
             self._provider_tasks.stop()
+        if self.local_cache is not None:
+            self.local_cache.stop()
         if self._listener is not None:
             self._listener.stop()
             self._listener = None

@@ -349,6 +349,14 @@ class Config:
     media_instance_running_background_jobs: str | None = None
     # enable_media_repo as the (shared) config says it, for Synapse's main process.
     enable_media_repo: bool = True
+    # Synapse's key: who users are told to contact when the server is out of
+    # a resource (a full media store).
+    admin_contact: str | None = None
+    # Ours: how often the periodic jobs (staging sweep, expired reservations,
+    # retention, local store eviction) run.
+    media_housekeeping_interval_ms: int = 3600 * 1000
+    # Ours: source pixels the thumbnail threads may decode at once.
+    thumbnail_pixel_budget: int = 32 * 1024 * 1024
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -566,6 +574,39 @@ def _optional_duration(root: ConfigReader, section: str, key: str) -> int | None
     return reader.duration_ms(key, "0")
 
 
+# The shortest media_retention lifetime accepted. Reads reach the database in
+# batches, up to a minute late (media.access.FLUSH_INTERVAL_SECONDS, in each
+# worker), and retention judges media by the reads recorded there: a lifetime
+# near that delay would purge media read moments ago. Five minutes keeps the
+# delay a small part of any lifetime; real deployments use days.
+MIN_MEDIA_LIFETIME_MS = 5 * 60 * 1000
+
+
+def _retention_lifetime(root: ConfigReader, key: str) -> int | None:
+    lifetime = _optional_duration(root, "media_retention", key)
+    if lifetime is not None and lifetime < MIN_MEDIA_LIFETIME_MS:
+        raise ConfigError(
+            f"media_retention.{key}",
+            f"{lifetime} ms is too short; media would be purged right after it was read"
+            f" (the minimum is {MIN_MEDIA_LIFETIME_MS // 60000} minutes)",
+        )
+    return lifetime
+
+
+def _parse_pixel_budget(root: ConfigReader) -> int:
+    budget = root.size("thumbnail_pixel_budget", "32M")
+    if budget < 1:
+        raise ConfigError("thumbnail_pixel_budget", "must be at least 1")
+    return budget
+
+
+def _parse_housekeeping_interval(root: ConfigReader) -> int:
+    interval = root.duration_ms("media_housekeeping_interval", "1h")
+    if interval < 1000:
+        raise ConfigError("media_housekeeping_interval", "must be at least 1s")
+    return interval
+
+
 def _parse_rate_limit(root: ConfigReader, key: str, default: RateLimit) -> RateLimit:
     section = root.mapping(key)
     per_second = section.raw("per_second", default.per_second)
@@ -676,10 +717,8 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         media_upload_limits=_parse_upload_limits(root),
         media_storage_providers=storage_providers,
         media_store_max_size=parse_media_store_max_size(root, storage_providers),
-        local_media_lifetime_ms=_optional_duration(root, "media_retention", "local_media_lifetime"),
-        remote_media_lifetime_ms=_optional_duration(
-            root, "media_retention", "remote_media_lifetime"
-        ),
+        local_media_lifetime_ms=_retention_lifetime(root, "local_media_lifetime"),
+        remote_media_lifetime_ms=_retention_lifetime(root, "remote_media_lifetime"),
         tls_certificate_path=optional_path("tls_certificate_path"),
         tls_private_key_path=optional_path("tls_private_key_path"),
         federation=_parse_federation(root),
@@ -690,6 +729,9 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
             "media_instance_running_background_jobs"
         ),
         enable_media_repo=root.boolean("enable_media_repo", True),
+        admin_contact=root.string("admin_contact"),
+        media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
+        thumbnail_pixel_budget=_parse_pixel_budget(root),
     )
 
 

@@ -64,6 +64,20 @@ class NotFoundError(MatrixError):
         super().__init__(404, Codes.NOT_FOUND, message)
 
 
+class InsufficientStorageError(MatrixError):
+    """The media store (or a quota on it) is full: 507, with the errcode the
+    Matrix spec gives a server out of disk, and the ``admin_contact`` it asks
+    for (Synapse's key; null when unset, as Synapse sends it)."""
+
+    def __init__(self, admin_contact: str | None) -> None:
+        super().__init__(
+            507,
+            Codes.RESOURCE_LIMIT_EXCEEDED,
+            "The media store is full; try again later",
+            extra={"admin_contact": admin_contact},
+        )
+
+
 class ConfigError(Exception):
     """A configuration value that stops start-up; the message names the key
     and, once known, the file it came from (``source``)."""

@@ -209,6 +209,44 @@ class ConfigTests(unittest.TestCase):
             self.assertIn(key, str(raised.exception))
             self.assertNotIn("\n", str(raised.exception))
 
+    def test_housekeeping_and_retention(self) -> None:
+        config = parse({"server_name": "example.org"})
+        self.assertEqual(config.media_housekeeping_interval_ms, 3_600_000)
+        self.assertIsNone(config.admin_contact)
+        self.assertIsNone(config.local_media_lifetime_ms)
+        config = parse(
+            {
+                "server_name": "example.org",
+                "admin_contact": "mailto:ops@example.org",
+                "media_housekeeping_interval": "5m",
+                "media_retention": {"local_media_lifetime": "5m", "remote_media_lifetime": "7d"},
+            }
+        )
+        self.assertEqual(config.admin_contact, "mailto:ops@example.org")
+        self.assertEqual(config.media_housekeeping_interval_ms, 300_000)
+        self.assertEqual(config.local_media_lifetime_ms, 300_000)
+        self.assertEqual(config.remote_media_lifetime_ms, 7 * 86_400_000)
+        # A lifetime that would purge media read moments ago stops start-up.
+        for key in ("local_media_lifetime", "remote_media_lifetime"):
+            for lifetime in (0, "0s", "30s", "4m", 299_999):
+                with self.assertRaises(ConfigError) as raised:
+                    parse({"server_name": "example.org", "media_retention": {key: lifetime}})
+                self.assertIn(f"media_retention.{key}", str(raised.exception))
+                self.assertIn("minimum is 5 minutes", str(raised.exception))
+        for interval in (0, "0s", 999):
+            with self.assertRaises(ConfigError) as raised:
+                parse({"server_name": "example.org", "media_housekeeping_interval": interval})
+            self.assertIn("media_housekeeping_interval", str(raised.exception))
+
+    def test_thumbnail_pixel_budget(self) -> None:
+        self.assertEqual(parse({"server_name": "example.org"}).thumbnail_pixel_budget, 32 * 1024**2)
+        config = parse({"server_name": "example.org", "thumbnail_pixel_budget": "64M"})
+        self.assertEqual(config.thumbnail_pixel_budget, 64 * 1024**2)
+        for bad in (0, "0", "lots"):
+            with self.assertRaises(ConfigError) as raised:
+                parse({"server_name": "example.org", "thumbnail_pixel_budget": bad})
+            self.assertIn("thumbnail_pixel_budget", str(raised.exception))
+
     def test_unreadable_and_invalid_files(self) -> None:
         with self.assertRaises(ConfigError):
             load_config("/nonexistent/homeserver.yaml")

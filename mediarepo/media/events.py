@@ -34,7 +34,10 @@ _LEVELS = {MediaEvent.RETRIEVED: logging.DEBUG}
 _RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
-def emit(event: MediaEvent, **fields: str | int | bool | None) -> None:
+def emit(event: MediaEvent, *, media_id: str, **fields: str | int | bool | None) -> None:
+    """Log and count ``event``; every event names its media as ``media_id``
+    (with ``origin`` for another server's)."""
+    fields = {"media_id": media_id, **fields}
     media_events.labels(event.value).inc()
     level = _LEVELS.get(event, logging.INFO)
     if not logger.isEnabledFor(level):

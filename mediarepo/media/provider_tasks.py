@@ -10,7 +10,7 @@ until the provider accepts it, and every failure is logged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer
@@ -54,6 +54,9 @@ class ProviderTasks:
         self._running: defer.Deferred[int] | None = None
         self._run_again = False
         self._unknown_reported: set[str] = set()
+        # Called when a provider has taken a copy of a file (the local one
+        # may then be evicted).
+        self.on_stored: Callable[[], None] | None = None
 
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
@@ -138,6 +141,8 @@ class ProviderTasks:
                     )
                 else:
                     await provider.store(task.relative_path, local_path)
+                    if self.on_stored is not None:
+                        self.on_stored()
             elif task.operation is ProviderOperation.DELETE:
                 await provider.delete(task.relative_path)
             else:

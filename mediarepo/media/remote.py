@@ -188,7 +188,8 @@ class RemoteMediaCache:
         sink = self._storage.begin_upload(filesystem_id)
         try:
             fetched = await self._fetch_into(sink, origin, media_id, timeout_ms)
-            written = await sink.finish()
+            with self._storage.local.full.converting("remote media"):
+                written = await sink.finish()
         except BaseException as e:
             await sink.abort()
             self._storage.end_upload(sink)

@@ -273,7 +273,9 @@ class MediaRepository:
         providers_first = self.storage.providers_want(relative_path)
         placed = False
         try:
-            written = await sink.finish()
+            # A full disk fails the upload with 507 (logged once, not per request).
+            with self.storage.local.full.converting("upload"):
+                written = await sink.finish()
             # The quota is checked by the database with the row, per user
             # one at a time (see media/quota.py).
             windows = self.quota.windows() if self.quota.enabled else ()
@@ -322,7 +324,8 @@ class MediaRepository:
                         raise NotFoundError("Media ID has expired")
                 local.remove_staged(written.temp_path)
 
-            media, shared = await self._media_store.run_statements("store_upload", place)
+            with self.storage.local.full.converting("upload"):
+                media, shared = await self._media_store.run_statements("store_upload", place)
             if providers_first:
                 await self.storage.to_providers(relative_path, local.paths.absolute(relative_path))
                 await self._media_store.run_statements("record_upload", lambda t: record(t, media))

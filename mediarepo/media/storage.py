@@ -103,7 +103,8 @@ class MediaStorage:
         again and the error raised (:class:`StorageUnavailableError` for a
         provider).
         """
-        local_path, shared = await self.local.publish(upload, relative_path, same_as)
+        with self.local.full.converting("publish"):
+            local_path, shared = await self.local.publish(upload, relative_path, same_as)
         try:
             await self.to_providers(relative_path, local_path)
         except BaseException:
@@ -113,7 +114,8 @@ class MediaStorage:
 
     async def store_file(self, relative_path: str, data: bytes) -> None:
         """Store a generated file (a thumbnail) locally, then with the providers."""
-        local_path = await self.local.write_file(relative_path, data)
+        with self.local.full.converting("thumbnail"):
+            local_path = await self.local.write_file(relative_path, data)
         await self.to_providers(relative_path, local_path)
 
     def providers_want(self, relative_path: str) -> bool:

@@ -267,6 +267,24 @@ class Thumbnailer:
         cover, window = self._cover(width, height)
         return self._render(width, height, cover, window, output_type, animated)
 
+    def pixels_to_decode(self, max_width: int, max_height: int) -> int:
+        """How many pixels making thumbnails up to ``max_width`` x
+        ``max_height`` decodes: the source's, or for a JPEG the reduced
+        scale libjpeg decodes at (as :meth:`prepare` asks for it)."""
+        source_w, source_h = self._source_size
+        if self._format != "JPEG" or max_width < 1 or max_height < 1:
+            return source_w * source_h
+        cover, _ = self._cover(max_width, max_height)
+        need_w, need_h = self._stored_size(*cover)
+        # Pillow's choice: the largest of 1/8, 1/4, 1/2 still covering the need.
+        room = min(source_w // max(need_w, 1), source_h // max(need_h, 1))
+        factor = 1
+        for candidate in (8, 4, 2):
+            if room >= candidate:
+                factor = candidate
+                break
+        return -(-source_w // factor) * -(-source_h // factor)
+
     def prepare(self, max_width: int, max_height: int) -> None:
         """Optional: decode now at a resolution good enough for every
         :meth:`scale` or :meth:`crop` up to ``max_width`` x ``max_height``.

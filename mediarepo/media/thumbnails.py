@@ -21,7 +21,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import ThumbnailSize
-from mediarepo.errors import Codes, MatrixError, NotFoundError
+from mediarepo.errors import Codes, InsufficientStorageError, MatrixError, NotFoundError
+from mediarepo.media.allocator import return_freed_memory
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
@@ -30,6 +31,7 @@ from mediarepo.media.paths import (
     remote_media_path,
     remote_thumbnail_path,
 )
+from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
 from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
@@ -50,6 +52,8 @@ _T = TypeVar("_T")
 
 # How long rows read on the request path are reused (see media.cache).
 METADATA_CACHE_SECONDS = 5.0
+# Work decoding at least this many pixels gives freed memory back after it.
+RELEASE_MEMORY_ABOVE_PIXELS = 4 * 1024 * 1024
 
 thumbnails_generated = Counter(
     "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
@@ -227,6 +231,9 @@ class ThumbnailSource(abc.ABC):
 
     # Names the media in logs and keys the work done on it.
     key: str
+    # The media, as events name it (origin None for local media).
+    media_id: str
+    origin: str | None
     media_type: str | None
     content_path: str
 
@@ -251,6 +258,8 @@ class LocalThumbnailSource(ThumbnailSource):
         self._media_store = media_store
         self._row_cache = row_cache
         self.key = media.media_id
+        self.media_id = media.media_id
+        self.origin = None
         self.media_type = media.media_type
         self.content_path = local_media_path(media.media_id)
 
@@ -282,6 +291,8 @@ class RemoteThumbnailSource(ThumbnailSource):
         self._media = media
         self._media_store = media_store
         self.key = f"{media.media_origin}/{media.media_id}"
+        self.media_id = media.media_id
+        self.origin = media.media_origin
         self.media_type = media.media_type
         self.content_path = remote_media_path(media.media_origin, media.filesystem_id)
 
@@ -317,6 +328,7 @@ class ThumbnailProvider:
         sizes: Sequence[ThumbnailSize],
         max_image_pixels: int,
         dynamic: bool,
+        pixel_budget: int,
     ) -> None:
         self._storage = storage
         self.media_store = media_store
@@ -325,6 +337,7 @@ class ThumbnailProvider:
         self._sizes = tuple(sizes)
         self._max_image_pixels = max_image_pixels
         self._dynamic = dynamic
+        self.pixel_budget = PixelBudget(pixel_budget)
         self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
         self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
         # Thumbnail rows of local media, read on every thumbnail request.
@@ -336,6 +349,28 @@ class ThumbnailProvider:
 
     def _open(self, path: str, media_type: str) -> Thumbnailer:
         return Thumbnailer(path, media_type, self._max_image_pixels)
+
+    def _measure(self, path: str, media_type: str, measure: Callable[[Thumbnailer], int]) -> int:
+        with self._open(path, media_type) as thumbnailer:
+            return measure(thumbnailer)
+
+    def _pregeneration_pixels(self, thumbnailer: Thumbnailer, output_type: str) -> int:
+        specs = pregeneration_specs(
+            thumbnailer.width, thumbnailer.height, output_type, self._sizes, thumbnailer.is_animated
+        )
+        if not specs:
+            return 0
+        return thumbnailer.pixels_to_decode(
+            max(s.width for s in specs), max(s.height for s in specs)
+        )
+
+    @staticmethod
+    def _render_then_release(pixels: int, render: Callable[..., _T], *args: object) -> _T:
+        try:
+            return render(*args)
+        finally:
+            if pixels >= RELEASE_MEMORY_ABOVE_PIXELS:
+                return_freed_memory()
 
     def _render_pregenerated(self, path: str, media_type: str, output_type: str) -> list[Rendered]:
         with self._open(path, media_type) as thumbnailer:
@@ -376,6 +411,26 @@ class ThumbnailProvider:
             result: _T = await deferToThreadPool(self._reactor, self._threadpool, func, *args)
             return result
 
+    async def _in_pool_within_budget(
+        self,
+        label: str,
+        measure: Callable[[Thumbnailer], int],
+        render: Callable[..., _T],
+        path: str,
+        media_type: str,
+        *args: object,
+    ) -> _T:
+        """``render(path, media_type, *args)`` on the pool once the pixels
+        it decodes (``measure`` of the source's header, read on the pool
+        first) fit the pixel budget; see ``mediarepo.media.pixel_budget``."""
+        pixels = await deferToThreadPool(
+            self._reactor, self._threadpool, self._measure, path, media_type, measure
+        )
+        async with self.pixel_budget.reserved_for(pixels):
+            return await self._in_pool(
+                label, self._render_then_release, pixels, render, path, media_type, *args
+            )
+
     async def _source_file(self, source: ThumbnailSource) -> str:
         path = await self._storage.local_copy(source.content_path)
         if path is None:
@@ -391,7 +446,8 @@ class ThumbnailProvider:
         thumbnails_generated.labels(reason).inc()
         emit(
             MediaEvent.THUMBNAIL_GENERATED,
-            media=source.key,
+            media_id=source.media_id,
+            origin=source.origin,
             width=info.width,
             height=info.height,
             method=info.method,
@@ -415,6 +471,8 @@ class ThumbnailProvider:
         async def pregenerate() -> list[ThumbnailInfo]:
             try:
                 return await self._pregenerate(source)
+            except InsufficientStorageError:
+                return []  # logged (once) where the disk was found full
             except Exception:
                 logger.exception("pre-generating thumbnails of %s failed", source.key)
                 return []
@@ -431,8 +489,13 @@ class ThumbnailProvider:
             return []
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "pregenerate", self._render_pregenerated, path, source.media_type, output_type
+            rendered = await self._in_pool_within_budget(
+                "pregenerate",
+                lambda t: self._pregeneration_pixels(t, output_type),
+                self._render_pregenerated,
+                path,
+                source.media_type,
+                output_type,
             )
         except ThumbnailError as e:
             thumbnail_failures.labels(_failure_reason(e)).inc()
@@ -468,8 +531,13 @@ class ThumbnailProvider:
         spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "regenerate", self._render_exact, path, source.media_type or "", spec
+            rendered = await self._in_pool_within_budget(
+                "regenerate",
+                lambda t: t.pixels_to_decode(spec.width, spec.height),
+                self._render_exact,
+                path,
+                source.media_type or "",
+                spec,
             )
         except ThumbnailError as e:
             logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
@@ -506,9 +574,17 @@ class ThumbnailProvider:
     ) -> ThumbnailInfo:
         path = await self._source_file(source)
         try:
-            rendered = await self._in_pool(
-                "dynamic", self._render_dynamic, path, source.media_type or "", output_type,
-                request,
+
+            def measure(thumbnailer: Thumbnailer) -> int:
+                _, drawn_w, drawn_h = dynamic_spec(
+                    thumbnailer, output_type, request.width, request.height, request.method,
+                    request.animated,
+                )  # fmt: skip
+                return thumbnailer.pixels_to_decode(drawn_w, drawn_h)
+
+            rendered = await self._in_pool_within_budget(
+                "dynamic", measure, self._render_dynamic, path, source.media_type or "",
+                output_type, request,
             )  # fmt: skip
         except ImageTooLargeError as e:
             thumbnail_failures.labels("too_large").inc()

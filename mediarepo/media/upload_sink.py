@@ -9,6 +9,7 @@ bounded however fast the client sends.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -174,14 +175,22 @@ class UploadSink:
             # Nothing ever reached the disk (a small body, never published).
             return defer.succeed(None)
 
-        def remove() -> None:
-            if self._file is not None:
-                self._file.close()
-            try:
-                os.unlink(self.temp_path)
-            except FileNotFoundError:
-                pass
-
-        d = deferToThreadPool(self._reactor, self._threadpool, remove)
+        d = deferToThreadPool(
+            self._reactor, self._threadpool, remove_staging_file, self.temp_path, self._file
+        )
         d.addErrback(lambda f: logger.warning("could not remove %s: %s", self.temp_path, f.value))
         return d
+
+
+def remove_staging_file(path: str, file: IO[bytes] | None) -> None:
+    """Close and remove a staging file (blocking). Closing flushes what is
+    buffered, which fails on a full disk: the file goes all the same."""
+    try:
+        if file is not None:
+            try:
+                file.close()
+            except OSError as e:
+                logger.debug("closing %s: %s", path, e)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

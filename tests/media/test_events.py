@@ -77,7 +77,15 @@ class EventTests(ServerTestMixin):
         retrieved = self.events(MediaEvent.RETRIEVED)
         self.assertEqual([(e["media_id"], e["level"]) for e in retrieved], [(first, "DEBUG")])
         (thumbnail,) = self.events(MediaEvent.THUMBNAIL_GENERATED)
-        self.assertEqual((thumbnail["media"], thumbnail["reason"]), (first, "dynamic"))
+        self.assertEqual(
+            (thumbnail["media_id"], thumbnail["origin"], thumbnail["reason"]),
+            (first, None, "dynamic"),
+        )
+        # Every event names its media the same way.
+        for event in MediaEvent:
+            for fields in self.events(event):
+                self.assertIsInstance(fields["media_id"], str, fields)
+                self.assertNotIn("media", fields)
         (purged,) = self.events(MediaEvent.PURGED)
         self.assertEqual((purged["media_id"], purged["reason"]), (second, "admin request"))
         counted = {event: _count(event) - before[event] for event in MediaEvent}

@@ -16,12 +16,18 @@ DAY_MS = 24 * 3600 * 1000
 @on_both_databases
 class RetentionTests(ServerTestMixin):
     extra_config = {
-        "media_retention": {"local_media_lifetime": "30d", "remote_media_lifetime": "7d"}
+        "media_retention": {"local_media_lifetime": "30d", "remote_media_lifetime": "7d"},
+        "media_housekeeping_interval": "2h",
     }
 
     async def sql(self, statement: str, *args: object) -> list[tuple[object, ...]]:
         assert self.server.database is not None
         return await self.server.database.run_query("t", statement, args)
+
+    def test_housekeeping_interval_from_config(self) -> None:
+        sweeper = self.server._sweeper
+        assert sweeper is not None
+        self.assertEqual(sweeper.interval, 2 * 3600)
 
     async def test_purges_exactly_the_stale_media(self) -> None:
         token = await self.register()
@@ -66,6 +72,13 @@ class RetentionTests(ServerTestMixin):
         self.assertEqual(left, {read_lately, quarantined, protected, fresh})
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(stale))))
         self.assertFalse(os.path.exists(thumbnails))
+        # The directories the purge emptied went too (local_content/ab/cd,
+        # local_thumbnails/ab/cd), the top-level ones stay.
+        for top in ("local_content", "local_thumbnails"):
+            self.assertFalse(
+                os.path.exists(os.path.join(self.media_store, top, stale[:2], stale[2:4]))
+            )
+            self.assertTrue(os.path.isdir(os.path.join(self.media_store, top)))
         rows = await self.sql(
             "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?", stale
         )
@@ -93,3 +106,4 @@ class RetentionTests(ServerTestMixin):
         left = await self.sql("SELECT COUNT(*) FROM local_media_repository")
         self.assertEqual(left[0][0], 0)
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(media_id))))
+        self.assertEqual(os.listdir(os.path.join(self.media_store, "local_content")), [])

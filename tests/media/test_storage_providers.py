@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -14,7 +15,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
-from mediarepo.media import provider_tasks
+from mediarepo.media import local_cache, provider_tasks
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
 from tests.s3 import BUCKET, MotoServer
@@ -288,6 +289,8 @@ class BoundedLocalStoreTests(S3TestMixin):
         return {"media_store_max_size": 200_000}
 
     async def test_evicts_least_recently_read(self) -> None:
+        # The order is the test's: no run started by the uploads below.
+        self.server.repository.storage.local.on_written = None
         blobs = {}
         for _ in range(6):
             data = os.urandom(60_000)
@@ -308,6 +311,40 @@ class BoundedLocalStoreTests(S3TestMixin):
         for media_id, data in blobs.items():
             r = await self.download(media_id)
             self.assertEqual(r.body, data)
+
+    async def test_eviction_follows_writes(self) -> None:
+        await evicted_after_writes(self, 200_000)
+
+
+async def evicted_after_writes(test: S3TestMixin, max_size: int) -> None:
+    """Uploads taking the store past ``max_size`` are followed, without the
+    housekeeping timer, by eviction back under it (within seconds)."""
+    local = test.server.repository.storage.local
+    for _ in range(5):
+        await test.upload(test.token, os.urandom(60_000))
+    written = time.monotonic()
+    deadline = written + 10
+    while time.monotonic() < deadline:
+        size = local_cache._store_size(local.paths.base)
+        if size <= max_size:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    took = time.monotonic() - written
+    test.assertLessEqual(size, max_size, f"still {size} bytes after {took:.1f} s")  # type: ignore[attr-defined]
+    print(f"\nunder media_store_max_size {took:.2f} s after the last upload", file=sys.stderr)
+
+
+@on_both_databases
+class BoundedLocalStoreAsyncProviderTests(S3TestMixin):
+    # Files become evictable only once the provider's copy, made after the
+    # upload's answer, is done.
+    provider_flags = {"store_synchronous": False}
+
+    def more_config(self) -> dict[str, Any]:
+        return {"media_store_max_size": 200_000}
+
+    async def test_eviction_follows_copies(self) -> None:
+        await evicted_after_writes(self, 200_000)
 
 
 @on_both_databases

@@ -717,6 +717,21 @@ class DecodeTests(ThumbnailerTestCase):
                 self.assertEqual(decode(t.scale(*fitted, "image/jpeg", False)).size, fitted)
             self.assertIs(t._decoded, decoded)
 
+    def test_pixels_to_decode_is_what_is_decoded(self) -> None:
+        """What the pixel budget reserves matches the decode that follows."""
+        jpeg = self.save("big.jpg", pattern(300, 200).resize((3000, 2000)), "JPEG")
+        png = self.save("big.png", pattern(300, 200).resize((3000, 2000)), "PNG")
+        for box in [(32, 32), (320, 240), (800, 600), (2000, 2000), (3000, 2000)]:
+            with Thumbnailer(jpeg, "image/jpeg", LIMIT) as t:
+                expected = t.pixels_to_decode(*box)
+                t.prepare(*box)
+                assert t._decoded is not None
+                width, height = t._decoded.image.size
+                self.assertEqual(expected, width * height, box)
+            with Thumbnailer(png, "image/png", LIMIT) as t:
+                # Other formats decode whole.
+                self.assertEqual(t.pixels_to_decode(*box), 3000 * 2000)
+
     def test_drafted_rotated_jpeg(self) -> None:
         path = self.save(
             "rotbig.jpg", halves(2000, 1000, RED, BLUE), "JPEG", exif=exif_with_orientation(8)

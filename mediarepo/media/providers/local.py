@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.media.cache import SmallFileCache
+from mediarepo.media.disk_full import StorageFullReporter, is_storage_full
 from mediarepo.media.paths import (
     MediaPaths,
     UnsafePathError,
@@ -40,7 +41,7 @@ from mediarepo.media.responder import (
     FileResponder,
     Responder,
 )
-from mediarepo.media.upload_sink import UploadSink, WrittenUpload
+from mediarepo.media.upload_sink import UploadSink, WrittenUpload, remove_staging_file
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class LocalMediaStore(StorageProvider):
         reactor: IReactorFromThreads,
         *,
         note_reads: bool = False,
+        admin_contact: str | None = None,
     ) -> None:
         self.paths = MediaPaths(base)
         self.staging_dir = os.path.join(self.paths.base, STAGING_DIR)
@@ -82,7 +84,16 @@ class LocalMediaStore(StorageProvider):
         # The reactor is a clock too (the two interfaces are two views of it).
         clock = cast(IReactorTime, reactor)
         self._small_files = SmallFileCache(clock, SMALL_FILE_CACHE_BYTES, SMALL_FILE_CACHE_SECONDS)
+        # Every write that finds the disk full reports here.
+        self.full = StorageFullReporter(clock, admin_contact)
+        # Told (on the reactor thread) how many bytes each new file added.
+        self.on_written: Callable[[int], None] | None = None
         os.makedirs(self.staging_dir, exist_ok=True)
+
+    def _written(self, length: int) -> None:
+        """Note a new file of ``length`` bytes (from any thread)."""
+        if self.on_written is not None:
+            self._reactor.callFromThread(self.on_written, length)
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking file work on the media I/O thread pool."""
@@ -114,9 +125,10 @@ class LocalMediaStore(StorageProvider):
     async def bring_back(self, responder: Responder, relative_path: str) -> str:
         """Copy all of ``responder`` to ``relative_path`` here; returns its path."""
         with contextlib.closing(responder):
-            await self.bringing_back(responder, relative_path).write_to_consumer(
-                DiscardingConsumer(), 0, responder.size
-            )
+            bringing = _BringBackResponder(responder, self, relative_path)
+            await bringing.write_to_consumer(DiscardingConsumer(), 0, responder.size)
+        if bringing.full is not None:
+            raise self.full.exception() from bringing.full
         return self.paths.absolute(relative_path)
 
     async def open_incoming(self) -> tuple[str, IO[bytes]]:
@@ -134,23 +146,16 @@ class LocalMediaStore(StorageProvider):
             try:
                 file.flush()
                 os.fsync(file.fileno())
-                os.makedirs(os.path.dirname(final), exist_ok=True)
                 with contextlib.suppress(FileExistsError):
-                    os.link(temp_path, final)
+                    in_directory(os.path.dirname(final), lambda: os.link(temp_path, final))
+                    self._written(os.fstat(file.fileno()).st_size)
             finally:
-                file.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temp_path)
+                remove_staging_file(temp_path, file)
 
         await self.in_pool(keep)
 
     async def drop_incoming(self, temp_path: str, file: IO[bytes]) -> None:
-        def drop() -> None:
-            file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_path)
-
-        await self.in_pool(drop)
+        await self.in_pool(remove_staging_file, temp_path, file)
 
     async def exists(self, relative_path: str, size: int | None = None) -> bool:
         return await self.in_pool(file_exists, self.paths.absolute(relative_path), size)
@@ -161,8 +166,8 @@ class LocalMediaStore(StorageProvider):
             return
 
         def copy() -> None:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            shutil.copyfile(local_path, final)
+            in_directory(os.path.dirname(final), lambda: shutil.copyfile(local_path, final))
+            self._written(os.path.getsize(final))
 
         await self.in_pool(copy)
 
@@ -175,6 +180,7 @@ class LocalMediaStore(StorageProvider):
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+            self._remove_emptied_directories(path)
 
         await self.in_pool(remove)
         # Again: a read that finished while the file went may have cached it.
@@ -183,8 +189,30 @@ class LocalMediaStore(StorageProvider):
     async def delete_directory(self, relative_path: str) -> None:
         path = self.paths.absolute(relative_path)
         self._small_files.forget_under(path)
-        await self.in_pool(shutil.rmtree, path, True)
+
+        def remove() -> None:
+            shutil.rmtree(path, ignore_errors=True)
+            self._remove_emptied_directories(path)
+
+        await self.in_pool(remove)
         self._small_files.forget_under(path)
+
+    def _remove_emptied_directories(self, removed: str) -> None:
+        """Remove the directories above ``removed`` that it left empty
+        (``local_content/ab/cd``, then ``local_content/ab``...), never a
+        top-level one of the store (blocking). A directory a new file is
+        being put into may go too: writers make it again (``in_directory``)."""
+        directory = os.path.dirname(removed)
+        while os.path.dirname(directory) != self.paths.base:
+            if not directory.startswith(self.paths.base + os.sep):
+                return
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return  # not empty: neither is anything above it
+            directory = os.path.dirname(directory)
 
     async def local_path(self, relative_path: str) -> str | None:
         """The absolute path of ``relative_path`` if the file is here."""
@@ -199,12 +227,12 @@ class LocalMediaStore(StorageProvider):
         final = self.paths.absolute(relative_path)
 
         def write() -> None:
-            os.makedirs(os.path.dirname(final), exist_ok=True)
             temp = os.path.join(self.staging_dir, f"generated.{secrets.token_hex(8)}")
             try:
                 with open(temp, "xb") as f:
                     f.write(data)
-                os.replace(temp, final)
+                in_directory(os.path.dirname(final), lambda: os.replace(temp, final))
+                self._written(len(data))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -243,13 +271,13 @@ class LocalMediaStore(StorageProvider):
         final = self.paths.absolute(relative_path)
         upload.make_durable()
         directory = os.path.dirname(final)
-        os.makedirs(directory, exist_ok=True)
-        try:
+
+        def link() -> bool:
             for existing in (self.paths.absolute(p) for p in same_as):
                 try:
                     if os.stat(existing).st_size == upload.length:
                         os.link(existing, final)
-                        return final, True
+                        return True
                 except (FileNotFoundError, NotADirectoryError):
                     continue
                 except OSError as e:
@@ -257,7 +285,13 @@ class LocalMediaStore(StorageProvider):
                         break  # no hard links here; keep a copy of our own
                     raise
             os.link(upload.temp_path, final)
-            return final, False
+            return False
+
+        try:
+            shared = in_directory(directory, link)
+            if not shared:
+                self._written(upload.length)
+            return final, shared
         except FileExistsError as e:
             raise FileExistsInStoreError(relative_path) from e
         finally:
@@ -345,6 +379,8 @@ class _BringBackResponder(Responder):
         self._local = local
         self._relative_path = relative_path
         self.size = inner.size
+        # Why the copy could not be kept, if the disk was full.
+        self.full: OSError | None = None
 
     async def write_to_consumer(
         self, consumer: IConsumer, start: int, length: int, copy_to: IO[bytes] | None = None
@@ -353,17 +389,77 @@ class _BringBackResponder(Responder):
             # Part of the file: not enough to keep.
             await self._inner.write_to_consumer(consumer, start, length, copy_to)
             return
-        temp_path, file = await self._local.open_incoming()
+        # A full disk stops the copy, never the download it rides on.
         try:
-            await self._inner.write_to_consumer(consumer, start, length, file)
+            temp_path, file = await self._local.open_incoming()
+        except OSError as e:
+            if not is_storage_full(e):
+                raise
+            self._note_full(e)
+            await self._inner.write_to_consumer(consumer, start, length)
+            return
+        copy = _CopyUnlessFull(file)
+        try:
+            await self._inner.write_to_consumer(consumer, start, length, cast(IO[bytes], copy))
         except BaseException:
             await self._local.drop_incoming(temp_path, file)
             raise
-        await self._local.keep_incoming(temp_path, file, self._relative_path)
+        if copy.full is not None:
+            await self._local.drop_incoming(temp_path, file)
+            self._note_full(copy.full)
+            return
+        try:
+            await self._local.keep_incoming(temp_path, file, self._relative_path)
+        except OSError as e:
+            if not is_storage_full(e):
+                raise
+            self._note_full(e)
+            return
         logger.info("brought %s back to the local media store", self._relative_path)
+
+    def _note_full(self, error: OSError) -> None:
+        self.full = error
+        self._local.full.note(error, "bring back")
 
     def close(self) -> None:
         self._inner.close()
+
+
+class _CopyUnlessFull:
+    """Where a copy being brought back is written: a write that finds the
+    disk full ends the copying (``full`` says why), not the read."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.full: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        if self.full is None:
+            try:
+                self._file.write(data)
+            except OSError as e:
+                if not is_storage_full(e):
+                    raise
+                self.full = e
+        return len(data)
+
+
+# How often a new file is put into a directory that a deletion removed
+# (having emptied it) between its creation and the file's arrival.
+_DIRECTORY_ATTEMPTS = 3
+
+
+def in_directory(directory: str, create: Callable[[], T]) -> T:
+    """Make ``directory`` and run ``create`` (which puts a new entry in it),
+    again if a deletion removed the directory in between (blocking)."""
+    for attempt in range(_DIRECTORY_ATTEMPTS):
+        os.makedirs(directory, exist_ok=True)
+        try:
+            return create()
+        except FileNotFoundError:
+            if attempt == _DIRECTORY_ATTEMPTS - 1 or os.path.isdir(directory):
+                raise
+    raise AssertionError("unreachable")
 
 
 def file_exists(path: str, size: int | None) -> bool:

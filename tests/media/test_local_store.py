@@ -1,0 +1,56 @@
+"""The local store's directories: made again when a purge removed them, and
+removed when a deletion empties them (never the store's top-level ones)."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from mediarepo.media.providers.local import LocalMediaStore, in_directory
+
+
+class DirectoryTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
+
+    def test_in_directory_survives_a_purge_in_between(self) -> None:
+        directory = os.path.join(self.base, "local_content", "ab", "cd")
+        attempts = []
+
+        def create() -> str:
+            attempts.append(None)
+            if len(attempts) == 1:
+                # What a purge does to the directory it has just emptied.
+                os.rmdir(directory)
+            with open(os.path.join(directory, "efgh"), "xb"):
+                pass
+            return "created"
+
+        self.assertEqual(in_directory(directory, create), "created")
+        self.assertEqual(len(attempts), 2)
+        self.assertTrue(os.path.isfile(os.path.join(directory, "efgh")))
+
+    def test_deletion_removes_what_it_empties(self) -> None:
+        store = LocalMediaStore(self.base, ThreadPool(), Clock())  # type: ignore[arg-type]
+        kept = os.path.join(self.base, "local_content", "ab", "xy", "kept")
+        gone = os.path.join(self.base, "local_content", "ab", "cd", "gone")
+        remote = os.path.join(self.base, "remote_content", "other.example", "ab", "cd", "file")
+        for path in (kept, gone, remote):
+            os.makedirs(os.path.dirname(path))
+            open(path, "wb").close()
+        for path in (gone, remote):
+            os.unlink(path)
+            store._remove_emptied_directories(path)
+        # ab still holds xy; the remote origin's directory went with its last file.
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["xy"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "remote_content")), [])
+        os.unlink(kept)
+        store._remove_emptied_directories(kept)
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content")), [])
+        self.assertEqual(
+            sorted(os.listdir(self.base)), [".mediarepo_tmp", "local_content", "remote_content"]
+        )
