@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -132,11 +133,17 @@ def http_request(
     body: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     token: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Response:
+    """One request to ``127.0.0.1:port``; over TLS if ``tls`` is given."""
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"Bearer {token}"
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT)
+    conn: http.client.HTTPConnection
+    if tls is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT, context=tls)
     try:
         conn.request(method, path, body=body, headers=all_headers)
         response = conn.getresponse()
@@ -220,6 +227,8 @@ class SynapseTestCase(unittest.TestCase):
         self.server_name = SERVER_NAME
         self.port = free_port()
         self.processes: list[ServerProcess] = []
+        # Log files, besides the processes' output, worth showing on failure.
+        self.log_files = [os.path.join(self.workdir, "homeserver.log")]
         self.dbname = self._create_database()
         # Cleanups run last-registered first: processes die before the database goes.
         self.addCleanup(self._drop_database)
@@ -290,9 +299,9 @@ class SynapseTestCase(unittest.TestCase):
             state = "running" if process.running else f"exit status {process.process.returncode}"
             parts.append(f"----- {process.label} ({state}), last lines of {process.log_path}")
             parts.append(tail(process.log_path))
-        log_file = os.path.join(self.workdir, "homeserver.log")
-        parts.append(f"----- last lines of {log_file} (Synapse's log_config; both servers)")
-        parts.append(tail(log_file))
+        for log_file in self.log_files:
+            parts.append(f"----- last lines of {log_file}")
+            parts.append(tail(log_file))
         print("\n".join(parts), file=sys.stderr, flush=True)
 
     # -- the config, written once and shared by both servers --------------
@@ -361,6 +370,7 @@ class SynapseTestCase(unittest.TestCase):
         probe_path: str,
         token: str | None,
         port: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """Start a server; return once ``probe_path`` answers 200."""
         process = ServerProcess(label, argv, self.workdir)
@@ -373,7 +383,7 @@ class SynapseTestCase(unittest.TestCase):
                     f"{label} exited with status {process.process.returncode} during start-up"
                 )
             try:
-                response = http_request(port or self.port, "GET", probe_path, token=token)
+                response = http_request(port or self.port, "GET", probe_path, token=token, tls=tls)
             except OSError as e:
                 last_error = repr(e)
             else:
@@ -404,7 +414,9 @@ class SynapseTestCase(unittest.TestCase):
 
     # -- Matrix calls -----------------------------------------------------
 
-    def _register_and_login(self) -> str:
+    def _register_and_login(self, user: str = USER, *, admin: bool = False) -> str:
+        """Registers ``user`` (password ``PASSWORD``) through Synapse's shared
+        secret, logs in directly at Synapse; the access token."""
         registered = subprocess.run(
             [
                 sys.executable,
@@ -413,10 +425,10 @@ class SynapseTestCase(unittest.TestCase):
                 "-c",
                 self.config_path,
                 "-u",
-                USER,
+                user,
                 "-p",
                 PASSWORD,
-                "--no-admin",
+                "--admin" if admin else "--no-admin",
                 f"http://127.0.0.1:{self.port}",
             ],
             cwd=self.workdir,
@@ -433,7 +445,7 @@ class SynapseTestCase(unittest.TestCase):
         )
         body = {
             "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": USER},
+            "identifier": {"type": "m.id.user", "user": user},
             "password": PASSWORD,
         }
         response = http_request(
