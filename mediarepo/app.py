@@ -32,6 +32,7 @@ from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider, create_provider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -46,6 +47,7 @@ from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
 from mediarepo.storage.media_admin import MediaAdminStore
 from mediarepo.storage.notifications import PostgresListener
+from mediarepo.storage.pending_thumbnails import PendingThumbnailStore
 from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
@@ -146,6 +148,7 @@ class MediaServer:
         )
         storage = self._create_storage(local)
         media_store = MediaStore(self.database)
+        locks = WorkerLocks(LockStore(self.database), reactor)
         thumbnails = ThumbnailProvider(
             storage,
             media_store,
@@ -154,8 +157,10 @@ class MediaServer:
             sizes=config.thumbnail_sizes,
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
+            pending=PendingThumbnailWork(
+                PendingThumbnailStore(self.database), locks.instance_name, reactor
+            ),
         )
-        locks = WorkerLocks(LockStore(self.database), reactor)
         quarantine = QuarantineStore(
             self.database,
             schema.quarantine_records,
@@ -251,6 +256,8 @@ class MediaServer:
             else:
                 self._listen(listener.port, listener.bind_addresses, site, tls)
 
+        # Every process resumes what a crashed one left, at start.
+        thumbnails.resume_pending()
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
             self._sweeper.clock = reactor
@@ -339,6 +346,7 @@ class MediaServer:
         sweeps: list[Callable[[], Awaitable[object]]] = [
             self.repository.sweep_staging,
             self.repository.sweep_expired_reservations,
+            self.repository.resume_thumbnails,
         ]
         if self.retention is not None and self.retention.enabled:
             sweeps.append(self.retention.apply)
