@@ -32,6 +32,7 @@ from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider, create_provider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -47,6 +48,7 @@ from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
 from mediarepo.storage.media_admin import MediaAdminStore
 from mediarepo.storage.notifications import PostgresListener
+from mediarepo.storage.pending_thumbnails import PendingThumbnailStore
 from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
@@ -156,6 +158,9 @@ class MediaServer:
         )
         storage = self._create_storage(local)
         media_store = MediaStore(self.database)
+        # A Synapse worker goes by its worker_name in Synapse's tables.
+        worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
+        locks = WorkerLocks(LockStore(self.database), reactor, worker_name)
         thumbnails = ThumbnailProvider(
             storage,
             media_store,
@@ -165,10 +170,10 @@ class MediaServer:
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
             pixel_budget=config.thumbnail_pixel_budget,
+            pending=PendingThumbnailWork(
+                PendingThumbnailStore(self.database), locks.instance_name, reactor
+            ),
         )
-        # A Synapse worker goes by its worker_name in Synapse's tables.
-        worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
-        locks = WorkerLocks(LockStore(self.database), reactor, worker_name)
         quarantine = QuarantineStore(
             self.database,
             schema.quarantine_records,
@@ -263,6 +268,8 @@ class MediaServer:
                 tls = server_tls_options(config.tls_certificate_path, config.tls_private_key_path)
             self._serve([s for s in sockets if s.listener_index == index], site, tls)
 
+        # Every process resumes what a crashed one left, at start.
+        thumbnails.resume_pending()
         if self._runs_housekeeping:
             self._sweeper = task.LoopingCall(self._housekeeping)
             self._sweeper.clock = reactor
@@ -356,6 +363,7 @@ class MediaServer:
         sweeps: list[Callable[[], Awaitable[object]]] = [
             self.repository.sweep_staging,
             self.repository.sweep_expired_reservations,
+            self.repository.resume_thumbnails,
         ]
         if self.retention is not None and self.retention.enabled:
             sweeps.append(self.retention.apply)

@@ -259,3 +259,19 @@ async def http_request(
     if isinstance(response.length, int) and "content-length" not in raw:
         raw["content-length"] = [str(response.length)]
     return Response(response.code, raw, content)
+
+
+def dead_instance_name() -> str:
+    """The instance name a process of this machine had, which has exited
+    (what a crash leaves in ``worker_locks`` and pending work)."""
+    import subprocess
+
+    from mediarepo.media.locks import instance_name
+
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        name = instance_name(pid=process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    return name

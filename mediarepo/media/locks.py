@@ -2,8 +2,10 @@
 
 A lock is a ``worker_locks`` row holding a random token; its holder renews it
 while working and deletes it when done. A holder that dies stops renewing,
-and the lock frees itself after ``LOCK_TIMEOUT_MS``. Within this process a
-key being taken or held is refused at once, without asking the database.
+and the lock frees itself after ``LOCK_TIMEOUT_MS``, or at once if the
+holder was a process of this machine known to have exited (see
+:func:`instance_is_dead`). Within this process a key being taken or held is
+refused at once, without asking the database.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.paths import random_letters
 from mediarepo.storage.database import Transaction
-from mediarepo.storage.locks import LockStore, release_lock_txn, try_acquire_lock_txn
+from mediarepo.storage.locks import (
+    LockStore,
+    lock_holder_txn,
+    release_lock_txn,
+    take_lock_over_txn,
+    try_acquire_lock_txn,
+)
 
 R = TypeVar("R")
 
@@ -29,12 +37,66 @@ logger = logging.getLogger(__name__)
 RENEW_INTERVAL_SECONDS = 30.0
 
 
-def instance_name(worker_name: str = "mediarepo") -> str:
-    """This process's name in ``worker_locks``: the worker's name for
-    whoever reads the table, then what makes it new at every start (as
-    Synapse's instance IDs are), so a restarted process does not take over
-    the locks of the one it replaces before they time out."""
-    return f"{worker_name}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+def _process_scope() -> str | None:
+    """The host and PID namespace this process runs in: a process can tell
+    whether another is alive only when both share them (not across hosts,
+    nor across containers). ``None`` where that cannot be known (no /proc)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return None
+    digits = "".join(c for c in namespace if c.isdigit())
+    return f"{socket.gethostname()}-{digits}" if digits else None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot), or ``None`` if
+    there is no such process or it has exited (a zombie not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name, in parentheses, may hold anything; fields follow it.
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if len(fields) < 20 or fields[0] == b"Z":
+        return None
+    return fields[19].decode()
+
+
+def instance_name(worker_name: str = "mediarepo", pid: int | None = None) -> str:
+    """This process's name in ``worker_locks`` (and in other work it claims):
+    the worker's name for whoever reads the table, then what makes it new at
+    every start (as Synapse's instance IDs are) and never one of Synapse's.
+    That part names the host, the PID namespace, the PID and the process's
+    start time, so that another process on the same machine can tell it has
+    exited (:func:`instance_is_dead`), PID reuse included."""
+    if pid is None:
+        pid = os.getpid()
+    scope = _process_scope()
+    start = _process_start(pid) if scope is not None else None
+    if scope is None or start is None:
+        return f"{worker_name}@{socket.gethostname()}-{pid}-{secrets.token_hex(3)}"
+    return f"{worker_name}@{scope}-{pid}.{start}-{secrets.token_hex(3)}"
+
+
+def instance_is_dead(name: str) -> bool:
+    """Whether ``name`` belonged to a process of this host and PID namespace
+    that has exited, so what it held may be taken at once instead of after
+    a timeout. ``False`` whenever that cannot be told for sure: a process of
+    another host or container, a Synapse worker, an older name."""
+    scope = _process_scope()
+    if scope is None:
+        return False
+    _, _, process = name.rpartition("@")
+    prefix = f"{scope}-"
+    if not process.startswith(prefix):
+        return False
+    pid_text, _, rest = process[len(prefix) :].partition(".")
+    start, _, _ = rest.partition("-")
+    if not pid_text.isdigit() or not start.isdigit():
+        return False
+    return _process_start(int(pid_text)) != start
 
 
 class HeldLock:
@@ -100,7 +162,15 @@ class WorkerLocks:
 
         def take(t: Transaction) -> tuple[bool, R | None]:
             if not try_acquire_lock_txn(t, name, key, self.instance_name, token, now_ms):
-                return False, None
+                # Held: by a process that died (a crash), it need not time out.
+                holder = lock_holder_txn(t, name, key)
+                if holder is None or not instance_is_dead(holder[0]):
+                    return False, None
+                dead, dead_token = holder
+                if not take_lock_over_txn(t, name, key, dead_token, self.instance_name, token,
+                                          now_ms):  # fmt: skip
+                    return False, None
+                logger.info("took lock %s/%s over from %s, which has exited", name, key, dead)
             try:
                 return True, then(t)
             except BaseException:

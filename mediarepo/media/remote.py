@@ -222,7 +222,14 @@ class RemoteMediaCache:
                 authenticated=self._config.enable_authenticated_media,
                 sha256=written.sha256,
             )
-            if not await self._media_store.store_remote_media(media):
+            pending = self._thumbnails.pending
+            # Recorded first: a crash after the row must not lose the thumbnails.
+            record_thumbnails = (
+                (lambda t: pending.record_txn(t, origin, media_id))
+                if not quarantined and self._thumbnails.pregenerates(media.media_type)
+                else None
+            )
+            if not await self._media_store.store_remote_media(media, record_thumbnails):
                 # Another process fetched it first: keep its copy.
                 await self._storage.delete(path)
                 existing = await self._media_store.get_remote_media(origin, media_id)

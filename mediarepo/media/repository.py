@@ -54,6 +54,7 @@ from mediarepo.storage.media import (
     quota_serialised_txn,
     store_local_media_txn,
 )
+from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import LocalMedia, Requester
 
@@ -288,7 +289,11 @@ class MediaRepository:
                     t, written.sha256, written.length, check_quarantine=check_quarantine
                 )
                 same_as = [local_media_path(m) for m in known.copies if m != sink.media_id]
-                _, shared = local.place_upload(written, relative_path, same_as)
+                # A reservation's row has no content (checked under its lock):
+                # a file already there was left by an upload that crashed.
+                _, shared = local.place_upload(
+                    written, relative_path, same_as, replace_orphan=reserved
+                )
                 placed = True
                 media = LocalMedia(
                     media_id=sink.media_id,
@@ -310,6 +315,9 @@ class MediaRepository:
                 return media, shared
 
             def record(t: Transaction, media: LocalMedia) -> None:
+                if media.quarantined_by is None and self.thumbnails.pregenerates(media_type):
+                    # First: a crash after the row must not lose the thumbnails.
+                    self.thumbnails.pending.record_txn(t, LOCAL_ORIGIN, media.media_id)
                 with quota_serialised_txn(t, requester.user_id) if windows else nullcontext():
                     if reservation_lock is None:
                         if not store_local_media_txn(t, media, windows):
@@ -471,6 +479,11 @@ class MediaRepository:
         return await self.thumbnails.thumbnail(
             LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows), request
         )
+
+    async def resume_thumbnails(self) -> None:
+        """Resume thumbnail pre-generation that crashed processes (or lapsed
+        leases) left; see :class:`PendingThumbnailWork`."""
+        self.thumbnails.resume_pending()
 
     async def sweep_staging(self) -> int:
         """Remove what crashed uploads left behind; see ``LocalMediaStore.sweep_staging``."""

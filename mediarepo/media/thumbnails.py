@@ -31,6 +31,7 @@ from mediarepo.media.paths import (
     remote_media_path,
     remote_thumbnail_path,
 )
+from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
 from mediarepo.media.sharing import SharedWork
@@ -44,6 +45,7 @@ from mediarepo.media.thumbnailer import (
     aspect,
 )
 from mediarepo.storage.media import MediaStore
+from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN, PendingThumbnails
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 logger = logging.getLogger(__name__)
@@ -234,6 +236,8 @@ class ThumbnailSource(abc.ABC):
     # The media, as events name it (origin None for local media).
     media_id: str
     origin: str | None
+    # (origin, media ID) in mediarepo_pending_thumbnails.
+    pending_key: tuple[str, str]
     media_type: str | None
     content_path: str
 
@@ -260,6 +264,7 @@ class LocalThumbnailSource(ThumbnailSource):
         self.key = media.media_id
         self.media_id = media.media_id
         self.origin = None
+        self.pending_key = (LOCAL_ORIGIN, media.media_id)
         self.media_type = media.media_type
         self.content_path = local_media_path(media.media_id)
 
@@ -293,6 +298,7 @@ class RemoteThumbnailSource(ThumbnailSource):
         self.key = f"{media.media_origin}/{media.media_id}"
         self.media_id = media.media_id
         self.origin = media.media_origin
+        self.pending_key = (media.media_origin, media.media_id)
         self.media_type = media.media_type
         self.content_path = remote_media_path(media.media_origin, media.filesystem_id)
 
@@ -329,8 +335,11 @@ class ThumbnailProvider:
         max_image_pixels: int,
         dynamic: bool,
         pixel_budget: int,
+        pending: PendingThumbnailWork,
     ) -> None:
         self._storage = storage
+        # Pre-generation not yet done, recorded so that a crash resumes it.
+        self.pending = pending
         self.media_store = media_store
         self._threadpool = threadpool
         self._reactor = reactor
@@ -459,27 +468,65 @@ class ThumbnailProvider:
 
     async def settle(self) -> None:
         """Wait for thumbnail work under way (at shutdown, before the pools close)."""
+        await self.pending.stop()
         await self._pregenerating.wait_all()
         await self._generating.wait_all()
 
+    def pregenerates(self, media_type: str | None) -> bool:
+        """Whether new media of this type gets thumbnails made in the
+        background (then that work is recorded with its row: see
+        :class:`PendingThumbnailWork`)."""
+        return thumbnail_output_type(media_type) is not None and not self._dynamic
+
     def schedule_pregeneration(self, source: ThumbnailSource) -> None:
         """Start making ``thumbnail_sizes`` for new media, in the background;
-        a thumbnail request arriving meanwhile waits for it."""
-        if thumbnail_output_type(source.media_type) is None or self._dynamic:
+        a thumbnail request arriving meanwhile waits for it. The work must
+        have been recorded with the media's row."""
+        if not self.pregenerates(source.media_type):
             return
 
         async def pregenerate() -> list[ThumbnailInfo]:
             try:
-                return await self._pregenerate(source)
+                return await self._pregenerate_recorded(source)
             except InsufficientStorageError:
-                return []  # logged (once) where the disk was found full
+                # Logged (once) where the disk was found full; left recorded,
+                # so it is tried again once its lease runs out.
+                return []
             except Exception:
+                # Left recorded: taken over once its lease runs out.
                 logger.exception("pre-generating thumbnails of %s failed", source.key)
                 return []
 
         # Registered before this returns, so that a thumbnail request coming
         # right after the upload's answer finds it running and waits.
         defer.ensureDeferred(self._pregenerating.run(source.key, pregenerate))
+
+    def resume_pending(self) -> None:
+        """Resume, in the background, the pre-generation other processes
+        recorded and did not finish (they crashed)."""
+        self.pending.resume_soon(self._resume)
+
+    async def _resume(self, item: PendingThumbnails) -> None:
+        source: ThumbnailSource | None = None
+        if item.media_origin == LOCAL_ORIGIN:
+            local = await self.media_store.get_local_media(item.media_id)
+            if local is not None and not local.is_pending and local.quarantined_by is None:
+                source = LocalThumbnailSource(local, self.media_store, self.local_rows)
+        else:
+            remote = await self.media_store.get_remote_media(item.media_origin, item.media_id)
+            if remote is not None and remote.quarantined_by is None:
+                source = RemoteThumbnailSource(remote, self.media_store)
+        if source is None or not self.pregenerates(source.media_type):
+            # The media never got its row (the crash came first), or went since.
+            await self.pending.done(item.media_origin, item.media_id)
+            return
+        await self._pregenerating.run(source.key, lambda: self._pregenerate_recorded(source))
+
+    async def _pregenerate_recorded(self, source: ThumbnailSource) -> list[ThumbnailInfo]:
+        """:meth:`_pregenerate`, then the record of the work deleted."""
+        made = await self._pregenerate(source)
+        await self.pending.done(*source.pending_key)
+        return made
 
     async def _pregenerate(self, source: ThumbnailSource) -> list[ThumbnailInfo]:
         """Make and record the configured sizes; nothing (and a log line) if

@@ -56,3 +56,27 @@ def release_lock_txn(t: Transaction, name: str, key: str, token: str) -> None:
         "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
         (name, key, token),
     )
+
+
+def lock_holder_txn(t: Transaction, name: str, key: str) -> tuple[str, str] | None:
+    """The instance name and token of whoever holds the lock, if anyone."""
+    t.execute(
+        "SELECT instance_name, token FROM worker_locks WHERE lock_name = ? AND lock_key = ?",
+        (name, key),
+    )
+    row = t.fetchone()
+    return (row[0], row[1]) if row is not None else None
+
+
+def take_lock_over_txn(
+    t: Transaction, name: str, key: str, old_token: str, instance_name: str, token: str,
+    now_ms: int,
+) -> bool:  # fmt: skip
+    """Take the lock from the holder of ``old_token`` (a process known to be
+    dead); ``False`` if someone else took or released it meanwhile."""
+    t.execute(
+        "UPDATE worker_locks SET instance_name = ?, token = ?, last_renewed_ts = ?"
+        " WHERE lock_name = ? AND lock_key = ? AND token = ?",
+        (instance_name, token, now_ms, name, key, old_token),
+    )
+    return t.rowcount == 1

@@ -419,30 +419,28 @@ class MediaStore:
             sha256=r[8],
         )
 
-    async def store_remote_media(self, media: RemoteMedia) -> bool:
+    async def store_remote_media(
+        self, media: RemoteMedia, first: Callable[[Transaction], None] | None = None
+    ) -> bool:
         """Record a download; ``False`` if another download of the same media
-        (here or in another process) was recorded first."""
-        changed = await self._db.run_update(
-            "store_cached_remote_media",
-            "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
-            " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
-            " quarantined_by, authenticated, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (media_origin, media_id) DO NOTHING",
-            (
-                media.media_origin,
-                media.media_id,
-                media.media_type,
-                media.created_ts,
-                media.upload_name,
-                media.media_length,
-                media.filesystem_id,
-                media.last_access_ts,
-                media.quarantined_by,
-                media.authenticated,
-                media.sha256,
-            ),
-        )
-        return changed == 1
+        (here or in another process) was recorded first. ``first`` runs
+        statements of its own before, in the same trip to the pool."""
+
+        def store(t: Transaction) -> bool:
+            if first is not None:
+                first(t)
+            t.execute(
+                "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
+                " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
+                " quarantined_by, authenticated, sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (media_origin, media_id) DO NOTHING",
+                (media.media_origin, media.media_id, media.media_type, media.created_ts,
+                 media.upload_name, media.media_length, media.filesystem_id,
+                 media.last_access_ts, media.quarantined_by, media.authenticated, media.sha256),
+            )  # fmt: skip
+            return t.rowcount == 1
+
+        return await self._db.run_statements("store_cached_remote_media", store)
 
     async def get_remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailInfo]:
         rows = await self._db.run_query(

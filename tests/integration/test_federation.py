@@ -22,7 +22,13 @@ from mediarepo.storage.users import UserStore
 from tests import images
 from tests.processes import free_port
 from tests.tls import TestCA
-from tests.utils import Response, database_section, http_request, on_both_databases
+from tests.utils import (
+    Response,
+    database_section,
+    dead_instance_name,
+    http_request,
+    on_both_databases,
+)
 
 
 class Peer:
@@ -214,6 +220,35 @@ class FederationTests(FederationTestMixin):
             "t", "SELECT COUNT(*) FROM remote_media_cache_thumbnails"
         )
         self.assertEqual(rows[0][0], 5)
+
+    async def test_remote_thumbnails_survive_a_crash(self) -> None:
+        """The thumbnails of remote media are made after it is served: they
+        are recorded as owed with its row, and resumed if the process dies."""
+        assert self.a.server.repository is not None and self.a.server.database is not None
+        thumbnails = self.a.server.repository.thumbnails
+        thumbnails.schedule_pregeneration = lambda source: None  # the process dies
+        media_id = await self.upload_to(self.b, self.b_token, images.png(400, 300), "image/png")
+        r = await self.download_via_a(self.b, media_id)
+        self.assertEqual(r.code, 200)
+        database = self.a.server.database
+        pending = await database.run_query(
+            "t", "SELECT media_origin, media_id FROM mediarepo_pending_thumbnails"
+        )
+        self.assertEqual(pending, [(self.b.name, media_id)])
+        await database.run_query(
+            "t", "UPDATE mediarepo_pending_thumbnails SET instance_name = ?",
+            (dead_instance_name(),),
+        )  # fmt: skip
+        del thumbnails.schedule_pregeneration
+        self.assertEqual(await thumbnails.pending.resume(thumbnails._resume), 1)
+        rows = await database.run_query(
+            "t", "SELECT COUNT(*) FROM remote_media_cache_thumbnails WHERE media_id = ?",
+            (media_id,),
+        )  # fmt: skip
+        self.assertEqual(rows[0][0], 4)
+        self.assertEqual(
+            await database.run_query("t", "SELECT * FROM mediarepo_pending_thumbnails"), []
+        )
 
     async def test_unknown_remote_media(self) -> None:
         r = await self.download_via_a(self.b, "doesnotexistanywhere")

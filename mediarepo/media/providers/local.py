@@ -256,7 +256,12 @@ class LocalMediaStore(StorageProvider):
         return await self.in_pool(self.place_upload, upload, relative_path, same_as)
 
     def place_upload(
-        self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
+        self,
+        upload: WrittenUpload,
+        relative_path: str,
+        same_as: Sequence[str] = (),
+        *,
+        replace_orphan: bool = False,
     ) -> tuple[str, bool]:
         """Make the staged file durable and link it to ``relative_path``
         (blocking: run it on a pool thread); returns the absolute path and
@@ -266,13 +271,23 @@ class LocalMediaStore(StorageProvider):
         SHA-256): the first one still there, and of the right size, is linked
         in its place, so identical media share one set of bytes on disk while
         each keeps its own Synapse path (deleting one never deletes another).
-        Raises :class:`FileExistsInStoreError` if something is already there.
+        Raises :class:`FileExistsInStoreError` if something is already there,
+        unless ``replace_orphan`` says the caller knows a file there is a
+        leftover (an upload into a reservation, under its lock, whose row
+        has no content: an earlier upload died between linking its file and
+        recording it), which then goes first.
         """
         final = self.paths.absolute(relative_path)
         upload.make_durable()
         directory = os.path.dirname(final)
 
         def link() -> bool:
+            if replace_orphan:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(final)
+                    logger.warning(
+                        "replaced the file an interrupted upload left at %s", relative_path
+                    )
             for existing in (self.paths.absolute(p) for p in same_as):
                 try:
                     if os.stat(existing).st_size == upload.length:

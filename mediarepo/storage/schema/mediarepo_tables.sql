@@ -22,3 +22,17 @@ CREATE TABLE IF NOT EXISTS mediarepo_provider_tasks (
 ;
 CREATE INDEX IF NOT EXISTS mediarepo_provider_tasks_due
     ON mediarepo_provider_tasks (next_attempt_ts)
+;
+-- Thumbnails owed to media stored before its answer was sent (uploads and
+-- remote media, whose sizes are pre-generated in the background): written
+-- with the media's row, deleted once the thumbnails are, and resumed after
+-- a crash. media_origin is '' for local media. The owning process keeps
+-- the item until lease_until_ts, or until it is known to have exited.
+CREATE TABLE IF NOT EXISTS mediarepo_pending_thumbnails (
+    media_origin TEXT NOT NULL,
+    media_id TEXT NOT NULL,
+    instance_name TEXT NOT NULL,
+    lease_until_ts BIGINT NOT NULL,
+    attempts INTEGER NOT NULL,
+    CONSTRAINT mediarepo_pending_thumbnails_key UNIQUE (media_origin, media_id)
+)
