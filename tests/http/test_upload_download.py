@@ -411,6 +411,9 @@ class BadRequestTests(ServerTestMixin):
         for method, path, code, errcode in cases:
             r = await self.request(method, path, token=token)
             self.assertEqual((r.code, r.json()["errcode"]), (code, errcode), path)
+            if code == 405:
+                # RFC 9110 §15.5.6: a 405 names the methods the path takes.
+                self.assertEqual(r.header("Allow"), "OPTIONS, POST", path)
 
     async def test_bad_filename_parameter(self) -> None:
         token = await self.register()
