@@ -42,7 +42,8 @@ metadata_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 # (which a header line does not keep).
 header_values = (
     st.text(
-        st.characters(min_codepoint=0x20, max_codepoint=0x7E) | st.characters(min_codepoint=0xA1),
+        st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+        | st.characters(min_codepoint=0xA1, exclude_categories=["Cs"]),
         min_size=1,
         max_size=40,
     )
