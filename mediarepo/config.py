@@ -36,6 +36,10 @@ _DURATION_UNITS_MS = {
 }
 
 _SERVER_NAME_HOST = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
+# ASCII digits only: str.isdigit() and int() also take other scripts' digits
+# (and isdigit() takes "²", which int() then refuses).
+_DIGITS = re.compile(r"[0-9]+")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 # Synapse's floor for any request body, whatever max_upload_size says.
 MIN_REQUEST_BODY_SIZE = 200 * 65536
@@ -55,7 +59,7 @@ def parse_size(key: str, value: object) -> int:
         if text and text[-1].upper() in _SIZE_UNITS:
             multiplier = _SIZE_UNITS[text[-1].upper()]
             text = text[:-1]
-        if text.isdigit():
+        if _DIGITS.fullmatch(text):
             return int(text) * multiplier
     raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
 
@@ -74,7 +78,7 @@ def parse_duration_ms(key: str, value: object) -> int:
         if text and text[-1] in _DURATION_UNITS_MS:
             multiplier = _DURATION_UNITS_MS[text[-1]]
             text = text[:-1]
-        if text.isdigit():
+        if _DIGITS.fullmatch(text):
             return int(text) * multiplier
     raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
 
@@ -100,7 +104,7 @@ def is_valid_server_name(name: str) -> bool:
             return False
     elif not _SERVER_NAME_HOST.match(host):
         return False
-    if name.endswith(":") or (port and (not port.isdigit() or not 0 < int(port) < 65536)):
+    if name.endswith(":") or (port and (not _PORT.fullmatch(port) or not 0 < int(port) < 65536)):
         return False
     return True
 

@@ -54,6 +54,11 @@ def new_boundary() -> str:
 
 
 def multipart_content_type(boundary: str) -> str:
+    # A boundary may hold characters a bare parameter value may not (RFC
+    # 2046's ":", "/", "=", "?", spaces...); none of them needs escaping
+    # inside quotes.
+    if not _TOKEN.match(boundary):
+        boundary = f'"{boundary}"'
     return f"multipart/mixed; boundary={boundary}"
 
 

@@ -22,7 +22,10 @@ from mediarepo.media.responder import FileResponder, Responder, bytes_served
 
 logger = logging.getLogger(__name__)
 
-_SINGLE_RANGE = re.compile(r"\Abytes=\s*(\d*)\s*-\s*(\d*)\s*\Z")
+# RFC 9110's DIGIT and OWS are ASCII; Python's \d and \s are not.
+_SINGLE_RANGE = re.compile(r"\Abytes=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*\Z")
+# Past any file's size, and short enough for int() (which refuses over 4300 digits).
+_BEYOND_ANY_FILE = 10**18
 
 
 @attrs.frozen
@@ -33,6 +36,19 @@ class ByteRange:
 
 class UnsatisfiableRange(Exception):
     pass
+
+
+def _position(digits: str) -> int:
+    """A byte position from the header; any too long to be an offset in a
+    file counts as one past every file."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _BEYOND_ANY_FILE
+
+
+def _order(digits: str) -> tuple[int, str]:
+    """Sorts as the numbers do, however long."""
+    digits = digits.lstrip("0")
+    return len(digits), digits
 
 
 def parse_range(header: str | None, size: int) -> ByteRange | None:
@@ -48,17 +64,17 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if not first and not last:
         return None
     if not first:
-        suffix = int(last)
+        suffix = _position(last)
         if suffix == 0 or size == 0:
             raise UnsatisfiableRange()
         suffix = min(suffix, size)
         return ByteRange(size - suffix, suffix)
-    start = int(first)
-    if last and int(last) < start:
+    start = _position(first)
+    if last and _order(last) < _order(first):
         return None
     if start >= size:
         raise UnsatisfiableRange()
-    end = int(last) if last else size - 1
+    end = _position(last) if last else size - 1
     end = min(end, size - 1)
     return ByteRange(start, end - start + 1)
 

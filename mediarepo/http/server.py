@@ -105,11 +105,25 @@ def unrecognized(request: MediaRequest, code: int = 404) -> None:
     respond_error(request, MatrixError(code, Codes.UNRECOGNIZED, "Unrecognized request"))
 
 
+def method_not_allowed(methods: set[bytes]) -> MatrixError:
+    # HEAD goes wherever GET does; OPTIONS is answered for every path (CORS).
+    allowed = {m.decode("ascii") for m in methods} | {"OPTIONS"}
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    return MatrixError(
+        405,
+        Codes.UNRECOGNIZED,
+        "Unrecognized request",
+        headers={"Allow": ", ".join(sorted(allowed))},
+    )
+
+
 class Router(Resource):
     """A leaf resource dispatching the rest of the path to handlers.
 
-    No match is 404 ``M_UNRECOGNIZED``; a match with another method is 405.
-    HEAD is served by the GET handler (Twisted drops the body).
+    No match is 404 ``M_UNRECOGNIZED``; a match with another method is 405,
+    with the ``Allow`` header RFC 9110 requires. HEAD is served by the GET
+    handler (Twisted drops the body).
     """
 
     isLeaf = True
@@ -127,13 +141,13 @@ class Router(Resource):
         depth = len(request.prepath)
         raw_rest = raw_path_text(b"/".join(request.path.split(b"/")[depth + 1 :]))
         method = b"GET" if request.method == b"HEAD" else request.method
-        method_mismatch = False
+        allowed: set[bytes] = set()
         for candidate in self._routes:
             match = candidate.pattern.fullmatch(raw_rest)
             if match is None:
                 continue
             if method not in candidate.methods:
-                method_mismatch = True
+                allowed |= candidate.methods
                 continue
             request.endpoint = candidate.name
             try:
@@ -149,7 +163,10 @@ class Router(Resource):
                 return NOT_DONE_YET
             defer.ensureDeferred(self._run(candidate.handler, request, params))
             return NOT_DONE_YET
-        unrecognized(request, 405 if method_mismatch else 404)
+        if allowed:
+            respond_error(request, method_not_allowed(allowed))
+        else:
+            unrecognized(request)
         return NOT_DONE_YET
 
     async def _run(self, handler: Handler, request: MediaRequest, params: dict[str, str]) -> None:

@@ -209,6 +209,11 @@ class RangeTests(ServerTestMixin):
         r = await self._get("bytes=1000000-")
         self.assertEqual(r.code, 416)
         self.assertEqual(r.header("Content-Range"), "bytes */1000000")
+        # Longer than int() reads (4300 digits): was a 500.
+        r = await self._get("bytes=" + "9" * 5000 + "-")
+        self.assertEqual((r.code, r.json()["errcode"]), (416, "M_INVALID_PARAM"))
+        r = await self._get("bytes=-" + "9" * 5000)
+        self.assertEqual((r.code, r.body), (206, self.data))
 
     async def test_ignored_ranges(self) -> None:
         for header in ("bytes=0-1,5-6", "items=0-5", "bytes=9-3"):
@@ -435,6 +440,9 @@ class BadRequestTests(ServerTestMixin):
                 "M_INVALID_PARAM",
             ),
             ("GET", "/_matrix/client/v1/media/download/..%2F../abcdefgh", 400, "M_INVALID_PARAM"),
+            # Ports in other scripts' digits: U+00B2 was a 500, U+0661 a valid port 1.
+            ("GET", "/_matrix/media/v3/download/a:%C2%B2/abcdefgh", 400, "M_INVALID_PARAM"),
+            ("GET", "/_matrix/media/v3/download/a:%D9%A1/abcdefgh", 400, "M_INVALID_PARAM"),
             # A remote server that cannot be reached (nothing listens on port 1).
             ("GET", "/_matrix/client/v1/media/download/127.0.0.1:1/abcdefgh", 502, "M_UNKNOWN"),
             ("GET", f"{DOWNLOAD}/abcdefgh?timeout_ms=x", 400, "M_INVALID_PARAM"),
@@ -443,6 +451,9 @@ class BadRequestTests(ServerTestMixin):
         for method, path, code, errcode in cases:
             r = await self.request(method, path, token=token)
             self.assertEqual((r.code, r.json()["errcode"]), (code, errcode), path)
+            if code == 405:
+                # RFC 9110 §15.5.6: a 405 names the methods the path takes.
+                self.assertEqual(r.header("Allow"), "OPTIONS, POST", path)
 
     async def test_bad_filename_parameter(self) -> None:
         token = await self.register()
