@@ -140,12 +140,6 @@ class SchemathesisTests(ServerTestMixin):
             "--request-timeout", str(REQUEST_TIMEOUT_SECONDS),
             "--workers", "1",
         ]  # fmt: skip
-        if self.engine == "psycopg2":
-            # Known failure, not relaxed here for good: a NUL byte in any text
-            # parameter is a 500 on PostgreSQL (issue 13, item 3: "A NUL byte
-            # in any text parameter gives 500 on PostgreSQL"), fixed on its own
-            # branch. Drop this when that fix is in; SQLite runs with NULs.
-            command += ["--generation-allow-x00", "false"]
         env = dict(os.environ, SCHEMATHESIS_HOOKS=str(HOOKS))
         started = time.monotonic()
         try:
