@@ -198,7 +198,10 @@ class MediaServer:
             # Downloads waiting for an async upload wake when another process
             # sharing the database completes it.
             self._listener = PostgresListener(
-                config.database.args, CONTENT_CHANNEL, self.repository.arrivals.announce, reactor
+                self.database.connect_args,
+                CONTENT_CHANNEL,
+                self.repository.arrivals.announce,
+                reactor,
             )
             await self._listener.start()
         self.accounts = Accounts(UserStore(self.database), reactor)
