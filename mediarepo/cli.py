@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 from twisted.internet import defer
@@ -108,9 +109,29 @@ def run(config_path: str, workers: int = 1) -> int:
         server.start_deferred().addErrback(on_start_failure)
 
     reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", _arm_exit_watchdog)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)
     reactor.run()
     return exit_status[0]
+
+
+# Once shutdown begins, the process ends within this time even if a thread
+# never returns (a statement on a connection that hangs): the server's stop
+# takes at most its grace period and a few seconds, and the supervisor of
+# --workers kills a worker only later (mediarepo.workers).
+EXIT_DEADLINE_SECONDS = 25.0
+
+
+def _arm_exit_watchdog() -> None:
+    def exit_now() -> None:
+        # Not through logging: its handlers' locks may be held by the stuck thread.
+        os.write(2, b"mediarepo: shutdown did not finish in time; exiting\n")
+        os._exit(1)
+
+    watchdog = threading.Timer(EXIT_DEADLINE_SECONDS, exit_now)
+    # A daemon thread: it does not itself keep the process alive.
+    watchdog.daemon = True
+    watchdog.start()
 
 
 _USER_ID = re.compile(r"\A@([a-z0-9._=\-/+]+):(.+)\Z")
