@@ -31,19 +31,11 @@ import time
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-import mediarepo
+from tests.processes import ServerProcesses, free_port
 
 SERVER_NAME = "cli.test"
 BIG_FILE_BYTES = 100 * 1024 * 1024
 PEAK_RSS_LIMIT_BYTES = 100 * 1024 * 1024
-STARTUP_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -63,7 +55,7 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-class ServerProcessTests(unittest.TestCase):
+class ServerProcessTests(ServerProcesses, unittest.TestCase):
     timeout = 300
 
     def setUp(self) -> None:
@@ -72,22 +64,6 @@ class ServerProcessTests(unittest.TestCase):
         self.config_path = os.path.join(self.workdir, "data", "homeserver.yaml")
         self.processes: list[subprocess.Popen[bytes]] = []
         self.addCleanup(self._kill_all)
-
-    def _kill_all(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-    def _mediarepo(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mediarepo", *args],
-            cwd=self.workdir,
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_TIMEOUT,
-            check=False,
-        )
 
     def _generate(self) -> int:
         port = free_port()
@@ -109,36 +85,6 @@ class ServerProcessTests(unittest.TestCase):
         token = result.stdout.strip().splitlines()[-1]
         self.assertRegex(token, r"\Asyt_[A-Za-z0-9_-]+\Z")
         return token
-
-    def _start(self, argv: list[str], port: int) -> subprocess.Popen[bytes]:
-        log = open(os.path.join(self.workdir, f"server-{len(self.processes)}.log"), "wb")
-        self.addCleanup(log.close)
-        # twistd finds plugins in the twisted/plugins folders on sys.path: the
-        # one installed beside mediarepo, or the checkout's in a development
-        # (editable) install.
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(mediarepo.__file__)))
-        process = subprocess.Popen(
-            argv,
-            cwd=self.workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.processes.append(process)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            self.assertIsNone(process.poll(), f"server exited early; see {log.name}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return process
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("server did not start listening")
-
-    def _stop(self, process: subprocess.Popen[bytes]) -> int:
-        process.send_signal(signal.SIGTERM)
-        return process.wait(30)
 
     def _curl(self, *args: str) -> str:
         result = subprocess.run(
@@ -254,11 +200,6 @@ class ServerProcessTests(unittest.TestCase):
                 self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker {pid} still running")
 
         return deferToThread(run)  # type: ignore[return-value]
-
-    @staticmethod
-    def _children(pid: int) -> list[int]:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
 
     def test_register_user_twice_gives_new_token(self) -> None:
         def run() -> None:

@@ -1,0 +1,88 @@
+"""Running the server as an operator does: ``python -m mediarepo`` (or
+twistd) in a process of its own, its output in a log file, stopped by a
+signal. Shared by the command-line tests and the fault suite.
+
+Blocking: call these from a thread (``deferToThread``) so that the trial
+reactor stays free.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mediarepo
+
+STARTUP_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ServerProcesses:
+    """For a TestCase with ``self.workdir`` (where commands run and logs
+    go) and ``self.processes`` (killed at cleanup by ``_kill_all``)."""
+
+    workdir: str
+    processes: list[subprocess.Popen[bytes]]
+
+    def _kill_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    def _mediarepo(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mediarepo", *args],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_TIMEOUT,
+            check=False,
+        )
+
+    def _start(self, argv: list[str], port: int) -> subprocess.Popen[bytes]:
+        """Start ``argv``; return once ``port`` accepts connections. Its
+        output goes to ``server-N.log`` in the work directory."""
+        log = open(os.path.join(self.workdir, f"server-{len(self.processes)}.log"), "wb")
+        self.addCleanup(log.close)  # type: ignore[attr-defined]
+        # twistd finds plugins in the twisted/plugins folders on sys.path: the
+        # one installed beside mediarepo, or the checkout's in a development
+        # (editable) install.
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(mediarepo.__file__)))
+        process = subprocess.Popen(
+            argv,
+            cwd=self.workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.processes.append(process)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"server exited early; see {log.name}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return process
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("server did not start listening")
+
+    def _stop(self, process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout)
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
