@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -60,6 +61,9 @@ logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
+# How long a shutdown waits for each of its other steps (closing
+# connections, letting background work settle).
+STOP_STEP_SECONDS = 5.0
 # Our name in the instance_name columns of Synapse's tables (the stream
 # writer of quarantined_media_changes, worker_locks' holders) when we are not
 # a Synapse worker with a worker_name.
@@ -134,6 +138,8 @@ class MediaServer:
         self._provider_tasks: task.LoopingCall | None = None
         self.federation_client: FederationClient | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
+        self._stop_started = False
+        self._stop_deadline = 0.0
 
     async def start(self) -> None:
         config = self.config
@@ -219,7 +225,10 @@ class MediaServer:
             # Downloads waiting for an async upload wake when another process
             # sharing the database completes it.
             self._listener = PostgresListener(
-                config.database.args, CONTENT_CHANNEL, self.repository.arrivals.announce, reactor
+                self.database.connect_args,
+                CONTENT_CHANNEL,
+                self.repository.arrivals.announce,
+                reactor,
             )
             await self._listener.start()
         self.accounts = Accounts(UserStore(self.database), reactor)
@@ -377,58 +386,97 @@ class MediaServer:
 
     async def stop(self) -> None:
         """Stop listening, let uploads in flight finish (or roll them back
-        after a grace period), then close the database pool."""
+        after the grace period), then close the pools.
+
+        Each step runs whatever became of the ones before it (a failure is
+        logged, not raised) and each wait is bounded, so that stopping ends
+        within the grace period and a few seconds, whatever state the
+        database, the peers or the clients are in.
+        """
+        if self._stop_started:
+            return
+        self._stop_started = True
+        # Waits end by this time at the latest (the uploads' grace period,
+        # then a step's worth for the rest).
+        self._stop_deadline = time.monotonic() + self.shutdown_grace_seconds + STOP_STEP_SECONDS
+        await self._stop_step("stop listening", self._stop_listening)
+        for timer in (self._sweeper, self._provider_tasks):
+            if timer is not None and timer.running:
+                await self._stop_step("stop a periodic job", timer.stop)
+        if self.local_cache is not None:
+            await self._stop_step("stop evicting", self.local_cache.stop)
+        if self._listener is not None:
+            await self._stop_step("stop LISTEN", self._listener.stop)
+            self._listener = None
+        if self.federation_client is not None:
+            await self._stop_step("close federation connections", self.federation_client.close)
+            self.federation_client = None
+        if self.repository is not None:
+            await self._stop_step(
+                "settle uploads", self._settle_uploads, self.shutdown_grace_seconds + 1
+            )
+        for site in self.sites:
+            await self._stop_step("close client connections", site.close_connections)
+        self.sites = []
+        if self.repository is not None:
+            repository = self.repository
+            await self._stop_step("settle thumbnails", repository.thumbnails.settle)
+            if self._access_flush is not None and self._access_flush.running:
+                await self._stop_step("stop access flushes", self._access_flush.stop)
+            await self._stop_step("flush access times", repository.access.flush)
+            await self._stop_step("settle provider tasks", repository.storage.tasks.wait_idle)
+        if self.database is not None:
+            # Blocks until running statements end: each is bounded by the
+            # connection's timeouts (see POSTGRES_CONNECT_DEFAULTS).
+            await self._stop_step("close the database pool", self.database.close)
+            self.database = None
+        for provider in self._providers:
+            await self._stop_step(f"stop storage provider {provider.name}", provider.stop)
+        self._providers = []
+        for pool in (self._media_io, self._thumbnail_pool):
+            if pool.started:
+                await self._stop_step(f"stop the {pool.name} threads", pool.stop)
+        logger.info("mediarepo stopped")
+
+    async def _stop_step(
+        self, what: str, step: Callable[[], object], seconds: float | None = None
+    ) -> None:
+        """Run one step of stopping; wait for it at most ``seconds``, by
+        default a step's time and not past the stop's deadline."""
+        if seconds is None:
+            seconds = max(0.1, min(STOP_STEP_SECONDS, self._stop_deadline - time.monotonic()))
+        try:
+            result: Any = step()
+            if isinstance(result, defer.Deferred) or inspect.iscoroutine(result):
+                waiting: defer.Deferred[object] = defer.ensureDeferred(result)
+                waiting.addTimeout(seconds, self.reactor)
+                await waiting
+        except defer.TimeoutError:
+            logger.warning("stopping: %s did not finish within %.0fs; going on", what, seconds)
+        except Exception:
+            logger.exception("stopping: %s failed; going on", what)
+
+    async def _stop_listening(self) -> None:
         for unserved in self._unserved_sockets:
             # Opened for a start that failed before serving them.
             os.close(unserved.fd)
         self._unserved_sockets = []
-        for port in self.ports:
-            stopped = port.stopListening()
-            if stopped is not None:
-                await stopped
-        self.ports = []
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        if self._provider_tasks is not None and self._provider_tasks.running:
-            self._provider_tasks.stop()
-        if self.local_cache is not None:
-            self.local_cache.stop()
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
-        if self.federation_client is not None:
-            await self.federation_client.close()
-            self.federation_client = None
-        if self.repository is not None:
-            storage = self.repository.storage
-            deadline = time.monotonic() + self.shutdown_grace_seconds
-            while storage.uploads_in_progress and time.monotonic() < deadline:
-                await task.deferLater(self.reactor, 0.1, lambda: None)
-            if storage.uploads_in_progress:
-                logger.warning("rolling back %d unfinished uploads", storage.uploads_in_progress)
-                storage.abort_all_uploads()
-                # Let the removals queued on the I/O pool run.
-                await task.deferLater(self.reactor, 0.1, lambda: None)
-        for site in self.sites:
-            site.close_connections()
-        self.sites = []
-        if self.repository is not None:
-            await self.repository.thumbnails.settle()
-            if self._access_flush is not None and self._access_flush.running:
-                self._access_flush.stop()
-            await self.repository.access.flush()
-        if self.repository is not None:
-            await self.repository.storage.tasks.wait_idle()
-        if self.database is not None:
-            self.database.close()
-            self.database = None
-        for provider in self._providers:
-            provider.stop()
-        self._providers = []
-        for pool in (self._media_io, self._thumbnail_pool):
-            if pool.started:
-                pool.stop()
-        logger.info("mediarepo stopped")
+        ports, self.ports = self.ports, []
+        stopping = [d for d in (port.stopListening() for port in ports) if d is not None]
+        await defer.DeferredList(stopping, consumeErrors=True)
+
+    async def _settle_uploads(self) -> None:
+        """Let uploads still arriving finish, or roll them back after the grace period."""
+        assert self.repository is not None
+        storage = self.repository.storage
+        deadline = time.monotonic() + self.shutdown_grace_seconds
+        while storage.uploads_in_progress and time.monotonic() < deadline:
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        if storage.uploads_in_progress:
+            logger.warning("rolling back %d unfinished uploads", storage.uploads_in_progress)
+            storage.abort_all_uploads()
+            # Let the removals queued on the I/O pool run.
+            await task.deferLater(self.reactor, 0.1, lambda: None)
 
     def start_deferred(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self.start())

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -119,6 +120,7 @@ def run(config_paths: Sequence[str], workers: int = 1) -> int:
         server.start_deferred().addErrback(on_start_failure)
 
     reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", _arm_exit_watchdog)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)
     # A worker under a supervisor: the supervisor's pid is the service's.
     with pid_file(config, None if supervised else config.pid_file):
@@ -182,6 +184,25 @@ def pid_file(config: Config, path: str | None) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+# Once shutdown begins, the process ends within this time even if a thread
+# never returns (a statement on a connection that hangs): the server's stop
+# takes at most its grace period and a few seconds, and the supervisor of
+# --workers kills a worker only later (mediarepo.workers).
+EXIT_DEADLINE_SECONDS = 25.0
+
+
+def _arm_exit_watchdog() -> None:
+    def exit_now() -> None:
+        # Not through logging: its handlers' locks may be held by the stuck thread.
+        os.write(2, b"mediarepo: shutdown did not finish in time; exiting\n")
+        os._exit(1)
+
+    watchdog = threading.Timer(EXIT_DEADLINE_SECONDS, exit_now)
+    # A daemon thread: it does not itself keep the process alive.
+    watchdog.daemon = True
+    watchdog.start()
 
 
 _USER_ID = re.compile(r"\A@([a-z0-9._=\-/+]+):(.+)\Z")

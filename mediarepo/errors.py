@@ -64,6 +64,21 @@ class NotFoundError(MatrixError):
         super().__init__(404, Codes.NOT_FOUND, message)
 
 
+class DatabaseUnavailableError(MatrixError):
+    """The database cannot be reached (down, restarting, cut off): the
+    request failed before it could be served and may be tried again."""
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(
+            503,
+            Codes.UNKNOWN,
+            "The database is unavailable; try again shortly",
+            headers={"Retry-After": "1"},
+        )
+        # What the logs and start-up failures show; clients see the message only.
+        self.args = (f"database unavailable: {cause}",)
+
+
 class InsufficientStorageError(MatrixError):
     """The media store (or a quota on it) is full: 507, with the errcode the
     Matrix spec gives a server out of disk, and the ``admin_contact`` it asks

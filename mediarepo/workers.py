@@ -40,7 +40,12 @@ WORKER_INDEX_ENV = "MEDIAREPO_WORKER_INDEX"
 # A worker that dies sooner than this after starting is restarted only after
 # a pause, so a worker that cannot start does not spin.
 _MIN_UPTIME_SECONDS = 5.0
+# A worker stops by itself within mediarepo.cli.EXIT_DEADLINE_SECONDS of
+# SIGTERM; one still running after this is killed.
 _STOP_TIMEOUT_SECONDS = 30.0
+# How long a killed worker may take to be reaped before the supervisor
+# exits without it.
+_KILL_WAIT_SECONDS = 5.0
 
 
 @attrs.frozen
@@ -147,10 +152,19 @@ class Supervisor:
         logger.info("worker %d started (pid %d)", slot, process.pid)
 
     def _signal(self, signum: int, frame: object) -> None:
+        # The loop in run() passes it on (a handler may run while that loop
+        # is changing the set of workers).
         self._stopping = True
-        for process, _ in self._processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+
+    def _stop_workers(self, signalled: set[int]) -> None:
+        """SIGTERM to every worker not told yet (one started meanwhile too)."""
+        for process, _ in list(self._processes.values()):
+            if process.pid not in signalled and process.poll() is None:
+                signalled.add(process.pid)
+                try:
+                    process.send_signal(signal.SIGTERM)
+                except OSError as e:
+                    logger.warning("cannot signal worker pid %d: %s", process.pid, e)
 
     def run(self) -> int:
         # One set of sockets per worker, kept here too: connections the
@@ -162,18 +176,27 @@ class Supervisor:
         for slot in range(self._count):
             self._spawn(slot)
         started_once: set[int] = set()
+        signalled: set[int] = set()
         stop_deadline: float | None = None
+        killed_at: float | None = None
         status = 0
         while self._processes:
             time.sleep(0.2)
-            if self._stopping and stop_deadline is None:
-                stop_deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
-            if stop_deadline is not None and time.monotonic() > stop_deadline:
+            if self._stopping:
+                self._stop_workers(signalled)
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+            if stop_deadline is not None and killed_at is None and time.monotonic() > stop_deadline:
                 for process, _ in self._processes.values():
                     if process.poll() is None:
                         logger.warning("worker pid %d did not stop; killing it", process.pid)
                         process.kill()
-                stop_deadline = float("inf")
+                killed_at = time.monotonic()
+                status = 1
+            if killed_at is not None and time.monotonic() > killed_at + _KILL_WAIT_SECONDS:
+                pids = [process.pid for process, _ in self._processes.values()]
+                logger.error("workers %s could not be killed; exiting without them", pids)
+                break
             for slot, (process, started) in list(self._processes.items()):
                 code = process.poll()
                 if code is None:

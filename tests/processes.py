@@ -1,7 +1,11 @@
 """The server as a separate process, as an operator runs it: a config
 written by ``--generate-config``, users made by ``register-user``, the
-server started with a command line and stopped by a signal. Shared by the
-integration and fault tests; blocking, so tests run it in threads.
+server started with a command line (``python -m mediarepo`` or twistd), its
+output in a log file, stopped by a signal. Shared by the integration and
+fault tests.
+
+Blocking: call these from a thread (``deferToThread``) so that the trial
+reactor stays free.
 """
 
 from __future__ import annotations
@@ -30,16 +34,12 @@ def free_port() -> int:
         return port
 
 
-class ServerProcessCase(unittest.TestCase):
-    """A work directory per test, and the processes started in it, killed
-    at the end if still running."""
+class ServerProcesses:
+    """For a TestCase with ``self.workdir`` (where commands run and logs
+    go) and ``self.processes`` (killed at cleanup by ``_kill_all``)."""
 
-    def setUp(self) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="mediarepo-cli-")
-        self.addCleanup(shutil.rmtree, self.workdir, True)
-        self.config_path = os.path.join(self.workdir, "data", "homeserver.yaml")
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.addCleanup(self._kill_all)
+    workdir: str
+    processes: list[subprocess.Popen[bytes]]
 
     def _kill_all(self) -> None:
         for process in self.processes:
@@ -57,30 +57,11 @@ class ServerProcessCase(unittest.TestCase):
             check=False,
         )
 
-    def _generate(self) -> int:
-        port = free_port()
-        result = self._mediarepo(
-            "--generate-config",
-            "-c",
-            self.config_path,
-            "--server-name",
-            SERVER_NAME,
-            "--port",
-            str(port),
-        )
-        self.assertEqual(result.returncode, 0, result.stderr)
-        return port
-
-    def _register(self, user_id: str = f"@alice:{SERVER_NAME}") -> str:
-        result = self._mediarepo("register-user", "-c", self.config_path, user_id)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        token = result.stdout.strip().splitlines()[-1]
-        self.assertRegex(token, r"\Asyt_[A-Za-z0-9_-]+\Z")
-        return token
-
     def _start(self, argv: list[str], port: int) -> subprocess.Popen[bytes]:
+        """Start ``argv``; return once ``port`` accepts connections. Its
+        output goes to ``server-N.log`` in the work directory."""
         log = open(os.path.join(self.workdir, f"server-{len(self.processes)}.log"), "wb")
-        self.addCleanup(log.close)
+        self.addCleanup(log.close)  # type: ignore[attr-defined]
         # twistd finds plugins in the twisted/plugins folders on sys.path: the
         # one installed beside mediarepo, or the checkout's in a development
         # (editable) install.
@@ -96,7 +77,7 @@ class ServerProcessCase(unittest.TestCase):
         self.processes.append(process)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
-            self.assertIsNone(process.poll(), f"server exited early; see {log.name}")
+            assert process.poll() is None, f"server exited early; see {log.name}"
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return process
@@ -104,6 +85,39 @@ class ServerProcessCase(unittest.TestCase):
                 time.sleep(0.1)
         raise AssertionError("server did not start listening")
 
-    def _stop(self, process: subprocess.Popen[bytes]) -> int:
+    def _stop(self, process: subprocess.Popen[bytes], timeout: float = 30) -> int:
         process.send_signal(signal.SIGTERM)
-        return process.wait(30)
+        return process.wait(timeout)
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+
+
+class ServerProcessCase(ServerProcesses, unittest.TestCase):
+    """A work directory per test, with a generated config in it, and the
+    processes started there, killed at the end if still running."""
+
+    def setUp(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="mediarepo-cli-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.config_path = os.path.join(self.workdir, "data", "homeserver.yaml")
+        self.processes = []
+        self.addCleanup(self._kill_all)
+
+    def _generate(self) -> int:
+        port = free_port()
+        result = self._mediarepo(
+            "--generate-config", "-c", self.config_path, "--server-name", SERVER_NAME,
+            "--port", str(port),
+        )  # fmt: skip
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return port
+
+    def _register(self, user_id: str = f"@alice:{SERVER_NAME}") -> str:
+        result = self._mediarepo("register-user", "-c", self.config_path, user_id)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        token = result.stdout.strip().splitlines()[-1]
+        self.assertRegex(token, r"\Asyt_[A-Za-z0-9_-]+\Z")
+        return token

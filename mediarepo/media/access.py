@@ -12,6 +12,7 @@ import logging
 from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 
+from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.media import MediaStore
 
 logger = logging.getLogger(__name__)
@@ -51,13 +52,17 @@ class AccessTracker:
             return
         try:
             await self._media_store.update_access_times(local, remote)
-        except Exception:
+        except Exception as e:
             # Keep them for the next flush, unless newer reads replaced them.
             for media_id, ts in local.items():
                 self._local.setdefault(media_id, ts)
             for key, ts in remote.items():
                 self._remote.setdefault(key, ts)
-            logger.exception("writing access times failed; will retry")
+            if isinstance(e, DatabaseUnavailableError):
+                # Said once where the database was found unreachable.
+                logger.warning("writing access times failed; will retry: %s", e)
+            else:
+                logger.exception("writing access times failed; will retry")
             return
         access_times_written.labels("local").inc(len(local))
         access_times_written.labels("remote").inc(len(remote))

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import re
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -19,9 +20,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from prometheus_client import Gauge, Histogram
 from twisted.enterprise import adbapi
-from twisted.internet.interfaces import IReactorCore
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorCore
+from twisted.internet.threads import deferToThreadPool
 
 from mediarepo.config import DatabaseConfig
+from mediarepo.errors import DatabaseUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,10 @@ transactions_in_flight = Gauge(
 pool_connections_max = Gauge(
     "mediarepo_db_pool_connections_max", "The most connections the database pool may open"
 )
+database_unavailable = Gauge(
+    "mediarepo_db_unavailable",
+    "1 while the database cannot be reached and requests are refused with 503",
+)
 
 # Statements prepared on one PostgreSQL connection at most (the hot ones come
 # first; statements built with varying text stop being prepared at the cap).
@@ -49,6 +57,34 @@ _MAX_PREPARED_PER_CONNECTION = 200
 
 # How many times an interaction is retried after its connection was lost.
 _RECONNECT_RETRIES = 2
+
+# psycopg2 connection arguments given unless the config names them. A
+# connect to an unreachable server (a firewall dropping packets) otherwise
+# waits for the kernel's TCP timeout, minutes, holding a pool thread and
+# the request; keepalives find a connection whose server vanished while it
+# was idle (the values of Synapse's sample config).
+POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 2,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+
+# While the database is unreachable, a connection is tried after this
+# pause, doubled after each failure up to the cap; requests are refused at
+# once meanwhile.
+PROBE_FIRST_SECONDS = 0.2
+PROBE_MAX_SECONDS = 1.0
+
+# SQLSTATEs saying the server ended the session (class 08: connection
+# exception; 57P01-57P03: shut down by an administrator, a crash, or not
+# accepting connections yet).
+_SESSION_ENDED_CODES = ("57P01", "57P02", "57P03")
+
+
+class _ConnectFailed(Exception):
+    """A new connection to the server could not be opened."""
 
 
 class Transaction:
@@ -118,7 +154,16 @@ class Engine(abc.ABC):
     def on_new_connection(self, conn: Any) -> None: ...
 
     def is_connection_lost(self, error: BaseException) -> bool:
+        """Whether ``error`` says the connection is gone (rather than that a
+        statement failed)."""
         return False
+
+    # Whether the database is a server that may go away (then connections
+    # are checked, and an unreachable server is refused fast).
+    remote = False
+
+    def connect_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        return args
 
     @abc.abstractmethod
     def table_exists_sql(self) -> str:
@@ -191,36 +236,87 @@ class PostgresEngine(Engine):
         prepared[sql] = name
         return name
 
+    remote = True
+
+    def connect_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {**POSTGRES_CONNECT_DEFAULTS, **args}
+
     def on_new_connection(self, conn: Any) -> None:
         conn.set_session(autocommit=True)
 
     def is_connection_lost(self, error: BaseException) -> bool:
         module = self.module
         if isinstance(error, module.InterfaceError):
+            # "connection already closed", "cursor already closed"
             return True
-        if isinstance(error, module.OperationalError):
-            # Query errors also raise OperationalError; a lost server shows
-            # itself by a closed connection or a message about the socket.
-            text = str(error).lower()
-            return any(
-                phrase in text
-                for phrase in (
-                    "server closed the connection",
-                    "terminating connection",
-                    "connection already closed",
-                    "could not receive data",
-                    "could not send data",
-                    "ssl syscall error",
-                    "connection not open",
-                )
-            )
-        return False
+        if not isinstance(error, module.OperationalError):
+            return False
+        cursor = getattr(error, "cursor", None)
+        if cursor is not None and cursor.connection.closed:
+            return True
+        # A statement's failure carries the server's SQLSTATE; without
+        # one, libpq itself failed: the socket, the connection.
+        code = error.pgcode
+        return code is None or code.startswith("08") or code in _SESSION_ENDED_CODES
 
     def table_exists_sql(self) -> str:
         return (
             "SELECT 1 FROM information_schema.tables"
             " WHERE table_schema = current_schema() AND table_name = ?"
         )
+
+
+class _Connection(adbapi.Connection):
+    """A pooled connection that, once lost, is dropped instead of rolled
+    back (which could only fail, and be logged with a traceback, twice)."""
+
+    def rollback(self) -> None:
+        conn: Any = self._connection
+        if conn is not None and conn.closed:
+            self._pool.disconnect(conn)
+            return
+        super().rollback()  # type: ignore[no-untyped-call]
+
+
+class _Pool(adbapi.ConnectionPool):
+    """adbapi's pool, for a server that may go away: a thread's connection
+    opened before the server was last found unreachable, or seen closed, is
+    replaced before use; no connection is tried while the server is known
+    unreachable; a failed connect is told apart from a failed statement."""
+
+    connectionFactory = _Connection
+
+    def __init__(self, database: Database, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._database = database
+        # The database's outage count when each thread's connection was opened.
+        self._opened_in: dict[int, int] = {}
+
+    def connect(self) -> Any:
+        database = self._database
+        if database.unavailable_since is not None:
+            raise DatabaseUnavailableError("unreachable")
+        tid: int = self.threadID()  # type: ignore[no-untyped-call]
+        conn: Any = self.connections.get(tid)
+        # psycopg2 says closed (nonzero) once it has seen the socket fail.
+        if conn is not None and (self._opened_in.get(tid) != database.outages or conn.closed):
+            self.disconnect(conn)  # type: ignore[no-untyped-call]
+        fresh = tid not in self.connections
+        try:
+            conn = super().connect()  # type: ignore[no-untyped-call]
+        except Exception as e:
+            # Marked here, on the pool's thread, so that calls queued behind
+            # this one are refused at once rather than each trying again.
+            database.mark_unreachable(e)
+            raise _ConnectFailed(e) from e
+        if fresh:
+            self._opened_in[tid] = database.outages
+        return conn
+
+
+def one_line(error: object) -> str:
+    """libpq's messages span lines; a log record should not."""
+    return " ".join(str(error).split())
 
 
 def create_engine(name: str) -> Engine:
@@ -252,7 +348,22 @@ class Database:
 
             reactor = default_reactor
         self._reactor = reactor
-        self._pool = adbapi.ConnectionPool(
+        kwargs = self.engine.connect_args(kwargs)
+        self.connect_args: dict[str, Any] = dict(kwargs)
+        # Set (a monotonic time) while the server cannot be reached.
+        self.unavailable_since: float | None = None
+        # How many times the server was found unreachable.
+        self.outages = 0
+        self._marking = threading.Lock()
+        self._probe: IDelayedCall | None = None
+        # Whether a probe is scheduled or running.
+        self._probing = False
+        self._probe_delay = PROBE_FIRST_SECONDS
+        self._closed = False
+        pool_class: Any = _Pool if self.engine.remote else adbapi.ConnectionPool
+        pool_args: tuple[Any, ...] = (self,) if self.engine.remote else ()
+        self._pool = pool_class(
+            *pool_args,
             config.engine,
             cp_min=cp_min,
             cp_max=cp_max,
@@ -360,6 +471,8 @@ class Database:
         """Run ``interaction(connection)`` on a pool thread (the pool commits
         after it or rolls back), again on a fresh connection if the first
         one turned out to be lost."""
+        if self.unavailable_since is not None:
+            raise DatabaseUnavailableError("unreachable")
         start = time.monotonic()
         transactions_in_flight.inc()
         try:
@@ -368,21 +481,82 @@ class Database:
                 try:
                     result: R = await self._pool.runWithConnection(interaction)
                     return result
+                except _ConnectFailed as e:
+                    self._ensure_probe()
+                    raise DatabaseUnavailableError(e.__cause__) from e.__cause__
                 except Exception as e:
-                    if (
-                        attempt >= _RECONNECT_RETRIES
-                        or not self.engine.is_connection_lost(e)
-                        or not may_retry()
-                    ):
+                    if not self.engine.is_connection_lost(e):
                         raise
+                    if attempt >= _RECONNECT_RETRIES or not may_retry():
+                        raise DatabaseUnavailableError(e) from e
                     attempt += 1
                     logger.warning(
-                        "database connection lost during %s %s; retrying: %s", kind, desc, e
-                    )
+                        "database connection lost during %s %s; retrying: %s",
+                        kind, desc, one_line(e),
+                    )  # fmt: skip
         finally:
             transactions_in_flight.dec()
             transaction_seconds.labels(desc).observe(time.monotonic() - start)
 
+    def mark_unreachable(self, cause: object) -> None:
+        """A connection could not be opened: from now on refuse calls at
+        once, until a probe connects again. Called on any thread."""
+        with self._marking:
+            if self.unavailable_since is not None or self._closed:
+                return
+            self.unavailable_since = time.monotonic()
+            self.outages += 1
+        database_unavailable.set(1)
+        logger.warning(
+            "database unreachable (%s); refusing requests until it answers", one_line(cause)
+        )
+
+    def _ensure_probe(self) -> None:
+        """While unreachable, keep one probe scheduled or running."""
+        if self.unavailable_since is None or self._closed or self._probing:
+            return
+        self._probing = True
+        self._probe_delay = PROBE_FIRST_SECONDS
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        delay = self._probe_delay
+        self._probe_delay = min(delay * 2, PROBE_MAX_SECONDS)
+        self._probe = self._reactor.callLater(  # type: ignore[attr-defined]
+            delay, lambda: defer.ensureDeferred(self._run_probe())
+        )
+
+    async def _run_probe(self) -> None:
+        """Open a connection of our own, outside the pool's bookkeeping."""
+        self._probe = None
+        if self._closed:
+            return
+        try:
+            await deferToThreadPool(self._reactor, self._pool.threadpool, self._try_connect)  # type: ignore[arg-type]
+        except Exception as e:
+            if not self._closed:
+                logger.debug("database still unreachable: %s", one_line(e))
+                self._schedule_probe()
+            return
+        self._probing = False
+        with self._marking:
+            since, self.unavailable_since = self.unavailable_since, None
+        if since is not None:
+            logger.info("database reachable again after %.1fs", time.monotonic() - since)
+        database_unavailable.set(0)
+
+    def _try_connect(self) -> None:
+        conn = self.engine.module.connect(**self._pool.connkw)
+        try:
+            conn.cursor().execute("SELECT 1")
+        finally:
+            conn.close()
+
     def close(self) -> None:
-        """Close every connection; waits for running transactions to finish."""
+        """Close every connection; waits for running transactions to finish
+        (each bounded by the connection's timeouts)."""
+        self._closed = True
+        probe, self._probe = self._probe, None
+        if probe is not None and probe.active():
+            probe.cancel()
         self._pool.close()

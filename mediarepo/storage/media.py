@@ -333,19 +333,22 @@ class MediaStore:
     async def update_access_times(
         self, local: dict[str, int], remote: dict[tuple[str, str], int]
     ) -> None:
-        """Set ``last_access_ts`` of many media in one transaction."""
+        """Set ``last_access_ts`` of many media in one transaction.
+
+        Rows are updated in key order: workers flushing at the same time
+        then take their row locks in the same order and cannot deadlock."""
 
         def txn(t: Transaction) -> None:
             if local:
                 t.execute_batch(
                     "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?",
-                    [(ts, media_id) for media_id, ts in local.items()],
+                    [(local[media_id], media_id) for media_id in sorted(local)],
                 )
             if remote:
                 t.execute_batch(
                     "UPDATE remote_media_cache SET last_access_ts = ?"
                     " WHERE media_origin = ? AND media_id = ?",
-                    [(ts, origin, media_id) for (origin, media_id), ts in remote.items()],
+                    [(remote[key], *key) for key in sorted(remote)],
                 )
 
         await self._db.run_interaction("update_cached_last_access_time", txn)

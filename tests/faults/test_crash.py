@@ -361,6 +361,14 @@ class CrashTestMixin:
         self.assertEqual((status, body == sent.data), (200, True), sent.media_id)  # type: ignore[attr-defined]
 
     def _check_store(self) -> None:
+        # The retried PUTs' images are being thumbnailed (owed rows, files
+        # in staging): let that work finish before looking.
+        staging_dir = os.path.join(self.store, ".mediarepo_tmp")
+        deadline = time.monotonic() + RECOVERY_TIMEOUT
+        while (self._owed_thumbnails() or os.listdir(staging_dir)) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
         rows = {
             media_id: length
             for media_id, length in self.query(
@@ -387,7 +395,7 @@ class CrashTestMixin:
             )
         # The start-up sweep took the dead server's staging files (the
         # retried PUTs' own are gone with their answers).
-        staging = os.listdir(os.path.join(self.store, ".mediarepo_tmp"))
+        staging = os.listdir(staging_dir)
         self.assertEqual(staging, [], "staging files outlived the sweep")  # type: ignore[attr-defined]
         self.assertEqual(self._owed_thumbnails(), 0)  # type: ignore[attr-defined]
 

@@ -1,15 +1,28 @@
 """A clean stop while uploads are still arriving: they finish within the
-grace period, or are rolled back after it."""
+grace period, or are rolled back after it. A step of stopping that fails
+or hangs does not keep the others from running (ports closed, database
+and thread pools stopped), and a stop after the database connections were
+cut completes and leaves no descriptor registered."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from unittest import SkipTest
 
-from twisted.internet import reactor, task
+import psycopg2
+from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, read_until_closed
+from mediarepo import app
+from tests.utils import (
+    POSTGRES_DSN,
+    SERVER_NAME,
+    ServerTestMixin,
+    on_both_databases,
+    read_until_closed,
+)
 
 BODY = os.urandom(2_000_000)
 
@@ -62,3 +75,60 @@ class ShutdownTests(ServerTestMixin):
         self.assertFalse(  # type: ignore[attr-defined]
             os.path.exists(os.path.join(self.media_store, "local_content"))
         )
+
+    async def test_failing_and_stuck_steps_do_not_skip_the_rest(self) -> None:
+        self.patch(app, "STOP_STEP_SECONDS", 0.2)  # type: ignore[attr-defined]
+        server = self.server
+        assert server.federation_client is not None and server.repository is not None
+
+        def fails() -> None:
+            raise RuntimeError("closing failed")
+
+        server.federation_client.close = fails  # type: ignore[method-assign]
+        # Background work that never settles.
+        server.repository.thumbnails.settle = defer.Deferred  # type: ignore[method-assign,assignment]
+        server.repository.storage.tasks.wait_idle = defer.Deferred  # type: ignore[method-assign,assignment]
+        port = server.ports[0].getHost().port
+        started = time.monotonic()
+        with self.assertLogs("mediarepo.app", "WARNING") as logs:  # type: ignore[attr-defined]
+            await server.stop()
+        self.assertLess(time.monotonic() - started, 2.0)  # type: ignore[attr-defined]
+        text = "\n".join(logs.output)
+        self.assertIn("close federation connections failed", text)  # type: ignore[attr-defined]
+        self.assertIn("settle thumbnails did not finish", text)  # type: ignore[attr-defined]
+        self.assertIn("settle provider tasks did not finish", text)  # type: ignore[attr-defined]
+        with self.assertRaises(ConnectionRefusedError):  # type: ignore[attr-defined]
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        self.assertIsNone(server.database)  # type: ignore[attr-defined]
+        self.assertFalse(server._media_io.started)  # type: ignore[attr-defined]
+        self.assertFalse(server._thumbnail_pool.started)  # type: ignore[attr-defined]
+
+    async def test_stop_after_database_connections_cut(self) -> None:
+        """The LISTEN connection and the pool's, cut under the server (a
+        PostgreSQL restart): the server still stops, promptly, leaving no
+        descriptor registered."""
+        if self.engine != "psycopg2":
+            raise SkipTest("SQLite has no connection to cut")
+        listener = self.server._listener
+        assert listener is not None
+        self.assertTrue(listener.listening)  # type: ignore[attr-defined]
+        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (self.database_config["args"]["dbname"],),
+            )
+        conn.close()
+        deadline = time.monotonic() + 10
+        while listener.listening:
+            self.assertLess(time.monotonic(), deadline, "the loss was not noticed")  # type: ignore[attr-defined]
+            await task.deferLater(reactor, 0.05, lambda: None)
+        started = time.monotonic()
+        await self.server.stop()
+        self.assertLess(time.monotonic() - started, 2.0)  # type: ignore[attr-defined]
+        self.assertNotIn(listener, reactor.getReaders())  # type: ignore[attr-defined]
+        self.assertIsNone(self.server.database)  # type: ignore[attr-defined]
+        # Nothing reconnects afterwards.
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertFalse(listener.listening)  # type: ignore[attr-defined]

@@ -169,11 +169,6 @@ class ServerProcessTests(ServerProcessCase):
 
         return deferToThread(run)  # type: ignore[return-value]
 
-    @staticmethod
-    def _children(pid: int) -> list[int]:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-
     def test_register_user_twice_gives_new_token(self) -> None:
         def run() -> None:
             self._generate()

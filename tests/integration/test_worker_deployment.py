@@ -174,13 +174,17 @@ class WorkerDeploymentTests(unittest.TestCase):
                 result = self._run_to_exit(argv)
                 self.assertNotEqual(result.returncode, 0, f"{name}: {result.stderr}")
                 output = result.stdout + result.stderr
-                self.assertIn("start-up failed: connection to server", output, name)
+                self.assertIn(
+                    "start-up failed: database unavailable: connection to server", output, name
+                )
                 self.assertNotIn("Traceback", output, name)
                 if name == "python -m":
                     self.assertTrue(
                         result.stderr.strip()
                         .splitlines()[-1]
-                        .startswith("mediarepo: start-up failed: connection to server"),
+                        .startswith(
+                            "mediarepo: start-up failed: database unavailable: connection to server"
+                        ),
                         output,
                     )
                     self._assert_one_error_line(result.stderr)

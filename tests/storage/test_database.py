@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 
 import psycopg2
-from twisted.internet import reactor
+import psycopg2.errors
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mediarepo.config import parse_config
+from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
-from tests.utils import POSTGRES_DSN, database_section, on_both_databases
+from tests.tcp_proxy import TcpProxy
+from tests.utils import (
+    POSTGRES_DSN,
+    create_postgres_database,
+    database_section,
+    drop_postgres_database,
+    on_both_databases,
+)
 
 
 class DatabaseFixture:
@@ -250,7 +260,113 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
             txn.execute("SELECT 2")
 
         calls.clear()
-        with self.assertRaises(psycopg2.Error):  # type: ignore[attr-defined]
+        with self.assertRaises(DatabaseUnavailableError):  # type: ignore[attr-defined]
             await self.database.run_statements("t", two_steps)
         self.assertEqual(calls, ["two"])  # type: ignore[attr-defined]
         self.flushLoggedErrors()  # type: ignore[attr-defined]
+
+    async def test_statement_errors_are_not_connection_loss(self) -> None:
+        """A statement the server cancels is that statement's failure: not
+        retried, and the database stays available."""
+
+        def slow(txn: Transaction) -> None:
+            txn.execute("SET LOCAL statement_timeout = 1")
+            txn.execute("SELECT pg_sleep(0.5)")
+
+        calls = []
+
+        def counted(txn: Transaction) -> None:
+            calls.append(1)
+            slow(txn)
+
+        with self.assertRaises(psycopg2.errors.QueryCanceled):  # type: ignore[attr-defined]
+            await self.database.run_interaction("t", counted)
+        self.assertEqual(len(calls), 1)  # type: ignore[attr-defined]
+        self.assertIsNone(self.database.unavailable_since)  # type: ignore[attr-defined]
+        self.assertEqual(await self.database.run_query("t", "SELECT 1"), [(1,)])  # type: ignore[attr-defined]
+
+
+class OutageTests(unittest.TestCase):
+    """PostgreSQL behind a proxy the test cuts: while it cannot be reached,
+    calls fail at once with DatabaseUnavailableError (503) instead of each
+    waiting for a connection; a probe with backoff finds it again, and the
+    connections cut meanwhile are replaced."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        name = create_postgres_database()
+        self.addCleanup(drop_postgres_database, name)
+        self.proxy = TcpProxy(POSTGRES_DSN["host"], POSTGRES_DSN["port"])
+        self.addCleanup(self.proxy.close)
+        args = {**POSTGRES_DSN, "host": "127.0.0.1", "port": self.proxy.port, "dbname": name}
+        section = {"name": "psycopg2", "args": {**args, "cp_min": 1, "cp_max": 3}}
+        config = parse_config({"server_name": "db.test", "database": section}, workdir)
+        self.database = Database(config.database, reactor)
+        self.addCleanup(self.database.close)
+
+    async def queries(self, count: int) -> tuple[list[object], float]:
+        """``count`` concurrent queries: their results or errors, and how
+        long the slowest took."""
+        started = time.monotonic()
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(self.database.run_query("t", "SELECT 1")) for _ in range(count)],
+            consumeErrors=True,
+        )
+        return [r if ok else r.value for ok, r in results], time.monotonic() - started
+
+    async def assert_refused_at_once(self) -> None:
+        outcomes, took = await self.queries(20)
+        for outcome in outcomes:
+            self.assertIsInstance(outcome, DatabaseUnavailableError)
+        self.assertLess(took, 0.1)
+
+    async def until_available(self, within: float) -> float:
+        started = time.monotonic()
+        while True:
+            try:
+                await self.database.run_query("t", "SELECT 1")
+                return time.monotonic() - started
+            except DatabaseUnavailableError:
+                self.assertLess(time.monotonic() - started, within, "never came back")
+                await task.deferLater(reactor, 0.05, lambda: None)
+
+    async def assert_all_connections_work(self) -> None:
+        outcomes, _ = await self.queries(12)
+        self.assertEqual(outcomes, [[(1,)]] * 12)
+
+    async def test_refused(self) -> None:
+        await self.assert_all_connections_work()
+        self.proxy.cut("refuse")
+        outcomes, took = await self.queries(10)
+        for outcome in outcomes:
+            self.assertIsInstance(outcome, DatabaseUnavailableError)
+            assert isinstance(outcome, DatabaseUnavailableError)
+            self.assertEqual((outcome.code, outcome.errcode), (503, "M_UNKNOWN"))
+        self.assertLess(took, 1.0)
+        self.assertIsNotNone(self.database.unavailable_since)
+        attempts = self.proxy.accepted
+        await self.assert_refused_at_once()
+        # Probes back off (0.2 s, 0.4 s, 0.8 s, then every 1 s): a few
+        # connection attempts in two seconds, not one per call.
+        await task.deferLater(reactor, 2.0, lambda: None)
+        self.assertIn(self.proxy.accepted - attempts, range(2, 5))
+        self.proxy.restore()
+        self.assertLess(await self.until_available(3.0), 1.5)
+        self.assertIsNone(self.database.unavailable_since)
+        await self.assert_all_connections_work()
+
+    async def test_blackholed(self) -> None:
+        """Connects that hang end at connect_timeout (2 s by default)."""
+        await self.assert_all_connections_work()
+        self.proxy.cut("blackhole")
+        outcomes, took = await self.queries(10)
+        for outcome in outcomes:
+            self.assertIsInstance(outcome, DatabaseUnavailableError)
+        self.assertLess(took, 3.0)
+        await self.assert_refused_at_once()
+        self.proxy.restore()
+        self.assertLess(await self.until_available(4.0), 2.5)
+        await self.assert_all_connections_work()
