@@ -248,7 +248,8 @@ class ThumbnailSource(abc.ABC):
     async def rows(self) -> list[ThumbnailInfo]: ...
 
     @abc.abstractmethod
-    async def record(self, info: ThumbnailInfo) -> None: ...
+    async def record(self, info: ThumbnailInfo) -> bool:
+        """Record a thumbnail made; False if the media is gone meanwhile."""
 
 
 class LocalThumbnailSource(ThumbnailSource):
@@ -283,10 +284,11 @@ class LocalThumbnailSource(ThumbnailSource):
             self._row_cache.put(media_id, rows)
         return rows
 
-    async def record(self, info: ThumbnailInfo) -> None:
-        await self._media_store.store_local_thumbnail(self._media.media_id, info)
+    async def record(self, info: ThumbnailInfo) -> bool:
+        recorded = await self._media_store.store_local_thumbnail(self._media.media_id, info)
         if self._row_cache is not None:
             self._row_cache.forget(self._media.media_id)
+        return recorded
 
 
 class RemoteThumbnailSource(ThumbnailSource):
@@ -314,9 +316,9 @@ class RemoteThumbnailSource(ThumbnailSource):
             self._media.media_origin, self._media.media_id
         )
 
-    async def record(self, info: ThumbnailInfo) -> None:
+    async def record(self, info: ThumbnailInfo) -> bool:
         media = self._media
-        await self._media_store.store_remote_thumbnail(
+        return await self._media_store.store_remote_thumbnail(
             media.media_origin, media.media_id, media.filesystem_id, info
         )
 
@@ -449,9 +451,14 @@ class ThumbnailProvider:
     async def _store(
         self, source: ThumbnailSource, rendered: Rendered, reason: str
     ) -> ThumbnailInfo:
-        await self._storage.store_file(source.thumbnail_path(rendered.spec), rendered.data)
+        path = source.thumbnail_path(rendered.spec)
+        await self._storage.store_file(path, rendered.data)
         info = rendered.spec.info(len(rendered.data))
-        await source.record(info)
+        if not await source.record(info):
+            # The media was deleted while its thumbnail was made: no row,
+            # so the file must go too.
+            await self._storage.delete(path)
+            raise NotFoundError()
         thumbnails_generated.labels(reason).inc()
         emit(
             MediaEvent.THUMBNAIL_GENERATED,
@@ -488,6 +495,9 @@ class ThumbnailProvider:
         async def pregenerate() -> list[ThumbnailInfo]:
             try:
                 return await self._pregenerate_recorded(source)
+            except NotFoundError:
+                # Deleted meanwhile; its owed record is dropped when resumed.
+                return []
             except InsufficientStorageError:
                 # Logged (once) where the disk was found full; left recorded,
                 # so it is tried again once its lease runs out.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 
@@ -246,25 +246,53 @@ class MediaStore:
         )
         return [ThumbnailInfo(row[0], row[1], row[2], row[3], row[4] or 0) for row in rows]
 
-    async def store_local_thumbnail(self, media_id: str, thumbnail: ThumbnailInfo) -> None:
-        """Record a thumbnail; a row already there for the same size, type and
-        method (another worker's, or an older file) gets the new length."""
-        await self._db.run_query(
+    async def store_local_thumbnail(self, media_id: str, thumbnail: ThumbnailInfo) -> bool:
+        """Record a thumbnail of media still stored; a row already there for
+        the same size, type and method (another worker's, or an older file)
+        gets the new length. False, and nothing recorded, if the media is
+        gone (deleted while its thumbnail was being made)."""
+        return await self._store_thumbnail(
             "store_local_thumbnail",
-            "INSERT INTO local_media_repository_thumbnails (media_id, thumbnail_width,"
-            " thumbnail_height, thumbnail_type, thumbnail_method, thumbnail_length)"
-            " VALUES (?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (media_id, thumbnail_width, thumbnail_height, thumbnail_type,"
-            " thumbnail_method) DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
-            (
-                media_id,
-                thumbnail.width,
-                thumbnail.height,
-                thumbnail.type,
-                thumbnail.method,
-                thumbnail.length,
-            ),
-        )
+            "local_media_repository_thumbnails (media_id, thumbnail_width, thumbnail_height,"
+            " thumbnail_type, thumbnail_method, thumbnail_length)",
+            "(media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method)",
+            "local_media_repository WHERE media_id = ?",
+            (media_id,),
+            (media_id, thumbnail.width, thumbnail.height, thumbnail.type, thumbnail.method,
+             thumbnail.length),
+        )  # fmt: skip
+
+    async def _store_thumbnail(
+        self,
+        desc: str,
+        table_and_columns: str,
+        conflict_columns: str,
+        media_row: str,
+        media_key: tuple[Any, ...],
+        values: tuple[Any, ...],
+    ) -> bool:
+        """Insert (or update) a thumbnail row only while its media row exists.
+
+        On PostgreSQL the media row is share-locked while the thumbnail is
+        recorded: a deletion running at the same moment either finds the
+        thumbnail row and deletes it with the media, or has deleted the media
+        first and the thumbnail is not recorded. (SQLite has one writer.)"""
+        lock = " FOR SHARE" if self._db.engine.name == "psycopg2" else ""
+        placeholders = ", ".join("?" * len(values))
+
+        def txn(t: Transaction) -> bool:
+            t.execute(f"SELECT 1 FROM {media_row}{lock}", media_key)
+            if t.fetchone() is None:
+                return False
+            t.execute(
+                f"INSERT INTO {table_and_columns} VALUES ({placeholders})"
+                f" ON CONFLICT {conflict_columns}"
+                " DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
+                values,
+            )
+            return True
+
+        return await self._db.run_interaction(desc, txn)
 
     # -- async uploads: reservations without content ---------------------------
 
@@ -457,23 +485,17 @@ class MediaStore:
 
     async def store_remote_thumbnail(
         self, origin: str, media_id: str, filesystem_id: str, thumbnail: ThumbnailInfo
-    ) -> None:
-        await self._db.run_query(
+    ) -> bool:
+        """As :meth:`store_local_thumbnail`, for cached remote media."""
+        return await self._store_thumbnail(
             "store_remote_media_thumbnail",
-            "INSERT INTO remote_media_cache_thumbnails (media_origin, media_id,"
-            " thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
-            " thumbnail_length, filesystem_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (media_origin, media_id, thumbnail_width, thumbnail_height,"
-            " thumbnail_type, thumbnail_method)"
-            " DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
-            (
-                origin,
-                media_id,
-                thumbnail.width,
-                thumbnail.height,
-                thumbnail.type,
-                thumbnail.method,
-                thumbnail.length,
-                filesystem_id,
-            ),
-        )
+            "remote_media_cache_thumbnails (media_origin, media_id, thumbnail_width,"
+            " thumbnail_height, thumbnail_type, thumbnail_method, thumbnail_length,"
+            " filesystem_id)",
+            "(media_origin, media_id, thumbnail_width, thumbnail_height, thumbnail_type,"
+            " thumbnail_method)",
+            "remote_media_cache WHERE media_origin = ? AND media_id = ?",
+            (origin, media_id),
+            (origin, media_id, thumbnail.width, thumbnail.height, thumbnail.type,
+             thumbnail.method, thumbnail.length, filesystem_id),
+        )  # fmt: skip

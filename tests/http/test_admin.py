@@ -273,6 +273,34 @@ class AdminMediaTests(AdminTestMixin):
         self.assertEqual(body["error"], "Can only delete local media")
         await self.admin_call("DELETE", f"/media/{SERVER_NAME}/{doomed}", code=404)
 
+    async def test_media_deleted_while_its_thumbnails_are_made(self) -> None:
+        """Thumbnails finished after their media was deleted leave no row and
+        no file behind."""
+        assert self.server.repository is not None
+        thumbnails = self.server.repository.thumbnails
+        budget = thumbnails.pixel_budget
+        # Holding every pixel keeps the pre-generation waiting while the
+        # media is deleted: a purge deletes the rows first, then the files;
+        # the thumbnail is made between the two, from the file still there.
+        await budget.acquire(budget.limit)
+        try:
+            doomed = await self.upload(self.alice, images.png(40, 40), "image/png")
+            await self.sql("DELETE FROM local_media_repository WHERE media_id = ?", doomed)
+            self.assertEqual(budget.waiting, 1)
+        finally:
+            budget.release(budget.limit)
+        await thumbnails.settle()
+        thumbs = await self.sql(
+            "SELECT COUNT(*) FROM local_media_repository_thumbnails WHERE media_id = ?", doomed
+        )
+        self.assertEqual(thumbs[0][0], 0)
+        left = [
+            name
+            for _root, _dirs, names in os.walk(os.path.join(self.media_store, "local_thumbnails"))
+            for name in names
+        ]
+        self.assertEqual(left, [])
+
     async def test_delete_by_date_and_size(self) -> None:
         now = int(time.time() * 1000)
         old_big = await self.upload(self.alice, os.urandom(2000))
