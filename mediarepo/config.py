@@ -41,9 +41,6 @@ _SERVER_NAME_HOST = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
 _DIGITS = re.compile(r"[0-9]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 
-# Synapse's floor for any request body, whatever max_upload_size says.
-MIN_REQUEST_BODY_SIZE = 200 * 65536
-
 
 def parse_size(key: str, value: object) -> int:
     """A byte count: an integer, or a string such as ``"50M"`` (powers of 1024)."""
@@ -383,10 +380,6 @@ class Config:
             if source is not None:
                 return ConfigError(error.key, error.problem, source)
         return error
-
-    @property
-    def max_request_body_size(self) -> int:
-        return max(MIN_REQUEST_BODY_SIZE, self.max_upload_size)
 
 
 _HTTP_RESOURCE_NAMES = {

@@ -143,11 +143,6 @@ class WorkerLocks:
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
-    async def try_lock(self, name: str, key: str) -> HeldLock | None:
-        """The lock ``(name, key)`` if nobody (here or elsewhere) holds it."""
-        lock, _ = await self.try_lock_then(name, key, lambda t: None)
-        return lock
-
     async def try_lock_then(
         self, name: str, key: str, then: Callable[[Transaction], R]
     ) -> tuple[HeldLock | None, R | None]:

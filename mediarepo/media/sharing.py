@@ -18,9 +18,6 @@ class SharedWork(Generic[K, V]):
     def __init__(self) -> None:
         self._running: dict[K, list[defer.Deferred[V]]] = {}
 
-    def is_running(self, key: K) -> bool:
-        return key in self._running
-
     async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
         """``work()``'s result; if work for ``key`` is already running, that
         run's result (or its exception) instead of a second run."""
