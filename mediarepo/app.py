@@ -48,7 +48,7 @@ from mediarepo.storage.keys import KeyStore
 from mediarepo.storage.locks import LockStore
 from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
 from mediarepo.storage.media_admin import MediaAdminStore
-from mediarepo.storage.notifications import PostgresListener
+from mediarepo.storage.notifications import CHANGED_CHANNEL, PostgresListener
 from mediarepo.storage.pending_thumbnails import PendingThumbnailStore
 from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
@@ -130,7 +130,8 @@ class MediaServer:
             minthreads=0, maxthreads=config.thumbnail_threadpool_size, name="thumbnails"
         )
         self._sweeper: task.LoopingCall | None = None
-        self._listener: PostgresListener | None = None
+        # The LISTEN connection for announcements from other processes (PostgreSQL).
+        self.notifications: PostgresListener | None = None
         self._access_flush: task.LoopingCall | None = None
         self.retention: Retention | None = None
         self.local_cache: LocalCacheEviction | None = None
@@ -223,14 +224,17 @@ class MediaServer:
         )
         if self.database.engine.name == "psycopg2":
             # Downloads waiting for an async upload wake when another process
-            # sharing the database completes it.
-            self._listener = PostgresListener(
+            # sharing the database completes it; media deleted or quarantined
+            # by another process stop being served from this one's caches.
+            self.notifications = PostgresListener(
                 self.database.connect_args,
-                CONTENT_CHANNEL,
-                self.repository.arrivals.announce,
+                {
+                    CONTENT_CHANNEL: self.repository.arrivals.announce,
+                    CHANGED_CHANNEL: self.repository.media_changed_elsewhere,
+                },
                 reactor,
             )
-            await self._listener.start()
+            await self.notifications.start()
         self.accounts = Accounts(UserStore(self.database), reactor)
         keyring = Keyring(
             KeyStore(self.database),
@@ -405,9 +409,9 @@ class MediaServer:
                 await self._stop_step("stop a periodic job", timer.stop)
         if self.local_cache is not None:
             await self._stop_step("stop evicting", self.local_cache.stop)
-        if self._listener is not None:
-            await self._stop_step("stop LISTEN", self._listener.stop)
-            self._listener = None
+        if self.notifications is not None:
+            await self._stop_step("stop LISTEN", self.notifications.stop)
+            self.notifications = None
         if self.federation_client is not None:
             await self._stop_step("close federation connections", self.federation_client.close)
             self.federation_client = None

@@ -43,6 +43,9 @@ class ExpiringCache(Generic[K, V]):
     def forget(self, key: K) -> None:
         self._entries.pop(key, None)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
 
 class SmallFileCache:
     """The bytes of small files read lately, least recently used out first,

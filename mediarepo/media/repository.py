@@ -54,6 +54,7 @@ from mediarepo.storage.media import (
     quota_serialised_txn,
     store_local_media_txn,
 )
+from mediarepo.storage.notifications import ALL_MEDIA_CHANGED
 from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import LocalMedia, Requester
@@ -124,6 +125,19 @@ class MediaRepository:
         """Drop what is cached of a local media whose rows changed here."""
         self._media_rows.forget(media_id)
         self.thumbnails.local_rows.forget(media_id)
+
+    def media_changed_elsewhere(self, payload: str) -> None:
+        """Another process deleted media or changed their quarantine (a
+        notification's payload: "ORIGIN/MEDIA_ID", or "*" for any): what is
+        cached here of them must not be served a moment longer. Only local
+        media have rows cached."""
+        if payload == ALL_MEDIA_CHANGED:
+            self._media_rows.clear()
+            self.thumbnails.local_rows.clear()
+            return
+        origin, _, media_id = payload.rpartition("/")
+        if not origin:
+            self.forget_local(media_id)
 
     async def begin_upload(
         self, uploader: Requester | None = None, declared_length: int | None = None

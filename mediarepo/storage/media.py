@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import attrs
 
 from mediarepo.storage.database import Database, Row, Transaction
+from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.quarantine import HASH_QUARANTINED_SQL
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
@@ -402,6 +403,7 @@ class MediaStore:
         def txn(t: Transaction) -> None:
             args = [(media_id,) for media_id in media_ids]
             t.execute_batch("DELETE FROM local_media_repository WHERE media_id = ?", args)
+            announce_changed_txn(t, media_ids)
             t.execute_batch(
                 "DELETE FROM local_media_repository_thumbnails WHERE media_id = ?", args
             )
@@ -420,6 +422,7 @@ class MediaStore:
                 "DELETE FROM remote_media_cache_thumbnails WHERE media_origin = ? AND media_id = ?",
                 keys,
             )
+            announce_changed_txn(t, (), keys)
 
         await self._db.run_interaction("delete_remote_media", txn)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mediarepo.storage.database import one_line
+from mediarepo.storage.database import Transaction, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,40 @@ RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 5.0
 
 
+# The channel on which deleted and (un)quarantined media are announced, so
+# that other processes drop what they cached of them. A payload names one
+# media, "ORIGIN/MEDIA_ID" ("" for local media), or is "*": everything.
+CHANGED_CHANNEL = "mediarepo_media_changed"
+ALL_MEDIA_CHANGED = "*"
+# Above this many media in one change, one "*" instead of a payload each.
+_MAX_CHANGED_PAYLOADS = 100
+
+
+def announce_changed_txn(
+    t: Transaction, local_ids: Collection[str], remote_keys: Collection[tuple[str, str]] = ()
+) -> None:
+    """Tell other processes on a PostgreSQL database that these media were
+    deleted or their quarantine changed (delivered when ``t`` commits)."""
+    if t.engine.name != "psycopg2" or not (local_ids or remote_keys):
+        return
+    if len(local_ids) + len(remote_keys) > _MAX_CHANGED_PAYLOADS:
+        payloads = [ALL_MEDIA_CHANGED]
+    else:
+        payloads = [f"/{media_id}" for media_id in local_ids]
+        payloads += [f"{origin}/{media_id}" for origin, media_id in remote_keys]
+    for payload in payloads:
+        t.execute("SELECT pg_notify(?, ?)", (CHANGED_CHANNEL, payload))
+
+
 @implementer(IReadDescriptor)
 class PostgresListener:
-    """``LISTEN`` on one channel; ``on_payload`` is called with each
-    notification's payload, on the reactor thread."""
+    """``LISTEN`` on some channels; each notification's payload is given to
+    its channel's handler, on the reactor thread."""
 
     def __init__(
         self,
         connect_args: Mapping[str, Any],
-        channel: str,
-        on_payload: Callable[[str], None],
+        handlers: Mapping[str, Callable[[str], None]],
         reactor: Any,
         connect: Callable[[Mapping[str, Any]], Any] | None = None,
         in_thread: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
@@ -57,8 +81,10 @@ class PostgresListener:
         thread (by default, in the reactor's thread pool). Tests give
         their own."""
         self._connect_args = dict(connect_args)
-        self._channel = channel
-        self._on_payload = on_payload
+        # By channel: who is given its payloads.
+        self.handlers = dict(handlers)
+        # For the logs.
+        self._channel = ", ".join(self.handlers)
         self._reactor: IReactorFDSet = reactor
         self._clock: IReactorTime = reactor
         self._open = connect if connect is not None else _psycopg2_connect
@@ -115,8 +141,9 @@ class PostgresListener:
         conn = self._open(self._connect_args)
         try:
             with conn.cursor() as cursor:
-                # The channel is ours, a fixed identifier; LISTEN takes no parameters.
-                cursor.execute(f"LISTEN {self._channel}")
+                for channel in self.handlers:
+                    # Our own fixed identifiers; LISTEN takes no parameters.
+                    cursor.execute(f"LISTEN {channel}")
         except BaseException:
             _close_quietly(conn)
             raise
@@ -186,8 +213,11 @@ class PostgresListener:
             return
         while conn.notifies:
             notification = conn.notifies.pop(0)
+            handler = self.handlers.get(notification.channel)
+            if handler is None:
+                continue
             try:
-                self._on_payload(notification.payload)
+                handler(notification.payload)
             except Exception:
                 logger.exception("handling a notification failed")
 

@@ -16,6 +16,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.schema import QuarantineRecords
 
 # Who quarantined media whose bytes were already quarantined when it arrived.
@@ -135,6 +136,7 @@ class QuarantineStore:
                 remote.update((row[0], row[1]) for row in t.fetchall())
 
             self._record_changes(t, local, remote, quarantining)
+            announce_changed_txn(t, local, remote)
             return QuarantineResult(frozenset(local), frozenset(remote))
 
         return await self._db.run_interaction("quarantine_media", txn)

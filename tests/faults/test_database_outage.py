@@ -43,7 +43,7 @@ from twisted.trial import unittest
 
 from mediarepo.app import SHUTDOWN_GRACE_SECONDS
 from mediarepo.federation.keys import write_new_signing_key
-from mediarepo.storage.media import CONTENT_CHANNEL
+from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests.processes import ServerProcesses, free_port
 from tests.tcp_proxy import TcpProxy
 from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_database
@@ -183,13 +183,14 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
         write_new_signing_key(config["signing_key_path"])
 
     def listening_backends(self) -> int:
-        """This test database's sessions whose last statement was our LISTEN."""
+        """This test database's sessions whose last statement was our last
+        LISTEN (the connection listens on each channel in turn)."""
         conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
         try:
             with conn.cursor() as cur:
                 cur.execute(
                     "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s AND query = %s",
-                    (self.dbname, f"LISTEN {CONTENT_CHANNEL}"),
+                    (self.dbname, f"LISTEN {CHANGED_CHANNEL}"),
                 )
                 row = cur.fetchone()
                 assert row is not None

@@ -109,7 +109,7 @@ class ShutdownTests(ServerTestMixin):
         descriptor registered."""
         if self.engine != "psycopg2":
             raise SkipTest("SQLite has no connection to cut")
-        listener = self.server._listener
+        listener = self.server.notifications
         assert listener is not None
         self.assertTrue(listener.listening)  # type: ignore[attr-defined]
         conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)

@@ -54,8 +54,9 @@ class FdReactor(MemoryReactorClock):
 
 
 class Notify:
-    def __init__(self, payload: str) -> None:
+    def __init__(self, payload: str, channel: str = CHANNEL) -> None:
         self.payload = payload
+        self.channel = channel
 
 
 class FakeCursor:
@@ -149,7 +150,7 @@ class ListenerUnitTests(unittest.TestCase):
             return defer.maybeDeferred(f)
 
         return PostgresListener(
-            {}, CHANNEL, self.payloads.append, self.reactor, self.connector, in_thread
+            {}, {CHANNEL: self.payloads.append}, self.reactor, self.connector, in_thread
         )
 
     def start(self) -> None:
@@ -176,6 +177,20 @@ class ListenerUnitTests(unittest.TestCase):
         self.listener.doRead()
         self.assertEqual(self.payloads, ["a", "b"])
 
+    def test_each_channel_to_its_handler(self) -> None:
+        other: list[str] = []
+        listener = PostgresListener(
+            {}, {CHANNEL: self.payloads.append, "other": other.append}, self.reactor,
+            self.connector, defer.maybeDeferred,
+        )  # fmt: skip
+        self.addCleanup(listener.stop)
+        self.successResultOf(defer.ensureDeferred(listener.start()))
+        conn = self.connector.opened[0]
+        self.assertEqual(conn.executed, [f"LISTEN {CHANNEL}", "LISTEN other"])
+        conn.notifies += [Notify("a"), Notify("b", "other"), Notify("c", "unknown")]
+        listener.doRead()
+        self.assertEqual((self.payloads, other), (["a"], ["b"]))
+
     def test_payload_handler_failure_is_contained(self) -> None:
         self.payloads_seen: list[str] = []
 
@@ -184,7 +199,7 @@ class ListenerUnitTests(unittest.TestCase):
             raise RuntimeError("boom")
 
         listener = PostgresListener(
-            {}, CHANNEL, explode, self.reactor, self.connector, defer.maybeDeferred
+            {}, {CHANNEL: explode}, self.reactor, self.connector, defer.maybeDeferred
         )
         self.addCleanup(listener.stop)
         self.successResultOf(defer.ensureDeferred(listener.start()))
@@ -368,7 +383,7 @@ class ListenerPostgresTests(unittest.TestCase):
             "application_name": self.application,
             "connect_timeout": 2,
         }
-        self.listener = PostgresListener(args, self.channel, on_payload, reactor)
+        self.listener = PostgresListener(args, {self.channel: on_payload}, reactor)
         self.addCleanup(self.listener.stop)
 
     def admin(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
