@@ -33,6 +33,7 @@ from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.lifecycle import MediaPurger, Retention
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider, create_provider
@@ -194,11 +195,13 @@ class MediaServer:
         self.federation_client = FederationClient(
             reactor, config.server_name, signing_keys[0], config.federation, backoff=backoff
         )
+        arrivals = ContentArrivals(reactor)
         remote = RemoteMediaCache(
-            config, storage, media_store, self.federation_client, thumbnails, quarantine, reactor
-        )
+            config, storage, media_store, self.federation_client, thumbnails, quarantine, locks,
+            arrivals, reactor,
+        )  # fmt: skip
         self.repository = MediaRepository(
-            config, storage, media_store, thumbnails, remote, locks, quarantine, reactor
+            config, storage, media_store, thumbnails, remote, locks, quarantine, arrivals, reactor
         )
         admin_store = MediaAdminStore(
             self.database, config.server_name, schema.avatar_columns, schema.has_profiles

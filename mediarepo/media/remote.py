@@ -33,13 +33,16 @@ from mediarepo.federation.multipart import (
     MultipartTooLargeError,
 )
 from mediarepo.media.events import MediaEvent, emit
+from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
+from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.ratelimit import Ratelimiter
 from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.locks import LOCK_TIMEOUT_MS
+from mediarepo.storage.media import MediaStore, remote_content_key
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import RemoteMedia
 
@@ -53,6 +56,16 @@ remote_downloads = Counter(
 _RATE_LIMIT_HEADROOM = 1024 * 1024
 # What a multipart answer may add around the file.
 _MULTIPART_OVERHEAD = 64 * 1024
+# The worker lock a process holds while it downloads a remote media, so that
+# processes sharing the database (workers, hosts) download it once.
+_DOWNLOAD_LOCK = "mediarepo_remote_download"
+# How long a request waits for another process's download of the same media
+# before giving up: past the lock's timeout, so that a dead downloader's lock
+# has freed and been taken over by then.
+OTHER_DOWNLOAD_WAIT_SECONDS = LOCK_TIMEOUT_MS / 1000 + 30
+# How often a request waiting for another process's download looks again
+# when no announcement wakes it.
+_OTHER_DOWNLOAD_POLL_SECONDS = 1.0
 
 
 def _fetch_failed() -> MatrixError:
@@ -129,9 +142,13 @@ class RemoteMediaCache:
         client: FederationClient,
         thumbnails: ThumbnailProvider,
         quarantine: QuarantineStore,
+        locks: WorkerLocks,
+        arrivals: ContentArrivals,
         clock: Any,
     ) -> None:
         self._config = config
+        self._locks = locks
+        self._arrivals = arrivals
         self._quarantine = quarantine
         self._storage = storage
         self._media_store = media_store
@@ -163,9 +180,38 @@ class RemoteMediaCache:
         if not access.allow_fetch:
             raise NotFoundError()
         return await self._fetching.run(
-            (origin, media_id),
-            lambda: self._download(origin, media_id, access.requester_ip, access.timeout_ms),
+            (origin, media_id), lambda: self._download_once_everywhere(origin, media_id, access)
         )
+
+    async def _download_once_everywhere(
+        self, origin: str, media_id: str, access: RemoteAccess
+    ) -> RemoteMedia:
+        """Download unless another process sharing the database already is
+        (it holds the download's worker lock): then wait for its copy, and
+        take over if it gives up or dies (its lock then frees)."""
+        key = remote_content_key(origin, media_id)
+        deadline = self._clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
+        while True:
+            lock, _ = await self._locks.try_lock_then(_DOWNLOAD_LOCK, key, lambda t: None)
+            if lock is not None:
+                try:
+                    # It may have landed between our look and the lock.
+                    cached = await self._cached(origin, media_id, access.bypass_quarantine)
+                    if cached is not None:
+                        return cached
+                    return await self._download(
+                        origin, media_id, access.requester_ip, access.timeout_ms
+                    )
+                finally:
+                    await lock.release()
+            # Woken by its announcement, or looking again after a while
+            # (announcements reach us only on PostgreSQL).
+            await self._arrivals.wait(key, _OTHER_DOWNLOAD_POLL_SECONDS)
+            cached = await self._cached(origin, media_id, access.bypass_quarantine)
+            if cached is not None:
+                return cached
+            if self._clock.seconds() > deadline:
+                raise _fetch_failed()
 
     async def _cached(
         self, origin: str, media_id: str, bypass_quarantine: bool

@@ -91,6 +91,7 @@ class MediaRepository:
         remote: RemoteMediaCache,
         locks: WorkerLocks,
         quarantine: QuarantineStore,
+        arrivals: ContentArrivals,
         clock: IReactorTime,
     ) -> None:
         self.config = config
@@ -99,7 +100,9 @@ class MediaRepository:
         self.storage = storage
         self.thumbnails = thumbnails
         self.remote = remote
-        self.arrivals = ContentArrivals(clock)
+        # Content landing here or announced by other processes: async
+        # uploads, and remote media (see RemoteMediaCache).
+        self.arrivals = arrivals
         self.access = AccessTracker(media_store, clock)
         # Rows of local media with content, read on every download.
         self._media_rows: ExpiringCache[str, LocalMedia] = ExpiringCache(

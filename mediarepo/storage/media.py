@@ -198,9 +198,16 @@ def is_pending_txn(t: Transaction, media_id: str) -> bool:
     return t.fetchone() is not None
 
 
+def remote_content_key(origin: str, media_id: str) -> str:
+    """How the arrival of cached remote media is announced (local media IDs
+    never hold a "/")."""
+    return f"{origin}/{media_id}"
+
+
 def announce_content_txn(t: Transaction, media_id: str) -> None:
     """Tell other processes on a PostgreSQL database (waiting downloads)
-    that a reservation has its content."""
+    that a reservation has its content, or (a :func:`remote_content_key`)
+    that remote media is cached."""
     if t.engine.name == "psycopg2":
         t.execute("SELECT pg_notify(?, ?)", (CONTENT_CHANNEL, media_id))
 
@@ -472,7 +479,11 @@ class MediaStore:
                  media.upload_name, media.media_length, media.filesystem_id,
                  media.last_access_ts, media.quarantined_by, media.authenticated, media.sha256),
             )  # fmt: skip
-            return t.rowcount == 1
+            if t.rowcount != 1:
+                return False
+            # Processes waiting for this download elsewhere look again now.
+            announce_content_txn(t, remote_content_key(media.media_origin, media.media_id))
+            return True
 
         return await self._db.run_statements("store_cached_remote_media", store)
 

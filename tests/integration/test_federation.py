@@ -64,7 +64,8 @@ class FederationTestMixin:
         directory = os.path.join(self.workdir, label)
         os.makedirs(directory, exist_ok=True)
         cleanups: list[Callable[[], None]] = []
-        database = database_section(self.engine, directory, cleanups)
+        # Another instance of a server shares its database (given in overrides).
+        database = overrides.get("database") or database_section(self.engine, directory, cleanups)
         for cleanup in cleanups:
             self.addCleanup(cleanup)  # type: ignore[attr-defined]
         port = free_port()
@@ -88,7 +89,8 @@ class FederationTestMixin:
             "max_upload_size": "10M",
             **overrides,
         }  # fmt: skip
-        write_new_signing_key(data["signing_key_path"])
+        if not os.path.exists(data["signing_key_path"]):
+            write_new_signing_key(data["signing_key_path"])
         server = MediaServer(parse_config(data, directory), reactor)
         await server.start()
         self.addCleanup(server.stop_deferred)  # type: ignore[attr-defined]

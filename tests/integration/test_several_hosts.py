@@ -6,6 +6,7 @@ its own (a local cache), all on one PostgreSQL database and one S3 bucket
   instance (from S3 where it has no copy of its own).
 * A quarantine through one instance is obeyed by the others as soon as they
   are told (PostgreSQL ``NOTIFY``), although they had its row cached.
+* Remote media asked of all three at once is downloaded over federation once.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import os
 import tempfile
 from typing import Any
 
+from prometheus_client import REGISTRY
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from mediarepo.app import MediaServer
 from mediarepo.media.paths import local_media_path
 from mediarepo.storage.notifications import CHANGED_CHANNEL
+from tests import images
+from tests.integration.test_federation import FederationTestMixin, Peer
 from tests.s3 import MotoServer
 from tests.utils import SERVER_NAME, ServerTestMixin
 
@@ -109,3 +113,48 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
         handlers[CHANGED_CHANNEL] = hear
         self.addCleanup(handlers.__setitem__, CHANGED_CHANNEL, original)
         return told.addTimeout(10, reactor)
+
+
+def remote_downloads(outcome: str) -> float:
+    """Downloads of remote media by every server of this process."""
+    value = REGISTRY.get_sample_value("mediarepo_remote_downloads_total", {"outcome": outcome})
+    return value or 0.0
+
+
+class SeveralHostsFederationTests(FederationTestMixin, unittest.TestCase):
+    """Server A's database and signing key served by three more instances
+    with media stores of their own and one S3 bucket; B is the origin of the
+    remote media."""
+
+    engine = "psycopg2"
+
+    async def start_instance(self, label: str) -> Peer:
+        a = self.a.server.config
+        return await self.start_peer(
+            label,
+            server_name=a.server_name,
+            signing_key_path=a.signing_key_path,
+            database={"name": "psycopg2", "args": dict(a.database.args)},
+            media_storage_providers=[self.moto.provider_config()],
+        )
+
+    async def test_remote_media_is_downloaded_once_for_all_instances(self) -> None:
+        self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
+        self.addCleanup(self.moto.stop)
+        self.moto.start()
+        instances = [await self.start_instance(f"a{n}") for n in (1, 2, 3)]
+        data = images.png(300, 200)
+        media_id = await self.upload_to(self.b, self.b_token, data, "image/png")
+        fetched, failed = remote_downloads("fetched"), remote_downloads("failed")
+        url = f"/_matrix/client/v1/media/download/{self.b.name}/{media_id}"
+        answers = await defer.gatherResults(
+            [
+                defer.ensureDeferred(
+                    self.http("GET", instances[i % 3].client_url + url, token=self.token)
+                )
+                for i in range(20)
+            ]
+        )
+        self.assertEqual({(r.code, r.body) for r in answers}, {(200, data)})
+        self.assertEqual(remote_downloads("fetched") - fetched, 1)
+        self.assertEqual(remote_downloads("failed") - failed, 0)
