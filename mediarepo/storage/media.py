@@ -369,22 +369,27 @@ class MediaStore:
     async def update_access_times(
         self, local: dict[str, int], remote: dict[tuple[str, str], int]
     ) -> None:
-        """Set ``last_access_ts`` of many media in one transaction.
+        """Set ``last_access_ts`` of many media in one transaction, never
+        back: processes flush their batches in any order, and an older batch
+        must not undo a newer read (retention would then purge media read
+        moments ago).
 
         Rows are updated in key order: workers flushing at the same time
         then take their row locks in the same order and cannot deadlock."""
+        not_newer = " AND (last_access_ts IS NULL OR last_access_ts < ?)"
 
         def txn(t: Transaction) -> None:
             if local:
                 t.execute_batch(
-                    "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?",
-                    [(local[media_id], media_id) for media_id in sorted(local)],
+                    "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?"
+                    + not_newer,
+                    [(local[media_id], media_id, local[media_id]) for media_id in sorted(local)],
                 )
             if remote:
                 t.execute_batch(
                     "UPDATE remote_media_cache SET last_access_ts = ?"
-                    " WHERE media_origin = ? AND media_id = ?",
-                    [(remote[key], *key) for key in sorted(remote)],
+                    " WHERE media_origin = ? AND media_id = ?" + not_newer,
+                    [(remote[key], *key, remote[key]) for key in sorted(remote)],
                 )
 
         await self._db.run_interaction("update_cached_last_access_time", txn)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from mediarepo.app import MediaServer
+from mediarepo.storage.media import MediaStore
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -36,6 +37,18 @@ class AccessTimeTests(ServerTestMixin):
         assert isinstance(written, int)
         self.assertTrue(before <= written <= int(time.time() * 1000))
         self.assertEqual(self.server.repository.access.pending, 0)
+
+    async def test_an_older_batch_never_undoes_a_newer_read(self) -> None:
+        """Processes flush in any order: the latest read stays."""
+        token = await self.register()
+        media_id = await self.upload(token, b"read me")
+        assert self.server.database is not None
+        store = MediaStore(self.server.database)
+        await store.update_access_times({media_id: 2_000}, {})
+        await store.update_access_times({media_id: 1_000}, {})
+        self.assertEqual(await self.last_access(self.server, media_id), 2_000)
+        await store.update_access_times({media_id: 3_000}, {})
+        self.assertEqual(await self.last_access(self.server, media_id), 3_000)
 
     async def test_shutdown_flushes(self) -> None:
         token = await self.register()
