@@ -49,8 +49,8 @@ enable_metrics: true
 
 
 def generate_config(config_path: str, server_name: str, data_dir: str, port: int) -> int:
-    from mediarepo.config import is_valid_server_name
     from mediarepo.federation.keys import write_new_signing_key
+    from mediarepo.identifiers import is_valid_server_name
 
     if not is_valid_server_name(server_name):
         print(f"mediarepo: {server_name!r} is not a valid server name", file=sys.stderr)

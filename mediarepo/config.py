@@ -24,6 +24,7 @@ from mediarepo.config_storage import (
     parse_storage_providers,
 )
 from mediarepo.errors import ConfigError
+from mediarepo.identifiers import is_valid_server_name
 
 _SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _DURATION_UNITS_MS = {
@@ -35,11 +36,9 @@ _DURATION_UNITS_MS = {
     "y": 365 * 24 * 60 * 60 * 1000,
 }
 
-_SERVER_NAME_HOST = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
 # ASCII digits only: str.isdigit() and int() also take other scripts' digits
 # (and isdigit() takes "²", which int() then refuses).
 _DIGITS = re.compile(r"[0-9]+")
-_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def parse_size(key: str, value: object) -> int:
@@ -78,32 +77,6 @@ def parse_duration_ms(key: str, value: object) -> int:
         if _DIGITS.fullmatch(text):
             return int(text) * multiplier
     raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
-
-
-def is_valid_server_name(name: str) -> bool:
-    """Whether ``name`` is ``host[:port]`` as the Matrix spec defines a server name."""
-    if not name or len(name) > 255:
-        return False
-    host, port = name, ""
-    if name.startswith("["):
-        end = name.find("]")
-        if end == -1:
-            return False
-        host, rest = name[1:end], name[end + 1 :]
-        if rest and not rest.startswith(":"):
-            return False
-        port = rest[1:] if rest else ""
-        if not re.fullmatch(r"[0-9a-fA-F:.]+", host) or ":" not in host:
-            return False
-    elif ":" in name:
-        host, port = name.rsplit(":", 1)
-        if not _SERVER_NAME_HOST.match(host):
-            return False
-    elif not _SERVER_NAME_HOST.match(host):
-        return False
-    if name.endswith(":") or (port and (not _PORT.fullmatch(port) or not 0 < int(port) < 65536)):
-        return False
-    return True
 
 
 class ConfigReader:

@@ -8,7 +8,6 @@ from typing import Any
 from twisted.trial import unittest
 
 from mediarepo.config import (
-    is_valid_server_name,
     load_config,
     parse_config,
     parse_duration_ms,
@@ -16,6 +15,7 @@ from mediarepo.config import (
 )
 from mediarepo.config_storage import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.errors import ConfigError
+from mediarepo.identifiers import is_valid_server_name
 
 # A Synapse config as operators have them: many keys mediarepo does not use.
 SYNAPSE_CONFIG = {

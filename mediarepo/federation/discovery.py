@@ -39,8 +39,8 @@ from twisted.names import error as dns_error
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgent, IResponse
 
-from mediarepo.config import is_valid_server_name
 from mediarepo.federation.bodies import DEFAULT_IDLE_TIMEOUT_SECONDS, read_limited_body
+from mediarepo.identifiers import is_valid_server_name
 from mediarepo.media.sharing import SharedWork
 
 logger = logging.getLogger(__name__)

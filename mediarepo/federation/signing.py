@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 
-from mediarepo.config import is_valid_server_name
+from mediarepo.identifiers import is_valid_server_name
 
 SCHEME = "X-Matrix"
 

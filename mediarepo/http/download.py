@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from mediarepo.config import is_valid_server_name
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.headers import set_download_security_headers
 from mediarepo.http.responder import respond_with_responder
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
+from mediarepo.identifiers import is_valid_server_name
 from mediarepo.media.remote import RemoteAccess
 from mediarepo.media.repository import MediaRepository
 

@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from twisted.internet import defer
 from twisted.web.iweb import IResponse
 
-from mediarepo.config import Config, is_valid_server_name
+from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.federation.bodies import BodyReader, BodyReadError
 from mediarepo.federation.client import FederationClient, FederationRequestError
@@ -32,6 +32,7 @@ from mediarepo.federation.multipart import (
     MultipartParser,
     MultipartTooLargeError,
 )
+from mediarepo.identifiers import is_valid_server_name
 from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mediarepo.config import is_valid_server_name
+from mediarepo.identifiers import is_valid_server_name
 from mediarepo.media.paths import (
     MediaPaths,
     UnsafePathError,

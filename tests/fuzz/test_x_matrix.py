@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from signedjson.key import generate_signing_key, get_verify_key
 from twisted.trial import unittest
 
-from mediarepo.config import is_valid_server_name
 from mediarepo.federation.signing import (
     MAX_HEADER_LENGTH,
     AuthHeaderError,
@@ -18,6 +17,7 @@ from mediarepo.federation.signing import (
     sign_request,
     verify_request,
 )
+from mediarepo.identifiers import is_valid_server_name
 from tests.fuzz.strategies import hostile_text, server_names
 
 KEY = generate_signing_key("a_fuzz")
