@@ -4,12 +4,13 @@ separate process on a loopback port, stoppable and restartable."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from typing import Any
+
+from tests.processes import free_port
 
 BUCKET = "media-bucket"
 ACCESS_KEY = "test-access-key"
@@ -17,16 +18,9 @@ SECRET_KEY = "test-secret-key"
 REGION = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class MotoServer:
     def __init__(self, log_dir: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._log_path = os.path.join(log_dir, f"moto-{self.port}.log")
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -7,6 +7,7 @@ for the test and dropped after it.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -90,6 +91,17 @@ def on_both_databases(cls: T) -> T:
             type(name, (cls, unittest.TestCase), {"engine": engine, "__module__": cls.__module__}),
         )
     return cls
+
+
+class LogRecords(logging.Handler):
+    """Keeps the records logged at ``level`` and above, for a test to read."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 @attrs.frozen

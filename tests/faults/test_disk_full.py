@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest
 
 from mediarepo.media.providers.local import STAGING_DIR
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
 
 STORE_SIZE = "4m"
 CREATE = "/_matrix/media/v1/create"
@@ -67,15 +67,6 @@ def fill(path: str) -> None:
                     break
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @on_both_databases
 class DiskFullTests(ServerTestMixin):
     extra_config = {"dynamic_thumbnails": True, "admin_contact": "mailto:ops@test.example"}
@@ -85,7 +76,7 @@ class DiskFullTests(ServerTestMixin):
         # Registered first, so it runs last: after the server has stopped.
         self.addCleanup(unmount, self.store)  # type: ignore[attr-defined]
         self.extra_config = {**self.extra_config, "media_store_path": self.store}
-        self.logged = _Records()
+        self.logged = LogRecords()
         root = logging.getLogger("mediarepo")
         root.addHandler(self.logged)
         self.addCleanup(root.removeHandler, self.logged)  # type: ignore[attr-defined]

@@ -9,16 +9,7 @@ import socket
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
-
-
-class _Errors(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
 
 
 @on_both_databases
@@ -40,7 +31,7 @@ class DisconnectTests(ServerTestMixin):
             )
 
     async def test_early_and_midway_disconnects(self) -> None:
-        errors = _Errors()
+        errors = LogRecords(logging.ERROR)
         logging.getLogger("mediarepo").addHandler(errors)
         self.addCleanup(logging.getLogger("mediarepo").removeHandler, errors)
         token = await self.register()

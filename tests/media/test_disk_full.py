@@ -10,15 +10,7 @@ from twisted.trial import unittest
 
 from mediarepo.errors import InsufficientStorageError
 from mediarepo.media.disk_full import WARNING_INTERVAL_SECONDS, StorageFullReporter
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+from tests.utils import LogRecords
 
 
 def _full() -> OSError:
@@ -29,7 +21,7 @@ class StorageFullReporterTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.reporter = StorageFullReporter(self.clock, "mailto:ops@example.org")
-        self.logged = _Records()
+        self.logged = LogRecords()
         logger = logging.getLogger("mediarepo.media.disk_full")
         logger.addHandler(self.logged)
         self.addCleanup(logger.removeHandler, self.logged)

@@ -9,16 +9,7 @@ from typing import Any
 from mediarepo.logging_setup import JsonFormatter
 from mediarepo.media.events import MediaEvent, media_events
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
 
 
 def _count(event: MediaEvent) -> float:
@@ -32,7 +23,7 @@ class EventTests(ServerTestMixin):
 
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
-        self.captured = _Records()
+        self.captured = LogRecords()
         events_logger = logging.getLogger("mediarepo.events")
         previous = events_logger.level
         events_logger.setLevel(logging.DEBUG)
