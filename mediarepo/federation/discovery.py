@@ -41,7 +41,7 @@ from twisted.web.iweb import IAgent, IResponse
 
 from mediarepo.federation.bodies import DEFAULT_IDLE_TIMEOUT_SECONDS, read_limited_body
 from mediarepo.identifiers import is_valid_server_name
-from mediarepo.media.sharing import SharedWork
+from mediarepo.sharing import SharedWork
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from mediarepo.config import TrustedKeyServer
 from mediarepo.federation.bodies import BodyReadError, drop_body
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.keys import key_id as name_of_key
-from mediarepo.media.sharing import SharedWork
+from mediarepo.sharing import SharedWork
 from mediarepo.storage.keys import KeyStore
 
 logger = logging.getLogger(__name__)

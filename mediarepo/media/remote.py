@@ -38,10 +38,10 @@ from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.ratelimit import Ratelimiter
-from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.sharing import SharedWork
 from mediarepo.storage.locks import LOCK_TIMEOUT_MS
 from mediarepo.storage.media import MediaStore, remote_content_key
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore

@@ -34,7 +34,6 @@ from mediarepo.media.paths import (
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
-from mediarepo.media.sharing import SharedWork
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnailer import (
     ANIMATED_THUMBNAIL_TYPE,
@@ -44,6 +43,7 @@ from mediarepo.media.thumbnailer import (
     ThumbnailError,
     aspect,
 )
+from mediarepo.sharing import SharedWork
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN, PendingThumbnails
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
