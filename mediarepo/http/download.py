@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
-from mediarepo.http.headers import set_download_security_headers
+from mediarepo.http.headers import set_media_security_headers
 from mediarepo.http.responder import respond_with_responder
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
@@ -33,7 +33,7 @@ class DownloadHandler:
         self._auth = auth
 
     async def on_legacy_get(self, request: MediaRequest, params: dict[str, str]) -> None:
-        set_download_security_headers(request)
+        set_media_security_headers(request)
         await self._download(request, params, authenticated=False)
 
     async def on_authenticated_get(self, request: MediaRequest, params: dict[str, str]) -> None:
@@ -41,7 +41,7 @@ class DownloadHandler:
         bypass = query_bool(request, "admin_unsafely_bypass_quarantine", False)
         if bypass and not requester.is_admin:
             raise MatrixError(400, Codes.UNKNOWN, "Must be a server admin to bypass quarantine")
-        set_download_security_headers(request)
+        set_media_security_headers(request)
         await self._download(request, params, authenticated=True, bypass_quarantine=bypass)
 
     async def _download(

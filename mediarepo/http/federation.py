@@ -9,7 +9,7 @@ from typing import Any
 
 from mediarepo.http.auth import FederationAuthenticator
 from mediarepo.http.download import parse_timeout_ms
-from mediarepo.http.headers import content_disposition
+from mediarepo.http.headers import content_disposition, thumbnail_content_disposition
 from mediarepo.http.responder import respond_with_multipart
 from mediarepo.http.server import respond_json
 from mediarepo.http.site import MediaRequest
@@ -56,7 +56,7 @@ class FederationMediaHandler:
             request,
             thumbnail.responder,
             thumbnail.media_type,
-            content_disposition(thumbnail.media_type, None),
+            thumbnail_content_disposition(thumbnail.media_type),
         )
 
 

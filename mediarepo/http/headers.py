@@ -1,4 +1,6 @@
-"""Every response-header rule, in one place, as Synapse sets them."""
+"""Every response-header rule, in one place: Synapse's, except where the spec
+asks more of thumbnails (a file name, and the same security headers as
+downloads)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ MEDIA_CACHE_CONTROL = "public,max-age=86400,s-maxage=0,proxy-revalidate"
 # Media never changes under its ID, so Synapse sends one constant ETag.
 MEDIA_ETAG = "1"
 
-# Set on download responses (not thumbnails), before the media is looked up,
-# so that error answers from a download path carry them too.
+# Set on download and thumbnail responses (Synapse: downloads only; the spec
+# recommends them whenever content is served), before the media is looked up,
+# so that error answers from those paths carry them too.
 DOWNLOAD_SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf;"
@@ -80,6 +83,16 @@ INLINE_CONTENT_TYPES = frozenset(
 
 _FILENAME_SEPARATORS = frozenset('()<>@,;:\\"/[]?={}')
 
+# Extensions for thumbnails' file names (spec v1.12: e.g. ``thumbnail.png``).
+_THUMBNAIL_EXTENSIONS = {
+    "image/jpeg": "jpg",
+    "image/png": "png",
+    "image/apng": "png",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "image/avif": "avif",
+}
+
 
 def response_content_type(media_type: str | None) -> str:
     """The Content-Type to send for a stored media type."""
@@ -107,6 +120,17 @@ def content_disposition(media_type: str | None, filename: str | None) -> str:
     return f"{disposition}; filename*=utf-8''{quote(filename, safe='/')}"
 
 
+def thumbnail_filename(media_type: str | None) -> str:
+    """The file name a thumbnail is served under, from its type."""
+    bare = (media_type or "").split(";", 1)[0].strip().lower()
+    return f"thumbnail.{_THUMBNAIL_EXTENSIONS.get(bare, 'bin')}"
+
+
+def thumbnail_content_disposition(media_type: str | None) -> str:
+    """Thumbnails are ``inline`` (the spec: MUST) with a file name (SHOULD)."""
+    return f"inline; filename={thumbnail_filename(media_type)}"
+
+
 # Reason phrases Twisted lacks.
 _REASONS = {429: b"Too Many Requests"}
 
@@ -122,17 +146,28 @@ def set_json_headers(request: Request, length: int) -> None:
     request.setHeader("Content-Length", str(length))
 
 
-def set_download_security_headers(request: Request) -> None:
+def set_media_security_headers(request: Request) -> None:
+    """Content-Security-Policy and Referrer-Policy of downloads and thumbnails."""
     for name, value in DOWNLOAD_SECURITY_HEADERS.items():
         request.setHeader(name, value)
 
 
 def set_media_headers(
-    request: Request, media_type: str | None, filename: str | None, length: int
+    request: Request,
+    media_type: str | None,
+    filename: str | None,
+    length: int,
+    *,
+    thumbnail: bool = False,
 ) -> None:
     """The headers of a file response (download or thumbnail)."""
     request.setHeader("Content-Type", response_content_type(media_type))
-    request.setHeader("Content-Disposition", content_disposition(media_type, filename))
+    disposition = (
+        thumbnail_content_disposition(media_type)
+        if thumbnail
+        else content_disposition(media_type, filename)
+    )
+    request.setHeader("Content-Disposition", disposition)
     request.setHeader("Cache-Control", MEDIA_CACHE_CONTROL)
     request.setHeader("ETag", MEDIA_ETAG)
     request.setHeader("X-Robots-Tag", "noindex, nofollow, noarchive, noimageindex")

@@ -126,6 +126,8 @@ async def respond_with_responder(
     responder: Responder,
     media_type: str | None,
     filename: str | None,
+    *,
+    thumbnail: bool = False,
 ) -> None:
     """Stream ``responder`` as the response, then close it."""
     try:
@@ -148,7 +150,7 @@ async def respond_with_responder(
             return
 
         start, length = (0, size) if byte_range is None else (byte_range.start, byte_range.length)
-        set_media_headers(request, media_type, filename, length)
+        set_media_headers(request, media_type, filename, length, thumbnail=thumbnail)
         if byte_range is not None:
             request.setResponseCode(206)
             request.setHeader("Content-Range", f"bytes {start}-{start + length - 1}/{size}")

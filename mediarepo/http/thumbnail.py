@@ -5,6 +5,7 @@ from __future__ import annotations
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.download import checked_server_name, parse_timeout_ms
+from mediarepo.http.headers import set_media_security_headers
 from mediarepo.http.responder import respond_with_responder
 from mediarepo.http.server import query_bool, query_int, query_string
 from mediarepo.http.site import MediaRequest
@@ -47,10 +48,12 @@ class ThumbnailHandler:
         self._auth = auth
 
     async def on_legacy_get(self, request: MediaRequest, params: dict[str, str]) -> None:
+        set_media_security_headers(request)
         await self._thumbnail(request, params, authenticated=False)
 
     async def on_authenticated_get(self, request: MediaRequest, params: dict[str, str]) -> None:
         await self._auth.requester(request, allow_guest=True)
+        set_media_security_headers(request)
         await self._thumbnail(request, params, authenticated=True)
 
     async def _thumbnail(
@@ -79,4 +82,6 @@ class ThumbnailHandler:
                     timeout_ms=timeout_ms,
                 ),
             )
-        await respond_with_responder(request, thumbnail.responder, thumbnail.media_type, None)
+        await respond_with_responder(
+            request, thumbnail.responder, thumbnail.media_type, None, thumbnail=True
+        )

@@ -1,10 +1,13 @@
 """Thumbnails: which sizes are made, which stored one answers a request, and
 making new ones.
 
-The rules are Synapse's, so that this server and a Synapse sharing the
-database and media store make the same files and rows and answer a request
-with the same thumbnail. Pillow itself is only in
-:mod:`mediarepo.media.thumbnailer`, run here on the thumbnail thread pool.
+Rows and files are Synapse's (same tables, same paths), so a Synapse sharing
+the database and media store serves what we make. Where Synapse breaks the
+Matrix spec we follow the spec (see "Thumbnail sizes" in the README): nothing
+is ever upscaled, and a request is answered with the smallest stored
+thumbnail that covers it, or with one made for it from the original. Pillow
+itself is only in :mod:`mediarepo.media.thumbnailer`, run here on the
+thumbnail thread pool.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ _T = TypeVar("_T")
 
 # How long rows read on the request path are reused (see media.cache).
 METADATA_CACHE_SECONDS = 5.0
+# How long, and for how many media, originals' sizes are remembered.
+SOURCE_SIZE_CACHE_SECONDS = 3600.0
+SOURCE_SIZE_CACHE_ENTRIES = 10_000
 # Work decoding at least this many pixels gives freed memory back after it.
 RELEASE_MEMORY_ABOVE_PIXELS = 4 * 1024 * 1024
 
@@ -128,6 +134,33 @@ def fit_within_source(source_w: int, source_h: int, width: int, height: int) -> 
     return min(fitted_w, source_w), min(fitted_h, source_h)
 
 
+def crop_within_source(source_w: int, source_h: int, width: int, height: int) -> tuple[int, int]:
+    """The size of a ``crop`` thumbnail of a source for a ``width`` x
+    ``height`` request, never larger than the source.
+
+    The requested size when the source covers it; the source's own size when
+    the source fits inside the request (the spec: the original rather than a
+    thumbnail); otherwise the largest size of the requested aspect that the
+    source holds.
+    """
+    if width <= source_w and height <= source_h:
+        return width, height
+    if source_w <= width and source_h <= height:
+        return source_w, source_h
+    if width * source_h > height * source_w:
+        return source_w, max(1, source_w * height // width)
+    return max(1, source_h * width // height), source_h
+
+
+def target_size(
+    source_w: int, source_h: int, width: int, height: int, method: str
+) -> tuple[int, int]:
+    """The size of the thumbnail answering a request, for a source of this size."""
+    if method == "crop":
+        return crop_within_source(source_w, source_h, width, height)
+    return fit_within_source(source_w, source_h, width, height)
+
+
 def pregeneration_specs(
     source_w: int,
     source_h: int,
@@ -135,21 +168,26 @@ def pregeneration_specs(
     sizes: Iterable[ThumbnailSize],
     animated: bool,
 ) -> list[ThumbnailSpec]:
-    """The thumbnails Synapse pre-generates for a source of this size.
+    """The thumbnails pre-generated for a source of this size.
 
-    Keyed by (width, height, type): a crop size only claims a free key, a
-    scale size (fitted to the source) takes it over, so equal sizes are made
-    once and scale wins. An animated source also gets an animated WebP of
-    each distinct size and method.
+    Each configured size is cut down to what the source allows (never
+    upscaled). As in Synapse, sizes are keyed by (width, height, type): a crop
+    size only claims a free key, a scale size takes it over, so equal sizes
+    are made once and scale wins. The exception is a crop size cut down to the
+    whole source: it keeps a crop row of its own, because Synapse answers a
+    crop request only from crop rows. An animated source also gets an
+    animated WebP of each distinct size and method.
     """
-    by_key: dict[tuple[int, int, str], ThumbnailSpec] = {}
+    by_key: dict[tuple[int, int, str, str], ThumbnailSpec] = {}
     for size in sizes:
+        width, height = target_size(source_w, source_h, size.width, size.height, size.method)
         if size.method == "crop":
-            key = (size.width, size.height, output_type)
-            by_key.setdefault(key, ThumbnailSpec(size.width, size.height, output_type, "crop"))
+            whole_source = (width, height) == (source_w, source_h)
+            shrunk = (width, height) != (size.width, size.height)
+            key = (width, height, output_type, "crop" if whole_source and shrunk else "")
+            by_key.setdefault(key, ThumbnailSpec(width, height, output_type, "crop"))
         else:
-            width, height = fit_within_source(source_w, source_h, size.width, size.height)
-            by_key[(width, height, output_type)] = ThumbnailSpec(
+            by_key[(width, height, output_type, "")] = ThumbnailSpec(
                 width, height, output_type, "scale"
             )
     specs = list(by_key.values())
@@ -159,16 +197,64 @@ def pregeneration_specs(
     return specs
 
 
-def select_thumbnail(
-    rows: Sequence[ThumbnailInfo], width: int, height: int, method: str, desired_type: str
-) -> ThumbnailInfo | None:
-    """Synapse's choice among stored thumbnails for a request.
+def covers(row: ThumbnailInfo, width: int, height: int, method: str) -> bool:
+    """Whether a stored thumbnail answers a request as the spec wants, by its
+    size alone: a crop of the requested aspect (within a pixel of rounding)
+    at least as large as asked; a scale (which has the source's aspect) at
+    least as large as asked in one dimension, hence covering the box fitted
+    to the source in both."""
+    if row.method != method:
+        return False
+    if method == "crop":
+        same_aspect = abs(width * row.height - height * row.width) <= max(width, height)
+        return same_aspect and row.width >= width and row.height >= height
+    return row.width >= width or row.height >= height
 
-    Rows at least as large as the request in one dimension are preferred;
-    among them (or else among all) the best by aspect, size, type and
-    length wins, the earlier row on a tie.
-    """
-    candidates = [row for row in rows if row.method == method]
+
+def _candidates(
+    rows: Sequence[ThumbnailInfo], method: str, animated: bool, static_type: str | None
+) -> tuple[list[ThumbnailInfo], str]:
+    """The rows of ``method`` that may answer (animated WebP ones only for
+    ``animated=true``, and then in preference), and the type wanted."""
+    of_method = [r for r in rows if r.method == method]
+    moving = [r for r in of_method if r.type == ANIMATED_THUMBNAIL_TYPE != static_type]
+    if animated and moving:
+        return moving, ANIMATED_THUMBNAIL_TYPE
+    still = [r for r in of_method if r not in moving]
+    return still, static_type or "image/png"
+
+
+def select_thumbnail(
+    rows: Sequence[ThumbnailInfo],
+    width: int,
+    height: int,
+    method: str,
+    animated: bool,
+    static_type: str | None,
+) -> ThumbnailInfo | None:
+    """The smallest stored thumbnail that covers the request (see
+    :func:`covers`), or ``None``; among equal sizes the wanted type, then the
+    shorter file."""
+    candidates, wanted = _candidates(rows, method, animated, static_type)
+    covering = [r for r in candidates if covers(r, width, height, method)]
+    if not covering:
+        return None
+    return min(covering, key=lambda r: (r.width * r.height, r.type != wanted, r.length))
+
+
+def closest_thumbnail(
+    rows: Sequence[ThumbnailInfo],
+    width: int,
+    height: int,
+    method: str,
+    animated: bool,
+    static_type: str | None,
+) -> ThumbnailInfo | None:
+    """Synapse's pick among stored thumbnails, for when none covers the
+    request and none can be made (the original is gone or unreadable here):
+    rows at least as large as the request in one dimension first; among them
+    (or else among all) the best by aspect, size, type and length."""
+    candidates, wanted = _candidates(rows, method, animated, static_type)
     if method == "crop":
 
         def key(t: ThumbnailInfo) -> tuple[int, ...]:
@@ -176,48 +262,40 @@ def select_thumbnail(
                 abs(width * t.height - height * t.width),
                 0 if t.width >= width and t.height >= height else 1,
                 abs((width - t.width) * (height - t.height)),
-                t.type != desired_type,
-                t.length,
-            )
-    elif method == "scale":
-
-        def key(t: ThumbnailInfo) -> tuple[int, ...]:
-            return (
-                abs((width - t.width) * (height - t.height)),
-                t.type != desired_type,
+                t.type != wanted,
                 t.length,
             )
     else:
-        return None
+
+        def key(t: ThumbnailInfo) -> tuple[int, ...]:
+            return (abs((width - t.width) * (height - t.height)), t.type != wanted, t.length)
+
     preferred = [t for t in candidates if t.width >= width or t.height >= height]
     group = preferred or candidates
     return min(group, key=key) if group else None
 
 
-def dynamic_spec(
-    thumbnailer: Thumbnailer,
-    output_type: str,
-    width: int,
-    height: int,
-    method: str,
-    animated: bool,
-) -> tuple[ThumbnailSpec, int, int]:
-    """What to render for an on-demand request: the recorded spec (the
-    requested size, as Synapse records it) and the size actually drawn,
-    which never exceeds the source."""
-    source_w, source_h = thumbnailer.width, thumbnailer.height
-    if animated and thumbnailer.is_animated:
-        output_type = ANIMATED_THUMBNAIL_TYPE
-    if method == "scale":
-        drawn = fit_within_source(source_w, source_h, width, height)
-    elif width <= source_w and height <= source_h:
-        drawn = (width, height)
-    else:
-        # A crop larger than the source keeps the requested shape at the
-        # largest size the source covers.
-        factor = min(source_w / width, source_h / height)
-        drawn = (max(1, int(width * factor)), max(1, int(height * factor)))
-    return ThumbnailSpec(width, height, output_type, method), drawn[0], drawn[1]
+@attrs.frozen
+class SourceSize:
+    """What the header of an original says: its displayed size and whether
+    it is animated."""
+
+    width: int
+    height: int
+    animated: bool
+
+
+def on_demand_spec(
+    source: SourceSize, static_type: str, request: ThumbnailRequest
+) -> ThumbnailSpec:
+    """The thumbnail to make for a request no stored one covers: its real
+    size (recorded as such), animated WebP when asked for and possible."""
+    width, height = target_size(
+        source.width, source.height, request.width, request.height, request.method
+    )
+    animated = request.animated and source.animated
+    output_type = ANIMATED_THUMBNAIL_TYPE if animated else static_type
+    return ThumbnailSpec(width, height, output_type, request.method)
 
 
 def _render(thumbnailer: Thumbnailer, spec: ThumbnailSpec, width: int, height: int) -> bytes:
@@ -350,10 +428,15 @@ class ThumbnailProvider:
         self._dynamic = dynamic
         self.pixel_budget = PixelBudget(pixel_budget)
         self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
-        self._generating: SharedWork[tuple[str, int, int, str, bool], ThumbnailInfo] = SharedWork()
+        self._generating: SharedWork[tuple[str, int, int, str, str], ThumbnailInfo] = SharedWork()
         # Thumbnail rows of local media, read on every thumbnail request.
         self.local_rows: ExpiringCache[str, list[ThumbnailInfo]] = ExpiringCache(
             reactor, METADATA_CACHE_SECONDS
+        )
+        # Originals' sizes, read from their headers when no stored thumbnail
+        # covers a request (media never changes under its ID).
+        self._source_sizes: ExpiringCache[str, SourceSize] = ExpiringCache(
+            reactor, SOURCE_SIZE_CACHE_SECONDS, max_entries=SOURCE_SIZE_CACHE_ENTRIES
         )
 
     # -- in the thread pool ---------------------------------------------------
@@ -397,19 +480,9 @@ class ThumbnailProvider:
                 thumbnailer.prepare(max(s.width for s in specs), max(s.height for s in specs))
             return [Rendered(s, _render(thumbnailer, s, s.width, s.height)) for s in specs]
 
-    def _render_dynamic(
-        self,
-        path: str,
-        media_type: str,
-        output_type: str,
-        request: ThumbnailRequest,
-    ) -> Rendered:
+    def _probe(self, path: str, media_type: str) -> SourceSize:
         with self._open(path, media_type) as thumbnailer:
-            spec, drawn_w, drawn_h = dynamic_spec(
-                thumbnailer, output_type, request.width, request.height, request.method,
-                request.animated,
-            )  # fmt: skip
-            return Rendered(spec, _render(thumbnailer, spec, drawn_w, drawn_h))
+            return SourceSize(thumbnailer.width, thumbnailer.height, thumbnailer.is_animated)
 
     def _render_exact(self, path: str, media_type: str, spec: ThumbnailSpec) -> Rendered:
         with self._open(path, media_type) as thumbnailer:
@@ -563,17 +636,17 @@ class ThumbnailProvider:
     async def thumbnail(
         self, source: ThumbnailSource, request: ThumbnailRequest
     ) -> ThumbnailResponse:
-        """The thumbnail answering ``request`` for ``source``."""
-        if self._dynamic:
-            return await self._dynamic_thumbnail(source, request)
-        desired_type = ANIMATED_THUMBNAIL_TYPE if request.animated else "image/png"
+        """The thumbnail answering ``request`` for ``source``: the smallest
+        stored one covering it, else one made for it (whatever
+        ``dynamic_thumbnails`` says), else the closest stored one."""
+        static_type = thumbnail_output_type(source.media_type)
         await self._pregenerating.wait(source.key)
         rows = await source.rows()
-        if not rows:
-            raise MatrixError(400, Codes.UNKNOWN, _NO_THUMBNAILS_MESSAGE.format(path=request.path))
-        chosen = select_thumbnail(rows, request.width, request.height, request.method, desired_type)
+        chosen = select_thumbnail(
+            rows, request.width, request.height, request.method, request.animated, static_type
+        )
         if chosen is None:
-            raise NotFoundError(f"Not found '{request.path}'")
+            chosen = await self._on_demand(source, request, rows, static_type)
         responder = await self._storage.fetch(source.thumbnail_path(chosen))
         if responder is None:
             # The row outlived its file: make it again with the row's parameters.
@@ -584,12 +657,81 @@ class ThumbnailProvider:
                 raise NotFoundError()
         return ThumbnailResponse(responder, chosen.type)
 
+    async def _on_demand(
+        self,
+        source: ThumbnailSource,
+        request: ThumbnailRequest,
+        rows: list[ThumbnailInfo],
+        static_type: str | None,
+    ) -> ThumbnailInfo:
+        """The row answering a request no stored thumbnail covers: the one of
+        exactly the right size if it exists (the original's own size, when
+        the original is smaller than asked), else one made now, once however
+        many ask at the same time. When none can be made, the closest stored
+        one, or the error Synapse gives."""
+        try:
+            if static_type is None:
+                raise ThumbnailError(f"cannot thumbnail media of type {source.media_type!r}")
+            size = await self._source_size(source)
+            spec = on_demand_spec(size, static_type, request)
+            for row in rows:
+                if (row.width, row.height, row.type, row.method) == (
+                    spec.width, spec.height, spec.type, spec.method,
+                ):  # fmt: skip
+                    return row
+            key = (source.key, spec.width, spec.height, spec.type, spec.method)
+            return await self._generating.run(key, lambda: self._generate(source, spec))
+        except (ThumbnailError, NotFoundError) as e:
+            closest = closest_thumbnail(
+                rows, request.width, request.height, request.method, request.animated,
+                static_type,
+            )  # fmt: skip
+            if closest is not None:
+                return closest
+            if isinstance(e, ImageTooLargeError):
+                raise MatrixError(
+                    413, Codes.TOO_LARGE, "The image is too large to thumbnail"
+                ) from e
+            if isinstance(e, NotFoundError):
+                raise
+            if self._dynamic:
+                raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
+            raise MatrixError(
+                400, Codes.UNKNOWN, _NO_THUMBNAILS_MESSAGE.format(path=request.path)
+            ) from e
+
+    async def _source_size(self, source: ThumbnailSource) -> SourceSize:
+        """The original's size, from its header (read on the pool), remembered."""
+        size = self._source_sizes.get(source.key)
+        if size is None:
+            path = await self._source_file(source)
+            try:
+                size = await deferToThreadPool(
+                    self._reactor, self._threadpool, self._probe, path, source.media_type or ""
+                )
+            except ThumbnailError as e:
+                thumbnail_failures.labels(_failure_reason(e)).inc()
+                logger.info("cannot thumbnail %s: %s", source.key, e)
+                raise
+            self._source_sizes.put(source.key, size)
+        return size
+
     async def _regenerate(self, source: ThumbnailSource, info: ThumbnailInfo) -> None:
         spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
+        try:
+            await self._generate(source, spec, "regenerate")
+        except ThumbnailError as e:
+            logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
+            raise NotFoundError() from e
+
+    async def _generate(
+        self, source: ThumbnailSource, spec: ThumbnailSpec, reason: str = "dynamic"
+    ) -> ThumbnailInfo:
+        """Make ``spec`` from the original, store its file and record its row."""
         path = await self._source_file(source)
         try:
             rendered = await self._in_pool_within_budget(
-                "regenerate",
+                reason,
                 lambda t: t.pixels_to_decode(spec.width, spec.height),
                 self._render_exact,
                 path,
@@ -597,60 +739,10 @@ class ThumbnailProvider:
                 spec,
             )
         except ThumbnailError as e:
-            logger.warning("cannot regenerate a thumbnail of %s: %s", source.key, e)
-            raise NotFoundError() from e
-        await self._store(source, rendered, "regenerate")
-
-    async def _dynamic_thumbnail(
-        self, source: ThumbnailSource, request: ThumbnailRequest
-    ) -> ThumbnailResponse:
-        output_type = thumbnail_output_type(source.media_type)
-        if output_type is None:
-            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
-        # An exact match made earlier (by us or a Synapse) is reused.
-        wanted = (request.width, request.height, request.method)
-        wanted_types = [ANIMATED_THUMBNAIL_TYPE, output_type] if request.animated else [output_type]
-        rows = await source.rows()
-        for wanted_type in wanted_types:
-            for row in rows:
-                if (row.width, row.height, row.method) == wanted and row.type == wanted_type:
-                    responder = await self._storage.fetch(source.thumbnail_path(row))
-                    if responder is not None:
-                        return ThumbnailResponse(responder, row.type)
-        key = (source.key, request.width, request.height, request.method, request.animated)
-        info = await self._generating.run(
-            key, lambda: self._generate_dynamic(source, output_type, request)
-        )
-        responder = await self._storage.fetch(source.thumbnail_path(info))
-        if responder is None:
-            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.")
-        return ThumbnailResponse(responder, info.type)
-
-    async def _generate_dynamic(
-        self, source: ThumbnailSource, output_type: str, request: ThumbnailRequest
-    ) -> ThumbnailInfo:
-        path = await self._source_file(source)
-        try:
-
-            def measure(thumbnailer: Thumbnailer) -> int:
-                _, drawn_w, drawn_h = dynamic_spec(
-                    thumbnailer, output_type, request.width, request.height, request.method,
-                    request.animated,
-                )  # fmt: skip
-                return thumbnailer.pixels_to_decode(drawn_w, drawn_h)
-
-            rendered = await self._in_pool_within_budget(
-                "dynamic", measure, self._render_dynamic, path, source.media_type or "",
-                output_type, request,
-            )  # fmt: skip
-        except ImageTooLargeError as e:
-            thumbnail_failures.labels("too_large").inc()
-            raise MatrixError(413, Codes.TOO_LARGE, "The image is too large to thumbnail") from e
-        except ThumbnailError as e:
             thumbnail_failures.labels(_failure_reason(e)).inc()
             logger.info("cannot thumbnail %s: %s", source.key, e)
-            raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
-        return await self._store(source, rendered, "dynamic")
+            raise
+        return await self._store(source, rendered, reason)
 
 
 def _failure_reason(error: ThumbnailError) -> str:
