@@ -99,10 +99,11 @@ _OPENABLE_FORMATS = tuple(
 # several pictures are not).
 _ANIMATED_FORMATS = frozenset({"PNG", "GIF", "WEBP", "AVIF"})
 # Bytes a decode holds per source pixel, in units of the 4 bytes of a decoded
-# RGBA pixel that thumbnail_pixel_budget counts: libheif and libavif decode
-# into planes of their own before Pillow copies the pixels out, so a HEIF or
-# AVIF decode holds about twice what the image itself takes.
-_DECODE_COST = {"HEIF": 2, "AVIF": 2}
+# pixel that thumbnail_pixel_budget counts: libheif and libavif decode into
+# planes of their own before Pillow copies the pixels out. Measured (peak RSS
+# growth decoding a 4000x3000 image, against 48 MB for the decoded image, as
+# a PNG's decode takes): HEIC 88-99 MB, AVIF 113-141 MB.
+_DECODE_COST = {"HEIF": 2, "AVIF": 3}
 _OUTPUT_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 
 _QUALITY = 80
