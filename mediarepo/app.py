@@ -178,6 +178,7 @@ class MediaServer:
             max_image_pixels=config.max_image_pixels,
             dynamic=config.dynamic_thumbnails,
             pixel_budget=config.thumbnail_pixel_budget,
+            formats=config.thumbnail_formats,
             pending=PendingThumbnailWork(
                 PendingThumbnailStore(self.database), locks.instance_name, reactor
             ),

@@ -248,6 +248,11 @@ DEFAULT_THUMBNAIL_SIZES = (
 )
 
 
+# The keys of ``thumbnail_formats``: source formats thumbnailed beyond
+# Synapse's JPEG, PNG, GIF and WebP, each on unless turned off.
+OPTIONAL_THUMBNAIL_FORMATS = ("heic", "avif", "bmp", "tiff", "video")
+
+
 @attrs.frozen
 class TrustedKeyServer:
     """An entry of ``trusted_key_servers``: a notary asked for other servers' keys."""
@@ -331,6 +336,8 @@ class Config:
     media_housekeeping_interval_ms: int = 3600 * 1000
     # Ours: source pixels the thumbnail threads may decode at once.
     thumbnail_pixel_budget: int = 32 * 1024 * 1024
+    # Ours: which of OPTIONAL_THUMBNAIL_FORMATS are thumbnailed.
+    thumbnail_formats: frozenset[str] = frozenset(OPTIONAL_THUMBNAIL_FORMATS)
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -570,6 +577,17 @@ def _parse_pixel_budget(root: ConfigReader) -> int:
     return budget
 
 
+def _parse_thumbnail_formats(root: ConfigReader) -> frozenset[str]:
+    section = root.mapping("thumbnail_formats")
+    for name in root.raw("thumbnail_formats", {}):
+        if name not in OPTIONAL_THUMBNAIL_FORMATS:
+            raise ConfigError(
+                section.key(str(name)),
+                f"unknown format; expected one of {', '.join(OPTIONAL_THUMBNAIL_FORMATS)}",
+            )
+    return frozenset(name for name in OPTIONAL_THUMBNAIL_FORMATS if section.boolean(name, True))
+
+
 def _parse_housekeeping_interval(root: ConfigReader) -> int:
     interval = root.duration_ms("media_housekeeping_interval", "1h")
     if interval < 1000:
@@ -702,6 +720,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         admin_contact=root.string("admin_contact"),
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
         thumbnail_pixel_budget=_parse_pixel_budget(root),
+        thumbnail_formats=_parse_thumbnail_formats(root),
     )
 
 

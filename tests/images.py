@@ -62,3 +62,79 @@ def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def heic(width: int, height: int) -> bytes:
+    """A HEIC photo (pillow-heif, registered by mediarepo's thumbnailer)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    image = Image.new("RGB", (width, height), (200, 30, 30))
+    image.paste((0, 0, 255), (0, 0, max(1, width // 4), max(1, height // 4)))
+    return encode(image, "HEIF", quality=80)
+
+
+def avif_with_alpha(width: int, height: int) -> bytes:
+    image = Image.new("RGBA", (width, height), (0, 255, 0, 0))
+    image.paste((255, 0, 0, 255), (width // 4, height // 4, width // 2, height // 2))
+    return encode(image, "AVIF", quality=80)
+
+
+def bmp(width: int, height: int) -> bytes:
+    return encode(Image.new("RGB", (width, height), (10, 20, 30)), "BMP")
+
+
+def tiff_with_alpha(width: int, height: int) -> bytes:
+    image = Image.new("RGBA", (width, height), (0, 255, 0, 0))
+    image.paste((255, 0, 0, 255), (width // 4, height // 4, width // 2, height // 2))
+    return encode(image, "TIFF", compression="tiff_deflate")
+
+
+def video(
+    container: str,
+    codec: str,
+    width: int,
+    height: int,
+    frames: int = 10,
+    rotation: int | None = None,
+) -> bytes:
+    """A short video (PyAV: its wheels carry FFmpeg's encoders): ``frames``
+    red frames at 10 a second, blue in the top-left quarter as stored."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format=container) as output:
+        stream = output.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        image = Image.new("RGB", (width, height), (200, 30, 30))
+        image.paste((0, 0, 255), (0, 0, width // 4, height // 4))
+        for _ in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_image(image)):
+                output.mux(packet)
+        for packet in stream.encode():
+            output.mux(packet)
+    return out.getvalue()
+
+
+def mp4(width: int, height: int, rotation: int | None = None) -> bytes:
+    return video("mp4", "h264", width, height, rotation=rotation)
+
+
+def webm(width: int, height: int) -> bytes:
+    return video("webm", "libvpx", width, height)
+
+
+def webm_huge_declared() -> bytes:
+    """A VP8 WebM whose container and keyframe both claim 16383 x 16383
+    pixels (its real frames are 320 x 320)."""
+    data = webm(320, 320)
+    # Matroska PixelWidth (B0) and PixelHeight (BA), two-byte values.
+    for element in (b"\xb0\x82", b"\xba\x82"):
+        assert data.count(element + b"\x01\x40") == 1
+        data = data.replace(element + b"\x01\x40", element + b"\x3f\xff")
+    # The VP8 keyframe header: start code, then 14-bit width and height.
+    keyframe = b"\x9d\x01\x2a\x40\x01\x40\x01"
+    assert data.count(keyframe) == 1
+    return data.replace(keyframe, b"\x9d\x01\x2a\xff\x3f\xff\x3f")

@@ -247,6 +247,18 @@ class ConfigTests(unittest.TestCase):
                 parse({"server_name": "example.org", "thumbnail_pixel_budget": bad})
             self.assertIn("thumbnail_pixel_budget", str(raised.exception))
 
+    def test_thumbnail_formats(self) -> None:
+        all_formats = {"heic", "avif", "bmp", "tiff", "video"}
+        self.assertEqual(parse({"server_name": "example.org"}).thumbnail_formats, all_formats)
+        config = parse(
+            {"server_name": "example.org", "thumbnail_formats": {"video": False, "tiff": False}}
+        )
+        self.assertEqual(config.thumbnail_formats, {"heic", "avif", "bmp"})
+        for bad in ({"jxl": True}, {"video": "no"}, ["video"]):
+            with self.assertRaises(ConfigError) as raised:
+                parse({"server_name": "example.org", "thumbnail_formats": bad})
+            self.assertIn("thumbnail_formats", str(raised.exception))
+
     def test_unreadable_and_invalid_files(self) -> None:
         with self.assertRaises(ConfigError):
             load_config("/nonexistent/homeserver.yaml")

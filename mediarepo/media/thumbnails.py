@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mediarepo.config import ThumbnailSize
+from mediarepo.config import OPTIONAL_THUMBNAIL_FORMATS, ThumbnailSize
 from mediarepo.errors import Codes, InsufficientStorageError, MatrixError, NotFoundError
 from mediarepo.media.allocator import return_freed_memory
 from mediarepo.media.cache import ExpiringCache
@@ -45,7 +45,10 @@ from mediarepo.media.thumbnailer import (
     Thumbnailer,
     ThumbnailError,
     aspect,
+    is_video,
+    source_family,
 )
+from mediarepo.media.video import VideoThumbnailer
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN, PendingThumbnails
@@ -63,16 +66,20 @@ SOURCE_SIZE_CACHE_ENTRIES = 10_000
 # Work decoding at least this many pixels gives freed memory back after it.
 RELEASE_MEMORY_ABOVE_PIXELS = 4 * 1024 * 1024
 
+# "source" is the source's family (jpeg, png, gif, webp, heic, avif, bmp,
+# tiff, video): a few fixed values.
 thumbnails_generated = Counter(
-    "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason"]
+    "mediarepo_thumbnails_generated_total", "Thumbnails made", ["reason", "source"]
 )
 thumbnail_failures = Counter(
-    "mediarepo_thumbnail_failures_total", "Sources that could not be thumbnailed", ["reason"]
+    "mediarepo_thumbnail_failures_total",
+    "Sources that could not be thumbnailed",
+    ["reason", "source"],
 )
 thumbnail_seconds = Histogram(
     "mediarepo_thumbnail_render_seconds",
-    "Time spent in Pillow per source (decode, resize and encode of every size made)",
-    ["reason"],
+    "Time spent decoding per source (decode, resize and encode of every size made)",
+    ["reason", "source"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
@@ -416,7 +423,11 @@ class ThumbnailProvider:
         dynamic: bool,
         pixel_budget: int,
         pending: PendingThumbnailWork,
+        # The optional source formats (OPTIONAL_THUMBNAIL_FORMATS) thumbnailed;
+        # None: all of them.
+        formats: Iterable[str] | None = None,
     ) -> None:
+        self._formats = None if formats is None else frozenset(formats)
         self._storage = storage
         # Pre-generation not yet done, recorded so that a crash resumes it.
         self.pending = pending
@@ -441,11 +452,16 @@ class ThumbnailProvider:
 
     # -- in the thread pool ---------------------------------------------------
 
-    def _open(self, path: str, media_type: str) -> Thumbnailer:
+    def _open(self, path: str, media_type: str, *, header_only: bool = False) -> Thumbnailer:
+        if is_video(media_type):
+            # A video's displayed size (its rotation) is known once its frame is.
+            return VideoThumbnailer(
+                path, media_type, self._max_image_pixels, decode_now=not header_only
+            )
         return Thumbnailer(path, media_type, self._max_image_pixels)
 
     def _measure(self, path: str, media_type: str, measure: Callable[[Thumbnailer], int]) -> int:
-        with self._open(path, media_type) as thumbnailer:
+        with self._open(path, media_type, header_only=True) as thumbnailer:
             return measure(thumbnailer)
 
     def _pregeneration_pixels(self, thumbnailer: Thumbnailer, output_type: str) -> int:
@@ -490,8 +506,8 @@ class ThumbnailProvider:
 
     # -- on the reactor -------------------------------------------------------
 
-    async def _in_pool(self, label: str, func: Callable[..., _T], *args: object) -> _T:
-        with thumbnail_seconds.labels(label).time():
+    async def _in_pool(self, label: str, source: str, func: Callable[..., _T], *args: object) -> _T:
+        with thumbnail_seconds.labels(label, source).time():
             result: _T = await deferToThreadPool(self._reactor, self._threadpool, func, *args)
             return result
 
@@ -512,8 +528,9 @@ class ThumbnailProvider:
         )
         async with self.pixel_budget.reserved_for(pixels):
             return await self._in_pool(
-                label, self._render_then_release, pixels, render, path, media_type, *args
-            )
+                label, _family(media_type), self._render_then_release, pixels, render, path,
+                media_type, *args,
+            )  # fmt: skip
 
     async def _source_file(self, source: ThumbnailSource) -> str:
         path = await self._storage.local_copy(source.content_path)
@@ -532,7 +549,8 @@ class ThumbnailProvider:
             # so the file must go too.
             await self._storage.delete(path)
             raise NotFoundError()
-        thumbnails_generated.labels(reason).inc()
+        family = _family(source.media_type)
+        thumbnails_generated.labels(reason, family).inc()
         emit(
             MediaEvent.THUMBNAIL_GENERATED,
             media_id=source.media_id,
@@ -543,6 +561,7 @@ class ThumbnailProvider:
             thumbnail_type=info.type,
             length=info.length,
             reason=reason,
+            source_type=family,
         )
         return info
 
@@ -556,7 +575,15 @@ class ThumbnailProvider:
         """Whether new media of this type gets thumbnails made in the
         background (then that work is recorded with its row: see
         :class:`PendingThumbnailWork`)."""
-        return thumbnail_output_type(media_type) is not None and not self._dynamic
+        return self._output_type(media_type) is not None and not self._dynamic
+
+    def _output_type(self, media_type: str | None) -> str | None:
+        """:func:`thumbnail_output_type`, for the formats this server thumbnails."""
+        family = source_family(media_type)
+        if self._formats is not None and family in OPTIONAL_THUMBNAIL_FORMATS:
+            if family not in self._formats:
+                return None
+        return thumbnail_output_type(media_type)
 
     def schedule_pregeneration(self, source: ThumbnailSource) -> None:
         """Start making ``thumbnail_sizes`` for new media, in the background;
@@ -614,7 +641,7 @@ class ThumbnailProvider:
     async def _pregenerate(self, source: ThumbnailSource) -> list[ThumbnailInfo]:
         """Make and record the configured sizes; nothing (and a log line) if
         the media cannot be thumbnailed."""
-        output_type = thumbnail_output_type(source.media_type)
+        output_type = self._output_type(source.media_type)
         if output_type is None or source.media_type is None:
             return []
         path = await self._source_file(source)
@@ -628,7 +655,7 @@ class ThumbnailProvider:
                 output_type,
             )
         except ThumbnailError as e:
-            thumbnail_failures.labels(_failure_reason(e)).inc()
+            thumbnail_failures.labels(_failure_reason(e), _family(source.media_type)).inc()
             logger.info("not thumbnailing %s: %s", source.key, e)
             return []
         return [await self._store(source, r, "pregenerate") for r in rendered]
@@ -639,7 +666,7 @@ class ThumbnailProvider:
         """The thumbnail answering ``request`` for ``source``: the smallest
         stored one covering it, else one made for it (whatever
         ``dynamic_thumbnails`` says), else the closest stored one."""
-        static_type = thumbnail_output_type(source.media_type)
+        static_type = self._output_type(source.media_type)
         await self._pregenerating.wait(source.key)
         rows = await source.rows()
         chosen = select_thumbnail(
@@ -710,7 +737,7 @@ class ThumbnailProvider:
                     self._reactor, self._threadpool, self._probe, path, source.media_type or ""
                 )
             except ThumbnailError as e:
-                thumbnail_failures.labels(_failure_reason(e)).inc()
+                thumbnail_failures.labels(_failure_reason(e), _family(source.media_type)).inc()
                 logger.info("cannot thumbnail %s: %s", source.key, e)
                 raise
             self._source_sizes.put(source.key, size)
@@ -739,10 +766,14 @@ class ThumbnailProvider:
                 spec,
             )
         except ThumbnailError as e:
-            thumbnail_failures.labels(_failure_reason(e)).inc()
+            thumbnail_failures.labels(_failure_reason(e), _family(source.media_type)).inc()
             logger.info("cannot thumbnail %s: %s", source.key, e)
             raise
         return await self._store(source, rendered, reason)
+
+
+def _family(media_type: str | None) -> str:
+    return source_family(media_type) or "other"
 
 
 def _failure_reason(error: ThumbnailError) -> str:

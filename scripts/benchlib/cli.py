@@ -25,7 +25,15 @@ from benchlib.results import (
     print_table,
     ratio_rows,
 )
-from benchlib.scenarios import NEEDS_PILLOW, SCENARIOS, Options, Target, run_scenario
+from benchlib.scenarios import (
+    NEEDS_AV,
+    NEEDS_HEIF,
+    NEEDS_PILLOW,
+    SCENARIOS,
+    Options,
+    Target,
+    run_scenario,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -257,8 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     needed = []
     if launching:
         needed.append("yaml")
-    if set(args.scenario_list) & NEEDS_PILLOW:
+    if set(args.scenario_list) & (NEEDS_PILLOW | NEEDS_HEIF | NEEDS_AV):
         needed.append("PIL")
+    if set(args.scenario_list) & NEEDS_HEIF:
+        needed.append("pillow_heif")
+    if set(args.scenario_list) & NEEDS_AV:
+        needed.append("av")
     ensure_modules(needed)
 
     opts = Options(

@@ -98,3 +98,57 @@ def image_size(data: bytes) -> tuple[int, int] | None:
             return img.size
     except (UnidentifiedImageError, OSError):
         return None
+
+
+def heics(
+    count: int, *, first_seed: int = 0, progress: Callable[[str], None] | None = None
+) -> list[bytes]:
+    """``count`` distinct HEIC photos: the test JPEGs re-encoded (pillow-heif),
+    as an iPhone stores its photos. Made now, outside any timed section."""
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    pictures = jpegs(count, first_seed=first_seed, progress=progress)
+    if progress is not None:
+        progress(f"encoding {count} HEIC photos (not timed)")
+    result = []
+    for picture in pictures:
+        out = io.BytesIO()
+        with Image.open(io.BytesIO(picture)) as image:
+            image.save(out, "HEIF", quality=80)
+        result.append(out.getvalue())
+    return result
+
+
+VIDEO_WIDTH, VIDEO_HEIGHT, VIDEO_FRAMES, VIDEO_RATE = 1920, 1080, 30, 30
+
+
+def videos(
+    count: int, *, first_seed: int = 0, progress: Callable[[str], None] | None = None
+) -> list[bytes]:
+    """``count`` distinct one-second 1080p H.264 MP4s (PyAV), each panning
+    over one of the test pictures. Made now, outside any timed section."""
+    import av
+    from PIL import Image
+
+    pictures = jpegs(count, first_seed=first_seed, progress=progress)
+    if progress is not None:
+        progress(f"encoding {count} 1080p MP4 videos (not timed)")
+    result = []
+    for picture in pictures:
+        with Image.open(io.BytesIO(picture)) as image:
+            source = image.convert("RGB")
+        out = io.BytesIO()
+        with av.open(out, "w", format="mp4") as container:
+            stream = container.add_stream("h264", rate=VIDEO_RATE)
+            stream.width, stream.height, stream.pix_fmt = VIDEO_WIDTH, VIDEO_HEIGHT, "yuv420p"
+            for index in range(VIDEO_FRAMES):
+                left = index * 10
+                frame = source.crop((left, 0, left + VIDEO_WIDTH, VIDEO_HEIGHT))
+                for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        result.append(out.getvalue())
+    return result

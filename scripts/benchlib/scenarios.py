@@ -519,11 +519,31 @@ async def download_large(target: Target, opts: Options) -> list[Result]:
     return await _download(target, opts, "download_large", LARGE_SIZE, opts.conns(4), legacy=False)
 
 
+# Sources of the upload-to-thumbnail scenarios: (what makes them, media type, name).
+_THUMBNAIL_SOURCES: dict[str, tuple[Callable[..., list[bytes]], str, str]] = {
+    "thumbnail_upload": (images.jpegs, "image/jpeg", "JPEG"),
+    "thumbnail_upload_heic": (images.heics, "image/heic", "HEIC"),
+    "thumbnail_upload_video": (images.videos, "video/mp4", "MP4"),
+}
+
+
 async def thumbnail_upload(target: Target, opts: Options) -> list[Result]:
-    pictures = await asyncio.to_thread(
-        images.jpegs, opts.thumb_count, first_seed=0, progress=opts.log
-    )
-    bodies = [images.uniquified(p) for p in pictures]
+    return await _thumbnail_upload(target, opts, "thumbnail_upload")
+
+
+async def thumbnail_upload_heic(target: Target, opts: Options) -> list[Result]:
+    return await _thumbnail_upload(target, opts, "thumbnail_upload_heic")
+
+
+async def thumbnail_upload_video(target: Target, opts: Options) -> list[Result]:
+    return await _thumbnail_upload(target, opts, "thumbnail_upload_video")
+
+
+async def _thumbnail_upload(target: Target, opts: Options, scenario: str) -> list[Result]:
+    make, media_type, kind = _THUMBNAIL_SOURCES[scenario]
+    pictures = await asyncio.to_thread(make, opts.thumb_count, first_seed=0, progress=opts.log)
+    # JPEGs are made unique per run (the others are distinct already).
+    bodies = [images.uniquified(p) for p in pictures] if kind == "JPEG" else pictures
     upload_lat: list[float] = []
     ready_lat: list[float] = []
     get_lat: list[float] = []
@@ -542,17 +562,17 @@ async def thumbnail_upload(target: Target, opts: Options) -> list[Result]:
                 response = await conn.request(
                     "POST",
                     target.path(upload_path()),
-                    headers={"Content-Type": "image/jpeg"},
+                    headers={"Content-Type": media_type},
                     body=body,
                 )
             except RequestFailed as e:
                 errors["upload connection error"] += 1
-                samples.append(f"POST upload JPEG -> {e}")
+                samples.append(f"POST upload {kind} -> {e}")
                 continue
             t1 = time.perf_counter()
             if response.status != 200:
                 errors[f"upload {response.status}"] += 1
-                samples.append(f"POST upload JPEG -> {response.short()}")
+                samples.append(f"POST upload {kind} -> {response.short()}")
                 continue
             upload_lat.append(t1 - t0)
             sent += len(body)
@@ -572,7 +592,7 @@ async def thumbnail_upload(target: Target, opts: Options) -> list[Result]:
     pct = ms_percentiles(upload_lat)
     result = Result(
         server=target.label,
-        scenario="thumbnail_upload",
+        scenario=scenario,
         tool="asyncio",
         connections=1,
         requests=len(bodies),
@@ -591,7 +611,10 @@ async def thumbnail_upload(target: Target, opts: Options) -> list[Result]:
             **{k: v for k, v in ms_percentiles(get_lat, "get_").items() if k == "get_p50_ms"},
             "polls_mean": sum(polls) / len(polls) if polls else 0.0,
         },
-        notes=["p50.. = until the upload answered; ready = until its 320x240 thumbnail was served"],
+        notes=[
+            f"{kind} sources; p50.. = until the upload answered;"
+            " ready = until its 320x240 thumbnail was served"
+        ],
     )
     return [measurement.finish(result)]
 
@@ -786,6 +809,8 @@ SCENARIOS: dict[str, Scenario] = {
     "download_small_legacy": download_small_legacy,
     "download_large": download_large,
     "thumbnail_upload": thumbnail_upload,
+    "thumbnail_upload_heic": thumbnail_upload_heic,
+    "thumbnail_upload_video": thumbnail_upload_video,
     "thumbnail_dynamic": thumbnail_dynamic,
     "thumbnail_cached": thumbnail_cached,
     "create_put": create_put,
@@ -793,6 +818,9 @@ SCENARIOS: dict[str, Scenario] = {
 
 # Scenarios that need Pillow (to make or read JPEGs).
 NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached"}
+# Scenarios that also need pillow-heif or PyAV (to make their sources).
+NEEDS_HEIF = {"thumbnail_upload_heic"}
+NEEDS_AV = {"thumbnail_upload_video"}
 
 
 async def run_scenario(name: str, target: Target, opts: Options) -> list[Result]:

@@ -192,7 +192,7 @@ class DynamicThumbnailTests(ThumbnailTestMixin):
     def generated(self) -> float:
         from mediarepo.media.thumbnails import thumbnails_generated
 
-        return thumbnails_generated.labels("dynamic")._value.get()
+        return thumbnails_generated.labels("dynamic", "jpeg")._value.get()
 
     async def test_exact_size_generated_once_under_concurrency(self) -> None:
         media_id = await self.upload(self.token, images.jpeg(3000, 2000), "image/jpeg")

@@ -152,8 +152,9 @@ class AspectTests(unittest.TestCase):
 
 class OutputTypeTests(unittest.TestCase):
     def test_synapse_map(self) -> None:
+        synapse_types = ("image/jpeg", "image/jpg", "image/webp", "image/gif", "image/png")
         self.assertEqual(
-            THUMBNAIL_OUTPUT_TYPES,
+            {t: THUMBNAIL_OUTPUT_TYPES[t] for t in synapse_types},
             {
                 "image/jpeg": "image/jpeg",
                 "image/jpg": "image/jpeg",
@@ -163,6 +164,10 @@ class OutputTypeTests(unittest.TestCase):
             },
         )
         self.assertEqual(ANIMATED_THUMBNAIL_TYPE, "image/webp")
+        # Every type made is one of the three Synapse writes.
+        self.assertLessEqual(
+            set(THUMBNAIL_OUTPUT_TYPES.values()), {"image/jpeg", "image/png", "image/webp"}
+        )
 
 
 class SizeTests(ThumbnailerTestCase):
@@ -627,15 +632,16 @@ class HostileInputTests(ThumbnailerTestCase):
         self.assertFails(self.write("empty.png", b""), "image/png")
         self.assertFails(self.write("magic.png", b"\x89PNG\r\n\x1a\n"), "image/png")
 
-    def test_unsupported_formats(self) -> None:
+    def test_formats_only_as_themselves(self) -> None:
         bmp = self.save("pic.bmp", pattern(40, 40), "BMP")
         tiff = self.save("pic.tiff", pattern(40, 40), "TIFF")
         for path in (bmp, tiff):
             self.assertFails(path, "image/png")
             self.assertFails(path, "image/jpeg")
-        self.assertFails(bmp, "image/bmp")
-        self.assertFails(tiff, "image/tiff")
+        self.assertFails(bmp, "image/tiff")
+        self.assertFails(tiff, "image/bmp")
         self.assertFails(self.save("ok.png", pattern(10, 10), "PNG"), "application/octet-stream")
+        self.assertFails(self.save("pic.ico", pattern(16, 16), "ICO"), "image/x-icon")
 
     def test_missing_file(self) -> None:
         self.assertFails(self.path("nothing-here.png"), "image/png")
