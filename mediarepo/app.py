@@ -342,7 +342,7 @@ class MediaServer:
             # Every worker evicts once its writes take the store over the limit.
             local.on_written = self.local_cache.note_written
             tasks.on_stored = self.local_cache.note_copied
-        return MediaStorage(local, slots, tasks)
+        return MediaStorage(local, slots, tasks, self.reactor)
 
     def _open_sockets(self) -> list[ListeningSocket]:
         """Listening sockets of this process's own, one per listener address."""

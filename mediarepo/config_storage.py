@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -37,6 +38,44 @@ class S3ProviderConfig:
     threadpool_size: int = 40
     sse_customer_key: str | None = None
     sse_customer_algo: str = "AES256"
+    # Our own keys. Encryption by the store with its own or a KMS key
+    # (SSE-S3, SSE-KMS), as opposed to SSE-C above.
+    server_side_encryption: str | None = None
+    sse_kms_key_id: str | None = None
+    # Uploads above the threshold go in parts of the chunk size.
+    multipart_threshold: int = 8 * 1024 * 1024
+    multipart_chunksize: int = 8 * 1024 * 1024
+    # Downloads the client allows to be redirected go to the store:
+    # ``"presigned"`` (a presigned GET) or a public base URL (a CDN in front
+    # of the bucket); ``None``: never.
+    download_redirect: str | None = None
+    presigned_url_expiry_seconds: int = 3600
+
+
+PRESIGNED_REDIRECT = "presigned"
+# S3 refuses presigned URLs valid for longer than seven days.
+_MAX_PRESIGNED_EXPIRY_SECONDS = 7 * 24 * 3600
+# S3's smallest part (but the last) of a multipart upload.
+_MIN_PART_SIZE = 5 * 1024 * 1024
+_SERVER_SIDE_ENCRYPTIONS = ("AES256", "aws:kms", "aws:kms:dsse")
+
+
+def _download_redirect(options: ConfigReader, sse_customer_key: str | None) -> str | None:
+    value = options.string("download_redirect")
+    if not value:
+        return None
+    if value != PRESIGNED_REDIRECT:
+        url = urlsplit(value)
+        if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+            raise ConfigError(
+                options.key("download_redirect"),
+                f"must be {PRESIGNED_REDIRECT!r} or a http(s) base URL, got {value!r}",
+            )
+    if sse_customer_key is not None:
+        # A GET of an SSE-C object needs the key in its headers: a client
+        # that is redirected cannot send them.
+        raise ConfigError(options.key("download_redirect"), "cannot be used with sse_customer_key")
+    return value
 
 
 @attrs.frozen
@@ -72,6 +111,26 @@ def _provider_backend(
     if not bucket:
         raise ConfigError(options.key("bucket"), "is required")
     algo = options.string("sse_customer_algo", "AES256") or "AES256"
+    sse_customer_key = options.string("sse_customer_key")
+    server_side_encryption = options.string("server_side_encryption")
+    if server_side_encryption is not None:
+        if server_side_encryption not in _SERVER_SIDE_ENCRYPTIONS:
+            raise ConfigError(
+                options.key("server_side_encryption"),
+                f"must be one of {', '.join(_SERVER_SIDE_ENCRYPTIONS)}",
+            )
+        if sse_customer_key is not None:
+            raise ConfigError(
+                options.key("server_side_encryption"), "cannot be used with sse_customer_key"
+            )
+    expiry_ms = options.duration_ms("presigned_url_expiry", "1h")
+    if not 1000 <= expiry_ms <= _MAX_PRESIGNED_EXPIRY_SECONDS * 1000:
+        raise ConfigError(
+            options.key("presigned_url_expiry"), "must be between 1s and 7d (S3's limit)"
+        )
+    chunksize = options.size("multipart_chunksize", "8M")
+    if chunksize < _MIN_PART_SIZE:
+        raise ConfigError(options.key("multipart_chunksize"), "must be at least 5M (S3's minimum)")
     return S3ProviderConfig(
         bucket=bucket,
         region_name=options.string("region_name"),
@@ -82,8 +141,14 @@ def _provider_backend(
         storage_class=options.string("storage_class", "STANDARD") or "STANDARD",
         prefix=options.string("prefix", "") or "",
         threadpool_size=options.integer("threadpool_size", 40, minimum=1),
-        sse_customer_key=options.string("sse_customer_key"),
+        sse_customer_key=sse_customer_key,
         sse_customer_algo=algo,
+        server_side_encryption=server_side_encryption,
+        sse_kms_key_id=options.string("sse_kms_key_id"),
+        multipart_threshold=options.size("multipart_threshold", "8M"),
+        multipart_chunksize=chunksize,
+        download_redirect=_download_redirect(options, sse_customer_key),
+        presigned_url_expiry_seconds=expiry_ms // 1000,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.headers import set_media_security_headers
-from mediarepo.http.responder import respond_with_responder
+from mediarepo.http.responder import respond_with_responder_or_redirect
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
 from mediarepo.identifiers import is_valid_server_name
@@ -18,6 +18,12 @@ MAX_TIMEOUT_MS = 60_000
 
 def parse_timeout_ms(request: MediaRequest) -> int:
     return min(query_int(request, "timeout_ms", DEFAULT_TIMEOUT_MS), MAX_TIMEOUT_MS)
+
+
+def allows_redirect(request: MediaRequest) -> bool:
+    """Whether the client accepts a redirect for the bytes (MSC3860); only
+    the authenticated endpoints use it, the legacy ones always serve them."""
+    return query_bool(request, "allow_redirect", False)
 
 
 def checked_server_name(params: dict[str, str]) -> str:
@@ -75,4 +81,11 @@ class DownloadHandler:
                 ),
             )
         filename = params.get("file_name") or download.upload_name
-        await respond_with_responder(request, download.responder, download.media_type, filename)
+        await respond_with_responder_or_redirect(
+            request,
+            self._repository,
+            download.responder,
+            download.media_type,
+            filename,
+            allow_redirect=authenticated and allows_redirect(request),
+        )

@@ -10,12 +10,17 @@ from typing import Any
 from mediarepo.http.auth import FederationAuthenticator
 from mediarepo.http.download import parse_timeout_ms
 from mediarepo.http.headers import content_disposition, thumbnail_content_disposition
-from mediarepo.http.responder import respond_with_multipart
+from mediarepo.http.responder import (
+    redirect_location,
+    respond_with_multipart,
+    respond_with_multipart_redirect,
+)
 from mediarepo.http.server import respond_json
 from mediarepo.http.site import MediaRequest
 from mediarepo.http.thumbnail import parse_thumbnail_request
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.responder import Responder
 
 
 class FederationMediaHandler:
@@ -38,7 +43,7 @@ class FederationMediaHandler:
         download = await self._repository.get_local_media(
             params["media_id"], allow_authenticated=True, timeout_ms=parse_timeout_ms(request)
         )
-        await respond_with_multipart(
+        await self._respond(
             request,
             download.responder,
             download.media_type,
@@ -52,12 +57,27 @@ class FederationMediaHandler:
             allow_authenticated=True,
             timeout_ms=parse_timeout_ms(request),
         )
-        await respond_with_multipart(
+        await self._respond(
             request,
             thumbnail.responder,
             thumbnail.media_type,
             thumbnail_content_disposition(thumbnail.media_type),
         )
+
+    async def _respond(
+        self, request: MediaRequest, responder: Responder, media_type: str | None, disposition: str
+    ) -> None:
+        """The file part, or, where a provider offers its copy, the
+        ``Location`` part the spec allows in its place."""
+        try:
+            location = await redirect_location(self._repository, responder, media_type, disposition)
+        except BaseException:
+            responder.close()
+            raise
+        if location is not None:
+            respond_with_multipart_redirect(request, responder, location)
+            return
+        await respond_with_multipart(request, responder, media_type, disposition)
 
 
 class KeyServerHandler:

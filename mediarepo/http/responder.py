@@ -11,13 +11,23 @@ from mediarepo.errors import Codes, MatrixError
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,
+    multipart_redirect,
     multipart_tail,
     new_boundary,
 )
-from mediarepo.http.headers import MEDIA_CACHE_CONTROL, MEDIA_ETAG, set_media_headers
+from mediarepo.http.headers import (
+    JSON_CACHE_CONTROL,
+    MEDIA_CACHE_CONTROL,
+    MEDIA_ETAG,
+    content_disposition,
+    response_content_type,
+    set_media_headers,
+    thumbnail_content_disposition,
+)
 from mediarepo.http.sendfile import can_sendfile, send_file
 from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
+from mediarepo.media.repository import MediaRepository
 from mediarepo.media.responder import FileResponder, Responder, bytes_served
 
 logger = logging.getLogger(__name__)
@@ -187,3 +197,70 @@ async def respond_with_multipart(
             request.finish()
     finally:
         responder.close()
+
+
+async def redirect_location(
+    repository: MediaRepository,
+    responder: Responder,
+    media_type: str | None,
+    disposition: str,
+) -> str | None:
+    """Where the client may be sent for ``responder``'s file, with the
+    Content-Type our own answer would carry and ``disposition``; ``None``
+    if the bytes are to come from here."""
+    return await repository.redirect_url(responder, response_content_type(media_type), disposition)
+
+
+async def respond_with_responder_or_redirect(
+    request: MediaRequest,
+    repository: MediaRepository,
+    responder: Responder,
+    media_type: str | None,
+    filename: str | None,
+    *,
+    allow_redirect: bool,
+    thumbnail: bool = False,
+) -> None:
+    """A 307 to a provider's copy of the file where the client allows it and
+    the provider offers it; otherwise the bytes (see :func:`respond_with_responder`).
+    The Location serves the headers our own answer would have."""
+    if allow_redirect:
+        try:
+            if _answered_not_modified(request):
+                responder.close()
+                return
+            disposition = (
+                thumbnail_content_disposition(media_type)
+                if thumbnail
+                else content_disposition(media_type, filename)
+            )
+            url = await redirect_location(repository, responder, media_type, disposition)
+        except BaseException:
+            responder.close()
+            raise
+        if url is not None:
+            responder.close()
+            request.setResponseCode(307)
+            request.setHeader("Location", url)
+            # The URL may expire: the redirect itself is not to be kept.
+            request.setHeader("Cache-Control", JSON_CACHE_CONTROL)
+            request.setHeader("Content-Length", "0")
+            request.finish()
+            return
+    await respond_with_responder(request, responder, media_type, filename, thumbnail=thumbnail)
+
+
+def respond_with_multipart_redirect(
+    request: MediaRequest, responder: Responder, location: str
+) -> None:
+    """A federation ``multipart/mixed`` answer whose file part is only a
+    ``Location`` (which the spec says is not to be cached)."""
+    responder.close()
+    boundary = new_boundary()
+    body = multipart_redirect(boundary, location)
+    request.setHeader("Content-Type", multipart_content_type(boundary))
+    request.setHeader("Content-Length", str(len(body)))
+    request.setHeader("Cache-Control", JSON_CACHE_CONTROL)
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()

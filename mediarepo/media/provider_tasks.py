@@ -72,6 +72,11 @@ class ProviderTasks:
         """A provider has just stored a path: older deletions of it are void."""
         await self._store.cancel_deletes(provider.name, relative_path)
 
+    async def copy_queued(self, provider: StorageProvider, relative_path: str) -> bool:
+        """Whether ``provider`` is still owed a copy of ``relative_path``
+        (what it holds there, if anything, is not that file yet)."""
+        return await self._store.is_queued(provider.name, relative_path, ProviderOperation.STORE)
+
     def run_soon(self) -> None:
         """Run the due tasks now, or, if a run is under way, once more after it
         (a task queued during a run is not left for the next tick)."""

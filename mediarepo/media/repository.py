@@ -471,6 +471,14 @@ class MediaRepository:
             raise NotFoundError()
         return MediaDownload(media.media_type, media.upload_name, responder)
 
+    async def redirect_url(
+        self, responder: Responder, content_type: str, content_disposition: str
+    ) -> str | None:
+        """Where a client that allows redirects may fetch what ``responder``
+        (of media already found visible) would send, with these headers; see
+        :meth:`MediaStorage.redirect_url`."""
+        return await self.storage.redirect_url(responder, content_type, content_disposition)
+
     async def get_remote_thumbnail(
         self, origin: str, media_id: str, request: ThumbnailRequest, access: RemoteAccess
     ) -> ThumbnailResponse:

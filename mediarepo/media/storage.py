@@ -16,8 +16,10 @@ import logging
 from collections.abc import Sequence
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.errors import Codes, MatrixError
+from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.paths import is_local_path, is_remote_path
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider
@@ -27,6 +29,11 @@ from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 from mediarepo.storage.provider_tasks import ProviderOperation
 
 logger = logging.getLogger(__name__)
+
+# How long a provider's copy, once seen whole, is taken to be there without
+# asking again. Media never changes under its path; deleted or quarantined
+# media is refused by its row before a copy is looked for.
+HELD_COPY_SECONDS = 600.0
 
 
 class StorageUnavailableError(MatrixError):
@@ -59,10 +66,13 @@ class MediaStorage:
         local: LocalMediaStore,
         slots: Sequence[ProviderSlot],
         tasks: ProviderTasks,
+        clock: IReactorTime,
     ) -> None:
         self.local = local
         self.slots = list(slots)
         self.tasks = tasks
+        # (provider name, path) of copies known to be whole.
+        self._held: ExpiringCache[tuple[str, str], bool] = ExpiringCache(clock, HELD_COPY_SECONDS)
         self._uploads_in_progress: set[UploadSink] = set()
 
     @property
@@ -161,6 +171,12 @@ class MediaStorage:
         Raises :class:`StorageUnavailableError` if the file was found nowhere
         and a provider could not be asked.
         """
+        responder = await self._fetch(relative_path)
+        if responder is not None:
+            responder.stored_path = relative_path
+        return responder
+
+    async def _fetch(self, relative_path: str) -> Responder | None:
         responder = await self.local.fetch(relative_path)
         if responder is not None:
             return responder
@@ -177,6 +193,41 @@ class MediaStorage:
         if failed:
             raise StorageUnavailableError("Media storage is unavailable; try again later")
         return None
+
+    async def redirect_url(
+        self, responder: Responder, content_type: str, content_disposition: str
+    ) -> str | None:
+        """Where a client may fetch the file ``responder`` would stream, with
+        these response headers: a URL of the first provider with redirects
+        on that holds the whole file (not one still owed its copy). ``None``:
+        serve the bytes here."""
+        path = responder.stored_path
+        if path is None:
+            return None
+        for slot in self.slots:
+            provider = slot.provider
+            if not provider.redirects or not slot.wants(path):
+                continue
+            try:
+                if await self._holds(provider, path, responder.size):
+                    return await provider.redirect_url(path, content_type, content_disposition)
+            except Exception as e:
+                # The bytes are here: a provider that cannot answer costs no download.
+                logger.warning("no redirect to %s for %s: %s", provider.name, path, e)
+        return None
+
+    async def _holds(self, provider: StorageProvider, relative_path: str, size: int) -> bool:
+        key = (provider.name, relative_path)
+        if self._held.get(key):
+            return True
+        # A copy still queued may be missing or (a reservation's content
+        # written again after a crash) not yet this file.
+        if await self.tasks.copy_queued(provider, relative_path):
+            return False
+        if not await provider.exists(relative_path, size):
+            return False
+        self._held.put(key, True)
+        return True
 
     async def local_copy(self, relative_path: str) -> str | None:
         """A path on local disk holding ``relative_path``, for work that needs
@@ -212,6 +263,7 @@ class MediaStorage:
         that is down never holds up a purge)."""
         await self.local.delete(relative_path)
         for provider in self.providers:
+            self._held.forget((provider.name, relative_path))
             await self._queue(provider, relative_path, ProviderOperation.DELETE)
 
     async def delete_directory(self, relative_path: str) -> None:

@@ -118,6 +118,15 @@ class ProviderTaskStore:
             (task.provider, task.relative_path, task.operation.value),
         )
 
+    async def is_queued(self, provider: str, relative_path: str, op: ProviderOperation) -> bool:
+        rows = await self._db.run_query(
+            "is_provider_task_queued",
+            "SELECT 1 FROM mediarepo_provider_tasks"
+            " WHERE provider = ? AND relative_path = ? AND operation = ?",
+            (provider, relative_path, op.value),
+        )
+        return bool(rows)
+
     async def count(self) -> int:
         rows = await self._db.run_query(
             "count_provider_tasks", "SELECT COUNT(*) FROM mediarepo_provider_tasks"

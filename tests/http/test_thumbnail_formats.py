@@ -85,7 +85,6 @@ class NewSourceFormatTests(_CapturingMixin):
         cases = [
             (images.mp4(320, 240)[:1500], "video/mp4"),  # truncated
             (images.webm(320, 240)[:300], "video/webm"),  # truncated
-            (images.webm_huge_declared(), "video/webm"),
             (b"this is not a video" * 100, "video/mp4"),
             (images.webm(64, 64), "video/mp4"),  # mislabelled
         ]
@@ -100,6 +99,12 @@ class NewSourceFormatTests(_CapturingMixin):
                 any(m.startswith(f"not thumbnailing {media_id}") for m in self.messages()),
                 (media_type, self.messages()),
             )
+        # A video declaring a resolution over max_image_pixels is refused as
+        # any other too large source is, before anything is decoded.
+        media_id = await self.upload(self.token, images.webm_huge_declared(), "video/webm")
+        r = await self.thumbnail(media_id, "width=32&height=32")
+        self.assertEqual((r.code, r.json()["errcode"]), (413, "M_TOO_LARGE"))
+        self.assertEqual(self.thumbnail_files(media_id), [])
         self.assertLess(time.monotonic() - started, 30)
         # No thread is left busy: a good video still gets its thumbnail.
         media_id = await self.upload(self.token, images.mp4(160, 120), "video/mp4")

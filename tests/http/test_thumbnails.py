@@ -248,7 +248,12 @@ class DynamicThumbnailTests(ThumbnailTestMixin):
 def generated_on_demand() -> float:
     from mediarepo.media.thumbnails import thumbnails_generated
 
-    return thumbnails_generated.labels("dynamic")._value.get()
+    return sum(
+        sample.value
+        for metric in thumbnails_generated.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("reason") == "dynamic"
+    )
 
 
 @on_both_databases

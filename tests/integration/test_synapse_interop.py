@@ -642,6 +642,21 @@ class SynapseInteropTest(SynapseTestCase):
             synapse_thumbnails,
             "mediarepo's thumbnail rows and files differ from Synapse's for the same photo",
         )
+        # Sources only we thumbnail: an iPhone-style HEIC photo and a video.
+        new_sources = {}
+        for content_type, data in (
+            ("image/heic", images.heic(800, 600)),
+            ("video/mp4", images.mp4(640, 360)),
+        ):
+            mxc = self._upload(token, data, content_type, "new-source")
+            server, media_id = media_id_of(mxc)
+            response = http_request(
+                self.port, "GET",
+                f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=320&height=240",
+                token=token,
+            )  # fmt: skip
+            self.assertEqual(response.status, 200, (content_type, response.body[:300]))
+            new_sources[content_type] = mxc
         # Quarantine through our admin API: recorded where Synapse looks.
         quarantined_mxc = synapse_media[1][0]
         response = http_request(
@@ -675,6 +690,17 @@ class SynapseInteropTest(SynapseTestCase):
         self._put(token, our_reserved, b"put through Synapse into mediarepo's reservation")
         response = self._download(our_reserved, token)
         self.assertEqual(response.status, 200, response.body)
+        # Synapse serves the thumbnails we made of sources it cannot read.
+        for content_type, mxc in new_sources.items():
+            server, media_id = media_id_of(mxc)
+            response = http_request(
+                self.port, "GET",
+                f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=320&height=240",
+                token=token,
+            )  # fmt: skip
+            self.assertEqual(response.status, 200, (content_type, response.body[:300]))
+            width, height = images.size_of(response.body)
+            self.assertTrue(width >= 320 or height >= 240, (content_type, width, height))
         # Synapse honours our quarantine, lists our change in its stream, and
         # its own release of the media follows ours there.
         self.assertEqual(self._download(quarantined_mxc, token).status, 404)

@@ -64,6 +64,8 @@ def _download_discarding(port: int, path: str, token: str) -> tuple[int, str]:
 class S3TestMixin(ServerTestMixin):
     # Extra entries of the provider's config, per test class.
     provider_flags: dict[str, Any] = {}
+    # Extra options of the provider's own ``config``, per test class.
+    provider_options: dict[str, Any] = {}
     start_moto = True
 
     async def setUp(self) -> None:  # type: ignore[override]
@@ -72,10 +74,9 @@ class S3TestMixin(ServerTestMixin):
         self.addCleanup(self.moto.stop)  # type: ignore[attr-defined]
         if self.start_moto:
             self.moto.start()
-        self.extra_config = {
-            "media_storage_providers": [self.moto.provider_config(**self.provider_flags)],
-            **self.more_config(),
-        }
+        entry = self.moto.provider_config(**self.provider_flags)
+        entry["config"].update(self.provider_options)
+        self.extra_config = {"media_storage_providers": [entry], **self.more_config()}
         await super().setUp()
         self.token = await self.register()
 

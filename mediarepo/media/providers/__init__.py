@@ -16,6 +16,8 @@ class StorageProvider(abc.ABC):
 
     # Identifies the provider in logs and in the queue of pending copies.
     name: str
+    # Whether clients may be sent to :meth:`redirect_url` (the config says).
+    redirects: bool = False
 
     # Optional hooks, not abstract: most providers need neither.
     def start(self) -> None:  # noqa: B027
@@ -39,6 +41,15 @@ class StorageProvider(abc.ABC):
     @abc.abstractmethod
     async def delete(self, relative_path: str) -> None:
         """Remove ``relative_path``; no error if it is absent."""
+
+    async def redirect_url(
+        self, relative_path: str, content_type: str, content_disposition: str
+    ) -> str | None:
+        """A URL serving this provider's copy of ``relative_path`` with these
+        response headers, for a client to be redirected to; ``None`` if the
+        provider offers none. Whether the copy is there is the caller's
+        business."""
+        return None
 
     @abc.abstractmethod
     async def delete_directory(self, relative_path: str) -> None:

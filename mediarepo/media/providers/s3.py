@@ -6,6 +6,12 @@ bucket mirrors the local layout. Every boto3 call runs on this provider's own
 thread pool; uploads go through boto3's transfer manager (multipart above its
 threshold, read from the local file part by part), downloads are streamed a
 chunk at a time with back-pressure.
+
+With ``download_redirect`` set, a client that allows it is sent to the
+object itself: a presigned GET (``presigned``) or the object's key under a
+public base URL (a CDN in front of the bucket). Either way the response
+headers we would have sent travel in the URL (``response-content-type``,
+``response-content-disposition``), so the client sees the same ones.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
+from urllib.parse import quote, urlencode
 
 import boto3
 import botocore.config
@@ -22,7 +29,7 @@ from twisted.internet.interfaces import IConsumer, IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from mediarepo.config_storage import S3ProviderConfig
+from mediarepo.config_storage import PRESIGNED_REDIRECT, S3ProviderConfig
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.responder import Responder, ThreadedProducer
 
@@ -61,10 +68,17 @@ class S3Provider(StorageProvider):
                 connect_timeout=10,
                 read_timeout=60,
                 retries={"max_attempts": 3, "mode": "standard"},
+                # Presigned URLs too: SigV4 is what every store accepts.
+                signature_version="s3v4",
             ),
         )
         # use_threads=False: the transfer runs in the calling thread (ours).
-        self._transfer = TransferConfig(use_threads=False)
+        self._transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold,
+            multipart_chunksize=settings.multipart_chunksize,
+            use_threads=False,
+        )
+        self.redirects = settings.download_redirect is not None
 
     def start(self) -> None:
         self._threadpool.start()
@@ -82,6 +96,15 @@ class S3Provider(StorageProvider):
             "SSECustomerKey": self.settings.sse_customer_key,
             "SSECustomerAlgorithm": self.settings.sse_customer_algo,
         }
+
+    def _store_args(self) -> dict[str, str]:
+        """What every stored object is written with."""
+        extra = {"StorageClass": self.settings.storage_class, **self._encryption_args()}
+        if self.settings.server_side_encryption is not None:
+            extra["ServerSideEncryption"] = self.settings.server_side_encryption
+            if self.settings.sse_kms_key_id is not None:
+                extra["SSEKMSKeyId"] = self.settings.sse_kms_key_id
+        return extra
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
         """Run a blocking boto3 call on this provider's thread pool."""
@@ -133,7 +156,7 @@ class S3Provider(StorageProvider):
         return await self.in_pool(head)
 
     async def store(self, relative_path: str, local_path: str) -> None:
-        extra = {"StorageClass": self.settings.storage_class, **self._encryption_args()}
+        extra = self._store_args()
 
         def upload() -> None:
             self._client.upload_file(
@@ -145,6 +168,41 @@ class S3Provider(StorageProvider):
             )
 
         await self.in_pool(upload)
+
+    async def redirect_url(
+        self, relative_path: str, content_type: str, content_disposition: str
+    ) -> str | None:
+        target = self.settings.download_redirect
+        if target is None:
+            return None
+        key = self.key(relative_path)
+        if target == PRESIGNED_REDIRECT:
+            params = {
+                "Bucket": self.settings.bucket,
+                "Key": key,
+                "ResponseContentType": content_type,
+                "ResponseContentDisposition": content_disposition,
+            }
+            # Signing is computation, but finding the credentials may be I/O
+            # (an instance profile, a refresh).
+            url: str = await self.in_pool(
+                lambda: self._client.generate_presigned_url(
+                    "get_object",
+                    Params=params,
+                    ExpiresIn=self.settings.presigned_url_expiry_seconds,
+                )
+            )
+            return url
+        # The CDN passes the query on to the bucket (in a request it signs):
+        # S3 honours these only in signed requests.
+        query = urlencode(
+            {
+                "response-content-type": content_type,
+                "response-content-disposition": content_disposition,
+            },
+            quote_via=quote,
+        )
+        return f"{target.rstrip('/')}/{quote(key)}?{query}"
 
     async def delete(self, relative_path: str) -> None:
         await self.in_pool(
