@@ -649,12 +649,7 @@ class SynapseInteropTest(SynapseTestCase):
             ("video/mp4", images.mp4(640, 360)),
         ):
             mxc = self._upload(token, data, content_type, "new-source")
-            server, media_id = media_id_of(mxc)
-            response = http_request(
-                self.port, "GET",
-                f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=320&height=240",
-                token=token,
-            )  # fmt: skip
+            response = self._thumbnail_320x240(token, mxc)
             self.assertEqual(response.status, 200, (content_type, response.body[:300]))
             new_sources[content_type] = mxc
         # Quarantine through our admin API: recorded where Synapse looks.
@@ -692,12 +687,7 @@ class SynapseInteropTest(SynapseTestCase):
         self.assertEqual(response.status, 200, response.body)
         # Synapse serves the thumbnails we made of sources it cannot read.
         for content_type, mxc in new_sources.items():
-            server, media_id = media_id_of(mxc)
-            response = http_request(
-                self.port, "GET",
-                f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=320&height=240",
-                token=token,
-            )  # fmt: skip
+            response = self._thumbnail_320x240(token, mxc)
             self.assertEqual(response.status, 200, (content_type, response.body[:300]))
             width, height = images.size_of(response.body)
             self.assertTrue(width >= 320 or height >= 240, (content_type, width, height))
@@ -722,6 +712,14 @@ class SynapseInteropTest(SynapseTestCase):
             [(quarantined_id, True), (quarantined_id, False)],
         )
         self._stop(synapse2)
+
+    def _thumbnail_320x240(self, token: str, mxc: str) -> Response:
+        server, media_id = media_id_of(mxc)
+        return http_request(
+            self.port, "GET",
+            f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}?width=320&height=240",
+            token=token,
+        )  # fmt: skip
 
     def _admin_reads(self, token: str, mxc: str) -> dict[str, Any]:
         """Answers of read-only admin endpoints, minus what reads change."""
