@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mediarepo.config import Config, load_config
-from mediarepo.errors import ConfigError
+from mediarepo.errors import ConfigError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ def report_start_failure(config: Config, failure: Any) -> str:
     if isinstance(error, ConfigError):
         line = str(config.locate(error))
     else:
-        # Drivers' messages may run over several lines.
-        line = "start-up failed: " + " ".join(str(error).split())
+        line = "start-up failed: " + one_line(error)
     logger.debug("start-up failure", exc_info=failure.getTracebackObject())
     logger.error("%s", line)
     return line

@@ -107,3 +107,9 @@ class ConfigError(Exception):
         if self.source is not None:
             return f"{self.key} in {self.source}: {self.problem}"
         return f"config key {self.key!r}: {self.problem}"
+
+
+def one_line(error: object) -> str:
+    """An error's message on one line (libpq's, for one, span several): for
+    log records and the start-up failure line."""
+    return " ".join(str(error).split())

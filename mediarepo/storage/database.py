@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorCore
 from twisted.internet.threads import deferToThreadPool
 
 from mediarepo.config import DatabaseConfig
-from mediarepo.errors import DatabaseUnavailableError
+from mediarepo.errors import DatabaseUnavailableError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -312,11 +312,6 @@ class _Pool(adbapi.ConnectionPool):
         if fresh:
             self._opened_in[tid] = database.outages
         return conn
-
-
-def one_line(error: object) -> str:
-    """libpq's messages span lines; a log record should not."""
-    return " ".join(str(error).split())
 
 
 def create_engine(name: str) -> Engine:

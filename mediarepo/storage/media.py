@@ -286,14 +286,14 @@ class MediaStore:
         thumbnail row and deletes it with the media, or has deleted the media
         first and the thumbnail is not recorded. (SQLite has one writer.)"""
         lock = " FOR SHARE" if self._db.engine.name == "psycopg2" else ""
-        placeholders = ", ".join("?" * len(values))
+        value_marks = ", ".join("?" * len(values))
 
         def txn(t: Transaction) -> bool:
             t.execute(f"SELECT 1 FROM {media_row}{lock}", media_key)
             if t.fetchone() is None:
                 return False
             t.execute(
-                f"INSERT INTO {table_and_columns} VALUES ({placeholders})"
+                f"INSERT INTO {table_and_columns} VALUES ({value_marks})"
                 f" ON CONFLICT {conflict_columns}"
                 " DO UPDATE SET thumbnail_length = EXCLUDED.thumbnail_length",
                 values,

@@ -28,7 +28,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mediarepo.storage.database import Transaction, one_line
+from mediarepo.errors import one_line
+from mediarepo.storage.database import Transaction
 
 logger = logging.getLogger(__name__)
 
