@@ -11,6 +11,7 @@ reactor stays free.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,11 +28,31 @@ SERVER_NAME = "cli.test"
 STARTUP_TIMEOUT = 60.0
 
 
+def _ephemeral_ports() -> range:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free now, for a server the test starts next. Taken
+    outside the kernel's ephemeral range: a port from there may be handed to
+    an outgoing connection (to PostgreSQL, to moto) before the server binds
+    it."""
+    ephemeral = _ephemeral_ports()
+    while True:
+        port = random.randrange(10_000, 65_536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class ServerProcesses:

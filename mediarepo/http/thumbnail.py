@@ -11,7 +11,7 @@ from mediarepo.http.server import query_bool, query_int, query_string
 from mediarepo.http.site import MediaRequest
 from mediarepo.media.remote import RemoteAccess
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.thumbnails import ThumbnailRequest
+from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 
 # Larger requests are refused rather than worked on: no client shows a
 # thumbnail this big, and the numbers feed image arithmetic.

@@ -34,12 +34,12 @@ from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
 from mediarepo.media.responder import Responder
 from mediarepo.media.storage import MediaStorage
+from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from mediarepo.media.thumbnails import (
     METADATA_CACHE_SECONDS,
     LocalThumbnailSource,
     RemoteThumbnailSource,
     ThumbnailProvider,
-    ThumbnailRequest,
     ThumbnailResponse,
 )
 from mediarepo.media.upload_sink import UploadSink

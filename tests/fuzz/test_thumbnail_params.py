@@ -13,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from mediarepo.errors import MatrixError
 from mediarepo.http.thumbnail import MAX_THUMBNAIL_DIMENSION, parse_thumbnail_request
-from mediarepo.media.thumbnails import ThumbnailRequest
+from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from tests.fuzz.strategies import hostile_text
 
 PATH = b"/_matrix/client/v1/media/thumbnail/test.example/abcdefgh"

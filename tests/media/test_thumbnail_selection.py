@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from mediarepo.config import DEFAULT_THUMBNAIL_SIZES
-from mediarepo.media.thumbnails import (
+from mediarepo.media.thumbnail_sizes import (
     SourceSize,
     ThumbnailRequest,
     on_demand_spec,
