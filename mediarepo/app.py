@@ -55,6 +55,7 @@ from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
+from mediarepo.storage.uploads import UploadStore
 from mediarepo.storage.users import UserStore
 from mediarepo.workers import ListeningSocket, open_listening_sockets
 
@@ -136,6 +137,8 @@ class MediaServer:
         self._access_flush: task.LoopingCall | None = None
         self.retention: Retention | None = None
         self.local_cache: LocalCacheEviction | None = None
+        # The local media store (tests look at it).
+        self.local_store: LocalMediaStore | None = None
         self._providers: list[StorageProvider] = []
         self._provider_tasks: task.LoopingCall | None = None
         self.federation_client: FederationClient | None = None
@@ -164,6 +167,7 @@ class MediaServer:
             note_reads=config.media_store_max_size is not None,
             admin_contact=config.admin_contact,
         )
+        self.local_store = local
         storage = self._create_storage(local)
         media_store = MediaStore(self.database)
         # A Synapse worker goes by its worker_name in Synapse's tables.
@@ -202,8 +206,9 @@ class MediaServer:
             arrivals, reactor,
         )  # fmt: skip
         self.repository = MediaRepository(
-            config, storage, media_store, thumbnails, remote, locks, quarantine, arrivals, reactor
-        )
+            config, storage, media_store, UploadStore(self.database), thumbnails, remote, locks,
+            quarantine, arrivals, reactor,
+        )  # fmt: skip
         admin_store = MediaAdminStore(
             self.database, config.server_name, schema.avatar_columns, schema.has_profiles
         )
@@ -435,7 +440,7 @@ class MediaServer:
             await self._stop_step("settle provider tasks", repository.storage.tasks.wait_idle)
         if self.database is not None:
             # Blocks until running statements end: each is bounded by the
-            # connection's timeouts (see POSTGRES_CONNECT_DEFAULTS).
+            # connection's timeouts (see storage.engines.POSTGRES_CONNECT_DEFAULTS).
             await self._stop_step("close the database pool", self.database.close)
             self.database = None
         for provider in self._providers:

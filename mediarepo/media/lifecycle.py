@@ -65,7 +65,7 @@ class MediaPurger:
             await self._storage.delete_directory(local_thumbnail_dir(media_id))
             # A URL-preview download keeps its bytes under url_cache/ instead.
             with contextlib.suppress(ValueError):  # an ID of no url_cache shape
-                await self._storage.local.delete(url_cache_path(media_id))
+                await self._storage.delete_local(url_cache_path(media_id))
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:

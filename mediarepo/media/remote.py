@@ -193,7 +193,7 @@ class RemoteMediaCache:
         key = remote_content_key(origin, media_id)
         deadline = self._clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
         while True:
-            lock, _ = await self._locks.try_lock_then(_DOWNLOAD_LOCK, key, lambda t: None)
+            lock = await self._locks.try_lock(_DOWNLOAD_LOCK, key)
             if lock is not None:
                 try:
                     # It may have landed between our look and the lock.
@@ -235,7 +235,7 @@ class RemoteMediaCache:
         sink = self._storage.begin_upload(filesystem_id)
         try:
             fetched = await self._fetch_into(sink, origin, media_id, timeout_ms)
-            with self._storage.local.full.converting("remote media"):
+            with self._storage.full.converting("remote media"):
                 written = await sink.finish()
         except BaseException as e:
             await sink.abort()
@@ -269,14 +269,13 @@ class RemoteMediaCache:
                 authenticated=self._config.enable_authenticated_media,
                 sha256=written.sha256,
             )
-            pending = self._thumbnails.pending
-            # Recorded first: a crash after the row must not lose the thumbnails.
-            record_thumbnails = (
-                (lambda t: pending.record_txn(t, origin, media_id))
+            # Recorded with the row: a crash after it must not lose the thumbnails.
+            thumbnails_owed = (
+                self._thumbnails.pending.owed(origin, media_id)
                 if not quarantined and self._thumbnails.pregenerates(media.media_type)
                 else None
             )
-            if not await self._media_store.store_remote_media(media, record_thumbnails):
+            if not await self._media_store.store_remote_media(media, thumbnails_owed):
                 # Another process fetched it first: keep its copy.
                 await self._storage.delete(path)
                 existing = await self._media_store.get_remote_media(origin, media_id)

@@ -291,7 +291,8 @@ class BoundedLocalStoreTests(S3TestMixin):
 
     async def test_evicts_least_recently_read(self) -> None:
         # The order is the test's: no run started by the uploads below.
-        self.server.repository.storage.local.on_written = None
+        assert self.server.local_store is not None
+        self.server.local_store.on_written = None
         blobs = {}
         for _ in range(6):
             data = os.urandom(60_000)
@@ -320,7 +321,8 @@ class BoundedLocalStoreTests(S3TestMixin):
 async def evicted_after_writes(test: S3TestMixin, max_size: int) -> None:
     """Uploads taking the store past ``max_size`` are followed, without the
     housekeeping timer, by eviction back under it (within seconds)."""
-    local = test.server.repository.storage.local
+    local = test.server.local_store
+    assert local is not None
     for _ in range(5):
         await test.upload(test.token, os.urandom(60_000))
     written = time.monotonic()
