@@ -7,12 +7,8 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from mediarepo.config import (
-    load_config,
-    parse_config,
-    parse_duration_ms,
-    parse_size,
-)
+from mediarepo.config import load_config, parse_config
+from mediarepo.config_reader import parse_duration_ms, parse_size
 from mediarepo.config_storage import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name

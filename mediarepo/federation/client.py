@@ -24,7 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from mediarepo.config import FederationConfig
+from mediarepo.config_federation import FederationConfig
 from mediarepo.federation.backoff import DestinationAttempt, DestinationBackoff
 from mediarepo.federation.bodies import (
     drop_body,

@@ -19,7 +19,7 @@ from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
-from mediarepo.config import TrustedKeyServer
+from mediarepo.config_federation import TrustedKeyServer
 from mediarepo.federation.bodies import BodyReadError, drop_body
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.keys import key_id as name_of_key
