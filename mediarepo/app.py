@@ -43,6 +43,7 @@ from mediarepo.media.repository import MediaRepository
 from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
+from mediarepo.media.uploads import LocalUploads
 from mediarepo.storage.database import Database
 from mediarepo.storage.destinations import DestinationStore
 from mediarepo.storage.keys import KeyStore
@@ -205,10 +206,13 @@ class MediaServer:
             config, storage, media_store, self.federation_client, thumbnails, quarantine, locks,
             arrivals, reactor,
         )  # fmt: skip
-        self.repository = MediaRepository(
-            config, storage, media_store, UploadStore(self.database), thumbnails, remote, locks,
+        uploads = LocalUploads(
+            config, storage, media_store, UploadStore(self.database), thumbnails, locks,
             quarantine, arrivals, reactor,
         )  # fmt: skip
+        self.repository = MediaRepository(
+            config, storage, media_store, uploads, thumbnails, remote, arrivals, reactor
+        )
         admin_store = MediaAdminStore(
             self.database, config.server_name, schema.avatar_columns, schema.has_profiles
         )

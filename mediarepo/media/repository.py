@@ -19,7 +19,6 @@ from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.access import AccessTracker
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.events import MediaEvent, emit
-from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
     local_media_path,
@@ -42,8 +41,6 @@ from mediarepo.media.upload_sink import UploadSink
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.notifications import ALL_MEDIA_CHANGED
-from mediarepo.storage.quarantine import QuarantineStore
-from mediarepo.storage.uploads import UploadStore
 from mediarepo.values import LocalMedia, Requester
 
 logger = logging.getLogger(__name__)
@@ -64,18 +61,17 @@ class MediaRepository:
         config: Config,
         storage: MediaStorage,
         media_store: MediaStore,
-        uploads: UploadStore,
+        uploads: LocalUploads,
         thumbnails: ThumbnailProvider,
         remote: RemoteMediaCache,
-        locks: WorkerLocks,
-        quarantine: QuarantineStore,
         arrivals: ContentArrivals,
         clock: IReactorTime,
     ) -> None:
         self.config = config
-        self._quarantine = quarantine
         self.server_name = config.server_name
         self.storage = storage
+        self.uploads = uploads
+        self.quota = uploads.quota
         self.thumbnails = thumbnails
         self.remote = remote
         # Content landing here or announced by other processes: async
@@ -88,10 +84,6 @@ class MediaRepository:
         )
         self._media_store = media_store
         self.clock = clock
-        self.uploads = LocalUploads(
-            config, storage, media_store, uploads, thumbnails, locks, quarantine, arrivals, clock
-        )
-        self.quota = self.uploads.quota
 
     def _now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)

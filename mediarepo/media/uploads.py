@@ -254,15 +254,17 @@ class LocalUploads:
             def remove_staged() -> None:
                 self.storage.remove_staged(written)
 
+            providers_first = self.storage.providers_want(relative_path)
             with self.storage.full.converting("upload"):
-                if self.storage.providers_want(relative_path):
+                if providers_first:
                     stored = await self._uploads.place(upload, place)
-                    await self.storage.to_providers(
-                        relative_path, self.storage.local_file(relative_path)
-                    )
-                    await self._uploads.record(upload, stored, remove_staged)
                 else:
                     stored = await self._uploads.store(upload, place, remove_staged)
+            if providers_first:
+                await self.storage.to_providers(
+                    relative_path, self.storage.local_file(relative_path)
+                )
+                await self._uploads.record(upload, stored, remove_staged)
         except BaseException as e:
             if placed:
                 await self.storage.delete(relative_path)
