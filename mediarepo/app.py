@@ -26,7 +26,7 @@ from mediarepo.federation.keys import load_signing_keys, server_keys_response
 from mediarepo.http.admin import AdminHandler
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
-from mediarepo.http.tree import Handlers, build_tree, upload_target
+from mediarepo.http.tree import Handlers, build_tree
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.allocator import map_large_allocations
@@ -271,8 +271,6 @@ class MediaServer:
                 reactor,
                 max_upload_size=config.max_upload_size,
                 x_forwarded=listener.x_forwarded,
-                upload_target=upload_target,
-                begin_upload=handlers.upload.begin_upload,
                 abandon_upload=self.repository.abandon_upload,
             )
             self.sites.append(site)
