@@ -170,6 +170,16 @@ class Router(Resource):
     def __init__(self, routes: Sequence[Route]) -> None:
         super().__init__()
         self._routes = list(routes)
+        self._streamed_body_methods = frozenset(
+            method
+            for candidate in self._routes
+            if isinstance(candidate.handler, StreamedBody)
+            for method in candidate.methods
+        )
+
+    @property
+    def streamed_body_methods(self) -> frozenset[bytes]:
+        return self._streamed_body_methods
 
     @property
     def routes(self) -> list[Route]:

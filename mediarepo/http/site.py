@@ -65,6 +65,11 @@ class TakesStreamedBody(Protocol):
     """A leaf resource whose routes may take a streamed body (``http/server.py``'s
     ``Router``): asked from the request line and the headers, before the body."""
 
+    @property
+    def streamed_body_methods(self) -> frozenset[bytes]:
+        """The methods of its routes that take a streamed body."""
+        ...
+
     def upload_acceptor(
         self, request: MediaRequest, depth: int
     ) -> Callable[[], Coroutine[Any, Any, AcceptedUpload]] | None:
@@ -325,6 +330,17 @@ class MediaChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+def _streamed_body_methods(resource: IResource) -> frozenset[bytes]:
+    """The methods that routes anywhere under ``resource`` take a streamed body with."""
+    if isinstance(resource, TakesStreamedBody):
+        return resource.streamed_body_methods
+    children: dict[bytes, IResource] = getattr(resource, "children", {})
+    methods: frozenset[bytes] = frozenset()
+    for child in children.values():
+        methods |= _streamed_body_methods(child)
+    return methods
+
+
 class MediaSite(Site):
     """One listener's site; finds, from the request line, the requests whose
     route takes a streamed body."""
@@ -350,12 +366,17 @@ class MediaSite(Site):
         self.abandon_upload = abandon_upload
         self.noisy = False
         self.channels: set[MediaChannel] = set()
+        # Only requests with these methods can go to a route that takes a
+        # streamed body: the others (downloads) are not looked up twice.
+        self._streamed_body_methods = _streamed_body_methods(resource)
 
     def upload_acceptor(
         self, request: MediaRequest
     ) -> Callable[[], Coroutine[Any, Any, AcceptedUpload]] | None:
         """How to accept the body of ``request``, if its route takes a
         streamed body: the resource tree walked as Twisted will walk it."""
+        if request.method not in self._streamed_body_methods:
+            return None
         resource = self.resource
         segments = request.path[1:].split(b"/")
         depth = 0

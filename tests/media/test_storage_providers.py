@@ -303,8 +303,8 @@ class BoundedLocalStoreTests(S3TestMixin):
         # One file S3 does not have is never evicted, however old.
         unsafe = next(iter(blobs))
         self.moto.client().delete_object(Bucket=BUCKET, Key=local_media_path(unsafe))
-        assert self.server.local_cache is not None
-        evicted = await self.server.local_cache.run()
+        assert self.server.parts.local_cache is not None
+        evicted = await self.server.parts.local_cache.run()
         self.assertEqual(evicted, 3)
         kept = {m for m in blobs if os.path.exists(self.local_file(local_media_path(m)))}
         self.assertEqual(kept, {unsafe, *list(blobs)[4:]})
