@@ -222,8 +222,7 @@ class HostilePeerTests(FakePeerMixin):
         self.assertIn("/cdn/file", self.fake.requests)  # type: ignore[attr-defined]
 
     async def test_stalled_peer_times_out(self) -> None:
-        assert self.a.server.federation_client is not None
-        self.a.server.federation_client.idle_timeout = 0.5
+        self.a.server.parts.federation_client.idle_timeout = 0.5
         r = await self.fetch("stall-aaaaaaaaaa")
         self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))  # type: ignore[attr-defined]
         self.assert_nothing_cached()

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mediarepo.app import MediaServer
+from mediarepo.app import media_server
 from mediarepo.media.paths import local_media_path
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests import images
@@ -43,12 +43,12 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
         self.instances = [self.server]
         self.urls = [self.base_url]
         for name in ("b", "c"):
-            server = MediaServer(
+            server = media_server(
                 self.make_config(media_store_path=os.path.join(self.workdir, f"store-{name}")),
                 reactor,
             )
             await server.start()
-            self.addCleanup(server.stop_deferred)
+            self.addCleanup(server.stopService)
             self.instances.append(server)
             self.urls.append(f"http://127.0.0.1:{server.ports[0].getHost().port}")
         self.admin = await self.register("admin", admin=True)
