@@ -194,7 +194,12 @@ class MediaServer:
             DestinationStore(self.database), BackoffPolicy.from_config(config.federation), reactor
         )
         self.federation_client = FederationClient(
-            reactor, config.server_name, signing_keys[0], config.federation, backoff=backoff
+            reactor,
+            config.server_name,
+            signing_keys[0],
+            config.federation,
+            backoff=backoff,
+            proxy=config.proxy,
         )
         arrivals = ContentArrivals(reactor)
         remote = RemoteMediaCache(

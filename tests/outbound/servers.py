@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IListeningPort
@@ -14,6 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from mediarepo.outbound import IPRangeFilter, OutboundClient, OutboundSettings
 
 
 class Recorder(Resource):
@@ -212,3 +215,16 @@ class ForwardProxy(protocol.Factory):
 
     def buildProtocol(self, addr: Any) -> _ProxyConnection:
         return _ProxyConnection(self)
+
+
+def in_memory_client(
+    case: unittest.TestCase, clock: Any, resource: Resource, **settings: Any
+) -> tuple[OutboundClient, RequestTraversalAgent]:
+    """An outbound client on ``clock`` whose requests all reach
+    ``resource`` in memory (treq's traversal agent; call its ``flush`` to
+    move bytes), for unit tests of what is built on the client. Address
+    resolution and filtering are bypassed: test_client covers them."""
+    client = OutboundClient(clock, OutboundSettings(ip_filter=IPRangeFilter([], []), **settings))
+    agent = RequestTraversalAgent(resource)
+    case.patch(client, "_agent", lambda *args: agent)
+    return client, agent

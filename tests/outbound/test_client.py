@@ -41,6 +41,15 @@ def _ipv6_loopback() -> bool:
     return True
 
 
+def _tls_for_localhost() -> tuple[Any, TLSPolicy]:
+    """A server's TLS context for ``localhost``, and a client policy trusting it."""
+    ca = TestCA(tempfile.mkdtemp())
+    cert, key = ca.issue("localhost")
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        context = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+    return context, TLSPolicy.from_ca_files((ca.ca_path,))
+
+
 class ClientCase(unittest.TestCase):
     def setUp(self) -> None:
         self.recorder = Recorder()
@@ -113,12 +122,9 @@ class AddressTests(ClientCase):
         self.assertEqual(self.site.connections, 0)
 
     async def test_connect_to_and_tls_name(self) -> None:
-        ca = TestCA(tempfile.mkdtemp())
-        cert, key = ca.issue("localhost")
-        with open(cert, "rb") as c, open(key, "rb") as k:
-            context = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        context, trust = _tls_for_localhost()
         port = listen(self, self.site, "127.0.0.1", context)
-        client = self.client(tls=TLSPolicy.from_ca_files((ca.ca_path,)))
+        client = self.client(tls=trust)
         # The URL names the server; the connection goes where SRV said,
         # and the certificate is checked against the name given.
         response = await client.request(
@@ -240,16 +246,13 @@ class ProxyTests(ClientCase):
         return proxy, listen(self, proxy, "127.0.0.1")
 
     async def test_https_through_a_connect_tunnel(self) -> None:
-        ca = TestCA(tempfile.mkdtemp())
-        cert, key = ca.issue("localhost")
-        with open(cert, "rb") as c, open(key, "rb") as k:
-            context = ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+        context, trust = _tls_for_localhost()
         port = listen(self, self.site, "127.0.0.1", context)
         proxy, proxy_port = self.proxy()
         client = self.client(
             # The target is resolved by the proxy, not checked here (as in Synapse).
             IPRangeFilter(["127.0.0.0/8"], []),
-            tls=TLSPolicy.from_ca_files((ca.ca_path,)),
+            tls=trust,
             proxy=ProxySettings(https_proxy=f"http://user:secret@127.0.0.1:{proxy_port}"),
         )
         self.assertEqual(
