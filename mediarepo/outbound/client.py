@@ -211,23 +211,10 @@ class OutboundClient:
         target); ``tls_name`` the name the certificate must carry instead
         of the URL's host. :class:`OutboundRequestError` (or
         :class:`BlockedAddressError`) if no answer came."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OutboundRequestError(f"cannot fetch {url!r}: not an http(s) URL")
-        sent = Headers() if headers is None else headers.copy()
-        sent.setRawHeaders(b"User-Agent", [self.settings.user_agent])
         try:
-            if not sent.hasHeader(b"Host"):
-                sent.setRawHeaders(b"Host", [parts.netloc.rpartition("@")[2].encode("idna")])
-            agent = self._agent(parts, connect_to, tls_name, sent)
-            uri = _uri_bytes(url)
-        except ValueError as e:
+            requesting = self._send(method, url, headers, json_body, connect_to, tls_name)
+        except ValueError as e:  # the URL cannot be requested as it is
             raise OutboundRequestError(f"cannot fetch {url!r}: {e}") from e
-        body = None
-        if json_body is not None:
-            sent.setRawHeaders(b"Content-Type", [b"application/json"])
-            body = FileBodyProducer(BytesIO(json.dumps(json_body).encode("utf-8")))
-        requesting = agent.request(method, uri, sent, body)
         timeout = self.settings.response_timeout
 
         def timed_out(result: object, timeout: float) -> Failure:
@@ -263,6 +250,31 @@ class OutboundClient:
                     headers.removeHeader(name)
             url = next_url
         raise OutboundRequestError(f"more than {max_redirects} redirects")
+
+    def _send(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers | None,
+        json_body: object | None,
+        connect_to: tuple[str, int] | None,
+        tls_name: str | None,
+    ) -> defer.Deferred[IResponse]:
+        """Send the request (:class:`ValueError` if ``url`` is unusable)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
+        sent = Headers() if headers is None else headers.copy()
+        sent.setRawHeaders(b"User-Agent", [self.settings.user_agent])
+        if not sent.hasHeader(b"Host"):
+            sent.setRawHeaders(b"Host", [parts.netloc.rpartition("@")[2].encode("idna")])
+        agent = self._agent(parts, connect_to, tls_name, sent)
+        body = None
+        if json_body is not None:
+            sent.setRawHeaders(b"Content-Type", [b"application/json"])
+            body = FileBodyProducer(BytesIO(json.dumps(json_body).encode("utf-8")))
+        requesting: defer.Deferred[IResponse] = agent.request(method, _uri_bytes(url), sent, body)
+        return requesting
 
     def _agent(
         self,

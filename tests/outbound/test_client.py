@@ -142,9 +142,17 @@ class AddressTests(ClientCase):
                 b"GET", "https://server.test/hello", connect_to=("127.0.0.1", port)
             )
 
-    async def test_not_http(self) -> None:
+    async def test_unusable_urls(self) -> None:
         client = self.client()
-        for url in ("ftp://example.test/", "file:///etc/passwd", "http:///nohost"):
+        for url in (
+            "ftp://example.test/",
+            "file:///etc/passwd",
+            "http:///nohost",
+            "http://example.test:99999/",
+            "http://[::1/",
+            "http://example.test/a b",
+            "http://example.test/\r\nX-Injected: 1",
+        ):
             with self.assertRaises(OutboundRequestError):
                 await client.get(url)
 
