@@ -323,7 +323,12 @@ class MediaServer(OrderedServices):
             DestinationStore(database), BackoffPolicy.from_config(config.federation), reactor
         )
         federation_client = FederationClient(
-            reactor, config.server_name, signing_keys[0], config.federation, backoff=backoff
+            reactor,
+            config.server_name,
+            signing_keys[0],
+            config.federation,
+            backoff=backoff,
+            proxy=config.proxy,
         )
         arrivals = ContentArrivals(reactor)
         remote = RemoteMediaCache(

@@ -18,7 +18,7 @@ import attrs
 import yaml
 
 from mediarepo.config_federation import FederationConfig, parse_federation
-from mediarepo.config_reader import ConfigReader, RateLimit
+from mediarepo.config_reader import ConfigReader, RateLimit, string_list
 from mediarepo.config_storage import (
     StorageProviderConfig,
     parse_media_store_max_size,
@@ -26,6 +26,7 @@ from mediarepo.config_storage import (
 )
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name
+from mediarepo.outbound.proxy import ProxyAddress, ProxySettings
 
 # The worker_app values under which Synapse serves media: this server is then
 # that worker.
@@ -153,6 +154,9 @@ class Config:
     thumbnail_pixel_budget: int = 32 * 1024 * 1024
     # Ours: which of OPTIONAL_THUMBNAIL_FORMATS are thumbnailed.
     thumbnail_formats: frozenset[str] = frozenset(OPTIONAL_THUMBNAIL_FORMATS)
+    # Synapse's http_proxy, https_proxy and no_proxy_hosts (else the
+    # environment's): the forward proxy outbound requests go through.
+    proxy: ProxySettings | None = None
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -255,6 +259,26 @@ def _parse_database(root: ConfigReader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
+def _parse_proxy(root: ConfigReader, environ: Mapping[str, str]) -> ProxySettings | None:
+    """The keys first, then the environment's variables, as Synapse reads them."""
+    from_environment = ProxySettings.from_environment(environ) or ProxySettings()
+    http_proxy = root.string("http_proxy") or from_environment.http_proxy
+    https_proxy = root.string("https_proxy") or from_environment.https_proxy
+    if root.raw("no_proxy_hosts") is not None:
+        no_proxy = string_list(root, "no_proxy_hosts")
+    else:
+        no_proxy = from_environment.no_proxy
+    if http_proxy is None and https_proxy is None:
+        return None
+    for key, value in (("http_proxy", http_proxy), ("https_proxy", https_proxy)):
+        if value is not None:
+            try:
+                ProxyAddress.parse(value)
+            except ValueError as e:
+                raise ConfigError(key, str(e)) from e
+    return ProxySettings(http_proxy=http_proxy, https_proxy=https_proxy, no_proxy=no_proxy)
+
+
 def _optional_duration(root: ConfigReader, section: str, key: str) -> int | None:
     reader = root.mapping(section)
     if reader.raw(key) is None:
@@ -343,8 +367,11 @@ def _parse_upload_limits(root: ConfigReader) -> tuple[UploadLimit, ...]:
     return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
 
 
-def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
-    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
+def parse_config(
+    data: Mapping[str, Any], config_dir: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``
+    (and the proxy variables of ``environ``, by default the process's).
 
     Relative paths are resolved as Synapse resolves them: against the working
     directory, except the default signing key, which sits beside the config file.
@@ -432,6 +459,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
         thumbnail_pixel_budget=_parse_pixel_budget(root),
         thumbnail_formats=_parse_thumbnail_formats(root),
+        proxy=_parse_proxy(root, os.environ if environ is None else environ),
     )
 
 

@@ -20,12 +20,9 @@ from urllib.parse import quote, unquote
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet import defer
-from twisted.web.iweb import IResponse
 
 from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
-from mediarepo.federation.bodies import BodyReader, BodyReadError
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.multipart import (
     MultipartError,
@@ -41,6 +38,7 @@ from mediarepo.media.ratelimit import Ratelimiter
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.locks import LOCK_TIMEOUT_MS
 from mediarepo.storage.media import MediaStore, remote_content_key
@@ -243,9 +241,7 @@ class RemoteMediaCache:
             remote_downloads.labels("failed").inc()
             if isinstance(e, MatrixError):
                 raise
-            if isinstance(
-                e, (FederationRequestError, BodyReadError, defer.TimeoutError, ConnectionError)
-            ):
+            if isinstance(e, (FederationRequestError, BodyReadError)):
                 logger.info("fetching %s/%s failed: %s", origin, media_id, e)
                 raise _fetch_failed() from e
             raise
@@ -321,10 +317,11 @@ class RemoteMediaCache:
             raise _error_from_peer(response.code, await self._client.read_error_body(response))
         return await self._read_plain(response, sink)
 
-    async def _read_plain(self, response: IResponse, sink: UploadSink) -> _Fetched:
+    async def _read_plain(self, response: OutboundResponse, sink: UploadSink) -> _Fetched:
         """A response whose body is the file itself, its type in the headers."""
         limit = self._config.max_upload_size
-        if isinstance(response.length, int) and response.length > limit:
+        if response.length is not None and response.length > limit:
+            self._client.outbound.drop_body(response)
             raise _too_large(limit)
         received = 0
 
@@ -342,9 +339,10 @@ class RemoteMediaCache:
             upload_name=filename_from_disposition(_first_header(headers, b"Content-Disposition")),
         )
 
-    async def _read_multipart(self, response: IResponse, sink: UploadSink) -> _Fetched:
+    async def _read_multipart(self, response: OutboundResponse, sink: UploadSink) -> _Fetched:
         limit = self._config.max_upload_size
-        if isinstance(response.length, int) and response.length > limit + _MULTIPART_OVERHEAD:
+        if response.length is not None and response.length > limit + _MULTIPART_OVERHEAD:
+            self._client.outbound.drop_body(response)
             raise _too_large(limit)
         try:
             parser = MultipartParser(
@@ -386,14 +384,11 @@ class RemoteMediaCache:
         )
 
     async def _read(
-        self, response: IResponse, sink: UploadSink, on_data: Callable[[bytes], None]
+        self, response: OutboundResponse, sink: UploadSink, on_data: Callable[[bytes], None]
     ) -> None:
         """Stream the body into ``on_data``, paused while the disk is behind;
         a peer idle for ``federation_idle_timeout`` is given up on."""
-        reader = BodyReader(on_data, self._clock, self._client.idle_timeout)
-        sink.set_flow_control(reader.pause, reader.resume)
-        response.deliverBody(reader)
-        await reader.done
+        await self._client.outbound.read_body(response, on_data, flow_control=sink.set_flow_control)
 
 
 def _first_header(headers: Any, name: bytes) -> str | None:
