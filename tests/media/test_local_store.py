@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
@@ -54,3 +55,40 @@ class DirectoryTests(unittest.TestCase):
         self.assertEqual(
             sorted(os.listdir(self.base)), [".mediarepo_tmp", "local_content", "remote_content"]
         )
+
+    def test_delete_many_in_one_pool_job(self) -> None:
+        # A purge's batch of files and thumbnail directories goes in a
+        # single job of the pool, not several per media.
+        jobs: list[object] = []
+
+        class CountingPool(ThreadPool):
+            """Runs each job at once, on this thread, counting them."""
+
+            def callInThreadWithCallback(self, onResult, func, *args, **kw):  # type: ignore[no-untyped-def]
+                jobs.append(func)
+                onResult(True, func(*args, **kw))
+
+        class ImmediateReactor(Clock):
+            def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
+                f(*args, **kw)
+
+        store = LocalMediaStore(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
+        files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
+        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
+        kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")
+        for relative in [*files, *(d + "/32-32-image-jpeg-crop" for d in directories)]:
+            path = os.path.join(self.base, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+        os.makedirs(os.path.dirname(kept))
+        open(kept, "wb").close()
+        # One missing file does not stop the rest.
+        files.append("local_content/ab/qq/missing")
+        jobs.clear()
+
+        self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
+
+        self.assertEqual(len(jobs), 1)
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
+        self.assertTrue(os.path.isfile(kept))

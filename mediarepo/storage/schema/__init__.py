@@ -159,7 +159,7 @@ def _quarantine_records(txn: Transaction, synapse_owned: bool) -> QuarantineReco
 # content: through Synapse's (user_id, created_ts) index that reads every
 # upload of the user's last day, thousands of rows for a busy user or a bot;
 # this index holds only the reservations.
-_EXTRA_INDEXES = (
+EXTRA_INDEXES = (
     (
         "mediarepo_pending_media",
         "local_media_repository (user_id, created_ts) WHERE media_length IS NULL",
@@ -168,12 +168,12 @@ _EXTRA_INDEXES = (
 
 
 async def _create_extra_indexes(database: Database) -> None:
-    """Create the indexes of ``_EXTRA_INDEXES`` that are missing. On
+    """Create the indexes of ``EXTRA_INDEXES`` that are missing. On
     PostgreSQL they are built CONCURRENTLY, so that Synapse's writes to a
     large table are not held up while an index is built; a build that
     failed half way (an invalid index) is started again."""
     postgres = database.engine.name == "psycopg2"
-    for name, definition in _EXTRA_INDEXES:
+    for name, definition in EXTRA_INDEXES:
         try:
             if postgres:
                 rows = await database.run_query(
