@@ -117,7 +117,7 @@ class Transaction:
             self._commit()
 
     def execute_batch(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
-        self._cursor.executemany(self.engine.convert(sql), [tuple(a) for a in args])
+        self.engine.execute_batch(self._cursor, sql, [tuple(a) for a in args])
 
     def fetchone(self) -> Row | None:
         row = self._cursor.fetchone()
@@ -149,6 +149,10 @@ class Engine(abc.ABC):
         """Run ``sql``, its parameters marked ``?``. ``may_prepare`` says it
         runs outside a transaction, where preparing it cannot abort one."""
         cursor.execute(self.convert(sql), args)
+
+    def execute_batch(self, cursor: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+        """Run ``sql`` once for each parameter tuple of ``args``."""
+        cursor.executemany(self.convert(sql), args)
 
     @abc.abstractmethod
     def on_new_connection(self, conn: Any) -> None: ...
@@ -202,6 +206,17 @@ class PostgresEngine(Engine):
 
     def convert(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    # Statements sent together in one round trip by execute_batch.
+    BATCH_PAGE = 250
+
+    def execute_batch(self, cursor: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+        """psycopg2's executemany sends one statement per round trip: a purge
+        of 500 media spent most of its time waiting on 1,500 of them. Here
+        ``BATCH_PAGE`` statements go in each."""
+        import psycopg2.extras
+
+        psycopg2.extras.execute_batch(cursor, self.convert(sql), args, page_size=self.BATCH_PAGE)
 
     def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
         """Statements run outside transactions are prepared once per

@@ -34,7 +34,12 @@ from benchlib.scenarios import (
     Target,
     run_scenario,
 )
-from benchlib.scenarios_scale import SCALE_SCENARIOS, print_population_table, tag_population
+from benchlib.scenarios_scale import (
+    SCALE_SCENARIOS,
+    print_population_table,
+    tag_population,
+    with_purge_plans,
+)
 
 SCENARIOS.update(SCALE_SCENARIOS)
 
@@ -90,7 +95,8 @@ scenarios (default: all, in this order):
   admin_user_media       admin listing of a user with min(100k, N/10) media, pages of 100 at
                          random offsets: newest first, the deepest tenth, by size; 4 conns
   purge_stale            POST media/delete then purge_media_cache of min(100k, N/10) stale local
-                         and remote media each: rows/s, and downloads (8 conns) meanwhile
+                         and remote media each (Synapse: 2,000 of them; it deletes one at a
+                         time): rows/s, and downloads (8 connections) meanwhile
 
 populated databases:
   scripts/bench --compare-synapse --populate 10000,1000000
@@ -245,7 +251,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if not (args.compare_synapse and not args.ours_sqlite) and not (
             args.start_ours and args.postgres
         ):
-            parser.error("--populate needs PostgreSQL: --compare-synapse or --start-ours --postgres")
+            parser.error(
+                "--populate needs PostgreSQL: --compare-synapse or --start-ours --postgres"
+            )
     return args
 
 
@@ -393,7 +401,7 @@ def populated(args: argparse.Namespace, n: int) -> object:
     from benchlib import populate, servers
 
     postgres = servers.Postgres(args.pg_host, args.pg_port, args.pg_user)
-    return populate.populate(
+    population = populate.populate(
         n=n,
         cache=servers.cache_base(),
         psql_dsn=postgres.dsn(),
@@ -402,6 +410,7 @@ def populated(args: argparse.Namespace, n: int) -> object:
         drop_database=postgres.drop,
         database_exists=postgres.exists,
     )
+    return with_purge_plans(population, postgres.dsn())
 
 
 async def _run_launched(

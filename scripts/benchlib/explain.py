@@ -45,73 +45,155 @@ def _queries(cursor: Any, population: Population) -> list[tuple[str, str, tuple[
         f" WHERE SUBSTR(avatar_url, 1, {len(prefix)}) = '{prefix}')"
     )
     queries: list[tuple[str, str, tuple[object, ...]]] = [
-        ("get_local_media", f"SELECT {LOCAL_COLUMNS} FROM local_media_repository"
-         " WHERE media_id = %s", (media_id,)),
-        ("get_local_thumbnails", "SELECT thumbnail_width, thumbnail_height, thumbnail_type,"
-         " thumbnail_method, thumbnail_length FROM local_media_repository_thumbnails"
-         " WHERE media_id = %s", (media_id,)),
-        ("get_remote_media", "SELECT media_type, filesystem_id FROM remote_media_cache"
-         " WHERE media_origin = %s AND media_id = %s", (origin, remote_id)),
-        ("get_remote_thumbnails", "SELECT thumbnail_width FROM remote_media_cache_thumbnails"
-         " WHERE media_origin = %s AND media_id = %s", (origin, remote_id)),
-        ("get_user_by_access_token", "SELECT users.name FROM users JOIN access_tokens"
-         " ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)"
-         " WHERE token = %s", (token,)),
-        ("count_pending_media (/create)", "SELECT COUNT(*), MIN(created_ts)"
-         " FROM local_media_repository WHERE user_id = %s AND created_ts > %s"
-         " AND media_length IS NULL", (heavy, now - DAY_MS)),
-        ("quota sum, 1 day", "SELECT COALESCE(SUM(media_length), 0) FROM local_media_repository"
-         " WHERE user_id = %s AND created_ts > %s", (heavy, now - DAY_MS)),
-        ("quota sum, 30 days", "SELECT COALESCE(SUM(media_length), 0)"
-         " FROM local_media_repository WHERE user_id = %s AND created_ts > %s",
-         (heavy, now - 30 * DAY_MS)),
-        ("known_content (dedup + quarantine by hash)", "SELECT media_id FROM (SELECT media_id"
-         " FROM local_media_repository WHERE sha256 = %s AND media_length = %s AND url_cache"
-         " IS NULL AND quarantined_by IS NULL LIMIT 5) AS copies UNION ALL SELECT NULL FROM"
-         " (SELECT 1 FROM local_media_repository WHERE sha256 = %s AND quarantined_by IS NOT"
-         " NULL UNION ALL SELECT 1 FROM remote_media_cache WHERE sha256 = %s AND quarantined_by"
-         " IS NOT NULL LIMIT 1) AS q", (sha256, 4096, sha256, sha256)),
-        ("quarantine by hash (local)", "UPDATE local_media_repository SET quarantined_by = 'x'"
-         " WHERE sha256 = %s AND NOT safe_from_quarantine RETURNING media_id", (shared_hash,)),
-        ("quarantine by hash (remote)", "UPDATE remote_media_cache SET quarantined_by = 'x'"
-         " WHERE sha256 = %s RETURNING media_origin, media_id", (shared_hash,)),
-        ("unquarantined_media_of_user", "SELECT media_id FROM local_media_repository"
-         " WHERE user_id = %s AND quarantined_by IS NULL", (heavy,)),
-        ("delete_expired_reservations", "SELECT media_id FROM local_media_repository"
-         " WHERE media_length IS NULL AND created_ts < %s LIMIT 100", (now - DAY_MS,)),
-        ("update_access_times (local)", "UPDATE local_media_repository SET last_access_ts = %s"
-         " WHERE media_id = %s", (now, media_id)),
-        ("update_access_times (remote)", "UPDATE remote_media_cache SET last_access_ts = %s"
-         " WHERE media_origin = %s AND media_id = %s AND last_access_ts < %s",
-         (now, origin, remote_id, now)),
-        ("retention/purge: old_local_media", "SELECT media_id FROM local_media_repository WHERE"
-         " (last_access_ts < %s OR (created_ts < %s AND last_access_ts IS NULL))"
-         " AND media_length > 0 AND quarantined_by IS NULL AND NOT safe_from_quarantine"
-         + avatar + " ORDER BY created_ts, media_id LIMIT 500", (before, before)),
-        ("retention/purge: old_local_media, none left", "SELECT media_id FROM"
-         " local_media_repository WHERE (last_access_ts < %s OR (created_ts < %s AND"
-         " last_access_ts IS NULL)) AND media_length > 0 AND quarantined_by IS NULL"
-         " AND NOT safe_from_quarantine" + avatar + " ORDER BY created_ts, media_id LIMIT 500",
-         (before - 400 * DAY_MS, before - 400 * DAY_MS)),
-        ("retention/purge: remote_media_unread_since", "SELECT media_origin, media_id,"
-         " filesystem_id FROM remote_media_cache WHERE last_access_ts < %s AND quarantined_by"
-         " IS NULL ORDER BY last_access_ts LIMIT 500", (before,)),
-        ("retention/purge: remote, none left", "SELECT media_origin, media_id,"
-         " filesystem_id FROM remote_media_cache WHERE last_access_ts < %s AND quarantined_by"
-         " IS NULL ORDER BY last_access_ts LIMIT 500", (before - 400 * DAY_MS,)),
-        ("prune tool: local_media_unread_page", "SELECT media_id FROM local_media_repository"
-         " WHERE COALESCE(last_access_ts, created_ts) < %s AND media_length IS NOT NULL"
-         " AND url_cache IS NULL AND media_id > %s ORDER BY media_id LIMIT 1000", (before, "")),
-        ("admin user_media: count", "SELECT COUNT(*) FROM local_media_repository"
-         " WHERE user_id = %s", (heavy,)),
+        (
+            "get_local_media",
+            f"SELECT {LOCAL_COLUMNS} FROM local_media_repository WHERE media_id = %s",
+            (media_id,),
+        ),
+        (
+            "get_local_thumbnails",
+            "SELECT thumbnail_width, thumbnail_height, thumbnail_type,"
+            " thumbnail_method, thumbnail_length FROM local_media_repository_thumbnails"
+            " WHERE media_id = %s",
+            (media_id,),
+        ),
+        (
+            "get_remote_media",
+            "SELECT media_type, filesystem_id FROM remote_media_cache"
+            " WHERE media_origin = %s AND media_id = %s",
+            (origin, remote_id),
+        ),
+        (
+            "get_remote_thumbnails",
+            "SELECT thumbnail_width FROM remote_media_cache_thumbnails"
+            " WHERE media_origin = %s AND media_id = %s",
+            (origin, remote_id),
+        ),
+        (
+            "get_user_by_access_token",
+            "SELECT users.name FROM users JOIN access_tokens"
+            " ON users.name = COALESCE(access_tokens.puppets_user_id, access_tokens.user_id)"
+            " WHERE token = %s",
+            (token,),
+        ),
+        (
+            "count_pending_media (/create)",
+            "SELECT COUNT(*), MIN(created_ts)"
+            " FROM local_media_repository WHERE user_id = %s AND created_ts > %s"
+            " AND media_length IS NULL",
+            (heavy, now - DAY_MS),
+        ),
+        (
+            "quota sum, 1 day",
+            "SELECT COALESCE(SUM(media_length), 0) FROM local_media_repository"
+            " WHERE user_id = %s AND created_ts > %s",
+            (heavy, now - DAY_MS),
+        ),
+        (
+            "quota sum, 30 days",
+            "SELECT COALESCE(SUM(media_length), 0)"
+            " FROM local_media_repository WHERE user_id = %s AND created_ts > %s",
+            (heavy, now - 30 * DAY_MS),
+        ),
+        (
+            "known_content (dedup + quarantine by hash)",
+            "SELECT media_id FROM (SELECT media_id"
+            " FROM local_media_repository WHERE sha256 = %s AND media_length = %s AND url_cache"
+            " IS NULL AND quarantined_by IS NULL LIMIT 5) AS copies UNION ALL SELECT NULL FROM"
+            " (SELECT 1 FROM local_media_repository WHERE sha256 = %s AND quarantined_by IS NOT"
+            " NULL UNION ALL SELECT 1 FROM remote_media_cache WHERE sha256 = %s AND quarantined_by"
+            " IS NOT NULL LIMIT 1) AS q",
+            (sha256, 4096, sha256, sha256),
+        ),
+        (
+            "quarantine by hash (local)",
+            "UPDATE local_media_repository SET quarantined_by = 'x'"
+            " WHERE sha256 = %s AND NOT safe_from_quarantine RETURNING media_id",
+            (shared_hash,),
+        ),
+        (
+            "quarantine by hash (remote)",
+            "UPDATE remote_media_cache SET quarantined_by = 'x'"
+            " WHERE sha256 = %s RETURNING media_origin, media_id",
+            (shared_hash,),
+        ),
+        (
+            "unquarantined_media_of_user",
+            "SELECT media_id FROM local_media_repository"
+            " WHERE user_id = %s AND quarantined_by IS NULL",
+            (heavy,),
+        ),
+        (
+            "delete_expired_reservations",
+            "SELECT media_id FROM local_media_repository"
+            " WHERE media_length IS NULL AND created_ts < %s LIMIT 100",
+            (now - DAY_MS,),
+        ),
+        (
+            "update_access_times (local)",
+            "UPDATE local_media_repository SET last_access_ts = %s WHERE media_id = %s",
+            (now, media_id),
+        ),
+        (
+            "update_access_times (remote)",
+            "UPDATE remote_media_cache SET last_access_ts = %s"
+            " WHERE media_origin = %s AND media_id = %s AND last_access_ts < %s",
+            (now, origin, remote_id, now),
+        ),
+        (
+            "retention/purge: old_local_media",
+            "SELECT media_id FROM local_media_repository WHERE created_ts < %s"
+            " AND (last_access_ts < %s OR (created_ts < %s AND last_access_ts IS NULL))"
+            " AND media_length > 0 AND quarantined_by IS NULL AND NOT safe_from_quarantine"
+            + avatar
+            + " ORDER BY created_ts, media_id LIMIT 500",
+            (before, before, before),
+        ),
+        (
+            "retention/purge: old_local_media, none left",
+            "SELECT media_id FROM local_media_repository WHERE created_ts < %s"
+            " AND (last_access_ts < %s OR (created_ts < %s AND last_access_ts IS NULL))"
+            " AND media_length > 0 AND quarantined_by IS NULL"
+            " AND NOT safe_from_quarantine" + avatar + " ORDER BY created_ts, media_id LIMIT 500",
+            (before - 400 * DAY_MS, before - 400 * DAY_MS, before - 400 * DAY_MS),
+        ),
+        (
+            "retention/purge: remote_media_unread_since",
+            "SELECT media_origin, media_id,"
+            " filesystem_id FROM remote_media_cache WHERE last_access_ts < %s AND quarantined_by"
+            " IS NULL ORDER BY last_access_ts LIMIT 500",
+            (before,),
+        ),
+        (
+            "retention/purge: remote, none left",
+            "SELECT media_origin, media_id,"
+            " filesystem_id FROM remote_media_cache WHERE last_access_ts < %s AND quarantined_by"
+            " IS NULL ORDER BY last_access_ts LIMIT 500",
+            (before - 400 * DAY_MS,),
+        ),
+        (
+            "prune tool: local_media_unread_page",
+            "SELECT media_id FROM local_media_repository"
+            " WHERE COALESCE(last_access_ts, created_ts) < %s AND media_length IS NOT NULL"
+            " AND url_cache IS NULL AND media_id > %s ORDER BY media_id LIMIT 1000",
+            (before, ""),
+        ),
+        (
+            "admin user_media: count",
+            "SELECT COUNT(*) FROM local_media_repository WHERE user_id = %s",
+            (heavy,),
+        ),
     ]
     for order, direction in (("created_ts", "DESC"), ("media_length", "DESC"),
                              ("upload_name", "ASC")):  # fmt: skip
         for offset in (0, population.heavy_count * 9 // 10):
+            columns = ", ".join(f"m.{c.strip()}" for c in LOCAL_COLUMNS.split(","))
             queries.append((
                 f"admin user_media: {order} {direction} offset {offset}",
-                f"SELECT {LOCAL_COLUMNS} FROM local_media_repository WHERE user_id = %s"
-                f" ORDER BY {order} {direction}, media_id ASC LIMIT 100 OFFSET %s",
+                f"SELECT {columns} FROM local_media_repository AS m JOIN (SELECT media_id"
+                f" FROM local_media_repository WHERE user_id = %s ORDER BY {order} {direction},"
+                f" media_id ASC LIMIT 100 OFFSET %s) AS page ON page.media_id = m.media_id"
+                f" ORDER BY m.{order} {direction}, m.media_id ASC",
                 (heavy, offset),
             ))  # fmt: skip
     queries.append((

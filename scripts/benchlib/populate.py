@@ -73,6 +73,8 @@ class Population:
     bench_token: str
     sample_media: list[str]
     populate_seconds: float
+    # Set for each run (not stored): server label -> its purge plan.
+    purge_plans: dict[str, PurgePlan] | None = None
 
     @property
     def sample_path(self) -> str:
@@ -164,7 +166,10 @@ class _Files:
         self._content: list[str] = []
         self._thumbs: list[str] = []
         for i in range(LINK_SOURCES):
-            for kind, size, into in (("c", SAMPLE_LENGTH, self._content), ("t", 2048, self._thumbs)):
+            for kind, size, into in (
+                ("c", SAMPLE_LENGTH, self._content),
+                ("t", 2048, self._thumbs),
+            ):
                 path = os.path.abspath(os.path.join(sources, f"{kind}{i}"))
                 if not os.path.exists(path):
                     with open(path, "wb") as f:
@@ -211,7 +216,8 @@ def populate(
         with open(meta_path, encoding="utf-8") as f:
             found = Population(**json.load(f))
         if found.format == FORMAT and database_exists(template_db):
-            log(f"reusing {template_db} and {found.media_store} (made in {found.populate_seconds:.0f} s)")
+            made = f"made in {found.populate_seconds:.0f} s"
+            log(f"reusing {template_db} and {found.media_store} ({made})")
             return found
     except (OSError, ValueError, TypeError):
         pass
@@ -263,10 +269,11 @@ def populate(
     elapsed = time.monotonic() - start
     population = Population(**{**asdict(population), "populate_seconds": elapsed})
     with open(meta_path, "w", encoding="utf-8") as f:
-        json.dump(asdict(population), f)
+        json.dump({**asdict(population), "purge_plans": None}, f)
     log(
         f"{n} rows populated in {elapsed:.0f} s (Synapse's schema {t_schema - start:.0f} s,"
-        f" rows, files and indexes {t_rows - t_schema:.0f} s, VACUUM ANALYZE {time.monotonic() - t_rows:.0f} s)"
+        f" rows, files and indexes {t_rows - t_schema:.0f} s,"
+        f" VACUUM ANALYZE {time.monotonic() - t_rows:.0f} s)"
     )
     return population
 
@@ -302,7 +309,9 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     user_count = max(100, n // 10)
     files = _Files(media_store)
 
-    users = _CopyBuffer(cursor, "users", ("name", "creation_ts", "admin", "is_guest", "deactivated"))
+    users = _CopyBuffer(
+        cursor, "users", ("name", "creation_ts", "admin", "is_guest", "deactivated")
+    )
     tokens = _CopyBuffer(cursor, "access_tokens", ("id", "user_id", "token"))
     bench_token = "syt_bench_" + _ids(rng, 1, 30)[0]
     user_ids = [f"@user{i}:{SERVER_NAME}" for i in range(user_count)]
@@ -443,6 +452,51 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
         bench_token=bench_token,
         sample_media=sample,
         populate_seconds=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    """Cut-offs that make a purge take exactly the ``local_rows`` stale local
+    media and ``remote_rows`` stale cached remote media read (or, never
+    read, made) longest ago."""
+
+    local_before_ts: int
+    local_rows: int
+    remote_before_ts: int
+    remote_rows: int
+
+
+def purge_plan(psql_dsn: dict[str, Any], population: Population, rows: int) -> PurgePlan:
+    """The plan purging ``rows`` of the population's stale media of each kind
+    (all of them if there are fewer), read from its template database."""
+    import psycopg2
+
+    conn = psycopg2.connect(**psql_dsn, dbname=population.template_db)
+    try:
+        with conn.cursor() as cursor:
+            # What purges take: no quarantined media, no reservations.
+            # A purge takes media last read (never read: made) before its cut-off.
+            cursor.execute(
+                "SELECT COALESCE(last_access_ts, created_ts) AS read_ts"
+                " FROM local_media_repository WHERE created_ts < %s"
+                " AND quarantined_by IS NULL AND media_length > 0 ORDER BY read_ts",
+                (population.stale_before_ts,),
+            )
+            local = [row[0] for row in cursor.fetchall()][:rows]
+            cursor.execute(
+                "SELECT last_access_ts FROM remote_media_cache WHERE last_access_ts < %s"
+                " AND quarantined_by IS NULL ORDER BY last_access_ts",
+                (population.stale_before_ts,),
+            )
+            remote = [row[0] for row in cursor.fetchall()][:rows]
+    finally:
+        conn.close()
+    return PurgePlan(
+        local_before_ts=local[-1] + 1 if local else population.stale_before_ts,
+        local_rows=len(local),
+        remote_before_ts=remote[-1] + 1 if remote else population.stale_before_ts,
+        remote_rows=len(remote),
     )
 
 
