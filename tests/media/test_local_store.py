@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
+from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.providers.local import LocalMediaStore, in_directory
 
 
@@ -92,3 +93,20 @@ class DirectoryTests(unittest.TestCase):
         self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
         self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
         self.assertTrue(os.path.isfile(kept))
+
+
+class SmallFileCacheTests(unittest.TestCase):
+    def test_forget_under_many_directories_at_once(self) -> None:
+        cache = SmallFileCache(Clock(), 1 << 20, 60.0)
+        kept = ["/s/local_thumbnails/ab/cd/efgh2/32-32", "/s/local_content/ab/cd/efgh"]
+        gone = [
+            "/s/local_thumbnails/ab/cd/efgh/32-32",
+            "/s/local_thumbnails/ab/cd/efgh/96-96",
+            "/s/remote_thumbnail/o.test/ab/cd/ijkl/deeper/x",
+        ]
+        for path in kept + gone:
+            cache.put(path, b"x")
+        cache.forget_under(
+            ["/s/local_thumbnails/ab/cd/efgh", "/s/remote_thumbnail/o.test/ab/cd/ijkl/", "/none"]
+        )
+        self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)

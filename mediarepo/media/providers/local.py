@@ -188,8 +188,7 @@ class LocalMediaStore(StorageProvider):
         def forget() -> None:
             for path in file_paths:
                 self._small_files.forget(path)
-            for path in directory_paths:
-                self._small_files.forget_under(path)
+            self._small_files.forget_under(directory_paths)
 
         def remove() -> None:
             for path in file_paths:
