@@ -434,7 +434,8 @@ def setup_ours(
         command=[python, "-m", "mediarepo", "-c", config_path, "--workers", str(workers)],
         info=info,
         configure_hook=configure,
-        start_timeout=90,
+        # On a populated database the first start builds our indexes.
+        start_timeout=600 if population is not None else 90,
     )
     if population is not None:
         server.token = population.bench_token
