@@ -44,6 +44,23 @@ def _population(opts: Options) -> Population:
     return population
 
 
+async def _download_one(
+    target: Target, conn: Connection, rec: Recorder, media: Iterator[str]
+) -> bool:
+    """GET the next media of ``media``, recorded as a "download" step."""
+    path = target.path(download_path(target.server_name, next(media)))
+    t0 = time.perf_counter()
+    try:
+        response = await conn.request("GET", path)
+    except RequestFailed as e:
+        rec.failure("download", e, f"GET {path}")
+        return False
+    ok = rec.response("download", time.perf_counter() - t0, response, f"GET {path}")
+    if ok:
+        rec.bytes_sent += len(response.body)
+    return ok
+
+
 async def _download_loop(
     target: Target, opts: Options, connections: int, media: Iterator[str], stop: asyncio.Event
 ) -> Recorder:
@@ -54,18 +71,11 @@ async def _download_loop(
         conn = target.connection(timeout=opts.request_timeout)
         try:
             while not stop.is_set():
-                path = target.path(download_path(target.server_name, next(media)))
                 recorder.ops += 1
-                t0 = time.perf_counter()
-                try:
-                    response = await conn.request("GET", path)
-                except RequestFailed as e:
-                    recorder.failure("download", e, f"GET {path}")
-                    await asyncio.sleep(0.01)
-                    continue
-                if recorder.response("download", time.perf_counter() - t0, response, path):
+                if await _download_one(target, conn, recorder, media):
                     recorder.ok_ops += 1
-                    recorder.bytes_sent += len(response.body)
+                else:
+                    await asyncio.sleep(0.01)
         finally:
             conn.close()
 
@@ -80,17 +90,7 @@ async def download_populated(target: Target, opts: Options) -> list[Result]:
     media = iter_sample(population, random.Random(1))
 
     async def op(conn: Connection, rec: Recorder) -> bool:
-        path = target.path(download_path(target.server_name, next(media)))
-        t0 = time.perf_counter()
-        try:
-            response = await conn.request("GET", path)
-        except RequestFailed as e:
-            rec.failure("download", e, f"GET {path}")
-            return False
-        ok = rec.response("download", time.perf_counter() - t0, response, f"GET {path}")
-        if ok:
-            rec.bytes_sent += len(response.body)
-        return ok
+        return await _download_one(target, conn, rec, media)
 
     measurement = Measurement(target)
     await asyncio.to_thread(measurement.begin)

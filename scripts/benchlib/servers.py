@@ -494,12 +494,7 @@ def setup_synapse(
     workdir = make_workdir(cleanup, label, keep)
     config_path = os.path.join(workdir, "homeserver.yaml")
     port = free_port()
-    run(
-        [python, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
-         "--config-path", config_path, "--data-directory", workdir,
-         "--generate-config", "--report-stats=no"],
-        cwd=workdir, timeout=300,
-    )  # fmt: skip
+    generate_synapse_config(python, workdir, config_path)
     template = population.template_db if population else None
     dbname = postgres.create_database(cleanup, "bench_synapse", template=template)
     shared_secret = secrets.token_hex(16)
@@ -560,6 +555,16 @@ def setup_synapse(
     return server
 
 
+def generate_synapse_config(python: str, workdir: str, config_path: str) -> None:
+    """Synapse's own generated homeserver.yaml (and signing key) in ``workdir``."""
+    run(
+        [python, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
+         "--config-path", config_path, "--data-directory", workdir,
+         "--generate-config", "--report-stats=no"],
+        cwd=workdir, timeout=300,
+    )  # fmt: skip
+
+
 def make_synapse_schema(venv: str, postgres: Postgres, dbname: str) -> None:
     """Let Synapse create its whole schema in ``dbname`` and run its
     background updates, as a new Synapse deployment would have it."""
@@ -567,12 +572,7 @@ def make_synapse_schema(venv: str, postgres: Postgres, dbname: str) -> None:
     workdir = tempfile.mkdtemp(prefix=f"bench-synapse-{os.getpid()}-schema")
     try:
         config_path = os.path.join(workdir, "homeserver.yaml")
-        run(
-            [python, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
-             "--config-path", config_path, "--data-directory", workdir,
-             "--generate-config", "--report-stats=no"],
-            cwd=workdir, timeout=300,
-        )  # fmt: skip
+        generate_synapse_config(python, workdir, config_path)
         config = load_yaml(config_path)
         config["database"] = {"name": "psycopg2", "args": postgres.args(dbname)}
         dump_yaml(config_path, config)
