@@ -72,21 +72,28 @@ class MediaPurger:
 
     async def delete_local(self, media_ids: list[str], reason: str) -> None:
         await self._media_store.delete_local_media(media_ids)
+        # A URL-preview download keeps its bytes under url_cache/ instead.
+        url_cache: list[str] = []
         for media_id in media_ids:
             self._forget_local(media_id)
-            await self._storage.delete(local_media_path(media_id))
-            await self._storage.delete_directory(local_thumbnail_dir(media_id))
-            # A URL-preview download keeps its bytes under url_cache/ instead.
             with contextlib.suppress(ValueError):  # an ID of no url_cache shape
-                await self._storage.delete_local(url_cache_path(media_id))
+                url_cache.append(url_cache_path(media_id))
+        # The files of the whole batch in one go (see delete_many).
+        await self._storage.delete_many(
+            [local_media_path(m) for m in media_ids], [local_thumbnail_dir(m) for m in media_ids]
+        )
+        await self._storage.delete_local(url_cache)
+        for media_id in media_ids:
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:
         """Delete cached remote media given as (origin, media ID, filesystem ID)."""
         await self._media_store.delete_remote_media([(o, m) for o, m, _ in entries])
-        for origin, media_id, filesystem_id in entries:
-            await self._storage.delete(remote_media_path(origin, filesystem_id))
-            await self._storage.delete_directory(remote_thumbnail_dir(origin, filesystem_id))
+        await self._storage.delete_many(
+            [remote_media_path(o, f) for o, _, f in entries],
+            [remote_thumbnail_dir(o, f) for o, _, f in entries],
+        )
+        for origin, media_id, _ in entries:
             emit(MediaEvent.PURGED, media_id=media_id, origin=origin, reason=reason)
 
     async def delete_old_local(self, purge: LocalPurgeFilter, reason: str) -> list[str]:

@@ -287,19 +287,23 @@ class MediaStorage:
     # -- deleting ------------------------------------------------------------------
 
     async def delete(self, relative_path: str) -> None:
-        """Delete locally now, and in every provider through the task queue
-        (at once in the background, retried until it is done: a provider
-        that is down never holds up a purge)."""
-        await self._local.delete(relative_path)
-        for provider in self.providers:
-            self._held.forget((provider.name, relative_path))
-            await self._queue(provider, relative_path, ProviderOperation.DELETE)
+        await self.delete_many([relative_path], [])
 
-    async def delete_local(self, relative_path: str) -> None:
-        """Delete a file kept only in the local store (URL previews)."""
-        await self._local.delete(relative_path)
+    async def delete_local(self, relative_paths: Sequence[str]) -> None:
+        """Delete files kept only in the local store (URL previews)."""
+        await self._local.delete_many(relative_paths, [])
 
     async def delete_directory(self, relative_path: str) -> None:
-        await self._local.delete_directory(relative_path)
+        await self.delete_many([], [relative_path])
+
+    async def delete_many(self, files: Sequence[str], directories: Sequence[str]) -> None:
+        """Delete ``files`` and ``directories`` locally now, and in every
+        provider through the task queue (at once in the background, retried
+        until it is done: a provider that is down never holds up a purge)."""
+        await self._local.delete_many(files, directories)
         for provider in self.providers:
-            await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)
+            for relative_path in files:
+                self._held.forget((provider.name, relative_path))
+                await self._queue(provider, relative_path, ProviderOperation.DELETE)
+            for relative_path in directories:
+                await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)

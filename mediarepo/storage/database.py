@@ -100,7 +100,7 @@ class Transaction:
         begin = self._take_begin()
         if begin is not None:
             self._cursor.execute(begin)
-        self._cursor.executemany(self.engine.convert(sql), [tuple(a) for a in args])
+        self.engine.execute_batch(self._cursor, sql, [tuple(a) for a in args])
 
     def fetchone(self) -> Row | None:
         row = self._cursor.fetchone()

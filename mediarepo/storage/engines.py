@@ -53,6 +53,10 @@ class Engine(abc.ABC):
     def convert(self, sql: str) -> str:
         return sql
 
+    def execute_batch(self, cursor: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+        """Run ``sql`` once for each parameter tuple of ``args``."""
+        cursor.executemany(self.convert(sql), args)
+
     def execute(
         self,
         cursor: Any,
@@ -120,6 +124,17 @@ class PostgresEngine(Engine):
 
     def convert(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    # Statements sent together in one round trip by execute_batch.
+    BATCH_PAGE = 250
+
+    def execute_batch(self, cursor: Any, sql: str, args: list[tuple[Any, ...]]) -> None:
+        """psycopg2's executemany sends one statement per round trip: a purge
+        of 500 media spent most of its time waiting on 1,500 of them. Here
+        ``BATCH_PAGE`` statements go in each."""
+        import psycopg2.extras
+
+        psycopg2.extras.execute_batch(cursor, self.convert(sql), args, page_size=self.BATCH_PAGE)
 
     def execute(
         self,

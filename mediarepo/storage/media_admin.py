@@ -88,10 +88,14 @@ class MediaAdminStore:
     async def old_local_media(self, purge: LocalPurgeFilter, limit: int) -> list[str]:
         """Up to ``limit`` IDs of local media ``purge`` takes, oldest first."""
         clauses = [
+            # Media read before a time was made before it: this bound, implied
+            # by the next clause, lets mediarepo_local_media_created find the
+            # old media without reading the rest of the table.
+            "created_ts < ?",
             "(last_access_ts < ? OR (created_ts < ? AND last_access_ts IS NULL))",
             "media_length > ?",
         ]
-        args: list[object] = [purge.before_ts, purge.before_ts, purge.size_gt]
+        args: list[object] = [purge.before_ts, purge.before_ts, purge.before_ts, purge.size_gt]
         if not purge.include_quarantined:
             clauses.append("quarantined_by IS NULL")
         if not purge.include_protected:
@@ -168,9 +172,18 @@ class MediaAdminStore:
             total = int(row[0]) if row else 0
             direction = "DESC" if descending else "ASC"
             # order_by is an enum member: a fixed column name, never user text.
+            order = f"{order_by.value} {direction}, media_id ASC"
+            outer_order = f"m.{order_by.value} {direction}, m.media_id ASC"
+            # The page's media IDs first, sorting only the order's column and
+            # the ID, then their rows: sorting whole rows of a user with
+            # 100,000 media spilled to disk (0.5-0.85 s a page at a million
+            # rows, 0.1-0.2 s this way).
+            columns = ", ".join(f"m.{c.strip()}" for c in LOCAL_MEDIA_COLUMNS.split(","))
             t.execute(
-                f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE user_id = ?"
-                f" ORDER BY {order_by.value} {direction}, media_id ASC LIMIT ? OFFSET ?",
+                f"SELECT {columns} FROM local_media_repository AS m JOIN"
+                f" (SELECT media_id FROM local_media_repository WHERE user_id = ?"
+                f" ORDER BY {order} LIMIT ? OFFSET ?) AS page ON page.media_id = m.media_id"
+                f" ORDER BY {outer_order}",
                 (user_id, limit, start),
             )
             return [local_media_from_row(r) for r in t.fetchall()], total

@@ -10,7 +10,13 @@ import subprocess
 import sys
 
 _REEXEC_FLAG = "MEDIAREPO_BENCH_REEXEC"
-PACKAGES = {"PIL": "pillow", "yaml": "pyyaml", "pillow_heif": "pillow-heif", "av": "av"}
+PACKAGES = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "pillow_heif": "pillow-heif",
+    "av": "av",
+    "psycopg2": "psycopg2-binary",
+}
 
 
 def _cache_base() -> str:

@@ -34,6 +34,14 @@ from benchlib.scenarios import (
     Target,
     run_scenario,
 )
+from benchlib.scenarios_scale import (
+    SCALE_SCENARIOS,
+    print_population_table,
+    tag_population,
+    with_purge_plans,
+)
+
+SCENARIOS.update(SCALE_SCENARIOS)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,6 +90,22 @@ scenarios (default: all, in this order):
   thumbnail_cached       wrk: the same 320x240 thumbnail (scale, then crop), 16 connections
   create_put             POST /_matrix/media/v1/create then PUT 4 KiB, 16 connections: pairs/s,
                          p50 of each step (skipped if /create answers 404/405/M_UNRECOGNIZED)
+  with --populate only:
+  download_populated     GET 4 KiB media, each request another of 10,000 populated ones, 16 conns
+  admin_user_media       admin listing of a user with min(100k, N/10) media, pages of 100 at
+                         random offsets: newest first, the deepest tenth, by size; 4 conns
+  purge_stale            POST media/delete then purge_media_cache of min(100k, N/10) stale local
+                         and remote media each (Synapse: 2,000 of them; it deletes one at a
+                         time): rows/s, and downloads (8 connections) meanwhile
+
+populated databases:
+  scripts/bench --compare-synapse --populate 10000,1000000
+      builds once per N (kept in PostgreSQL as the template database benchpop_nN, and a
+      media store under the cache directory; rebuilt only when its format changes) N local
+      media, N cached remote media, their thumbnails and N/10 users with access tokens, in
+      the schema Synapse itself creates; every server of a run gets its own copy of it
+      (CREATE DATABASE ... TEMPLATE, a hard-linked media store). Every scenario runs at each
+      N, and a table sets each scenario's req/s and p99 at every N side by side.
 
 output:
   a table per server, one line per scenario prefixed "{JSON_PREFIX.strip()} " with every
@@ -181,6 +205,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     run.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (60)")
     run.add_argument("--json-out", help="also write the JSON lines to this file")
+    run.add_argument(
+        "--explain",
+        action="store_true",
+        help="with --populate: print EXPLAIN ANALYZE of the storage queries on a copy of "
+        "each populated database (with our indexes) instead of running scenarios",
+    )
+    run.add_argument(
+        "--populate",
+        help="comma-separated row counts N: run every scenario on a database populated "
+        "with N media (see below); needs --compare-synapse or --start-ours --postgres",
+    )
     args = parser.parse_args(argv)
 
     if args.scenarios == "all":
@@ -203,6 +238,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--connections must be between 1 and 1000")
     if not 1 <= args.thumb_count <= 500:
         parser.error("--thumb-count must be between 1 and 500")
+    args.populations = []
+    if args.populate:
+        try:
+            args.populations = [int(n) for n in args.populate.split(",")]
+        except ValueError:
+            parser.error("--populate takes comma-separated row counts, e.g. 10000,1000000")
+        if args.explain:
+            args.scenario_list = []
+        if not all(1000 <= n <= 10_000_000 for n in args.populations):
+            parser.error("--populate counts must be between 1,000 and 10,000,000")
+        if not (args.compare_synapse and not args.ours_sqlite) and not (
+            args.start_ours and args.postgres
+        ):
+            parser.error(
+                "--populate needs PostgreSQL: --compare-synapse or --start-ours --postgres"
+            )
     return args
 
 
@@ -256,7 +307,7 @@ async def run_on_targets(
             if target.static_paths and name not in ("download_small", "download_large"):
                 continue
             log(f"{target.label}: {name}")
-            output.add(await run_scenario(name, target, opts))
+            output.add(tag_population(await run_scenario(name, target, opts), opts.population))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         needed.append("pillow_heif")
     if set(args.scenario_list) & NEEDS_AV:
         needed.append("av")
+    if args.populations:
+        needed.append("psycopg2")
     ensure_modules(needed)
 
     opts = Options(
@@ -318,12 +371,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def run_launched(args: argparse.Namespace, opts: Options, output: Output) -> None:
     from benchlib import servers
 
-    cleanup = servers.Cleanup()
     servers.install_signal_handlers()
-    try:
-        await _run_launched(args, opts, output, cleanup)
-    finally:
-        await asyncio.to_thread(cleanup.run)
+    for n in args.populations or [None]:
+        # Each population's servers, databases and media stores go before the next.
+        cleanup = servers.Cleanup()
+        try:
+            if n is not None:
+                opts.population = await asyncio.to_thread(populated, args, n)
+            if args.explain:
+                await asyncio.to_thread(explain_population, args, opts.population, cleanup)
+                continue
+            await _run_launched(args, opts, output, cleanup)
+        finally:
+            await asyncio.to_thread(cleanup.run)
+
+
+def explain_population(args: argparse.Namespace, population: object, cleanup: object) -> None:
+    from benchlib import explain, servers
+
+    assert isinstance(population, servers.Population) and isinstance(cleanup, servers.Cleanup)
+    postgres = servers.Postgres(args.pg_host, args.pg_port, args.pg_user)
+    dbname = postgres.create_database(cleanup, "bench_ours", template=population.template_db)
+    explain.create_our_indexes(postgres.dsn(), dbname)
+    print(f"\n== EXPLAIN ANALYZE at {population.n} rows", flush=True)
+    explain.print_explained(explain.explain(postgres.dsn(), dbname, population))
+
+
+def populated(args: argparse.Namespace, n: int) -> object:
+    from benchlib import populate, servers
+
+    postgres = servers.Postgres(args.pg_host, args.pg_port, args.pg_user)
+    population = populate.populate(
+        n=n,
+        cache=servers.cache_base(),
+        psql_dsn=postgres.dsn(),
+        make_synapse_schema=lambda db: servers.make_synapse_schema(args.synapse_venv, postgres, db),
+        create_database=postgres.create_empty,
+        drop_database=postgres.drop,
+        database_exists=postgres.exists,
+    )
+    return with_purge_plans(population, postgres.dsn())
 
 
 async def _run_launched(
@@ -339,16 +426,18 @@ async def _run_launched(
         postgres.sweep_stale()
     python = args.python or default_python()
     managed: list[servers.ManagedServer] = []
+    population = opts.population
+    assert population is None or isinstance(population, servers.Population)
     if args.compare_synapse:
         synapse = await asyncio.to_thread(
             servers.setup_synapse, cleanup, venv=args.synapse_venv, postgres=postgres,
-            keep=args.keep,
+            keep=args.keep, population=population,
         )  # fmt: skip
         managed.append(synapse)
     ours_on_pg = args.postgres or (args.compare_synapse and not args.ours_sqlite)
     ours = await asyncio.to_thread(
         servers.setup_ours, cleanup, python=python, postgres=postgres if ours_on_pg else None,
-        keep=args.keep, workers=args.ours_workers,
+        keep=args.keep, workers=args.ours_workers, population=population,
     )  # fmt: skip
     managed.append(ours)
 
@@ -476,6 +565,7 @@ def report(output: Output, args: argparse.Namespace) -> None:
             f"{k} {v}" for k, v in info.items() if k in ("server", "version", "database")
         )
         print_table(f"{label} ({described})" if described else label, rows, out)
+    print_population_table(results, out)
     ok = [r for r in results if r.status == "ok" and r.gen_cpu_share is not None]
     if ok:
         worst = max(ok, key=lambda r: r.gen_cpu_share or 0.0)

@@ -82,6 +82,8 @@ class Options:
     request_timeout: float = 60.0
     max_requests: int = 5_000_000
     log: Callable[[str], None] = print
+    # The populated database the servers run on (benchlib.populate.Population).
+    population: object | None = None
 
     def conns(self, default: int) -> int:
         return self.connections or default

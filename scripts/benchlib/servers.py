@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchlib.populate import Population, clone_media_store
 from benchlib.scenarios import Target
 from benchlib.wrk import install_debian_package
 
@@ -186,15 +187,36 @@ class Postgres:
         the next measurement."""
         self._psql("CHECKPOINT")
 
-    def create_database(self, cleanup: Cleanup, prefix: str) -> str:
+    def create_database(self, cleanup: Cleanup, prefix: str, template: str | None = None) -> str:
+        """A new database, dropped on cleanup; a copy of ``template`` if given."""
         if shutil.which("psql") is None:
             raise RuntimeError("psql is not installed; it is needed to create the databases")
         name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+        if template is None:
+            self.create_empty(name)
+        else:
+            self._psql(f"CREATE DATABASE {name} TEMPLATE {template}")
+        cleanup.add(f"database {name}", lambda: self.drop(name))
+        return name
+
+    def create_empty(self, name: str) -> None:
         self._psql(
             f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
         )
-        cleanup.add(f"database {name}", lambda: self._psql(f"DROP DATABASE IF EXISTS {name}"))
-        return name
+
+    def drop(self, name: str) -> None:
+        self._psql(f"DROP DATABASE IF EXISTS {name}")
+
+    def exists(self, name: str) -> bool:
+        listed = run(
+            ["psql", "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", "postgres",
+             "-Atc", f"SELECT 1 FROM pg_database WHERE datname = '{name}'"],
+            timeout=60,
+        )  # fmt: skip
+        return listed.stdout.strip() == "1"
+
+    def dsn(self) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "user": self.user}
 
     def sweep_stale(self) -> None:
         """Drop databases left by a run that was killed (its pid is in the name)."""
@@ -372,6 +394,7 @@ def setup_ours(
     keep: bool,
     label: str = "ours",
     workers: int = 1,
+    population: Population | None = None,
 ) -> ManagedServer:
     workdir = make_workdir(cleanup, label, keep)
     config_path = os.path.join(workdir, "homeserver.yaml")
@@ -384,9 +407,12 @@ def setup_ours(
     config = load_yaml(config_path)
     info: dict[str, Any] = {"server": "mediarepo", "database": "sqlite", "workers": workers}
     if postgres is not None:
-        dbname = postgres.create_database(cleanup, "bench_ours")
+        template = population.template_db if population else None
+        dbname = postgres.create_database(cleanup, "bench_ours", template=template)
         config["database"] = {"name": "psycopg2", "args": postgres.args(dbname)}
         info["database"] = "postgresql"
+    if population is not None:
+        config["media_store_path"] = use_population(population, workdir, info)
     config["max_upload_size"] = "100M"
     config["max_pending_media_uploads"] = 10000
     config["rc_media_create"] = {"per_second": 100000, "burst_count": 1000000}
@@ -408,14 +434,18 @@ def setup_ours(
         command=[python, "-m", "mediarepo", "-c", config_path, "--workers", str(workers)],
         info=info,
         configure_hook=configure,
-        start_timeout=90,
+        # On a populated database the first start builds our indexes.
+        start_timeout=600 if population is not None else 90,
     )
-    registered = run(
-        [python, "-m", "mediarepo", "register-user", "-c", config_path,
-         f"@{BENCH_USER}:{SERVER_NAME}"],
-        timeout=120,
-    )  # fmt: skip
-    server.token = registered.stdout.strip().splitlines()[-1].strip()
+    if population is not None:
+        server.token = population.bench_token
+    else:
+        registered = run(
+            [python, "-m", "mediarepo", "register-user", "-c", config_path,
+             f"@{BENCH_USER}:{SERVER_NAME}"],
+            timeout=120,
+        )  # fmt: skip
+        server.token = registered.stdout.strip().splitlines()[-1].strip()
     log(f"{label}: mediarepo {info['version']} on {info['database']}, config {config_path}")
     return server
 
@@ -442,21 +472,31 @@ def ensure_synapse(venv: str) -> str:
     return python
 
 
+def use_population(population: Population, workdir: str, info: dict[str, Any]) -> str:
+    """A hard-linked copy of the population's media store in ``workdir``; its path."""
+    media_store = os.path.join(workdir, "media_store_populated")
+    clone_media_store(population, media_store)
+    info["populated"] = population.n
+    return media_store
+
+
 def setup_synapse(
-    cleanup: Cleanup, *, venv: str, postgres: Postgres, keep: bool, label: str = "synapse"
+    cleanup: Cleanup,
+    *,
+    venv: str,
+    postgres: Postgres,
+    keep: bool,
+    label: str = "synapse",
+    population: Population | None = None,
 ) -> ManagedServer:
     python = ensure_synapse(venv)
     version = run([python, "-c", "import synapse; print(synapse.__version__)"]).stdout.strip()
     workdir = make_workdir(cleanup, label, keep)
     config_path = os.path.join(workdir, "homeserver.yaml")
     port = free_port()
-    run(
-        [python, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
-         "--config-path", config_path, "--data-directory", workdir,
-         "--generate-config", "--report-stats=no"],
-        cwd=workdir, timeout=300,
-    )  # fmt: skip
-    dbname = postgres.create_database(cleanup, "bench_synapse")
+    generate_synapse_config(python, workdir, config_path)
+    template = population.template_db if population else None
+    dbname = postgres.create_database(cleanup, "bench_synapse", template=template)
     shared_secret = secrets.token_hex(16)
     config = load_yaml(config_path)
     raised = {"per_second": 100000, "burst_count": 1000000}
@@ -488,6 +528,9 @@ def setup_synapse(
     )
     dump_yaml(config_path, config)
     info: dict[str, Any] = {"server": "synapse", "version": version, "database": "postgresql"}
+    if population is not None:
+        config["media_store_path"] = use_population(population, workdir, info)
+        dump_yaml(config_path, config)
 
     def configure(phase: Phase) -> None:
         data = load_yaml(config_path)
@@ -506,8 +549,40 @@ def setup_synapse(
         ready_path="/_matrix/client/versions",
         start_timeout=300,
     )
+    if population is not None:
+        server.token = population.bench_token
     log(f"{label}: Synapse {version} on PostgreSQL, config {config_path}")
     return server
+
+
+def generate_synapse_config(python: str, workdir: str, config_path: str) -> None:
+    """Synapse's own generated homeserver.yaml (and signing key) in ``workdir``."""
+    run(
+        [python, "-m", "synapse.app.homeserver", "--server-name", SERVER_NAME,
+         "--config-path", config_path, "--data-directory", workdir,
+         "--generate-config", "--report-stats=no"],
+        cwd=workdir, timeout=300,
+    )  # fmt: skip
+
+
+def make_synapse_schema(venv: str, postgres: Postgres, dbname: str) -> None:
+    """Let Synapse create its whole schema in ``dbname`` and run its
+    background updates, as a new Synapse deployment would have it."""
+    python = ensure_synapse(venv)
+    workdir = tempfile.mkdtemp(prefix=f"bench-synapse-{os.getpid()}-schema")
+    try:
+        config_path = os.path.join(workdir, "homeserver.yaml")
+        generate_synapse_config(python, workdir, config_path)
+        config = load_yaml(config_path)
+        config["database"] = {"name": "psycopg2", "args": postgres.args(dbname)}
+        dump_yaml(config_path, config)
+        run(
+            [python, "-m", "synapse._scripts.update_synapse_database",
+             "--database-config", config_path, "--run-background-updates"],
+            cwd=workdir, timeout=600,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def register_synapse_user(server: ManagedServer) -> None:

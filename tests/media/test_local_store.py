@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
+from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.providers.local import LocalMediaStore, in_directory
 
 
@@ -54,3 +56,57 @@ class DirectoryTests(unittest.TestCase):
         self.assertEqual(
             sorted(os.listdir(self.base)), [".mediarepo_tmp", "local_content", "remote_content"]
         )
+
+    def test_delete_many_in_one_pool_job(self) -> None:
+        # A purge's batch of files and thumbnail directories goes in a
+        # single job of the pool, not several per media.
+        jobs: list[object] = []
+
+        class CountingPool(ThreadPool):
+            """Runs each job at once, on this thread, counting them."""
+
+            def callInThreadWithCallback(self, onResult, func, *args, **kw):  # type: ignore[no-untyped-def]
+                jobs.append(func)
+                onResult(True, func(*args, **kw))
+
+        class ImmediateReactor(Clock):
+            def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
+                f(*args, **kw)
+
+        store = LocalMediaStore(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
+        files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
+        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
+        kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")
+        for relative in [*files, *(d + "/32-32-image-jpeg-crop" for d in directories)]:
+            path = os.path.join(self.base, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+        os.makedirs(os.path.dirname(kept))
+        open(kept, "wb").close()
+        # One missing file does not stop the rest.
+        files.append("local_content/ab/qq/missing")
+        jobs.clear()
+
+        self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
+
+        self.assertEqual(len(jobs), 1)
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
+        self.assertTrue(os.path.isfile(kept))
+
+
+class SmallFileCacheTests(unittest.TestCase):
+    def test_forget_under_many_directories_at_once(self) -> None:
+        cache = SmallFileCache(Clock(), 1 << 20, 60.0)
+        kept = ["/s/local_thumbnails/ab/cd/efgh2/32-32", "/s/local_content/ab/cd/efgh"]
+        gone = [
+            "/s/local_thumbnails/ab/cd/efgh/32-32",
+            "/s/local_thumbnails/ab/cd/efgh/96-96",
+            "/s/remote_thumbnail/o.test/ab/cd/ijkl/deeper/x",
+        ]
+        for path in kept + gone:
+            cache.put(path, b"x")
+        cache.forget_under(
+            ["/s/local_thumbnails/ab/cd/efgh", "/s/remote_thumbnail/o.test/ab/cd/ijkl/", "/none"]
+        )
+        self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
-from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.database import Database, PostgresEngine, Transaction
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
@@ -121,6 +121,29 @@ class DatabaseTests(DatabaseFixture):
         self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
         # Run once committed, and only then.
         self.assertEqual(after, ["ijklmnop"])  # type: ignore[attr-defined]
+
+    async def test_batch_runs_every_statement(self) -> None:
+        """More statements than PostgreSQL's batch page: each one runs."""
+        await prepare_database(self.database)
+        count = 2 * PostgresEngine.BATCH_PAGE + 7
+
+        def insert(txn: Transaction) -> None:
+            txn.execute_batch(
+                "INSERT INTO local_media_repository (media_id, created_ts) VALUES (?, ?)",
+                [(f"batch{i:04d}", i) for i in range(count)],
+            )
+            txn.execute_batch(
+                "DELETE FROM local_media_repository WHERE media_id = ?",
+                [(f"batch{i:04d}",) for i in range(0, count, 2)],
+            )
+
+        await self.database.run_interaction("t", insert)
+        rows = await self.database.run_query(
+            "t", "SELECT media_id FROM local_media_repository ORDER BY media_id"
+        )
+        self.assertEqual(  # type: ignore[attr-defined]
+            rows, [(f"batch{i:04d}",) for i in range(1, count, 2)]
+        )
 
     async def test_after_commit_sees_the_transaction_committed(self) -> None:
         """``after_commit`` runs once the rows are visible to everyone (a

@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, TypeVar, cast
 
 from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
@@ -158,30 +158,39 @@ class LocalMediaStore(StorageProvider):
         await self.in_pool(copy)
 
     async def delete(self, relative_path: str) -> None:
-        path = self.paths.absolute(relative_path)
-        self._small_files.forget(path)
-
-        def remove() -> None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            self._remove_emptied_directories(path)
-
-        await self.in_pool(remove)
-        # Again: a read that finished while the file went may have cached it.
-        self._small_files.forget(path)
+        await self.delete_many([relative_path], [])
 
     async def delete_directory(self, relative_path: str) -> None:
-        path = self.paths.absolute(relative_path)
-        self._small_files.forget_under(path)
+        await self.delete_many([], [relative_path])
+
+    async def delete_many(self, files: Sequence[str], directories: Sequence[str]) -> None:
+        """Delete ``files`` and ``directories`` (with what they hold) in one
+        job of the thread pool: a purge of thousands of media would
+        otherwise wait its turn in the pool, behind the reads of downloads,
+        several times per media."""
+        file_paths = [self.paths.absolute(p) for p in files]
+        directory_paths = [self.paths.absolute(p) for p in directories]
+
+        def forget() -> None:
+            for path in file_paths:
+                self._small_files.forget(path)
+            self._small_files.forget_under(directory_paths)
 
         def remove() -> None:
-            shutil.rmtree(path, ignore_errors=True)
-            self._remove_emptied_directories(path)
+            for path in file_paths:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                self._remove_emptied_directories(path)
+            for path in directory_paths:
+                shutil.rmtree(path, ignore_errors=True)
+                self._remove_emptied_directories(path)
 
+        forget()
         await self.in_pool(remove)
-        self._small_files.forget_under(path)
+        # Again: a read that finished while the files went may have cached one.
+        forget()
 
     def _remove_emptied_directories(self, removed: str) -> None:
         """Remove the directories above ``removed`` that it left empty

@@ -155,25 +155,33 @@ def _quarantine_records(txn: Transaction, synapse_owned: bool) -> QuarantineReco
 
 
 # Indexes of ours on Synapse's tables, for queries Synapse's own indexes
-# serve badly. ``/create`` counts a user's reservations still without
-# content: through Synapse's (user_id, created_ts) index that reads every
-# upload of the user's last day, thousands of rows for a busy user or a bot;
-# this index holds only the reservations.
-_EXTRA_INDEXES = (
+# serve badly (figures: docs/performance.rst, at a million rows).
+EXTRA_INDEXES = (
+    # ``/create`` counts a user's reservations still without content:
+    # through Synapse's (user_id, created_ts) index that reads every upload
+    # of the user's last day, thousands of rows for a busy user or a bot;
+    # this index holds only the reservations.
     (
         "mediarepo_pending_media",
         "local_media_repository (user_id, created_ts) WHERE media_length IS NULL",
     ),
+    # Purges by age (media_retention, the admin API's media/delete) take
+    # the oldest local media a batch at a time; Synapse has no index on
+    # created_ts, so every batch read the whole table.
+    ("mediarepo_local_media_created", "local_media_repository (created_ts)"),
+    # The same for cached remote media, least recently read first
+    # (media_retention, purge_media_cache).
+    ("mediarepo_remote_media_last_access", "remote_media_cache (last_access_ts)"),
 )
 
 
 async def _create_extra_indexes(database: Database) -> None:
-    """Create the indexes of ``_EXTRA_INDEXES`` that are missing. On
+    """Create the indexes of ``EXTRA_INDEXES`` that are missing. On
     PostgreSQL they are built CONCURRENTLY, so that Synapse's writes to a
     large table are not held up while an index is built; a build that
     failed half way (an invalid index) is started again."""
     postgres = database.engine.name == "psycopg2"
-    for name, definition in _EXTRA_INDEXES:
+    for name, definition in EXTRA_INDEXES:
         try:
             if postgres:
                 rows = await database.run_query(

@@ -1,0 +1,102 @@
+"""The queries of purges by age: the oldest media first, found through the
+indexes made for them (mediarepo_local_media_created,
+mediarepo_remote_media_last_access), on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mediarepo.storage.database import Row, Transaction
+from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
+from mediarepo.storage.schema import prepare_database
+from tests.storage.test_database import DatabaseFixture
+from tests.utils import on_both_databases
+
+BEFORE = 1_000_000
+
+
+@on_both_databases
+class PurgeQueryTests(DatabaseFixture):
+    async def setUp(self) -> None:  # type: ignore[override]
+        super().setUp()
+        state = await prepare_database(self.database)
+        self.admin_store = MediaAdminStore(
+            self.database, "db.test", state.avatar_columns, state.has_profiles
+        )
+        self.media_store = MediaStore(self.database)
+        local = [
+            # (media ID, created, last read, length)
+            ("oldunread", BEFORE - 50, None, 10),
+            ("oldread", BEFORE - 90, BEFORE - 10, 10),
+            ("oldreadlately", BEFORE - 80, BEFORE + 10, 10),
+            ("newunread", BEFORE + 5, None, 10),
+            ("oldpending", BEFORE - 70, None, None),
+        ]
+        for media_id, created, read, length in local:
+            await self.database.run_query(
+                "t",
+                "INSERT INTO local_media_repository (media_id, created_ts, last_access_ts,"
+                " media_length, user_id) VALUES (?, ?, ?, ?, ?)",
+                (media_id, created, read, length, "@u:db.test"),
+            )
+        for media_id, read in (("stale", BEFORE - 5), ("staler", BEFORE - 9), ("read", BEFORE)):
+            await self.database.run_query(
+                "t",
+                "INSERT INTO remote_media_cache (media_origin, media_id, filesystem_id,"
+                " created_ts, last_access_ts) VALUES (?, ?, ?, ?, ?)",
+                ("remote.test", media_id, "fs" + media_id, read - 100, read),
+            )
+
+    def capture_queries(self) -> list[tuple[str, tuple[object, ...]]]:
+        """The statements of run_query from now on, run as before."""
+        captured: list[tuple[str, tuple[object, ...]]] = []
+        run_query = self.database.run_query
+
+        async def capturing(desc: str, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+            captured.append((sql, tuple(args)))
+            return await run_query(desc, sql, args)
+
+        self.patch(self.database, "run_query", capturing)  # type: ignore[attr-defined]
+        return captured
+
+    async def plan(self, sql: str, args: tuple[object, ...]) -> str:
+        """The plan of ``sql``, with sequential scans made as costly as
+        PostgreSQL allows: what shows is whether an index can serve it."""
+        postgres = self.database.engine.name == "psycopg2"
+
+        def explain(t: Transaction) -> str:
+            if postgres:
+                t.execute("SET LOCAL enable_seqscan = off")
+                t.execute("EXPLAIN " + sql, args)
+            else:
+                t.execute("EXPLAIN QUERY PLAN " + sql, args)
+            return "\n".join(str(row) for row in t.fetchall())
+
+        return await self.database.run_interaction("t", explain)
+
+    async def test_old_local_media_oldest_first_through_the_index(self) -> None:
+        captured = self.capture_queries()
+        found = await self.admin_store.old_local_media(LocalPurgeFilter(before_ts=BEFORE), 10)
+        # Read lately, new, and reservations stay.
+        self.assertEqual(found, ["oldread", "oldunread"])  # type: ignore[attr-defined]
+        self.assertEqual(  # type: ignore[attr-defined]
+            await self.admin_store.old_local_media(LocalPurgeFilter(before_ts=BEFORE), 1),
+            ["oldread"],
+        )
+        sql, args = captured[0]
+        self.assertIn(  # type: ignore[attr-defined]
+            "mediarepo_local_media_created", await self.plan(sql, args)
+        )
+
+    async def test_remote_media_least_recently_read_first_through_the_index(self) -> None:
+        captured = self.capture_queries()
+        found = await self.media_store.remote_media_unread_since(BEFORE, 10)
+        self.assertEqual(  # type: ignore[attr-defined]
+            found, [("remote.test", "staler", "fsstaler"), ("remote.test", "stale", "fsstale")]
+        )
+        sql, args = captured[0]
+        self.assertIn(  # type: ignore[attr-defined]
+            "mediarepo_remote_media_last_access", await self.plan(sql, args)
+        )
