@@ -15,7 +15,8 @@ from twisted.trial import unittest
 
 from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
-from mediarepo.storage.database import Database, PostgresEngine, Transaction
+from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.engines import PostgresEngine
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
