@@ -99,7 +99,7 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
 
     def told(self, index: int) -> defer.Deferred[None]:
         """Fires once instance ``index`` has been told of a media change."""
-        notifications = self.instances[index].notifications
+        notifications = self.instances[index].parts.notifications
         assert notifications is not None
         handlers = notifications.handlers
         original = handlers[CHANGED_CHANNEL]
