@@ -32,8 +32,7 @@ from mediarepo.media.providers.local import FileExistsInStoreError
 from mediarepo.media.quota import QuotaHold, UploadQuota, quota_exceeded
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
-from mediarepo.media.responder import Responder
-from mediarepo.media.storage import MediaStorage
+from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from mediarepo.media.thumbnails import (
     METADATA_CACHE_SECONDS,
@@ -74,11 +73,11 @@ UPLOAD_LOCK_NAME = "upload_media"
 
 @attrs.frozen
 class MediaDownload:
-    """Media's bytes, with what the response headers are made from."""
+    """Media's bytes (not yet opened), with what the response headers are made from."""
 
     media_type: str | None
     upload_name: str | None
-    responder: Responder
+    file: StoredFile
 
 
 class MediaRepository:
@@ -452,11 +451,10 @@ class MediaRepository:
         self.access.read_local(media_id)
         emit(MediaEvent.RETRIEVED, media_id=media_id, origin=None)
         path = url_cache_path(media_id) if media.url_cache else local_media_path(media_id)
-        responder = await self.storage.fetch(path)
-        if responder is None:
-            logger.warning("media %s has a row but no file in any provider", media_id)
-            raise NotFoundError()
-        return MediaDownload(media.media_type, media.upload_name, responder)
+        assert media.media_length is not None  # a pending upload was waited for
+        return MediaDownload(
+            media.media_type, media.upload_name, self.storage.stored_file(path, media.media_length)
+        )
 
     async def get_remote_media(
         self, origin: str, media_id: str, access: RemoteAccess
@@ -466,18 +464,18 @@ class MediaRepository:
         media = await self.remote.get(origin, media_id, access)
         self.access.read_remote(origin, media_id)
         emit(MediaEvent.RETRIEVED, media_id=media_id, origin=origin)
-        responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
-        if responder is None:
-            raise NotFoundError()
-        return MediaDownload(media.media_type, media.upload_name, responder)
+        path = remote_media_path(origin, media.filesystem_id)
+        return MediaDownload(
+            media.media_type, media.upload_name, self.storage.stored_file(path, media.media_length)
+        )
 
     async def redirect_url(
-        self, responder: Responder, content_type: str, content_disposition: str
+        self, file: StoredFile, content_type: str, content_disposition: str
     ) -> str | None:
-        """Where a client that allows redirects may fetch what ``responder``
-        (of media already found visible) would send, with these headers; see
+        """Where a client that allows redirects may fetch ``file`` (of media
+        already found visible), with these headers; see
         :meth:`MediaStorage.redirect_url`."""
-        return await self.storage.redirect_url(responder, content_type, content_disposition)
+        return await self.storage.redirect_url(file, content_type, content_disposition)
 
     async def get_remote_thumbnail(
         self, origin: str, media_id: str, request: ThumbnailRequest, access: RemoteAccess
