@@ -23,6 +23,7 @@ from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import (
     is_valid_media_id,
     local_media_path,
+    local_thumbnail_dir,
     random_media_id,
     remote_media_path,
     url_cache_path,
@@ -140,6 +141,21 @@ class MediaRepository:
         origin, _, media_id = payload.rpartition("/")
         if not origin:
             self.forget_local(media_id)
+            if is_valid_media_id(media_id):
+                defer.ensureDeferred(self._drop_local_copy_if_deleted(media_id)).addErrback(
+                    lambda f: logger.warning("removing a deleted media's copy failed: %s", f.value)
+                )
+
+    async def _drop_local_copy_if_deleted(self, media_id: str) -> None:
+        """Local media deleted through another instance: this host's copy
+        and thumbnails go too (that instance removed its own, and the
+        providers' through their queue). Quarantined media keeps them. Of
+        remote media deleted elsewhere the path is gone with the row: the
+        local cache's eviction removes those."""
+        if await self._media_store.get_local_media(media_id) is not None:
+            return
+        await self.storage.local.delete(local_media_path(media_id))
+        await self.storage.local.delete_directory(local_thumbnail_dir(media_id))
 
     async def begin_upload(
         self, uploader: Requester | None = None, declared_length: int | None = None
@@ -406,15 +422,18 @@ class MediaRepository:
             raise NotFoundError()
         deadline = self._now_ms() + timeout_ms
         while True:
-            media = self._media_rows.get(media_id) or await self._media_store.get_local_media(
-                media_id
-            )
+            cached = self._media_rows.get(media_id)
+            media = cached or await self._media_store.get_local_media(media_id)
             if media is None:
                 raise NotFoundError()
             if media.quarantined_by is not None and not bypass_quarantine:
                 raise NotFoundError()
             if not media.is_pending:
-                self._media_rows.put(media_id, media)
+                # Only a row just read: kept again on every read, a row read
+                # all the time would never expire, and a change missed by
+                # the announcements would never be seen.
+                if cached is None:
+                    self._media_rows.put(media_id, media)
                 break
             if self._reservation_expired(media):
                 raise NotFoundError()
