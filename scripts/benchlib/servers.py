@@ -346,7 +346,9 @@ def sweep_stale_workdirs() -> None:
     """Remove temp dirs left by a run that was killed (its pid is in the name)."""
     tmp = tempfile.gettempdir()
     for entry in os.listdir(tmp):
-        match = re.fullmatch(r"bench-(?:ours|synapse|nginx)-(\d+)-\w+", entry)
+        match = re.fullmatch(
+            r"bench-(?:ours|synapse|nginx|hosts\d+|nginx-hosts\d+|moto)-(\d+)-\w+", entry
+        )
         if match and not _pid_alive(int(match.group(1))):
             log(f"removing {os.path.join(tmp, entry)} left by a killed run")
             shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
