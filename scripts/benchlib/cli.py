@@ -62,6 +62,15 @@ modes:
       for each figure. --nginx adds nginx serving the same 4 KiB and 20 MiB files (skipped
       if nginx is not installed).
 
+  scripts/bench --hosts 1,2,3 [--hosts-s3-media N]
+      for each count: that many instances of ours (each its own media_store_path and
+      worker_name) on one fresh PostgreSQL database and one moto S3 server (needs
+      moto[server] in --python), behind nginx (round robin), pinned with taskset to
+      the same total cores (all cores split evenly where they divide, else all on
+      all); runs upload_small, download_small, download_s3 (cold and warm) and
+      download_redirect (direct, 307, followed), and prints req/s and p50 against
+      one instance.
+
   Launched servers run in two phases: first with dynamic_thumbnails: false and
   enable_authenticated_media: true (Synapse's defaults) for every scenario except
   {", ".join(PHASE2)}; then restarted (same database and media) with
@@ -301,7 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log(
         f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.2f}; scenarios: {', '.join(args.scenario_list)}"
+        f"load average {os.getloadavg()[0]:.2f}; "
+        + (
+            f"instances: {args.hosts} (see benchlib/scenarios_hosts.py)"
+            if args.hosts
+            else f"scenarios: {', '.join(args.scenario_list)}"
+        )
     )
     if args.nginx and not launching:
         log("--nginx is used only with --start-ours or --compare-synapse; ignored")

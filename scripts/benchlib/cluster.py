@@ -31,6 +31,7 @@ from benchlib.servers import (
     nginx_version,
     run,
     stop_process,
+    write_nginx_config,
 )
 from benchlib.wrk import install_debian_package
 
@@ -262,24 +263,10 @@ def _nginx_balancer(cleanup: Cleanup, keep: bool, label: str, ports: list[int]) 
     workdir = make_workdir(cleanup, f"nginx-{label}", keep)
     port = free_port()
     upstreams = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
-    config_path = os.path.join(workdir, "nginx.conf")
-    with open(config_path, "w", encoding="utf-8") as f:
-        f.write(
-            f"""\
-daemon off;
-user root;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    keepalive_requests 1000000;
+    config_path = write_nginx_config(
+        workdir,
+        1,
+        f"""\
     upstream media {{
 {upstreams}
         keepalive 64;
@@ -297,9 +284,8 @@ http {{
             proxy_redirect off;
         }}
     }}
-}}
-"""
-        )
+""",
+    )
     return ManagedServer(
         label=f"{label}-nginx",
         workdir=workdir,

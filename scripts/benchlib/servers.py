@@ -555,34 +555,19 @@ def setup_nginx(
     with open(os.path.join(www, "large"), "wb") as f:
         f.write(large)
     port = free_port()
-    config_path = os.path.join(workdir, "nginx.conf")
-    with open(config_path, "w", encoding="utf-8") as f:
-        f.write(
-            f"""\
-daemon off;
-user root;
-worker_processes 2;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
+    config_path = write_nginx_config(
+        workdir,
+        2,
+        f"""\
     sendfile on;
     tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{port};
         root {www};
     }}
-}}
-"""
-        )
+""",
+    )
     server = ManagedServer(
         label="nginx",
         workdir=workdir,
@@ -594,6 +579,33 @@ http {{
         start_timeout=30,
     )
     return server
+
+
+def write_nginx_config(workdir: str, workers: int, http_block: str) -> str:
+    """Write an nginx.conf for a foreground nginx keeping everything under
+    ``workdir``, with ``http_block`` inside its ``http`` block; its path."""
+    config_path = os.path.join(workdir, "nginx.conf")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(
+            f"""\
+daemon off;
+user root;
+worker_processes {workers};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+{http_block}}}
+"""
+        )
+    return config_path
 
 
 def nginx_version(binary: str) -> str:
