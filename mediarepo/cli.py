@@ -77,12 +77,7 @@ def run(config_paths: Sequence[str], workers: int = 1) -> int:
     worker processes sharing its listening sockets (see ``mediarepo.workers``).
     """
     from mediarepo.logging_setup import flush_logs, setup_logging
-    from mediarepo.workers import (
-        Supervisor,
-        inherited_sockets,
-        is_supervised_worker,
-        worker_index,
-    )
+    from mediarepo.workers import Supervisor, is_supervised_worker
 
     config = load_config(config_paths)
     try:
@@ -105,23 +100,21 @@ def run(config_paths: Sequence[str], workers: int = 1) -> int:
 
     from twisted.internet import reactor
 
-    from mediarepo.app import MediaServer
+    from mediarepo.app import media_server
 
-    server = MediaServer(
-        config, reactor, inherited_sockets(), runs_housekeeping=worker_index() == 0
-    )
+    server = media_server(config, reactor)
     failure_line: list[str] = []
 
     def on_start_failure(failure: Any) -> None:
+        if not server.running:
+            return  # stopped while starting: not a failed start
         failure_line.append(report_start_failure(config, failure))
         reactor.stop()
 
-    def start() -> None:
-        server.start_deferred().addErrback(on_start_failure)
-
-    reactor.callWhenRunning(start)
+    server.startService()
+    server.started.wait().addErrback(on_start_failure)
     reactor.addSystemEventTrigger("before", "shutdown", _arm_exit_watchdog)
-    reactor.addSystemEventTrigger("before", "shutdown", server.stop_deferred)
+    reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
     # A worker under a supervisor: the supervisor's pid is the service's.
     with pid_file(config, None if supervised else config.pid_file):
         reactor.run()

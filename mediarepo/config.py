@@ -9,7 +9,6 @@ one line.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,8 @@ from typing import Any
 import attrs
 import yaml
 
+from mediarepo.config_federation import FederationConfig, parse_federation
+from mediarepo.config_reader import ConfigReader, RateLimit, string_list
 from mediarepo.config_storage import (
     StorageProviderConfig,
     parse_media_store_max_size,
@@ -25,131 +26,7 @@ from mediarepo.config_storage import (
 )
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name
-
-_SIZE_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_DURATION_UNITS_MS = {
-    "s": 1000,
-    "m": 60 * 1000,
-    "h": 60 * 60 * 1000,
-    "d": 24 * 60 * 60 * 1000,
-    "w": 7 * 24 * 60 * 60 * 1000,
-    "y": 365 * 24 * 60 * 60 * 1000,
-}
-
-# ASCII digits only: str.isdigit() and int() also take other scripts' digits
-# (and isdigit() takes "²", which int() then refuses).
-_DIGITS = re.compile(r"[0-9]+")
-
-
-def parse_size(key: str, value: object) -> int:
-    """A byte count: an integer, or a string such as ``"50M"`` (powers of 1024)."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, "must not be negative")
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        multiplier = 1
-        if text and text[-1].upper() in _SIZE_UNITS:
-            multiplier = _SIZE_UNITS[text[-1].upper()]
-            text = text[:-1]
-        if _DIGITS.fullmatch(text):
-            return int(text) * multiplier
-    raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
-
-
-def parse_duration_ms(key: str, value: object) -> int:
-    """A duration in milliseconds: an integer (ms) or a string such as ``"24h"``."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, "must not be negative")
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        multiplier = 1
-        if text and text[-1] in _DURATION_UNITS_MS:
-            multiplier = _DURATION_UNITS_MS[text[-1]]
-            text = text[:-1]
-        if _DIGITS.fullmatch(text):
-            return int(text) * multiplier
-    raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
-
-
-class ConfigReader:
-    """Typed access to one mapping of the config, naming keys in errors."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str = "") -> None:
-        self._data = data
-        self._prefix = prefix
-
-    def key(self, name: str) -> str:
-        return f"{self._prefix}{name}"
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        value = self._data.get(name, default)
-        return default if value is None else value
-
-    def string(self, name: str, default: str | None = None) -> str | None:
-        value = self.raw(name, default)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(self.key(name), f"expected a string, got {value!r}")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"expected true or false, got {value!r}")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(name), f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise ConfigError(self.key(name), f"must be at least {minimum}")
-        return value
-
-    def size(self, name: str, default: str) -> int:
-        return parse_size(self.key(name), self.raw(name, default))
-
-    def duration_ms(self, name: str, default: str) -> int:
-        return parse_duration_ms(self.key(name), self.raw(name, default))
-
-    def mapping(self, name: str) -> ConfigReader:
-        value = self.raw(name, {})
-        if not isinstance(value, Mapping):
-            raise ConfigError(self.key(name), "expected a mapping")
-        return ConfigReader(value, f"{self.key(name)}.")
-
-    def sequence(self, name: str, default: list[Any] | None = None) -> list[Any]:
-        value = self.raw(name, default if default is not None else [])
-        if not isinstance(value, list):
-            raise ConfigError(self.key(name), "expected a list")
-        return value
-
-    def entries(self, name: str, default: list[Any] | None = None) -> list[ConfigReader]:
-        """A list of mappings, each read with its place (``name[i].key``) in errors."""
-        readers = []
-        for index, raw in enumerate(self.sequence(name, default)):
-            place = f"{self.key(name)}[{index}]"
-            if not isinstance(raw, Mapping):
-                raise ConfigError(place, "expected a mapping")
-            readers.append(ConfigReader(raw, f"{place}."))
-        return readers
-
-
-# Synapse's default ``ip_range_blacklist``: where outbound requests never go.
-DEFAULT_IP_RANGE_BLACKLIST = (
-    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-    "192.0.0.0/24", "169.254.0.0/16", "192.88.99.0/24", "198.18.0.0/15", "192.0.2.0/24",
-    "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "::1/128", "fe80::/10", "fc00::/7",
-    "2001:db8::/32", "ff00::/8", "fec0::/10",
-)  # fmt: skip
-
+from mediarepo.outbound.proxy import ProxyAddress, ProxySettings
 
 # The worker_app values under which Synapse serves media: this server is then
 # that worker.
@@ -192,35 +69,6 @@ class DatabaseConfig:
 
 
 @attrs.frozen
-class OldVerifyKey:
-    """An entry of ``old_signing_keys``: a key we no longer sign with."""
-
-    key: str  # unpadded base64
-    expired_ts: int
-
-
-@attrs.frozen
-class RateLimit:
-    """An ``rc_*`` section: a bucket of ``burst_count`` actions draining at ``per_second``."""
-
-    per_second: float
-    burst_count: int
-
-
-@attrs.frozen
-class FederationRateLimit:
-    """``rc_federation``: per origin server, requests past ``sleep_limit``
-    within ``window_size`` wait ``sleep_delay`` first; at most ``concurrent``
-    run at once; past ``reject_limit`` in flight, 429."""
-
-    window_size_ms: int = 1000
-    sleep_limit: int = 10
-    sleep_delay_ms: int = 500
-    reject_limit: int = 50
-    concurrent: int = 3
-
-
-@attrs.frozen
 class UploadLimit:
     """An entry of ``media_upload_limits``: at most ``max_size`` bytes
     uploaded per user within any ``time_period``."""
@@ -251,38 +99,6 @@ DEFAULT_THUMBNAIL_SIZES = (
 # The keys of ``thumbnail_formats``: source formats thumbnailed beyond
 # Synapse's JPEG, PNG, GIF and WebP, each on unless turned off.
 OPTIONAL_THUMBNAIL_FORMATS = ("heic", "avif", "bmp", "tiff", "video")
-
-
-@attrs.frozen
-class TrustedKeyServer:
-    """An entry of ``trusted_key_servers``: a notary asked for other servers' keys."""
-
-    server_name: str
-    # key ID -> unpadded base64 key; when given, answers must carry its signature.
-    verify_keys: Mapping[str, str]
-
-
-@attrs.frozen
-class FederationConfig:
-    """What outbound and inbound federation need."""
-
-    verify_certificates: bool
-    custom_ca_list: tuple[str, ...]
-    domain_whitelist: frozenset[str] | None
-    ip_range_blacklist: tuple[str, ...]
-    ip_range_whitelist: tuple[str, ...]
-    trusted_key_servers: tuple[TrustedKeyServer, ...]
-    key_refresh_interval_ms: int
-    old_signing_keys: Mapping[str, OldVerifyKey]
-    prevent_media_downloads_from: frozenset[str]
-    remote_download_rate: RateLimit  # bytes: burst and per second
-    inbound_rate: FederationRateLimit
-    # Ours: give up on a peer's answer after this long without a byte.
-    idle_timeout_ms: int = 20_000
-    # Synapse's federation.destination_*: backoff from failing servers.
-    destination_min_retry_interval_ms: int = 10 * 60 * 1000
-    destination_retry_multiplier: float = 2.0
-    destination_max_retry_interval_ms: int = 7 * 24 * 60 * 60 * 1000
 
 
 @attrs.frozen
@@ -338,6 +154,9 @@ class Config:
     thumbnail_pixel_budget: int = 32 * 1024 * 1024
     # Ours: which of OPTIONAL_THUMBNAIL_FORMATS are thumbnailed.
     thumbnail_formats: frozenset[str] = frozenset(OPTIONAL_THUMBNAIL_FORMATS)
+    # Synapse's http_proxy, https_proxy and no_proxy_hosts (else the
+    # environment's): the forward proxy outbound requests go through.
+    proxy: ProxySettings | None = None
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -440,108 +259,24 @@ def _parse_database(root: ConfigReader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
-def _string_list(root: ConfigReader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-    if root.raw(key) is None:
-        return default
-    values = root.sequence(key)
-    if not all(isinstance(value, str) for value in values):
-        raise ConfigError(key, "expected a list of strings")
-    return tuple(values)
-
-
-def _parse_federation(root: ConfigReader) -> FederationConfig:
-    whitelist = root.raw("federation_domain_whitelist")
-    if whitelist is not None:
-        whitelist = frozenset(_string_list(root, "federation_domain_whitelist"))
-    blacklist = _string_list(root, "ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST)
-    for key, ranges in (
-        ("ip_range_blacklist", blacklist),
-        ("ip_range_whitelist", _string_list(root, "ip_range_whitelist")),
-    ):
-        for value in ranges:
+def _parse_proxy(root: ConfigReader, environ: Mapping[str, str]) -> ProxySettings | None:
+    """The keys first, then the environment's variables, as Synapse reads them."""
+    from_environment = ProxySettings.from_environment(environ) or ProxySettings()
+    http_proxy = root.string("http_proxy") or from_environment.http_proxy
+    https_proxy = root.string("https_proxy") or from_environment.https_proxy
+    if root.raw("no_proxy_hosts") is not None:
+        no_proxy = string_list(root, "no_proxy_hosts")
+    else:
+        no_proxy = from_environment.no_proxy
+    if http_proxy is None and https_proxy is None:
+        return None
+    for key, value in (("http_proxy", http_proxy), ("https_proxy", https_proxy)):
+        if value is not None:
             try:
-                ipaddress.ip_network(value, strict=False)
+                ProxyAddress.parse(value)
             except ValueError as e:
-                raise ConfigError(key, f"{value!r} is not an IP range") from e
-    notaries = []
-    for entry in root.entries("trusted_key_servers", [{"server_name": "matrix.org"}]):
-        name = entry.string("server_name")
-        if name is None or not is_valid_server_name(name):
-            raise ConfigError(entry.key("server_name"), f"{name!r} is not a server name")
-        keys = entry.mapping("verify_keys")._data
-        if not all(isinstance(v, str) for v in keys.values()):
-            raise ConfigError(entry.key("verify_keys"), "expected key IDs mapped to keys")
-        notaries.append(TrustedKeyServer(name, dict(keys)))
-    old_keys = {}
-    for name, raw in root.mapping("old_signing_keys")._data.items():
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"old_signing_keys.{name}", "expected a mapping")
-        entry = ConfigReader(raw, f"old_signing_keys.{name}.")
-        old_key = entry.string("key")
-        if not old_key:
-            raise ConfigError(entry.key("key"), "is required")
-        old_keys[str(name)] = OldVerifyKey(old_key, entry.integer("expired_ts", 0))
-    return FederationConfig(
-        verify_certificates=root.boolean("federation_verify_certificates", True),
-        custom_ca_list=tuple(
-            os.path.abspath(p) for p in _string_list(root, "federation_custom_ca_list")
-        ),
-        domain_whitelist=whitelist,
-        ip_range_blacklist=blacklist,
-        ip_range_whitelist=_string_list(root, "ip_range_whitelist"),
-        trusted_key_servers=tuple(notaries),
-        key_refresh_interval_ms=root.duration_ms("key_refresh_interval", "1d"),
-        old_signing_keys=old_keys,
-        prevent_media_downloads_from=frozenset(_string_list(root, "prevent_media_downloads_from")),
-        inbound_rate=_parse_federation_rate_limit(root),
-        remote_download_rate=RateLimit(
-            float(root.size("remote_media_download_per_second", "87K")),
-            root.size("remote_media_download_burst_count", "500M"),
-        ),
-        idle_timeout_ms=_positive_duration(root, "federation_idle_timeout", "20s"),
-        **_parse_destination_backoff(root.mapping("federation")),
-    )
-
-
-def _positive_duration(reader: ConfigReader, key: str, default: str) -> int:
-    value = reader.duration_ms(key, default)
-    if value <= 0:
-        raise ConfigError(reader.key(key), "must be longer than zero")
-    return value
-
-
-def _parse_destination_backoff(section: ConfigReader) -> dict[str, Any]:
-    """Synapse's ``federation.destination_*`` keys, with Synapse's defaults."""
-    multiplier = section.raw("destination_retry_multiplier", 2)
-    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or multiplier < 1:
-        raise ConfigError(
-            section.key("destination_retry_multiplier"),
-            f"expected a number of at least 1, got {multiplier!r}",
-        )
-    minimum = _positive_duration(section, "destination_min_retry_interval", "10m")
-    maximum = _positive_duration(section, "destination_max_retry_interval", "7d")
-    if maximum < minimum:
-        raise ConfigError(
-            section.key("destination_max_retry_interval"),
-            "must not be shorter than destination_min_retry_interval",
-        )
-    return {
-        "destination_min_retry_interval_ms": minimum,
-        "destination_retry_multiplier": float(multiplier),
-        "destination_max_retry_interval_ms": maximum,
-    }
-
-
-def _parse_federation_rate_limit(root: ConfigReader) -> FederationRateLimit:
-    section = root.mapping("rc_federation")
-    default = FederationRateLimit()
-    return FederationRateLimit(
-        window_size_ms=section.integer("window_size", default.window_size_ms, minimum=1),
-        sleep_limit=section.integer("sleep_limit", default.sleep_limit, minimum=1),
-        sleep_delay_ms=section.integer("sleep_delay", default.sleep_delay_ms),
-        reject_limit=section.integer("reject_limit", default.reject_limit, minimum=1),
-        concurrent=section.integer("concurrent", default.concurrent, minimum=1),
-    )
+                raise ConfigError(key, str(e)) from e
+    return ProxySettings(http_proxy=http_proxy, https_proxy=https_proxy, no_proxy=no_proxy)
 
 
 def _optional_duration(root: ConfigReader, section: str, key: str) -> int | None:
@@ -632,8 +367,11 @@ def _parse_upload_limits(root: ConfigReader) -> tuple[UploadLimit, ...]:
     return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
 
 
-def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
-    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
+def parse_config(
+    data: Mapping[str, Any], config_dir: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``
+    (and the proxy variables of ``environ``, by default the process's).
 
     Relative paths are resolved as Synapse resolves them: against the working
     directory, except the default signing key, which sits beside the config file.
@@ -709,7 +447,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         remote_media_lifetime_ms=_retention_lifetime(root, "remote_media_lifetime"),
         tls_certificate_path=optional_path("tls_certificate_path"),
         tls_private_key_path=optional_path("tls_private_key_path"),
-        federation=_parse_federation(root),
+        federation=parse_federation(root),
         worker_app=worker_app,
         instance_name=worker_name or worker_app or MAIN_INSTANCE_NAME,
         pid_file=os.path.abspath(pid_file) if pid_file else None,
@@ -721,6 +459,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
         thumbnail_pixel_budget=_parse_pixel_budget(root),
         thumbnail_formats=_parse_thumbnail_formats(root),
+        proxy=_parse_proxy(root, os.environ if environ is None else environ),
     )
 
 

@@ -13,7 +13,7 @@ import attrs
 from mediarepo.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mediarepo.config import ConfigReader
+    from mediarepo.config_reader import ConfigReader
 
 
 @attrs.frozen

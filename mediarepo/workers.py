@@ -24,8 +24,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mediarepo.config import Config
 
@@ -124,6 +129,60 @@ def open_listening_sockets(
             sock.close()
         raise
     return opened
+
+
+class ListeningPorts(Service):
+    """The listeners' sockets: opened (or inherited from a supervisor)
+    before anything else starts, served once everything else has."""
+
+    def __init__(self, reactor: Any, sockets: Sequence[ListeningSocket], shared: bool) -> None:
+        self.name = "ports"
+        self._reactor = reactor
+        # Opened or inherited and not yet given to the reactor.
+        self._unserved = list(sockets)
+        self._shared = shared
+        self._factories: dict[int, Any] = {}
+        self.ports: list[IListeningPort] = []
+
+    def serve(self, listener_index: int, site: IProtocolFactory, tls: Any) -> None:
+        """Serve ``site`` on the sockets of a listener, once started."""
+        self._factories[listener_index] = (
+            site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        )
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        for listening_socket in list(self._unserved):
+            factory = self._factories.get(listening_socket.listener_index)
+            if factory is not None:
+                self._adopt(listening_socket, factory)
+
+    def _adopt(self, listening_socket: ListeningSocket, factory: Any) -> None:
+        family = socket.AF_INET6 if ":" in listening_socket.address else socket.AF_INET
+        listening = self._reactor.adoptStreamPort(listening_socket.fd, family, factory)
+        if self._shared:
+            # One connection per wake-up: otherwise the first worker to
+            # wake takes every pending connection and the others stay idle.
+            listening.numberAccepts = 1
+        # The reactor has its own copy of the descriptor.
+        os.close(listening_socket.fd)
+        self._unserved.remove(listening_socket)
+        self.ports.append(listening)
+        logger.info("listening on %s port %d%s", listening_socket.address,
+                    listening.getHost().port, " (shared)" if self._shared else "")  # fmt: skip
+
+    def close_unserved(self) -> None:
+        """Close the sockets not given to the reactor (a start that failed)."""
+        for unserved in self._unserved:
+            os.close(unserved.fd)
+        self._unserved = []
+
+    def stopService(self) -> defer.Deferred[object]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.close_unserved()
+        ports, self.ports = self.ports, []
+        stopping = [d for d in (port.stopListening() for port in ports) if d is not None]
+        return defer.DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
 
 
 class Supervisor:

@@ -7,15 +7,12 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from mediarepo.config import (
-    load_config,
-    parse_config,
-    parse_duration_ms,
-    parse_size,
-)
+from mediarepo.config import load_config, parse_config
+from mediarepo.config_reader import parse_duration_ms, parse_size
 from mediarepo.config_storage import DirectoryProviderConfig, S3ProviderConfig
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name
+from mediarepo.outbound import ProxySettings
 
 # A Synapse config as operators have them: many keys mediarepo does not use.
 SYNAPSE_CONFIG = {
@@ -258,6 +255,24 @@ class ConfigTests(unittest.TestCase):
             with self.assertRaises(ConfigError) as raised:
                 parse({"server_name": "example.org", "thumbnail_formats": bad})
             self.assertIn("thumbnail_formats", str(raised.exception))
+
+    def test_proxy_keys_then_environment(self) -> None:
+        base = {"server_name": "example.org"}
+        self.assertIsNone(parse_config(base, "/etc/matrix", environ={}).proxy)
+        environ = {"https_proxy": "http://env:3128", "no_proxy": "a.test,b.test"}
+        from_env = parse_config(base, "/etc/matrix", environ=environ).proxy
+        self.assertEqual(
+            from_env, ProxySettings(https_proxy="http://env:3128", no_proxy=("a.test", "b.test"))
+        )
+        keys = {**base, "https_proxy": "http://conf:8080", "no_proxy_hosts": ["c.test"]}
+        from_keys = parse_config(keys, "/etc/matrix", environ=environ).proxy
+        self.assertEqual(
+            from_keys, ProxySettings(https_proxy="http://conf:8080", no_proxy=("c.test",))
+        )
+        for key in ("http_proxy", "https_proxy"):
+            with self.assertRaises(ConfigError) as raised:
+                parse_config({**base, key: "socks5://p:1"}, "/etc/matrix", environ={})
+            self.assertIn(key, str(raised.exception))
 
     def test_unreadable_and_invalid_files(self) -> None:
         with self.assertRaises(ConfigError):

@@ -13,18 +13,19 @@ import secrets
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
 import psycopg2
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from mediarepo.accounts import new_access_token
-from mediarepo.app import MediaServer
+from mediarepo.app import MediaServer, media_server
 from mediarepo.config import Config, parse_config
 from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.storage.users import UserStore
@@ -93,6 +94,16 @@ def on_both_databases(cls: T) -> T:
     return cls
 
 
+async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    """Return once ``condition()`` holds, looking every 10 ms; fail the
+    test (AssertionError) if it does not within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 class LogRecords(logging.Handler):
     """Keeps the records logged at ``level`` and above, for a test to read."""
 
@@ -150,9 +161,10 @@ class ServerTestMixin:
         return config
 
     async def start_server(self, **overrides: Any) -> MediaServer:
-        server = MediaServer(self.make_config(**overrides), reactor)
+        server = media_server(self.make_config(**overrides), reactor)
+        # Stopped even if the start fails midway (whatever started stops).
+        self.addCleanup(server.stopService)  # type: ignore[attr-defined]
         await server.start()
-        self.addCleanup(server.stop_deferred)  # type: ignore[attr-defined]
         self.server = server
         host = server.ports[0].getHost()
         self.base_url = f"http://127.0.0.1:{host.port}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from mediarepo.config import FederationConfig
+from mediarepo.config_federation import FederationConfig
 from mediarepo.storage.destinations import DestinationStore, RetryTimings
 
 logger = logging.getLogger(__name__)

@@ -14,10 +14,9 @@ The ``Host`` header, TLS SNI and the certificate check always use the
 (possibly delegated) server name, never an SRV target: DNS is not trusted
 to say who the peer is, only where to find it.
 
-Nothing here checks addresses against the IP blocklist; the caller does
-that for every address it connects to, SRV targets included. The default
-well-known fetcher takes an ``agent`` so the caller can make its requests
-go through the same filter.
+Nothing here checks addresses against the IP blocklist: the outbound
+client does, for every address it connects to, SRV targets included, and
+the well-known fetcher goes through the same client.
 """
 
 from __future__ import annotations
@@ -31,16 +30,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import treq
 from twisted.internet import defer
 from twisted.names import client as dns_client
 from twisted.names import dns
 from twisted.names import error as dns_error
-from twisted.web.client import Agent
-from twisted.web.iweb import IAgent, IResponse
 
-from mediarepo.federation.bodies import DEFAULT_IDLE_TIMEOUT_SECONDS, read_limited_body
 from mediarepo.identifiers import is_valid_server_name
+from mediarepo.outbound import OutboundClient
 from mediarepo.sharing import SharedWork
 
 logger = logging.getLogger(__name__)
@@ -174,38 +170,20 @@ def delegated_name(status: int, body: bytes) -> str:
     return server
 
 
-def make_well_known_fetcher(
-    reactor: Any,
-    agent: IAgent | None = None,
-    get_url: Callable[[str], Awaitable[IResponse]] | None = None,
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
-) -> WellKnownFetcher:
-    """A fetcher of ``https://<host>/.well-known/matrix/server`` that follows
-    redirects and gives up after 10 s, or ``idle_timeout`` without a byte
-    of the body, or 50 KiB.
-
-    ``get_url`` makes the request (the federation client's, which checks
-    every address against ``ip_range_blacklist`` and applies the federation
-    TLS settings); otherwise ``agent`` does (default: one checking
-    certificates against the system's CAs).
-    """
-    base_agent: IAgent = agent if agent is not None else Agent(reactor)
-
-    async def request(url: str) -> IResponse:
-        if get_url is not None:
-            return await get_url(url)
-        response: IResponse = await treq.get(
-            url, agent=base_agent, allow_redirects=True, unbuffered=True, reactor=reactor
-        )
-        return response
+def make_well_known_fetcher(reactor: Any, client: OutboundClient) -> WellKnownFetcher:
+    """A fetcher of ``https://<host>/.well-known/matrix/server`` through
+    ``client`` (federation's: every address checked against
+    ``ip_range_blacklist``, the federation TLS settings) that follows
+    redirects and gives up after 10 s, or the client's idle timeout without
+    a byte of the body, or 50 KiB."""
 
     async def get(host: str) -> WellKnownResponse:
-        response = await request(f"https://{host}{WELL_KNOWN_PATH}")
+        response = await client.get(f"https://{host}{WELL_KNOWN_PATH}")
         headers = {
             name.decode("latin-1").lower(): ", ".join(v.decode("latin-1") for v in values)
             for name, values in response.headers.getAllRawHeaders()
         }
-        body = await read_limited_body(response, WELL_KNOWN_MAX_BYTES, reactor, idle_timeout)
+        body = await client.read_limited_body(response, WELL_KNOWN_MAX_BYTES)
         return response.code, headers, body
 
     async def fetch(host: str) -> WellKnownResponse:
@@ -255,7 +233,8 @@ def order_srv_records(records: list[SrvRecord], rng: random.Random) -> list[SrvR
 class ServerResolver:
     """Turns a server name into the places to send its requests, in order.
 
-    ``http_get_well_known`` and ``srv_lookup`` replace the network for
+    ``http_get_well_known`` fetches well-known files (see
+    :func:`make_well_known_fetcher`); ``srv_lookup`` replaces DNS for
     tests; ``clock`` (an ``IReactorTime``, default ``reactor``) times the
     caches; ``rng`` orders SRV records of equal priority.
     """
@@ -264,14 +243,14 @@ class ServerResolver:
         self,
         reactor: Any,
         *,
-        http_get_well_known: WellKnownFetcher | None = None,
+        http_get_well_known: WellKnownFetcher,
         srv_lookup: SrvLookup | None = None,
         clock: Any = None,
         rng: random.Random | None = None,
     ) -> None:
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
-        self._fetch_well_known = http_get_well_known or make_well_known_fetcher(reactor)
+        self._fetch_well_known = http_get_well_known
         self._srv_lookup = srv_lookup
         self._rng = rng or random.Random()
         self._well_known: dict[str, _WellKnownEntry] = {}

@@ -19,10 +19,10 @@ from signedjson.key import decode_verify_key_bytes, get_verify_key
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
-from mediarepo.config import TrustedKeyServer
-from mediarepo.federation.bodies import BodyReadError, drop_body
+from mediarepo.config_federation import TrustedKeyServer
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.keys import key_id as name_of_key
+from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.keys import KeyStore
 
@@ -172,12 +172,12 @@ class Keyring:
         response = await self._client.get(destination, path, signed=signed, ignore_backoff=True)
         return await self._read_json(response)
 
-    async def _read_json(self, response: Any) -> Any:
+    async def _read_json(self, response: OutboundResponse) -> Any:
         if response.code != 200:
-            drop_body(response)
+            self._client.outbound.drop_body(response)
             raise KeyResponseError(f"HTTP {response.code}")
         try:
-            body = await self._client.read_limited_body(response, MAX_KEY_RESPONSE_BYTES)
+            body = await self._client.outbound.read_limited_body(response, MAX_KEY_RESPONSE_BYTES)
         except BodyReadError as e:
             raise KeyResponseError(f"answer not read: {e}") from e
         return json.loads(body)

@@ -18,7 +18,7 @@ from signedjson.key import (
 )
 from signedjson.sign import sign_json
 
-from mediarepo.config import OldVerifyKey
+from mediarepo.config_federation import OldVerifyKey
 from mediarepo.errors import ConfigError
 
 

@@ -7,6 +7,15 @@ empty, a writer of ours, registered with the reactor for a duplicate of the
 socket's descriptor, sends the file a piece at a time whenever the socket can
 take more. TLS connections, and anything not a file on local disk, keep the
 threaded producer (``mediarepo.media.responder``).
+
+One thing is read off Twisted that it does not publish: how much of the
+headers still waits in the transport's buffer (``dataBuffer``, ``offset``
+and the private ``_tempDataLen`` of ``FileDescriptor``). It cannot be
+avoided: sendfile must not write before those bytes are out, and Twisted
+only tells a *paused* producer that its buffer drained (the HTTP channel is
+already the transport's producer, and a few hundred bytes of headers never
+pause it). :func:`can_sendfile` checks that the attributes are there, so a
+Twisted without them serves the file with the threaded producer instead.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.headers import reason_phrase, set_json_headers
 from mediarepo.http.site import MediaRequest
+from mediarepo.http.upload_body import AcceptedUpload
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,17 @@ PATH_SEGMENT = r"[^/]*"
 
 
 @attrs.frozen
+class StreamedBody:
+    """What a route that takes a streamed body (an upload) does: ``accept``
+    runs from the request line and headers, before any byte of the body is
+    read (authentication, limits), and says where the body goes; ``store``
+    runs once the whole body is in."""
+
+    accept: Callable[[MediaRequest, dict[str, str]], Awaitable[AcceptedUpload]]
+    store: Callable[[MediaRequest, dict[str, str], AcceptedUpload], Awaitable[None]]
+
+
+@attrs.frozen
 class Route:
     """``pattern`` matches the raw (still percent-encoded) rest of the path;
     named groups reach the handler decoded."""
@@ -34,11 +46,27 @@ class Route:
     name: str
     methods: frozenset[bytes]
     pattern: re.Pattern[str]
-    handler: Handler
+    handler: Handler | StreamedBody
 
 
 def route(name: str, methods: Sequence[str], pattern: str, handler: Handler) -> Route:
     return Route(name, frozenset(m.encode() for m in methods), re.compile(pattern), handler)
+
+
+def upload_route(
+    name: str,
+    methods: Sequence[str],
+    pattern: str,
+    accept: Callable[[MediaRequest, dict[str, str]], Awaitable[AcceptedUpload]],
+    store: Callable[[MediaRequest, dict[str, str], AcceptedUpload], Awaitable[None]],
+) -> Route:
+    """A route that takes a streamed body: see :class:`StreamedBody`."""
+    return Route(
+        name,
+        frozenset(m.encode() for m in methods),
+        re.compile(pattern),
+        StreamedBody(accept, store),
+    )
 
 
 def respond_json(request: MediaRequest, code: int, body: Any) -> None:
@@ -118,12 +146,23 @@ def method_not_allowed(methods: set[bytes]) -> MatrixError:
     )
 
 
+def _path_params(match: re.Match[str]) -> dict[str, str]:
+    # An optional group that did not take part is absent; one that matched
+    # nothing is "" (and the handler refuses it).
+    return {
+        k: path_segment_text(v, f"Path parameter {k!r}")
+        for k, v in match.groupdict().items()
+        if v is not None
+    }
+
+
 class Router(Resource):
     """A leaf resource dispatching the rest of the path to handlers.
 
     No match is 404 ``M_UNRECOGNIZED``; a match with another method is 405,
     with the ``Allow`` header RFC 9110 requires. HEAD is served by the GET
-    handler (Twisted drops the body).
+    handler (Twisted drops the body). The same table says, from the request
+    line, which requests have a streamed body (:meth:`upload_acceptor`).
     """
 
     isLeaf = True
@@ -131,16 +170,27 @@ class Router(Resource):
     def __init__(self, routes: Sequence[Route]) -> None:
         super().__init__()
         self._routes = list(routes)
+        self._streamed_body_methods = frozenset(
+            method
+            for candidate in self._routes
+            if isinstance(candidate.handler, StreamedBody)
+            for method in candidate.methods
+        )
+
+    @property
+    def streamed_body_methods(self) -> frozenset[bytes]:
+        return self._streamed_body_methods
 
     @property
     def routes(self) -> list[Route]:
         return list(self._routes)
 
-    def render(self, request: MediaRequest) -> Any:
-        assert request.prepath is not None  # set by Site.getResourceFor before render
-        depth = len(request.prepath)
-        raw_rest = raw_path_text(b"/".join(request.path.split(b"/")[depth + 1 :]))
-        method = b"GET" if request.method == b"HEAD" else request.method
+    def _find(
+        self, method: bytes, path: bytes, depth: int
+    ) -> tuple[Route, re.Match[str]] | set[bytes]:
+        """The route ``path`` goes to below ``depth`` segments, or the
+        methods it would have allowed (none: no route at all)."""
+        raw_rest = raw_path_text(b"/".join(path.split(b"/")[depth + 1 :]))
         allowed: set[bytes] = set()
         for candidate in self._routes:
             match = candidate.pattern.fullmatch(raw_rest)
@@ -149,29 +199,58 @@ class Router(Resource):
             if method not in candidate.methods:
                 allowed |= candidate.methods
                 continue
-            request.endpoint = candidate.name
-            try:
-                # An optional group that did not take part is absent; one that
-                # matched nothing is "" (and the handler refuses it).
-                params = {
-                    k: path_segment_text(v, f"Path parameter {k!r}")
-                    for k, v in match.groupdict().items()
-                    if v is not None
-                }
-            except MatrixError as e:
-                respond_error(request, e)
-                return NOT_DONE_YET
-            defer.ensureDeferred(self._run(candidate.handler, request, params))
+            return candidate, match
+        return allowed
+
+    def upload_acceptor(
+        self, request: MediaRequest, depth: int
+    ) -> Callable[[], Coroutine[Any, Any, AcceptedUpload]] | None:
+        found = self._find(request.method, request.path, depth)
+        if isinstance(found, set):
+            return None
+        candidate, match = found
+        if not isinstance(candidate.handler, StreamedBody):
+            return None
+        request.endpoint = candidate.name
+        accept = candidate.handler.accept
+        return lambda: self._accept(accept, request, match)
+
+    @staticmethod
+    async def _accept(
+        accept: Callable[[MediaRequest, dict[str, str]], Awaitable[AcceptedUpload]],
+        request: MediaRequest,
+        match: re.Match[str],
+    ) -> AcceptedUpload:
+        return await accept(request, _path_params(match))
+
+    def render(self, request: MediaRequest) -> Any:
+        assert request.prepath is not None  # set by Site.getResourceFor before render
+        method = b"GET" if request.method == b"HEAD" else request.method
+        found = self._find(method, request.path, len(request.prepath))
+        if isinstance(found, set):
+            if found:
+                respond_error(request, method_not_allowed(found))
+            else:
+                unrecognized(request)
             return NOT_DONE_YET
-        if allowed:
-            respond_error(request, method_not_allowed(allowed))
-        else:
-            unrecognized(request)
+        candidate, match = found
+        request.endpoint = candidate.name
+        try:
+            params = _path_params(match)
+        except MatrixError as e:
+            respond_error(request, e)
+            return NOT_DONE_YET
+        defer.ensureDeferred(self._run(candidate.handler, request, params))
         return NOT_DONE_YET
 
-    async def _run(self, handler: Handler, request: MediaRequest, params: dict[str, str]) -> None:
+    async def _run(
+        self, handler: Handler | StreamedBody, request: MediaRequest, params: dict[str, str]
+    ) -> None:
         try:
-            await handler(request, params)
+            if isinstance(handler, StreamedBody):
+                await handler.store(request, params, _take_upload(request))
+            else:
+                await handler(request, params)
         except MatrixError as e:
             respond_error(request, e)
         except Exception:
@@ -180,6 +259,12 @@ class Router(Resource):
         if not request.finished and not request.disconnected:
             logger.error("handler for %s left the request open", request.redacted_uri())
             request.finish()
+
+
+def _take_upload(request: MediaRequest) -> AcceptedUpload:
+    if request.streamed_upload is None:
+        raise MatrixError(400, Codes.UNKNOWN, "Request has no upload body")
+    return request.streamed_upload.take()
 
 
 class UnrecognizedResource(Resource):

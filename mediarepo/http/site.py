@@ -1,10 +1,15 @@
 """The Twisted ``Site`` and ``Request`` of a listener.
 
 :class:`MediaRequest` decides where a request body goes as soon as the
-headers are in: an upload body streams into an :class:`UploadSink` in the
-media store (written and hashed off the reactor), any other body is kept
-small. A body over its limit, by ``Content-Length`` or while streaming, is
-answered with 413 at once and never stored.
+headers are in: the body of a route that takes a streamed body (an upload)
+is accepted or refused from the headers, then streams into an
+:class:`UploadSink` (see ``http/upload_body.py``); any other body is kept
+small. A body over its limit, by ``Content-Length`` or while streaming, or
+an upload refused, is answered at once and never stored.
+
+The request line is read off the channel as Twisted parses it
+(:meth:`MediaChannel.lineReceived`), as Twisted tells a request its line
+only once the body is in.
 """
 
 from __future__ import annotations
@@ -15,13 +20,12 @@ import logging
 import re
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
+from urllib.parse import unquote_to_bytes
 
-import attrs
 from prometheus_client import Counter, Histogram
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -30,8 +34,8 @@ from twisted.web.server import Request, Site
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.headers import CORS_HEADERS, JSON_CACHE_CONTROL, reason_phrase
+from mediarepo.http.upload_body import AcceptedUpload, StreamedUpload, uploads_rejected
 from mediarepo.media.upload_sink import UploadSink
-from mediarepo.values import Requester
 
 logger = logging.getLogger("mediarepo.access")
 
@@ -46,10 +50,6 @@ response_seconds = Histogram(
     ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-uploads_rejected = Counter(
-    "mediarepo_uploads_rejected_total", "Uploads refused before being stored", ["reason"]
-)
-
 # Bodies of requests other than uploads are small JSON documents.
 NON_UPLOAD_BODY_LIMIT = 1024 * 1024
 # After an early 413 the rest of the body is read and dropped for a while so
@@ -60,14 +60,22 @@ _REJECTED_BODY_LINGER_SECONDS = 5.0
 _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 
 
-@attrs.frozen
-class UploadTarget:
-    """Where an upload's body goes, read off the request line: new media,
-    or the content of a reserved media ID (``PUT .../upload/{server}/{id}``),
-    its path segments as received (decoded by the handler, which can refuse them)."""
+@runtime_checkable
+class TakesStreamedBody(Protocol):
+    """A leaf resource whose routes may take a streamed body (``http/server.py``'s
+    ``Router``): asked from the request line and the headers, before the body."""
 
-    server_name: str | None = None
-    media_id: str | None = None
+    @property
+    def streamed_body_methods(self) -> frozenset[bytes]:
+        """The methods of its routes that take a streamed body."""
+        ...
+
+    def upload_acceptor(
+        self, request: MediaRequest, depth: int
+    ) -> Callable[[], Coroutine[Any, Any, AcceptedUpload]] | None:
+        """How to accept the body of ``request``, if its route takes a
+        streamed body; ``depth`` path segments led to this resource."""
+        ...
 
 
 class _Transport(Protocol):
@@ -82,121 +90,87 @@ class _Transport(Protocol):
     def abortConnection(self) -> None: ...
 
 
+class _RefusedBody:
+    """A body answered before it was read: what still arrives is dropped,
+    up to a limit, until the linger runs out and the connection goes."""
+
+    def __init__(self, transport: _Transport, reactor: IReactorTime) -> None:
+        self._transport = transport
+        self._discarded = 0
+        self._linger = reactor.callLater(_REJECTED_BODY_LINGER_SECONDS, transport.abortConnection)
+
+    def discard(self, length: int) -> None:
+        self._discarded += length
+        if self._discarded > _REJECTED_BODY_DISCARD_LIMIT:
+            self._transport.abortConnection()
+
+    def stop_lingering(self) -> None:
+        if self._linger.active():
+            self._linger.cancel()
+
+
 class MediaRequest(Request):
     site: MediaSite
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Twisted sets `site` only when processing starts; the body arrives before.
-        self.site = self.channel.site  # type: ignore[attr-defined]
-        self.upload: UploadSink | None = None
-        # Who sent an upload, when it was authenticated before its body.
-        self.requester: Requester | None = None
+        self.site = cast(MediaChannel, self.channel).site
         self.endpoint = "unknown"
         self.disconnected = False
-        self._body_limit = NON_UPLOAD_BODY_LIMIT
-        self._body_received = 0
-        self._body_rejected = False
-        self._body_complete = False
-        self._discarded = 0
-        self._linger: IDelayedCall | None = None
-        self._start = time.monotonic()
-        # While an upload is being checked before its body is accepted:
-        self._upload_starting: defer.Deferred[UploadSink] | None = None
-        self._early_chunks: list[bytes] = []
-        self._received_request: tuple[bytes, bytes, bytes] | None = None
-        self._upload_error: MatrixError | None = None
+        # The body of an upload route, from its headers on.
+        self.streamed_upload: StreamedUpload | None = None
         # The Content-Length of the request, when it had one.
         self.declared_length: int | None = None
+        self._body_limit = NON_UPLOAD_BODY_LIMIT
+        self._body_received = 0
+        self._refused: _RefusedBody | None = None
+        self._start = time.monotonic()
 
     # -- receiving the body -------------------------------------------------
 
+    def request_line_received(self, method: bytes, uri: bytes) -> None:
+        """The request line, known (unlike in Twisted) before the headers
+        and the body, for the checks made before the body is read."""
+        self.method = method
+        self.uri = uri
+        self.path, _, query = uri.partition(b"?")
+        # Twisted parses the query only once the body is in; the checks made
+        # before accepting the body (the access token) need it now.
+        self.args = http.parse_qs(query, keep_blank_values=True)
+
     def gotLength(self, length: int | None) -> None:
-        channel = self.channel
-        command = getattr(channel, "_command", b"")
-        path = getattr(channel, "_path", b"")
-        target = self.site.upload_target(command, path)
-        is_upload = target is not None
         self.declared_length = length
-        self._body_limit = self.site.max_upload_size if is_upload else NON_UPLOAD_BODY_LIMIT
+        accept = self.site.upload_acceptor(self)
+        self._body_limit = self.site.max_upload_size if accept else NON_UPLOAD_BODY_LIMIT
         if length is not None and length > self._body_limit:
             self.content = io.BytesIO()
-            self._reject_body(is_upload, "content_length")
+            self._reject_body(accept is not None, "content_length")
             return
-        if target is None:
+        if accept is None:
             super().gotLength(length)
             return
         self.content = io.BytesIO()
-        # Twisted parses the query only once the body is in; the checks made
-        # before accepting the body (the access token) need it now.
-        self.args = http.parse_qs(path.partition(b"?")[2], keep_blank_values=True)
-        starting: defer.Deferred[UploadSink] = defer.ensureDeferred(
-            self.site.begin_upload(self, target)
+        self.streamed_upload = StreamedUpload(
+            accept(), self._transport, self.site.abandon_upload, self._refuse_upload
         )
-        if not starting.called:
-            # Read no body until the upload is accepted.
-            cast(_Transport, channel.transport).pauseProducing()
-            self._upload_starting = starting
-        starting.addCallbacks(self._upload_accepted, self._upload_refused)
 
-    def _upload_accepted(self, sink: UploadSink) -> None:
-        self._upload_starting = None
-        if self.disconnected:
-            self.site.abandon_upload(sink)
-            return
-        self.upload = sink
-        sink.set_flow_control(cast(_Transport, self.channel.transport).pauseProducing,
-                              self._resume_body)  # fmt: skip
-        for chunk in self._early_chunks:
-            sink.write(chunk)
-        self._early_chunks = []
-        self._resume_body()
-        self._process_received_request()
+    @property
+    def _transport(self) -> _Transport:
+        return cast(_Transport, self.channel.transport)
 
-    def _upload_refused(self, failure: Failure) -> None:
-        self._upload_starting = None
-        error = failure.value
-        if not isinstance(error, MatrixError):
-            logger.error("checking an upload failed", exc_info=failure.getTracebackObject())
-            error = MatrixError(500, Codes.UNKNOWN, "Internal server error")
-        self._early_chunks = []
-        if self.disconnected:
-            return
-        if self._received_request is not None or self._body_complete:
-            # The body is in already (it was empty): answer the usual way;
-            # the handler raises this error when it asks for the upload.
-            self._upload_error = error
-            self._process_received_request()
-        else:
-            uploads_rejected.labels(error.errcode).inc()
-            self._refuse_early(error, "upload", f"upload refused ({error.errcode})")
-
-    def _process_received_request(self) -> None:
-        received, self._received_request = self._received_request, None
-        if received is not None:
-            super().requestReceived(*received)
-
-    def _resume_body(self) -> None:
-        # Once the whole body is in, the channel pauses the transport itself
-        # until the response is done; resuming it then would break that.
-        if self.channel is not None and not self._body_complete:
-            cast(_Transport, self.channel.transport).resumeProducing()
+    def _refuse_upload(self, error: MatrixError) -> None:
+        self._refuse_early(error, f"upload refused ({error.errcode})")
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._body_rejected:
-            self._discarded += len(data)
-            if self._discarded > _REJECTED_BODY_DISCARD_LIMIT:
-                cast(_Transport, self.channel.transport).abortConnection()
+        if self._refused is not None:
+            self._refused.discard(len(data))
             return
         self._body_received += len(data)
         if self._body_received > self._body_limit:
-            self._reject_body(self.upload is not None, "stream")
-            return
-        if self.upload is not None:
-            self.upload.write(data)
-        elif self._upload_starting is not None:
-            # What arrived with the headers, before the transport paused.
-            self._early_chunks.append(data)
+            self._reject_body(self.streamed_upload is not None, "stream")
+        elif self.streamed_upload is not None:
+            self.streamed_upload.write(data)
         else:
             super().handleContentChunk(data)
 
@@ -211,17 +185,14 @@ class MediaRequest(Request):
         )
         self._refuse_early(
             MatrixError(413, Codes.TOO_LARGE, message),
-            "upload" if is_upload else "unknown",
             f"refused a body over {self._body_limit} bytes ({reason})",
         )
 
-    def _refuse_early(self, error: MatrixError, endpoint: str, log_message: str) -> None:
+    def _refuse_early(self, error: MatrixError, log_message: str) -> None:
         """Answer ``error`` before the body is read, and drop the connection
         once the client has had time to read the answer."""
-        self._body_rejected = True
-        if self.upload is not None:
-            self.site.abandon_upload(self.upload)
-            self.upload = None
+        if self.streamed_upload is not None:
+            self.streamed_upload.abandon()
         # No "100 Continue" for a body we refuse.
         self.requestHeaders.removeHeader(b"Expect")
         body = json.dumps(error.to_json()).encode()
@@ -234,50 +205,39 @@ class MediaRequest(Request):
             b"Content-Length: %d" % len(body),
             b"Connection: close",
         ]
-        transport = cast(_Transport, self.channel.transport)
+        transport = self._transport
         transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         requests_total.labels(
-            endpoint, self.method.decode("ascii", "replace"), str(error.code)
+            self.endpoint, self.method.decode("ascii", "replace"), str(error.code)
         ).inc()
         logger.info("%s - %s", self.client_ip(), log_message)
         # Half-close: the client reads our answer and EOF, while what it still
         # sends is read and dropped until the linger runs out.
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-        self._linger = self.site.reactor.callLater(
-            _REJECTED_BODY_LINGER_SECONDS, transport.abortConnection
-        )
+        self._refused = _RefusedBody(transport, self.site.reactor)
+        # Reading was paused while the upload was being accepted.
+        transport.resumeProducing()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        self._body_complete = True
-        if self._body_rejected:
-            cast(_Transport, self.channel.transport).loseConnection()
+        if self._refused is not None:
+            self._transport.loseConnection()
             return
-        if self._upload_starting is not None:
-            # Processed once the upload is accepted or refused.
-            self._received_request = (command, path, version)
+        if self.streamed_upload is not None:
+            self.streamed_upload.body_complete(
+                lambda: super(MediaRequest, self).requestReceived(command, path, version)
+            )
             return
         super().requestReceived(command, path, version)
 
     def connectionLost(self, reason: Failure) -> None:
         self.disconnected = True
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
-        if self.upload is not None:
+        if self._refused is not None:
+            self._refused.stop_lingering()
+        if self.streamed_upload is not None:
             # Nobody took the body (it never arrived whole): roll it back.
-            self.site.abandon_upload(self.upload)
-            self.upload = None
+            self.streamed_upload.abandon()
         super().connectionLost(reason)
-
-    def take_upload(self) -> UploadSink:
-        """Hand the received body over to the caller, who must finish or abandon it."""
-        if self._upload_error is not None:
-            raise self._upload_error
-        upload = self.upload
-        if upload is None:
-            raise MatrixError(400, Codes.UNKNOWN, "Request has no upload body")
-        self.upload = None
-        return upload
 
     # -- answering ----------------------------------------------------------
 
@@ -348,6 +308,16 @@ class MediaChannel(http.HTTPChannel):
         if self.transport is not None and hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = SOCKET_READ_BYTES
 
+    def lineReceived(self, line: bytes) -> None:
+        requests = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > requests:
+            # That was a request line: tell its request now (Twisted keeps it
+            # to itself until the body is in).
+            parts = line.split()
+            if len(parts) == 3:
+                cast(MediaRequest, self.requests[-1]).request_line_received(parts[0], parts[1])
+
     def getHost(self) -> IAddress:
         # Asked by every request; the local address of a connection does
         # not change, so one getsockname() call is enough.
@@ -360,8 +330,20 @@ class MediaChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+def _streamed_body_methods(resource: IResource) -> frozenset[bytes]:
+    """The methods that routes anywhere under ``resource`` take a streamed body with."""
+    if isinstance(resource, TakesStreamedBody):
+        return resource.streamed_body_methods
+    children: dict[bytes, IResource] = getattr(resource, "children", {})
+    methods: frozenset[bytes] = frozenset()
+    for child in children.values():
+        methods |= _streamed_body_methods(child)
+    return methods
+
+
 class MediaSite(Site):
-    """One listener's site; knows which requests are uploads."""
+    """One listener's site; finds, from the request line, the requests whose
+    route takes a streamed body."""
 
     requestFactory = MediaRequest
     # Plain HTTP/1.1 (the reverse proxy in front speaks it); Twisted's
@@ -375,19 +357,35 @@ class MediaSite(Site):
         *,
         max_upload_size: int,
         x_forwarded: bool,
-        upload_target: Callable[[bytes, bytes], UploadTarget | None],
-        begin_upload: Callable[[MediaRequest, UploadTarget], Coroutine[Any, Any, UploadSink]],
         abandon_upload: Callable[[UploadSink], object],
     ) -> None:
         super().__init__(resource, reactor=reactor, timeout=60)
         self.reactor = reactor
         self.max_upload_size = max_upload_size
         self.x_forwarded = x_forwarded
-        self.upload_target = upload_target
-        self.begin_upload = begin_upload
         self.abandon_upload = abandon_upload
         self.noisy = False
         self.channels: set[MediaChannel] = set()
+        # Only requests with these methods can go to a route that takes a
+        # streamed body: the others (downloads) are not looked up twice.
+        self._streamed_body_methods = _streamed_body_methods(resource)
+
+    def upload_acceptor(
+        self, request: MediaRequest
+    ) -> Callable[[], Coroutine[Any, Any, AcceptedUpload]] | None:
+        """How to accept the body of ``request``, if its route takes a
+        streamed body: the resource tree walked as Twisted will walk it."""
+        if request.method not in self._streamed_body_methods:
+            return None
+        resource = self.resource
+        segments = request.path[1:].split(b"/")
+        depth = 0
+        while depth < len(segments) and not resource.isLeaf:
+            resource = resource.getChildWithDefault(unquote_to_bytes(segments[depth]), request)
+            depth += 1
+        if isinstance(resource, TakesStreamedBody):
+            return resource.upload_acceptor(request, depth)
+        return None
 
     def close_connections(self) -> None:
         """Cut every connection still open (at shutdown, once uploads are settled)."""

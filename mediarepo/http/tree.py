@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -23,8 +22,7 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
-from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, raw_path_text, route
-from mediarepo.http.site import UploadTarget
+from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, route, upload_route
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.ratelimit import OriginLimiter
@@ -34,24 +32,6 @@ _MEDIA_KEY = rf"(?P<server_name>{PATH_SEGMENT})/(?P<media_id>{PATH_SEGMENT})"
 _DOWNLOAD = rf"download/{_MEDIA_KEY}(?:/(?P<file_name>{PATH_SEGMENT}))?"
 
 _THUMBNAIL = rf"thumbnail/{_MEDIA_KEY}"
-
-_NEW_UPLOAD = re.compile(rb"\A/_matrix/media/(?:r0|v3|v1)/upload/?(?:\?.*)?\Z", re.DOTALL)
-_RESERVED_UPLOAD = re.compile(
-    rb"\A/_matrix/media/v3/upload/([^/?]*)/([^/?]*)/?(?:\?.*)?\Z", re.DOTALL
-)
-
-
-def upload_target(method: bytes, path: bytes) -> UploadTarget | None:
-    """Whether a request's body is media to store, and for which media
-    (decided from the request line, before the body arrives)."""
-    if method == b"POST" and _NEW_UPLOAD.match(path):
-        return UploadTarget()
-    if method == b"PUT":
-        match = _RESERVED_UPLOAD.match(path)
-        if match is not None:
-            server_name, media_id = (raw_path_text(part) for part in match.groups())
-            return UploadTarget(server_name=server_name, media_id=media_id)
-    return None
 
 
 @attrs.frozen
@@ -92,7 +72,9 @@ def legacy_media_routes(handlers: Handlers, version: str) -> list[Route]:
     """The routes under ``/_matrix/media/{version}``; ``create`` exists
     only in v1 and the upload into a reservation only in v3."""
     routes = [
-        route("upload", ["POST"], r"upload/?", handlers.upload.on_post),
+        upload_route(
+            "upload", ["POST"], r"upload/?", handlers.upload.accept_new, handlers.upload.on_post
+        ),
         route("download", ["GET"], _DOWNLOAD, handlers.download.on_legacy_get),
         route("thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_legacy_get),
         route("config", ["GET"], r"config", handlers.config.on_get),
@@ -101,10 +83,11 @@ def legacy_media_routes(handlers: Handlers, version: str) -> list[Route]:
         routes.append(route("create", ["POST"], r"create", handlers.upload.on_create))
     if version == "v3":
         routes.append(
-            route(
+            upload_route(
                 "upload_reserved",
                 ["PUT"],
-                rf"upload/{PATH_SEGMENT}/{PATH_SEGMENT}/?",
+                rf"upload/{_MEDIA_KEY}/?",
+                handlers.upload.accept_reserved,
                 handlers.upload.on_put,
             )
         )

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
-from mediarepo.http.server import path_segment_text, request_text, respond_json
-from mediarepo.http.site import MediaRequest, UploadTarget
+from mediarepo.http.server import request_text, respond_json
+from mediarepo.http.site import MediaRequest
+from mediarepo.http.upload_body import AcceptedUpload
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.upload_sink import UploadSink
 from mediarepo.values import Requester
 
 
@@ -46,42 +46,40 @@ class UploadHandler:
             )
         return requester
 
-    async def begin_upload(self, request: MediaRequest, target: UploadTarget) -> UploadSink:
-        """Where an upload's body goes, decided when its headers are in.
+    async def accept_new(self, request: MediaRequest, params: dict[str, str]) -> AcceptedUpload:
+        """Accept the body of new media, from the headers: the uploader's
+        token (a cached lookup) and, with quotas on, the declared length."""
+        uploader = await self._uploader(request)
+        sink = await self._repository.begin_upload(uploader, request.declared_length)
+        return AcceptedUpload(sink, uploader)
 
-        New media needs nothing checked first, unless upload quotas are on:
-        then the uploader and the declared length are checked before the
-        body is read. Content for a reservation is always checked (token,
-        owner, no content yet, quota) first, so a refused PUT costs no transfer.
-        """
-        if target.media_id is None and not self._repository.quota.enabled:
-            return await self._repository.begin_upload()
-        requester = await self._uploader(request)
-        request.requester = requester
-        if target.media_id is None:
-            return await self._repository.begin_upload(requester, request.declared_length)
-        return await self._repository.begin_reserved_upload(
-            requester,
-            path_segment_text(target.server_name or "", "Path parameter 'server_name'"),
-            path_segment_text(target.media_id, "Path parameter 'media_id'"),
-            request.declared_length,
+    async def accept_reserved(
+        self, request: MediaRequest, params: dict[str, str]
+    ) -> AcceptedUpload:
+        """Accept the content of a reservation, from the headers: token,
+        owner, no content yet, quota; a refused PUT costs no transfer."""
+        uploader = await self._uploader(request)
+        sink = await self._repository.begin_reserved_upload(
+            uploader, params["server_name"], params["media_id"], request.declared_length
         )
+        return AcceptedUpload(sink, uploader)
 
-    async def on_post(self, request: MediaRequest, params: dict[str, str]) -> None:
-        mxc = await self._store_body(request)
+    async def on_post(
+        self, request: MediaRequest, params: dict[str, str], upload: AcceptedUpload
+    ) -> None:
+        mxc = await self._store_body(request, upload)
         respond_json(request, 200, {"content_uri": mxc})
 
-    async def on_put(self, request: MediaRequest, params: dict[str, str]) -> None:
-        await self._store_body(request)
+    async def on_put(
+        self, request: MediaRequest, params: dict[str, str], upload: AcceptedUpload
+    ) -> None:
+        await self._store_body(request, upload)
         respond_json(request, 200, {})
 
-    async def _store_body(self, request: MediaRequest) -> str:
+    async def _store_body(self, request: MediaRequest, upload: AcceptedUpload) -> str:
         """Store the request's body as the media its path names; the body is
         rolled back if the request turns out to be bad."""
-        upload = request.take_upload()
         try:
-            # A PUT into a reservation was authenticated before its body.
-            requester = request.requester or await self._uploader(request)
             headers = request.requestHeaders
             if not headers.hasHeader(b"Content-Length") and not headers.hasHeader(
                 b"Transfer-Encoding"
@@ -90,9 +88,11 @@ class UploadHandler:
             filename = upload_filename(request)
             media_type = upload_media_type(request)
         except BaseException:
-            await self._repository.abandon_upload(upload)
+            await self._repository.abandon_upload(upload.sink)
             raise
-        return await self._repository.complete_upload(upload, requester, media_type, filename)
+        return await self._repository.complete_upload(
+            upload.sink, upload.uploader, media_type, filename
+        )
 
     async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
         requester = await self._uploader(request)

@@ -1,4 +1,12 @@
-"""Retention: media nobody has read for ``media_retention``'s lifetimes goes.
+"""The media's life after upload: the periodic jobs, and retention.
+
+:func:`periodic_jobs` gives every periodic job as a named ``TimerService``
+for the server's service tree: the access times noted in memory are written
+by every instance; the housekeeping (staging and reservation sweeps, owed
+thumbnails, retention, local cache eviction) and the polling of queued
+storage provider tasks run only on the instance that runs background jobs.
+
+Retention: media nobody has read for ``media_retention``'s lifetimes goes.
 
 Local media is judged by ``last_access_ts`` (or, never read, by
 ``created_ts``); quarantined and protected media and reservations are
@@ -12,9 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
-from twisted.internet import task
+import attrs
+from twisted.application.internet import TimerService
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.access import AccessTracker
@@ -34,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 
 PURGE_BATCH = 500
+# How often queued storage provider tasks (copies, deletions) are looked at.
+PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 
 
 class MediaPurger:
@@ -65,7 +78,7 @@ class MediaPurger:
             await self._storage.delete_directory(local_thumbnail_dir(media_id))
             # A URL-preview download keeps its bytes under url_cache/ instead.
             with contextlib.suppress(ValueError):  # an ID of no url_cache shape
-                await self._storage.local.delete(url_cache_path(media_id))
+                await self._storage.delete_local(url_cache_path(media_id))
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:
@@ -139,3 +152,76 @@ class Retention:
         if local or remote:
             logger.info("retention purged %d local and %d remote media", local, remote)
         return local, remote
+
+
+class Housekeeping:
+    """One run of the periodic clean-up: each sweep in turn, whatever
+    became of the ones before it."""
+
+    def __init__(self, sweeps: Sequence[Callable[[], Awaitable[object]]]) -> None:
+        self._sweeps = list(sweeps)
+
+    async def run(self) -> None:
+        for sweep in self._sweeps:
+            try:
+                await sweep()
+            except Exception:
+                logger.exception("%s failed", getattr(sweep, "__name__", sweep))
+
+
+def _timer(
+    name: str,
+    seconds: float,
+    job: Callable[[], Coroutine[Any, Any, object] | None],
+    clock: IReactorTime,
+) -> TimerService:
+    def run() -> defer.Deferred[object] | None:
+        result = job()
+        return None if result is None else defer.ensureDeferred(result)
+
+    timer = TimerService(seconds, run)
+    timer.clock = clock
+    timer.setName(name)
+    return timer
+
+
+@attrs.frozen
+class PeriodicJobs:
+    """The periodic jobs of one instance, as named timers (each runs once
+    when started, then at its interval)."""
+
+    # Every instance writes the access times it noted.
+    access_time_flushes: TimerService
+    # Housekeeping and provider task polling, where this instance runs them.
+    background: list[TimerService]
+
+
+def periodic_jobs(
+    clock: IReactorTime,
+    *,
+    flush_access_times: Callable[[], Coroutine[Any, Any, None]],
+    flush_interval_seconds: float,
+    housekeeping: Housekeeping | None,
+    housekeeping_interval_seconds: float,
+    run_provider_tasks: Callable[[], None] | None,
+) -> PeriodicJobs:
+    """``housekeeping`` and ``run_provider_tasks`` are None where this
+    instance does not run them."""
+    background = []
+    if housekeeping is not None:
+        background.append(
+            _timer("housekeeping", housekeeping_interval_seconds, housekeeping.run, clock)
+        )
+    if run_provider_tasks is not None:
+        background.append(
+            _timer(
+                "provider task polling",
+                PROVIDER_TASKS_INTERVAL_SECONDS,
+                run_provider_tasks,
+                clock,
+            )
+        )
+    return PeriodicJobs(
+        _timer("access-time flushes", flush_interval_seconds, flush_access_times, clock),
+        background,
+    )

@@ -14,21 +14,14 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.paths import random_letters
-from mediarepo.storage.database import Transaction
-from mediarepo.storage.locks import (
-    LockStore,
-    lock_holder_txn,
-    release_lock_txn,
-    take_lock_over_txn,
-    try_acquire_lock_txn,
-)
+from mediarepo.storage.locks import LockClaim, LockStore, LockToken
 
 R = TypeVar("R")
 
@@ -100,10 +93,8 @@ def instance_is_dead(name: str) -> bool:
 
 
 class HeldLock:
-    def __init__(self, locks: WorkerLocks, name: str, key: str, token: str) -> None:
+    def __init__(self, locks: WorkerLocks, token: LockToken) -> None:
         self._locks = locks
-        self.name = name
-        self.key = key
         self.token = token
         self._renewal = task.LoopingCall(self._renew)
         self._renewal.clock = locks.clock
@@ -111,24 +102,20 @@ class HeldLock:
 
     async def _renew(self) -> None:
         try:
-            await self._locks.store.renew(self.name, self.key, self.token, self._locks.now_ms())
+            await self._locks.store.renew(self.token, self._locks.now_ms())
         except Exception:
-            logger.exception("renewing lock %s/%s failed", self.name, self.key)
+            logger.exception("renewing lock %s/%s failed", self.token.name, self.token.key)
 
     async def release(self) -> None:
         self.forget()
-        await self._locks.store.release(self.name, self.key, self.token)
-
-    def release_txn(self, t: Transaction) -> None:
-        """Release the lock with a statement of a trip already under way
-        (blocking); call :meth:`forget` once that trip is over."""
-        release_lock_txn(t, self.name, self.key, self.token)
+        await self._locks.store.release(self.token)
 
     def forget(self) -> None:
-        """Stop renewing the lock and let this process take it again."""
+        """Stop renewing the lock and let this process take it again (once
+        it was released by a transaction of the storage layer)."""
         if self._renewal.running:
             self._renewal.stop()
-        self._locks.held.discard((self.name, self.key))
+        self._locks.held.discard((self.token.name, self.token.key))
 
 
 class WorkerLocks:
@@ -143,41 +130,38 @@ class WorkerLocks:
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
+    async def try_lock(self, name: str, key: str) -> HeldLock | None:
+        """The lock ``(name, key)`` if nobody (here or elsewhere) holds it."""
+
+        async def take(claim: LockClaim) -> tuple[bool, None]:
+            return await self.store.take(claim), None
+
+        lock, _ = await self.try_lock_then(name, key, take)
+        return lock
+
     async def try_lock_then(
-        self, name: str, key: str, then: Callable[[Transaction], R]
+        self, name: str, key: str, take: Callable[[LockClaim], Awaitable[tuple[bool, R]]]
     ) -> tuple[HeldLock | None, R | None]:
         """The lock ``(name, key)`` if nobody (here or elsewhere) holds it,
-        and what ``then`` (blocking statements: reading what the lock
-        guards) returned once it was taken, in the same trip to the pool."""
+        with what ``take`` read: a storage method that takes the lock and
+        reads what it guards in one transaction, returning whether it took
+        it."""
         if (name, key) in self.held:
             return None, None
         self.held.add((name, key))
-        token = random_letters(16)
-        now_ms = self.now_ms()
-
-        def take(t: Transaction) -> tuple[bool, R | None]:
-            if not try_acquire_lock_txn(t, name, key, self.instance_name, token, now_ms):
-                # Held: by a process that died (a crash), it need not time out.
-                holder = lock_holder_txn(t, name, key)
-                if holder is None or not instance_is_dead(holder[0]):
-                    return False, None
-                dead, dead_token = holder
-                if not take_lock_over_txn(t, name, key, dead_token, self.instance_name, token,
-                                          now_ms):  # fmt: skip
-                    return False, None
-                logger.info("took lock %s/%s over from %s, which has exited", name, key, dead)
-            try:
-                return True, then(t)
-            except BaseException:
-                release_lock_txn(t, name, key, token)
-                raise
-
+        claim = LockClaim(
+            LockToken(name, key, random_letters(16)),
+            self.instance_name,
+            self.now_ms(),
+            # A holder that died (a crash) need not time out.
+            instance_is_dead,
+        )
         try:
-            acquired, result = await self.store.run_statements("try_acquire_lock", take)
+            acquired, result = await take(claim)
         except BaseException:
             self.held.discard((name, key))
             raise
         if not acquired:
             self.held.discard((name, key))
             return None, None
-        return HeldLock(self, name, key, token), result
+        return HeldLock(self, claim.lock), result

@@ -29,6 +29,10 @@ class ContentArrivals:
             if not waiter.called:
                 waiter.callback(None)
 
+    def waiting(self, media_id: str) -> int:
+        """How many downloads wait for the content of ``media_id``."""
+        return len(self._waiting.get(media_id, ()))
+
     async def wait(self, media_id: str, seconds: float) -> None:
         """Return when ``media_id``'s content is announced or ``seconds`` pass."""
         waiter: defer.Deferred[None] = defer.Deferred()

@@ -2,7 +2,7 @@
 
 An upload is answered before its thumbnails are made (and a remote file is
 served before its are). So that a crash in between loses nothing, the work
-is noted in the database in the same trip that writes the media's row, by
+is noted in the database in the transaction that writes the media's row, by
 the process that will do it, and the note is deleted once the thumbnails
 are written. What a dead process left is resumed: at start by every
 process, and by the periodic sweep. An item is taken over when its owner
@@ -22,12 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.locks import instance_is_dead
-from mediarepo.storage.database import Transaction
-from mediarepo.storage.pending_thumbnails import (
-    PendingThumbnails,
-    PendingThumbnailStore,
-    record_pending_thumbnails_txn,
-)
+from mediarepo.storage.pending_thumbnails import PendingThumbnails, PendingThumbnailStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +52,12 @@ class PendingThumbnailWork:
     def _lease_until(self) -> int:
         return int((self._clock.seconds() + LEASE_SECONDS) * 1000)
 
-    def record_txn(self, t: Transaction, media_origin: str, media_id: str) -> None:
-        """Note the work as this process's, with a statement of a trip
-        under way that writes the media's row next (blocking)."""
-        record_pending_thumbnails_txn(t, media_origin, media_id, self.instance_name,
-                                      self._lease_until())  # fmt: skip
+    def owed(self, media_origin: str, media_id: str) -> PendingThumbnails:
+        """The note of work owed to new media, as this process's: the
+        storage layer writes it in the transaction that writes the media's
+        row."""
+        return PendingThumbnails(media_origin, media_id, self.instance_name,
+                                 self._lease_until(), attempts=0)  # fmt: skip
 
     async def done(self, media_origin: str, media_id: str) -> None:
         await self.store.remove(media_origin, media_id)

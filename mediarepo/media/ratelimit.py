@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 
-from mediarepo.config import FederationRateLimit, RateLimit
+from mediarepo.config_federation import FederationRateLimit
+from mediarepo.config_reader import RateLimit
 from mediarepo.errors import Codes, MatrixError
 
 

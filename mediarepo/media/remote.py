@@ -20,12 +20,9 @@ from urllib.parse import quote, unquote
 
 import attrs
 from prometheus_client import Counter
-from twisted.internet import defer
-from twisted.web.iweb import IResponse
 
 from mediarepo.config import Config
 from mediarepo.errors import Codes, MatrixError, NotFoundError
-from mediarepo.federation.bodies import BodyReader, BodyReadError
 from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.multipart import (
     MultipartError,
@@ -41,6 +38,7 @@ from mediarepo.media.ratelimit import Ratelimiter
 from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
+from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.locks import LOCK_TIMEOUT_MS
 from mediarepo.storage.media import MediaStore, remote_content_key
@@ -193,7 +191,7 @@ class RemoteMediaCache:
         key = remote_content_key(origin, media_id)
         deadline = self._clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
         while True:
-            lock, _ = await self._locks.try_lock_then(_DOWNLOAD_LOCK, key, lambda t: None)
+            lock = await self._locks.try_lock(_DOWNLOAD_LOCK, key)
             if lock is not None:
                 try:
                     # It may have landed between our look and the lock.
@@ -235,7 +233,7 @@ class RemoteMediaCache:
         sink = self._storage.begin_upload(filesystem_id)
         try:
             fetched = await self._fetch_into(sink, origin, media_id, timeout_ms)
-            with self._storage.local.full.converting("remote media"):
+            with self._storage.full.converting("remote media"):
                 written = await sink.finish()
         except BaseException as e:
             await sink.abort()
@@ -243,9 +241,7 @@ class RemoteMediaCache:
             remote_downloads.labels("failed").inc()
             if isinstance(e, MatrixError):
                 raise
-            if isinstance(
-                e, (FederationRequestError, BodyReadError, defer.TimeoutError, ConnectionError)
-            ):
+            if isinstance(e, (FederationRequestError, BodyReadError)):
                 logger.info("fetching %s/%s failed: %s", origin, media_id, e)
                 raise _fetch_failed() from e
             raise
@@ -269,14 +265,13 @@ class RemoteMediaCache:
                 authenticated=self._config.enable_authenticated_media,
                 sha256=written.sha256,
             )
-            pending = self._thumbnails.pending
-            # Recorded first: a crash after the row must not lose the thumbnails.
-            record_thumbnails = (
-                (lambda t: pending.record_txn(t, origin, media_id))
+            # Recorded with the row: a crash after it must not lose the thumbnails.
+            thumbnails_owed = (
+                self._thumbnails.pending.owed(origin, media_id)
                 if not quarantined and self._thumbnails.pregenerates(media.media_type)
                 else None
             )
-            if not await self._media_store.store_remote_media(media, record_thumbnails):
+            if not await self._media_store.store_remote_media(media, thumbnails_owed):
                 # Another process fetched it first: keep its copy.
                 await self._storage.delete(path)
                 existing = await self._media_store.get_remote_media(origin, media_id)
@@ -322,10 +317,11 @@ class RemoteMediaCache:
             raise _error_from_peer(response.code, await self._client.read_error_body(response))
         return await self._read_plain(response, sink)
 
-    async def _read_plain(self, response: IResponse, sink: UploadSink) -> _Fetched:
+    async def _read_plain(self, response: OutboundResponse, sink: UploadSink) -> _Fetched:
         """A response whose body is the file itself, its type in the headers."""
         limit = self._config.max_upload_size
-        if isinstance(response.length, int) and response.length > limit:
+        if response.length is not None and response.length > limit:
+            self._client.outbound.drop_body(response)
             raise _too_large(limit)
         received = 0
 
@@ -343,9 +339,10 @@ class RemoteMediaCache:
             upload_name=filename_from_disposition(_first_header(headers, b"Content-Disposition")),
         )
 
-    async def _read_multipart(self, response: IResponse, sink: UploadSink) -> _Fetched:
+    async def _read_multipart(self, response: OutboundResponse, sink: UploadSink) -> _Fetched:
         limit = self._config.max_upload_size
-        if isinstance(response.length, int) and response.length > limit + _MULTIPART_OVERHEAD:
+        if response.length is not None and response.length > limit + _MULTIPART_OVERHEAD:
+            self._client.outbound.drop_body(response)
             raise _too_large(limit)
         try:
             parser = MultipartParser(
@@ -387,14 +384,11 @@ class RemoteMediaCache:
         )
 
     async def _read(
-        self, response: IResponse, sink: UploadSink, on_data: Callable[[bytes], None]
+        self, response: OutboundResponse, sink: UploadSink, on_data: Callable[[bytes], None]
     ) -> None:
         """Stream the body into ``on_data``, paused while the disk is behind;
         a peer idle for ``federation_idle_timeout`` is given up on."""
-        reader = BodyReader(on_data, self._clock, self._client.idle_timeout)
-        sink.set_flow_control(reader.pause, reader.resume)
-        response.deliverBody(reader)
-        await reader.done
+        await self._client.outbound.read_body(response, on_data, flow_control=sink.set_flow_control)
 
 
 def _first_header(headers: Any, name: bytes) -> str | None:

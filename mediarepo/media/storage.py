@@ -25,6 +25,7 @@ from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.providers.local import LocalMediaStore
 from mediarepo.media.responder import Responder
+from mediarepo.media.staging import UploadStaging
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 from mediarepo.storage.provider_tasks import ProviderOperation
 
@@ -85,37 +86,61 @@ class MediaStorage:
         tasks: ProviderTasks,
         clock: IReactorTime,
     ) -> None:
-        self.local = local
+        self._local = local
+        self._staging = UploadStaging(local)
+        # Every write that finds the local disk full reports here.
+        self.full = local.full
         self.slots = list(slots)
         self.tasks = tasks
         # (provider name, path) of copies known to be whole.
         self._held: ExpiringCache[tuple[str, str], bool] = ExpiringCache(clock, HELD_COPY_SECONDS)
-        self._uploads_in_progress: set[UploadSink] = set()
 
     @property
     def providers(self) -> list[StorageProvider]:
         return [slot.provider for slot in self.slots]
 
+    # -- uploads staged in the local store ------------------------------------------
+
     def begin_upload(self, media_id: str) -> UploadSink:
-        sink = self.local.new_upload(media_id)
-        self._uploads_in_progress.add(sink)
-        return sink
+        return self._staging.begin(media_id)
 
     def end_upload(self, sink: UploadSink) -> None:
-        self._uploads_in_progress.discard(sink)
-
-    def staging_paths_in_use(self) -> set[str]:
-        return {sink.temp_path for sink in self._uploads_in_progress}
+        self._staging.end(sink)
 
     @property
     def uploads_in_progress(self) -> int:
-        return len(self._uploads_in_progress)
+        return self._staging.in_progress
 
     def abort_all_uploads(self) -> None:
         """Roll back every upload still receiving its body (at shutdown)."""
-        for sink in list(self._uploads_in_progress):
-            sink.abort()
-            self.end_upload(sink)
+        self._staging.abort_all()
+
+    def place_upload(
+        self,
+        upload: WrittenUpload,
+        relative_path: str,
+        same_as: Sequence[str] = (),
+        *,
+        replace_orphan: bool = False,
+    ) -> bool:
+        """Make a staged upload durable at ``relative_path`` in the local
+        store (blocking: the storage layer runs it inside the transaction
+        recording it); returns whether bytes were shared. See
+        :meth:`UploadStaging.place_upload`."""
+        _, shared = self._staging.place_upload(
+            upload, relative_path, same_as, replace_orphan=replace_orphan
+        )
+        return shared
+
+    def remove_staged(self, upload: WrittenUpload) -> None:
+        """Drop an upload's staging name once its media is recorded (blocking)."""
+        self._staging.remove_staged(upload.temp_path)
+
+    async def sweep_staging(
+        self, max_age_seconds: float, recorded: Callable[[list[str]], Awaitable[set[str]]]
+    ) -> int:
+        """Remove what crashed uploads left; see :meth:`UploadStaging.sweep`."""
+        return await self._staging.sweep(max_age_seconds, recorded)
 
     # -- writing ------------------------------------------------------------------
 
@@ -130,20 +155,24 @@ class MediaStorage:
         again and the error raised (:class:`StorageUnavailableError` for a
         provider).
         """
-        with self.local.full.converting("publish"):
-            local_path, shared = await self.local.publish(upload, relative_path, same_as)
+        with self._local.full.converting("publish"):
+            local_path, shared = await self._staging.publish(upload, relative_path, same_as)
         try:
             await self.to_providers(relative_path, local_path)
         except BaseException:
-            await self.local.delete(relative_path)
+            await self._local.delete(relative_path)
             raise
         return shared
 
     async def store_file(self, relative_path: str, data: bytes) -> None:
         """Store a generated file (a thumbnail) locally, then with the providers."""
-        with self.local.full.converting("thumbnail"):
-            local_path = await self.local.write_file(relative_path, data)
+        with self._local.full.converting("thumbnail"):
+            local_path = await self._local.write_file(relative_path, data)
         await self.to_providers(relative_path, local_path)
+
+    def local_file(self, relative_path: str) -> str:
+        """Where ``relative_path`` is (or goes) in the local store."""
+        return self._local.paths.absolute(relative_path)
 
     def providers_want(self, relative_path: str) -> bool:
         """Whether any provider keeps a copy of ``relative_path``."""
@@ -188,7 +217,7 @@ class MediaStorage:
         Raises :class:`StorageUnavailableError` if the file was found nowhere
         and a provider could not be asked.
         """
-        responder = await self.local.fetch(relative_path)
+        responder = await self._local.fetch(relative_path)
         if responder is not None:
             return responder
         failed = False
@@ -200,7 +229,7 @@ class MediaStorage:
                 failed = True
                 continue
             if responder is not None:
-                return self.local.bringing_back(responder, relative_path)
+                return self._local.bringing_back(responder, relative_path)
         if failed:
             raise StorageUnavailableError("Media storage is unavailable; try again later")
         return None
@@ -256,17 +285,17 @@ class MediaStorage:
         """A path on local disk holding ``relative_path``, for work that needs
         a real file (Pillow), brought back from a provider if need be;
         ``None`` if no provider has it."""
-        path = await self.local.local_path(relative_path)
+        path = await self._local.local_path(relative_path)
         if path is not None:
             return path
         responder = await self.fetch(relative_path)
         if responder is None:
             return None
-        return await self.local.bring_back(responder, relative_path)
+        return await self._local.bring_back(responder, relative_path)
 
     async def exists(self, relative_path: str) -> bool:
         """Whether any provider has ``relative_path``."""
-        if await self.local.exists(relative_path):
+        if await self._local.exists(relative_path):
             return True
         for provider in self.providers:
             try:
@@ -284,12 +313,22 @@ class MediaStorage:
         """Delete locally now, and in every provider through the task queue
         (at once in the background, retried until it is done: a provider
         that is down never holds up a purge)."""
-        await self.local.delete(relative_path)
+        await self._local.delete(relative_path)
         for provider in self.providers:
             self._held.forget((provider.name, relative_path))
             await self._queue(provider, relative_path, ProviderOperation.DELETE)
 
+    async def delete_local(self, relative_path: str) -> None:
+        """Delete a file from the local store only (URL previews, which only
+        it keeps; a host's copy of media deleted through another host)."""
+        await self._local.delete(relative_path)
+
+    async def delete_local_directory(self, relative_path: str) -> None:
+        """Delete a directory from the local store only (a host's thumbnails
+        of media deleted through another host)."""
+        await self._local.delete_directory(relative_path)
+
     async def delete_directory(self, relative_path: str) -> None:
-        await self.local.delete_directory(relative_path)
+        await self._local.delete_directory(relative_path)
         for provider in self.providers:
             await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import attrs
 
 from mediarepo.config import ThumbnailSize
-from mediarepo.media.thumbnailer import ANIMATED_THUMBNAIL_TYPE, THUMBNAIL_OUTPUT_TYPES, aspect
+from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, THUMBNAIL_OUTPUT_TYPES, aspect
 from mediarepo.values import ThumbnailInfo
 
 

@@ -29,67 +29,24 @@ from typing import Any, NamedTuple, Self
 import pillow_heif
 from PIL import Image
 
+from mediarepo.media.orientation import (
+    SWAPS_AXES,
+    TRANSPOSITIONS,
+    WHOLE,
+    Box,
+    orientation,
+    source_window,
+)
+from mediarepo.media.source_formats import SOURCE_FORMATS, bare_type
+
 # HEIF's decoder, registered with Pillow once: only the primary picture is
 # read (no embedded thumbnails, depth maps or auxiliary pictures).
 pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
-# Source media type -> type of its (static) thumbnails. Synapse's for the
-# types it thumbnails; for the others by the same rule: photos (HEIC, video
-# frames) as JPEG, lossless sources that may carry transparency (BMP, TIFF)
-# as PNG, and AVIF, used for photos and transparent stickers alike, as WebP,
-# which keeps both small and transparent.
-THUMBNAIL_OUTPUT_TYPES: dict[str, str] = {
-    "image/jpeg": "image/jpeg",
-    "image/jpg": "image/jpeg",
-    "image/webp": "image/jpeg",
-    "image/gif": "image/png",
-    "image/png": "image/png",
-    "image/heic": "image/jpeg",
-    "image/heif": "image/jpeg",
-    "image/avif": "image/webp",
-    "image/bmp": "image/png",
-    "image/x-ms-bmp": "image/png",
-    "image/tiff": "image/png",
-    "video/mp4": "image/jpeg",
-    "video/quicktime": "image/jpeg",
-    "video/webm": "image/jpeg",
-}
-ANIMATED_THUMBNAIL_TYPE = "image/webp"
 # An animated source with more frames than this gets a still thumbnail (see
 # Thumbnailer.scale).
 MAX_ANIMATED_FRAMES = 100
 
-# What each source media type must turn out to be (Pillow's format name, or
-# VIDEO for what PyAV decodes: see mediarepo.media.video).
-_SOURCE_FORMATS = {
-    "image/jpeg": "JPEG",
-    "image/jpg": "JPEG",
-    "image/png": "PNG",
-    "image/gif": "GIF",
-    "image/webp": "WEBP",
-    "image/heic": "HEIF",
-    "image/heif": "HEIF",
-    "image/avif": "AVIF",
-    "image/bmp": "BMP",
-    "image/x-ms-bmp": "BMP",
-    "image/tiff": "TIFF",
-    "video/mp4": "VIDEO",
-    "video/quicktime": "VIDEO",
-    "video/webm": "VIDEO",
-}
-# Each source format's family: the name config (thumbnail_formats), metrics
-# and events use for it. A few fixed names, so metric labels stay bounded.
-SOURCE_FAMILIES = {
-    "JPEG": "jpeg",
-    "PNG": "png",
-    "GIF": "gif",
-    "WEBP": "webp",
-    "HEIF": "heic",
-    "AVIF": "avif",
-    "BMP": "bmp",
-    "TIFF": "tiff",
-    "VIDEO": "video",
-}
 # The only decoders Pillow may try on a source (AVIF where this Pillow has it).
 Image.init()
 _OPENABLE_FORMATS = tuple(
@@ -114,23 +71,6 @@ _MAX_LOOP = 65535
 _REDUCING_GAP = 2.0
 _LANCZOS = Image.Resampling.LANCZOS
 
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSITIONS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-# Orientations whose displayed image is the stored one turned on its side.
-_SWAPS_AXES = frozenset({5, 6, 7, 8})
-
-# A rectangle: (left, top, right, bottom).
-_Box = tuple[float, float, float, float]
-_WHOLE: _Box = (0.0, 0.0, 1.0, 1.0)
-
 
 class ThumbnailError(Exception):
     """This source cannot be thumbnailed; the message says why."""
@@ -138,14 +78,6 @@ class ThumbnailError(Exception):
 
 class ImageTooLargeError(ThumbnailError):
     """The source (or the requested thumbnail) has too many pixels."""
-
-
-def aspect(source_w: int, source_h: int, max_w: int, max_h: int) -> tuple[int, int]:
-    """The largest size with the source's aspect ratio that fits ``max_w`` x
-    ``max_h`` (Synapse's rounding; never zero)."""
-    if max_w * source_h < max_h * source_w:
-        return max_w, max(max_w * source_h // source_w, 1)
-    return max(max_h * source_w // source_h, 1), max_h
 
 
 @contextmanager
@@ -161,61 +93,6 @@ def _pillow_errors(action: str) -> Iterator[None]:
         # Decoders raise OSError, ValueError, SyntaxError, EOFError,
         # struct.error, zlib.error, MemoryError...: all mean a bad source.
         raise ThumbnailError(f"{action}: {type(e).__name__}: {e}") from e
-
-
-def _bare_type(media_type: str) -> str:
-    return media_type.split(";", 1)[0].strip().lower()
-
-
-def source_family(media_type: str | None) -> str | None:
-    """The family (``SOURCE_FAMILIES``) of a source media type, or ``None``
-    if it is not one thumbnails are made of."""
-    found = _SOURCE_FORMATS.get(_bare_type(media_type)) if media_type else None
-    return SOURCE_FAMILIES[found] if found is not None else None
-
-
-def is_video(media_type: str | None) -> bool:
-    return source_family(media_type) == "video"
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1 to 8); 1 when absent or unreadable."""
-    try:
-        # Image.getexif, not the image's own: PNG's would decode the whole
-        # image to look for an eXIf chunk after the pixels. Only one before
-        # them (where the PNG spec puts it) is honoured.
-        value = Image.Image.getexif(image).get(_ORIENTATION_TAG)
-    except Exception:
-        return 1
-    return value if isinstance(value, int) and value in _TRANSPOSITIONS else 1
-
-
-def _source_point(orientation: int, x: float, y: float) -> tuple[float, float]:
-    """Where a point of the displayed (oriented) image is in the stored one,
-    both as fractions of their width and height."""
-    if orientation == 2:
-        return 1 - x, y
-    if orientation == 3:
-        return 1 - x, 1 - y
-    if orientation == 4:
-        return x, 1 - y
-    if orientation == 5:
-        return y, x
-    if orientation == 6:
-        return y, 1 - x
-    if orientation == 7:
-        return 1 - y, 1 - x
-    if orientation == 8:
-        return 1 - y, x
-    return x, y
-
-
-def _source_window(orientation: int, window: _Box) -> _Box:
-    """The part of the stored image that ``window`` (fractions of the displayed
-    image) shows, as fractions of the stored image."""
-    x0, y0 = _source_point(orientation, window[0], window[1])
-    x1, y1 = _source_point(orientation, window[2], window[3])
-    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -253,7 +130,7 @@ class _Decoded(NamedTuple):
     drafted smaller; ``box`` is the whole source in ``image``'s coordinates."""
 
     image: Image.Image
-    box: _Box
+    box: Box
     reduced: bool
 
 
@@ -272,7 +149,7 @@ class Thumbnailer:
         self._image: Image.Image | None = None
         self._decoded: _Decoded | None = None
         self._too_many_frames = False
-        expected = _SOURCE_FORMATS.get(_bare_type(media_type))
+        expected = SOURCE_FORMATS.get(bare_type(media_type))
         if expected is None:
             raise ThumbnailError(f"cannot thumbnail media of type {media_type!r}")
         self._format = expected
@@ -283,7 +160,7 @@ class Thumbnailer:
         try:
             with _pillow_errors("cannot read the image"):
                 self._source_size = image.size
-                self._orientation = _orientation(image)
+                self._orientation = orientation(image)
                 # An MPO (a JPEG with more pictures behind it) is not animated.
                 self.is_animated = self._format in _ANIMATED_FORMATS and bool(
                     getattr(image, "is_animated", False)
@@ -299,7 +176,7 @@ class Thumbnailer:
             self.close()
             raise
         width, height = self._source_size
-        if self._orientation in _SWAPS_AXES:
+        if self._orientation in SWAPS_AXES:
             width, height = height, width
         self.width = width
         self.height = height
@@ -317,7 +194,7 @@ class Thumbnailer:
         the caller asks for ``image/webp``, so that is then a single-frame
         WebP and the bytes always match the type the caller records.
         """
-        return self._render(width, height, (width, height), _WHOLE, output_type, animated)
+        return self._render(width, height, (width, height), WHOLE, output_type, animated)
 
     def crop(self, width: int, height: int, output_type: str, animated: bool) -> bytes:
         """``width`` x ``height`` from the middle of the image scaled to cover
@@ -389,14 +266,14 @@ class Thumbnailer:
         width: int,
         height: int,
         cover: tuple[int, int],
-        window: _Box,
+        window: Box,
         output_type: str,
         animated: bool,
     ) -> bytes:
         """``window`` (fractions of the oriented image, which is ``cover`` big
         when scaled) resized to ``width`` x ``height`` and encoded."""
         self._check_request(width, height)
-        output_format = _OUTPUT_FORMATS.get(_bare_type(output_type))
+        output_format = _OUTPUT_FORMATS.get(bare_type(output_type))
         if output_format is None:
             raise ThumbnailError(f"cannot make thumbnails of type {output_type!r}")
         if animated and self.is_animated and not self._too_many_frames:
@@ -409,7 +286,7 @@ class Thumbnailer:
         with _pillow_errors("cannot encode the thumbnail"):
             return self._encode(thumbnail, output_format)
 
-    def _render_animated(self, width: int, height: int, window: _Box) -> bytes | None:
+    def _render_animated(self, width: int, height: int, window: Box) -> bytes | None:
         """An animated WebP, or ``None`` if the source has too many frames."""
         if self._declared_frames is not None and self._declared_frames > MAX_ANIMATED_FRAMES:
             self._too_many_frames = True
@@ -431,7 +308,7 @@ class Thumbnailer:
                     self._check_pixels(*image.size)
                     frame = image.convert("RGBA")
                     durations.append(self._frame_duration(image.info.get("duration")))
-                    full: _Box = (0.0, 0.0, float(frame.width), float(frame.height))
+                    full: Box = (0.0, 0.0, float(frame.width), float(frame.height))
                     frames.append(self._resample(frame, full, width, height, window))
                     frame.close()
         finally:
@@ -457,15 +334,15 @@ class Thumbnailer:
         return _DEFAULT_FRAME_MS
 
     def _resample(
-        self, image: Image.Image, box: _Box, width: int, height: int, window: _Box
+        self, image: Image.Image, box: Box, width: int, height: int, window: Box
     ) -> Image.Image:
         """The displayed ``window`` of ``image`` (whose ``box`` is the whole
         stored source) at ``width`` x ``height``: resized in stored orientation,
         then turned, so only the small result is transposed."""
-        x0, y0, x1, y1 = _source_window(self._orientation, window)
+        x0, y0, x1, y1 = source_window(self._orientation, window)
         left, top, right, bottom = box
         span_x, span_y = right - left, bottom - top
-        region: _Box = (
+        region: Box = (
             min(max(left + x0 * span_x, 0.0), image.width),
             min(max(top + y0 * span_y, 0.0), image.height),
             min(max(left + x1 * span_x, 0.0), image.width),
@@ -475,7 +352,7 @@ class Thumbnailer:
         resized = image.resize(size, _LANCZOS, box=region, reducing_gap=_REDUCING_GAP)
         if resized.mode == "RGBa":
             resized = resized.convert("RGBA")
-        transposition = _TRANSPOSITIONS.get(self._orientation)
+        transposition = TRANSPOSITIONS.get(self._orientation)
         if transposition is not None:
             resized = resized.transpose(transposition)
         return resized
@@ -535,7 +412,7 @@ class Thumbnailer:
         try:
             with _pillow_errors("cannot decode the image"):
                 source_w, source_h = image.size
-                box: _Box = (0.0, 0.0, float(source_w), float(source_h))
+                box: Box = (0.0, 0.0, float(source_w), float(source_h))
                 if self._format == "JPEG":
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale, the smallest
                     # still at least as large as asked for.
@@ -555,7 +432,7 @@ class Thumbnailer:
 
     # -- sizes ------------------------------------------------------------------
 
-    def _cover(self, width: int, height: int) -> tuple[tuple[int, int], _Box]:
+    def _cover(self, width: int, height: int) -> tuple[tuple[int, int], Box]:
         """The scaled size covering ``width`` x ``height``, and the middle
         window of it that a crop keeps (as fractions)."""
         source_w, source_h = self.width, self.height
@@ -569,7 +446,7 @@ class Thumbnailer:
 
     def _stored_size(self, width: int, height: int) -> tuple[int, int]:
         """A displayed size in the stored image's orientation."""
-        if self._orientation in _SWAPS_AXES:
+        if self._orientation in SWAPS_AXES:
             return height, width
         return width, height
 

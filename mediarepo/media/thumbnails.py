@@ -37,6 +37,7 @@ from mediarepo.media.paths import (
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
+from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, is_video, source_family
 from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import (
     SourceSize,
@@ -48,14 +49,7 @@ from mediarepo.media.thumbnail_sizes import (
     select_thumbnail,
     thumbnail_output_type,
 )
-from mediarepo.media.thumbnailer import (
-    ANIMATED_THUMBNAIL_TYPE,
-    ImageTooLargeError,
-    Thumbnailer,
-    ThumbnailError,
-    is_video,
-    source_family,
-)
+from mediarepo.media.thumbnailer import ImageTooLargeError, Thumbnailer, ThumbnailError
 from mediarepo.media.video import VideoThumbnailer
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.media import MediaStore

@@ -40,8 +40,8 @@ import av
 import av.error
 from PIL import Image
 
+from mediarepo.media.orientation import SWAPS_AXES
 from mediarepo.media.thumbnailer import (
-    _SWAPS_AXES,
     ImageTooLargeError,
     Thumbnailer,
     ThumbnailError,
@@ -273,7 +273,7 @@ class VideoThumbnailer(Thumbnailer):
         self._source_size = image.size
         self._orientation = _ORIENTATIONS.get(round(frame.rotation), 1)
         width, height = image.size
-        if self._orientation in _SWAPS_AXES:
+        if self._orientation in SWAPS_AXES:
             width, height = height, width
         self.width, self.height = width, height
         return image

@@ -7,16 +7,12 @@ reactor never waits on a socket or a disk.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import logging
-import re
-import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge, Histogram
 from twisted.enterprise import adbapi
@@ -26,10 +22,10 @@ from twisted.internet.threads import deferToThreadPool
 
 from mediarepo.config import DatabaseConfig
 from mediarepo.errors import DatabaseUnavailableError, one_line
+from mediarepo.storage.engines import Engine, create_engine
 
 logger = logging.getLogger(__name__)
 
-P = ParamSpec("P")
 R = TypeVar("R")
 
 Row = tuple[Any, ...]
@@ -51,36 +47,14 @@ database_unavailable = Gauge(
     "1 while the database cannot be reached and requests are refused with 503",
 )
 
-# Statements prepared on one PostgreSQL connection at most (the hot ones come
-# first; statements built with varying text stop being prepared at the cap).
-_MAX_PREPARED_PER_CONNECTION = 200
-
 # How many times an interaction is retried after its connection was lost.
 _RECONNECT_RETRIES = 2
-
-# psycopg2 connection arguments given unless the config names them. A
-# connect to an unreachable server (a firewall dropping packets) otherwise
-# waits for the kernel's TCP timeout, minutes, holding a pool thread and
-# the request; keepalives find a connection whose server vanished while it
-# was idle (the values of Synapse's sample config).
-POSTGRES_CONNECT_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 2,
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
 
 # While the database is unreachable, a connection is tried after this
 # pause, doubled after each failure up to the cap; requests are refused at
 # once meanwhile.
 PROBE_FIRST_SECONDS = 0.2
 PROBE_MAX_SECONDS = 1.0
-
-# SQLSTATEs saying the server ended the session (class 08: connection
-# exception; 57P01-57P03: shut down by an administrator, a crash, or not
-# accepting connections yet).
-_SESSION_ENDED_CODES = ("57P01", "57P02", "57P03")
 
 
 class _ConnectFailed(Exception):
@@ -91,32 +65,41 @@ class Transaction:
     """A cursor whose statements mark their parameters with ``?`` on every
     engine.
 
-    Given ``commit`` (see ``Database.run_statements``), every statement is
-    committed as soon as it has run."""
+    Given ``begin`` (an explicit transaction on a connection in autocommit),
+    that statement is sent with the first statement, in its round trip."""
 
-    def __init__(
-        self,
-        cursor: Any,
-        engine: Engine,
-        *,
-        commit: Callable[[], None] | None = None,
-        in_transaction: bool = False,
-    ) -> None:
+    def __init__(self, cursor: Any, engine: Engine, *, begin: str | None = None) -> None:
         self._cursor = cursor
         self.engine = engine
-        self._commit = commit
-        self.statements_run = 0
-        # Only outside a transaction may statements be prepared: a PREPARE
-        # that fails inside one would abort it.
-        self._may_prepare = not in_transaction
+        self._begin = begin
+        self.in_transaction = begin is not None
+        # Whether work outside the database (files linked into place) was
+        # done inside the transaction: then it is not run again on a new
+        # connection when the first one turns out lost.
+        self.outside_effects = False
+
+    @property
+    def begun(self) -> bool:
+        """Whether an explicit transaction was opened on the server."""
+        return self.in_transaction and self._begin is None
+
+    def _take_begin(self) -> str | None:
+        begin, self._begin = self._begin, None
+        return begin
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        self.engine.execute(self._cursor, sql, tuple(args), may_prepare=self._may_prepare)
-        self.statements_run += 1
-        if self._commit is not None:
-            self._commit()
+        self.engine.execute(
+            self._cursor,
+            sql,
+            tuple(args),
+            begin=self._take_begin(),
+            in_transaction=self.in_transaction,
+        )
 
     def execute_batch(self, sql: str, args: Iterable[Sequence[Any]]) -> None:
+        begin = self._take_begin()
+        if begin is not None:
+            self._cursor.execute(begin)
         self._cursor.executemany(self.engine.convert(sql), [tuple(a) for a in args])
 
     def fetchone(self) -> Row | None:
@@ -129,141 +112,6 @@ class Transaction:
     @property
     def rowcount(self) -> int:
         return int(self._cursor.rowcount)
-
-
-class Engine(abc.ABC):
-    """What differs between SQLite and PostgreSQL."""
-
-    name: str
-    module: Any
-    # Whether connections commit every statement by themselves, so that a
-    # lone statement costs one round trip and transactions are opened with
-    # an explicit BEGIN (see ``Database.run_interaction``).
-    autocommit = False
-    begin_sql = "BEGIN"
-
-    def convert(self, sql: str) -> str:
-        return sql
-
-    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
-        """Run ``sql``, its parameters marked ``?``. ``may_prepare`` says it
-        runs outside a transaction, where preparing it cannot abort one."""
-        cursor.execute(self.convert(sql), args)
-
-    @abc.abstractmethod
-    def on_new_connection(self, conn: Any) -> None: ...
-
-    def is_connection_lost(self, error: BaseException) -> bool:
-        """Whether ``error`` says the connection is gone (rather than that a
-        statement failed)."""
-        return False
-
-    # Whether the database is a server that may go away (then connections
-    # are checked, and an unreachable server is refused fast).
-    remote = False
-
-    def connect_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        return args
-
-    @abc.abstractmethod
-    def table_exists_sql(self) -> str:
-        """A query of one ``?`` parameter, the table name, with a row if it exists."""
-
-
-class Sqlite3Engine(Engine):
-    name = "sqlite3"
-    module = sqlite3
-
-    def on_new_connection(self, conn: Any) -> None:
-        # WAL lets Synapse-style readers run beside the single writer.
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA busy_timeout = 10000")
-
-    def table_exists_sql(self) -> str:
-        return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
-
-
-class PostgresEngine(Engine):
-    name = "psycopg2"
-    # psycopg2 otherwise wraps even a lone SELECT in BEGIN ... COMMIT: three
-    # round trips instead of one, on every hot-path query.
-    autocommit = True
-    begin_sql = "BEGIN ISOLATION LEVEL READ COMMITTED"
-
-    def __init__(self) -> None:
-        import psycopg2
-
-        self.module = psycopg2
-        # Per connection: the statements prepared on it, by SQL text.
-        self._prepared: weakref.WeakKeyDictionary[Any, dict[str, str | None]] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def convert(self, sql: str) -> str:
-        return sql.replace("?", "%s")
-
-    def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
-        """Statements run outside transactions are prepared once per
-        connection and then EXECUTEd: PostgreSQL then skips parsing and
-        planning, most of the cost of a small query (a third, measured, for
-        the upload's content lookup)."""
-        name = self._prepared_name(cursor, sql) if may_prepare and args else None
-        if name is None:
-            cursor.execute(self.convert(sql), args)
-        else:
-            marks = ", ".join("%s" for _ in args)
-            cursor.execute(f"EXECUTE {name}({marks})", args)
-
-    def _prepared_name(self, cursor: Any, sql: str) -> str | None:
-        """The name ``sql`` is prepared under on this cursor's connection,
-        preparing it if need be; ``None`` if it cannot be (the server could
-        not tell a parameter's type) or the connection has enough already."""
-        prepared = self._prepared.setdefault(cursor.connection, {})
-        if sql in prepared:
-            return prepared[sql]
-        if len(prepared) >= _MAX_PREPARED_PER_CONNECTION:
-            return None
-        name = f"mediarepo_{len(prepared)}"
-        numbered = iter(range(1, sql.count("?") + 1))
-        text = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
-        try:
-            cursor.execute(f"PREPARE {name} AS {text}")
-        except self.module.ProgrammingError as e:
-            logger.debug("not preparing %r: %s", sql, e)
-            prepared[sql] = None
-            return None
-        prepared[sql] = name
-        return name
-
-    remote = True
-
-    def connect_args(self, args: dict[str, Any]) -> dict[str, Any]:
-        return {**POSTGRES_CONNECT_DEFAULTS, **args}
-
-    def on_new_connection(self, conn: Any) -> None:
-        conn.set_session(autocommit=True)
-
-    def is_connection_lost(self, error: BaseException) -> bool:
-        module = self.module
-        if isinstance(error, module.InterfaceError):
-            # "connection already closed", "cursor already closed"
-            return True
-        if not isinstance(error, module.OperationalError):
-            return False
-        cursor = getattr(error, "cursor", None)
-        if cursor is not None and cursor.connection.closed:
-            return True
-        # A statement's failure carries the server's SQLSTATE; without
-        # one, libpq itself failed: the socket, the connection.
-        code = error.pgcode
-        return code is None or code.startswith("08") or code in _SESSION_ENDED_CODES
-
-    def table_exists_sql(self) -> str:
-        return (
-            "SELECT 1 FROM information_schema.tables"
-            " WHERE table_schema = current_schema() AND table_name = ?"
-        )
 
 
 class _Connection(adbapi.Connection):
@@ -314,19 +162,11 @@ class _Pool(adbapi.ConnectionPool):
         return conn
 
 
-def create_engine(name: str) -> Engine:
-    if name == "sqlite3":
-        return Sqlite3Engine()
-    if name == "psycopg2":
-        return PostgresEngine()
-    raise ValueError(f"unknown database engine {name!r}")
-
-
 class Database:
     """One connection pool. ``run_interaction`` runs a function in a
-    transaction; ``run_query`` and ``run_update`` run one statement;
-    ``run_statements`` runs a function whose statements commit one by one,
-    with other blocking work between them, in one trip to the pool."""
+    transaction (with other blocking work inside it if need be, in one trip
+    to the pool); ``run_query`` and ``run_update`` run one statement alone,
+    outside any transaction (what ``CREATE INDEX CONCURRENTLY`` needs)."""
 
     def __init__(self, config: DatabaseConfig, reactor: IReactorCore | None = None) -> None:
         self.engine = create_engine(config.engine)
@@ -377,34 +217,48 @@ class Database:
     async def run_interaction(
         self,
         desc: str,
-        func: Callable[Concatenate[Transaction, P], R],
-        *args: P.args,
-        **kwargs: P.kwargs,
+        func: Callable[[Transaction], R],
+        *,
+        after_commit: Callable[[R], None] | None = None,
     ) -> R:
-        """Run ``func(txn, *args, **kwargs)`` in one transaction on a pool thread.
+        """Run ``func(txn)`` in one transaction on a pool thread, then
+        ``after_commit(result)`` on the same thread once it is committed.
 
         The transaction commits when ``func`` returns and rolls back when it
         raises. If the connection was lost (PostgreSQL restarted, a proxy cut
-        it), the pool reconnects and the transaction is run again.
+        it), the pool reconnects and the transaction is run again, unless
+        ``func`` did work outside the database (``txn.outside_effects``),
+        which cannot be undone; then :class:`DatabaseUnavailableError` is
+        raised.
         """
+        started: list[Transaction] = []
 
         def interaction(conn: Any) -> R:
             cursor = conn.cursor()
-            txn = Transaction(cursor, self.engine, in_transaction=True)
-            if not self.engine.autocommit:
-                # The driver opens the transaction; the pool commits or rolls back.
-                return func(txn, *args, **kwargs)
-            cursor.execute(self.engine.begin_sql)
+            begin = self.engine.begin_sql if self.engine.autocommit else None
+            txn = Transaction(cursor, self.engine, begin=begin)
+            started.append(txn)
             try:
-                result = func(txn, *args, **kwargs)
+                result = func(txn)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    cursor.execute("ROLLBACK")
+                if txn.begun:
+                    with contextlib.suppress(Exception):
+                        cursor.execute("ROLLBACK")
+                # Without autocommit the driver opened the transaction and
+                # the pool rolls it back.
                 raise
-            cursor.execute("COMMIT")
+            if txn.begun:
+                cursor.execute("COMMIT")
+            elif not self.engine.autocommit:
+                conn.commit()
+            if after_commit is not None:
+                after_commit(result)
             return result
 
-        return await self._run("transaction", desc, interaction)
+        def may_retry() -> bool:
+            return not (started and started[-1].outside_effects)
+
+        return await self._run("transaction", desc, interaction, may_retry)
 
     async def run_query(self, desc: str, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         """Run one statement and return its rows (empty for statements
@@ -431,30 +285,6 @@ class Database:
             return int(cursor.rowcount)
 
         return await self._run("statement", desc, update)
-
-    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
-        """Run ``func(txn)`` on a pool thread, each of its statements
-        committed on its own as it runs, for work that puts other blocking
-        steps (files made durable) between statements in one trip to the
-        pool: a trip costs more than the statements themselves.
-
-        Nothing is rolled back when ``func`` raises: what it committed
-        stays. ``func`` is run again on a fresh connection only if the
-        connection was found lost at its first statement, so that must come
-        before any of its other work.
-        """
-        started: list[Transaction] = []
-
-        def statements(conn: Any) -> R:
-            commit = None if self.engine.autocommit else conn.commit
-            txn = Transaction(conn.cursor(), self.engine, commit=commit)
-            started.append(txn)
-            return func(txn)
-
-        def may_retry() -> bool:
-            return started[-1].statements_run == 0 if started else True
-
-        return await self._run("statements", desc, statements, may_retry)
 
     async def _run(
         self,

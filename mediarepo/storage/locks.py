@@ -3,41 +3,90 @@ process on the database, Synapse's workers included."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import TypeVar
+
+import attrs
 
 from mediarepo.storage.database import Database, Transaction
 
-R = TypeVar("R")
+logger = logging.getLogger(__name__)
 
 # A lock not renewed for this long is free for anyone to take (Synapse's figure).
 LOCK_TIMEOUT_MS = 2 * 60 * 1000
+
+
+@attrs.frozen
+class LockToken:
+    """A lock as its holder knows it: whoever holds ``token`` holds it."""
+
+    name: str
+    key: str
+    token: str
+
+
+@attrs.frozen
+class LockClaim:
+    """An attempt to take a lock."""
+
+    lock: LockToken
+    instance_name: str  # the process taking it
+    now_ms: int
+    # Whether the process of an instance name is known to have exited, so
+    # that what it holds may be taken at once (blocking; run on a pool thread).
+    holder_is_dead: Callable[[str], bool]
 
 
 class LockStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
-        """Run ``func`` in one trip to the pool (see :meth:`Database.run_statements`)."""
-        return await self._db.run_statements(desc, func)
+    async def take(self, claim: LockClaim) -> bool:
+        """Take the lock unless another process holds it (see :func:`take_lock_txn`)."""
+        return await self._db.run_interaction("try_acquire_lock", lambda t: take_lock_txn(t, claim))
 
-    async def renew(self, name: str, key: str, token: str, now_ms: int) -> None:
-        await self._db.run_query(
+    async def renew(self, lock: LockToken, now_ms: int) -> None:
+        await self._db.run_update(
             "renew_lock",
             "UPDATE worker_locks SET last_renewed_ts = ?"
             " WHERE lock_name = ? AND lock_key = ? AND token = ?",
-            (now_ms, name, key, token),
+            (now_ms, lock.name, lock.key, lock.token),
         )
 
-    async def release(self, name: str, key: str, token: str) -> None:
-        await self._db.run_statements("drop_lock", lambda t: release_lock_txn(t, name, key, token))
+    async def release(self, lock: LockToken) -> None:
+        await self._db.run_update(
+            "drop_lock",
+            "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
+            (lock.name, lock.key, lock.token),
+        )
 
 
-def try_acquire_lock_txn(
-    t: Transaction, name: str, key: str, instance_name: str, token: str, now_ms: int
-) -> bool:
-    """Take the lock unless another instance holds it and renewed it lately."""
+def take_lock_txn(t: Transaction, claim: LockClaim) -> bool:
+    """Take the lock unless another instance holds it and renewed it lately,
+    or (a crash) its holder is known to have exited; the caller's
+    transaction makes it its own only if it commits."""
+    lock = claim.lock
+    if _try_acquire_lock_txn(t, claim):
+        return True
+    holder = _lock_holder_txn(t, lock)
+    if holder is None or not claim.holder_is_dead(holder[0]):
+        return False
+    dead, dead_token = holder
+    if not _take_lock_over_txn(t, claim, dead_token):
+        return False
+    logger.info("took lock %s/%s over from %s, which has exited", lock.name, lock.key, dead)
+    return True
+
+
+def release_lock_txn(t: Transaction, lock: LockToken) -> None:
+    t.execute(
+        "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
+        (lock.name, lock.key, lock.token),
+    )
+
+
+def _try_acquire_lock_txn(t: Transaction, claim: LockClaim) -> bool:
+    lock = claim.lock
     t.execute(
         "INSERT INTO worker_locks (lock_name, lock_key, instance_name, token,"
         " last_renewed_ts) VALUES (?, ?, ?, ?, ?)"
@@ -46,37 +95,29 @@ def try_acquire_lock_txn(
         " last_renewed_ts = EXCLUDED.last_renewed_ts"
         " WHERE worker_locks.last_renewed_ts < ?"
         " OR worker_locks.instance_name = EXCLUDED.instance_name",
-        (name, key, instance_name, token, now_ms, now_ms - LOCK_TIMEOUT_MS),
-    )
+        (lock.name, lock.key, claim.instance_name, lock.token, claim.now_ms,
+         claim.now_ms - LOCK_TIMEOUT_MS),
+    )  # fmt: skip
     return t.rowcount == 1
 
 
-def release_lock_txn(t: Transaction, name: str, key: str, token: str) -> None:
-    t.execute(
-        "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
-        (name, key, token),
-    )
-
-
-def lock_holder_txn(t: Transaction, name: str, key: str) -> tuple[str, str] | None:
+def _lock_holder_txn(t: Transaction, lock: LockToken) -> tuple[str, str] | None:
     """The instance name and token of whoever holds the lock, if anyone."""
     t.execute(
         "SELECT instance_name, token FROM worker_locks WHERE lock_name = ? AND lock_key = ?",
-        (name, key),
+        (lock.name, lock.key),
     )
     row = t.fetchone()
     return (row[0], row[1]) if row is not None else None
 
 
-def take_lock_over_txn(
-    t: Transaction, name: str, key: str, old_token: str, instance_name: str, token: str,
-    now_ms: int,
-) -> bool:  # fmt: skip
+def _take_lock_over_txn(t: Transaction, claim: LockClaim, old_token: str) -> bool:
     """Take the lock from the holder of ``old_token`` (a process known to be
     dead); ``False`` if someone else took or released it meanwhile."""
+    lock = claim.lock
     t.execute(
         "UPDATE worker_locks SET instance_name = ?, token = ?, last_renewed_ts = ?"
         " WHERE lock_name = ? AND lock_key = ? AND token = ?",
-        (instance_name, token, now_ms, name, key, old_token),
+        (claim.instance_name, lock.token, claim.now_ms, lock.name, lock.key, old_token),
     )
     return t.rowcount == 1

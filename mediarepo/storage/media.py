@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import zlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
-
-import attrs
+from typing import Any
 
 from mediarepo.storage.database import Database, Row, Transaction
 from mediarepo.storage.notifications import announce_changed_txn
-from mediarepo.storage.quarantine import HASH_QUARANTINED_SQL
+from mediarepo.storage.pending_thumbnails import PendingThumbnails, record_pending_thumbnails_txn
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
-
-R = TypeVar("R")
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
 CONTENT_CHANNEL = "mediarepo_media_content"
@@ -49,97 +42,6 @@ def local_media_from_row(row: Row) -> LocalMedia:
     )
 
 
-@attrs.frozen
-class UploadWindow:
-    """A quota as the database checks it: at most ``max_bytes`` of a user's
-    local media created after ``since_ts`` (ms)."""
-
-    since_ts: int
-    max_bytes: int
-
-
-# The class of PostgreSQL advisory locks (two-key form) serialising one
-# user's quota-checked inserts; the second key is the user's hash.
-_QUOTA_LOCK_CLASS = 0x6D717561
-
-
-def _fits_windows_sql(
-    user_id: str | None, length: int, windows: Sequence[UploadWindow]
-) -> tuple[str, tuple[object, ...]]:
-    """A condition (and its parameters) that ``length`` more bytes of
-    ``user_id`` fit in every window. Reservations count nothing."""
-    sql = " AND ".join(
-        "(SELECT COALESCE(SUM(media_length), 0) FROM local_media_repository"
-        " WHERE user_id = ? AND created_ts > ?) + ? <= ?"
-        for _ in windows
-    )
-    args: tuple[object, ...] = ()
-    for window in windows:
-        args += (user_id, window.since_ts, length, window.max_bytes)
-    return sql, args
-
-
-@contextlib.contextmanager
-def quota_serialised_txn(t: Transaction, user_id: str) -> Iterator[None]:
-    """Run the statements inside one at a time per user across every
-    process on the database, so that a quota check and the row it admits
-    are one step.
-
-    PostgreSQL: a session advisory lock around them (each statement commits
-    on its own before the lock goes, so the next holder sees its row).
-    SQLite: nothing to do; the quota-checked statements are single writing
-    statements, which SQLite runs one at a time under its write lock."""
-    if t.engine.name != "psycopg2":
-        yield
-        return
-    # The lock's second key is an int4.
-    key = zlib.crc32(user_id.encode("utf-8")) - 2**31
-    t.execute("SELECT pg_advisory_lock(?, ?)", (_QUOTA_LOCK_CLASS, key))
-    try:
-        yield
-    except BaseException:
-        # A lost connection took the lock with it; don't hide why.
-        with contextlib.suppress(Exception):
-            t.execute("SELECT pg_advisory_unlock(?, ?)", (_QUOTA_LOCK_CLASS, key))
-        raise
-    t.execute("SELECT pg_advisory_unlock(?, ?)", (_QUOTA_LOCK_CLASS, key))
-
-
-@attrs.frozen
-class KnownContent:
-    """What the database knows of some bytes, found by their SHA-256."""
-
-    # Local media holding them (not URL previews, not quarantined), at most five.
-    copies: list[str]
-    # Whether any media (local or cached remote) with them is quarantined.
-    quarantined: bool
-
-
-# -- the statements of an upload, run together in one trip to the pool ----------
-# (see MediaRepository.complete_upload): a trip costs more than a statement.
-
-
-def known_content_txn(
-    t: Transaction, sha256: str, length: int, *, check_quarantine: bool
-) -> KnownContent:
-    """What is known of these bytes, in one statement; quarantine is only
-    looked up if asked."""
-    sql = (
-        "SELECT media_id FROM (SELECT media_id FROM local_media_repository"
-        " WHERE sha256 = ? AND media_length = ? AND url_cache IS NULL"
-        " AND quarantined_by IS NULL LIMIT 5) AS copies"
-    )
-    args: tuple[object, ...] = (sha256, length)
-    if check_quarantine:
-        # A row with a NULL media ID says "quarantined".
-        sql += f" UNION ALL SELECT NULL FROM ({HASH_QUARANTINED_SQL}) AS quarantined"
-        args += (sha256, sha256)
-    t.execute(sql, args)
-    rows = t.fetchall()
-    copies = [row[0] for row in rows if row[0] is not None]
-    return KnownContent(copies, quarantined=len(copies) < len(rows))
-
-
 def get_local_media_txn(t: Transaction, media_id: str) -> LocalMedia | None:
     t.execute(
         f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
@@ -147,55 +49,6 @@ def get_local_media_txn(t: Transaction, media_id: str) -> LocalMedia | None:
     )
     row = t.fetchone()
     return local_media_from_row(row) if row is not None else None
-
-
-def store_local_media_txn(
-    t: Transaction, media: LocalMedia, windows: Sequence[UploadWindow] = ()
-) -> bool:
-    """Insert a finished upload's row, as Synapse's ``store_local_media``
-    does; with quota ``windows``, only if its length fits them all (else
-    ``False``; run it inside :func:`quota_serialised_txn`)."""
-    columns = (
-        "INSERT INTO local_media_repository (media_id, media_type, created_ts,"
-        " upload_name, media_length, user_id, url_cache, authenticated, sha256,"
-        " quarantined_by)"
-    )
-    values = (media.media_id, media.media_type, media.created_ts, media.upload_name,
-              media.media_length, media.user_id, media.url_cache, media.authenticated,
-              media.sha256, media.quarantined_by)  # fmt: skip
-    if not windows:
-        t.execute(f"{columns} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values)
-        return True
-    fits, fits_args = _fits_windows_sql(media.user_id, media.media_length or 0, windows)
-    t.execute(f"{columns} SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE {fits}", (*values, *fits_args))
-    return t.rowcount == 1
-
-
-def fill_reserved_media_txn(
-    t: Transaction, media: LocalMedia, windows: Sequence[UploadWindow] = ()
-) -> bool:
-    """Give a reservation its content; ``False`` if it had content already
-    (or is gone), or, with quota ``windows``, if the length does not fit
-    them (see :func:`store_local_media_txn`)."""
-    fits, fits_args = _fits_windows_sql(media.user_id, media.media_length or 0, windows)
-    t.execute(
-        "UPDATE local_media_repository SET media_type = ?, upload_name = ?,"
-        " media_length = ?, url_cache = NULL, sha256 = ?,"
-        " quarantined_by = COALESCE(?, quarantined_by)"
-        " WHERE media_id = ? AND media_length IS NULL" + (f" AND {fits}" if fits else ""),
-        (media.media_type, media.upload_name, media.media_length, media.sha256,
-         media.quarantined_by, media.media_id, *fits_args),
-    )  # fmt: skip
-    return t.rowcount == 1
-
-
-def is_pending_txn(t: Transaction, media_id: str) -> bool:
-    """Whether ``media_id`` is a reservation still waiting for content."""
-    t.execute(
-        "SELECT 1 FROM local_media_repository WHERE media_id = ? AND media_length IS NULL",
-        (media_id,),
-    )
-    return t.fetchone() is not None
 
 
 def remote_content_key(origin: str, media_id: str) -> str:
@@ -212,19 +65,21 @@ def announce_content_txn(t: Transaction, media_id: str) -> None:
         t.execute("SELECT pg_notify(?, ?)", (CONTENT_CHANNEL, media_id))
 
 
+class _AlreadyRecorded(Exception):
+    """Rolls back the recording of media that another process recorded first."""
+
+
 class MediaStore:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
-        """Run ``func`` with statements committed one by one, in one trip to
-        the pool (see :meth:`Database.run_statements`)."""
-        return await self._db.run_statements(desc, func)
-
     async def get_local_media(self, media_id: str) -> LocalMedia | None:
-        return await self._db.run_statements(
-            "get_local_media", lambda t: get_local_media_txn(t, media_id)
+        rows = await self._db.run_query(
+            "get_local_media",
+            f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
+            (media_id,),
         )
+        return local_media_from_row(rows[0]) if rows else None
 
     async def media_ids_with_content(self, media_ids: list[str]) -> set[str]:
         """Which of ``media_ids`` have a row with content (not a reservation
@@ -466,15 +321,15 @@ class MediaStore:
         )
 
     async def store_remote_media(
-        self, media: RemoteMedia, first: Callable[[Transaction], None] | None = None
+        self, media: RemoteMedia, thumbnails_owed: PendingThumbnails | None = None
     ) -> bool:
-        """Record a download; ``False`` if another download of the same media
-        (here or in another process) was recorded first. ``first`` runs
-        statements of its own before, in the same trip to the pool."""
+        """Record a download, with the thumbnails owed to it if given, in one
+        transaction; ``False``, and nothing recorded, if another download of
+        the same media (here or in another process) was recorded first."""
 
-        def store(t: Transaction) -> bool:
-            if first is not None:
-                first(t)
+        def store(t: Transaction) -> None:
+            if thumbnails_owed is not None:
+                record_pending_thumbnails_txn(t, thumbnails_owed)
             t.execute(
                 "INSERT INTO remote_media_cache (media_origin, media_id, media_type,"
                 " created_ts, upload_name, media_length, filesystem_id, last_access_ts,"
@@ -485,12 +340,16 @@ class MediaStore:
                  media.last_access_ts, media.quarantined_by, media.authenticated, media.sha256),
             )  # fmt: skip
             if t.rowcount != 1:
-                return False
+                # Rolled back: the note of owed thumbnails stays the first download's.
+                raise _AlreadyRecorded()
             # Processes waiting for this download elsewhere look again now.
             announce_content_txn(t, remote_content_key(media.media_origin, media.media_id))
-            return True
 
-        return await self._db.run_statements("store_cached_remote_media", store)
+        try:
+            await self._db.run_interaction("store_cached_remote_media", store)
+        except _AlreadyRecorded:
+            return False
+        return True
 
     async def get_remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailInfo]:
         rows = await self._db.run_query(

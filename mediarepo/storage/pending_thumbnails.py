@@ -21,20 +21,19 @@ class PendingThumbnails:
     attempts: int  # how many times the work was taken over
 
 
-def record_pending_thumbnails_txn(
-    t: Transaction, media_origin: str, media_id: str, instance_name: str, lease_until_ts: int
-) -> None:
-    """Note the work before the media's row is written, in the same trip:
-    a crash in between leaves a note about media that does not exist, which
-    is dropped when resumed, never media whose thumbnails are forgotten."""
+def record_pending_thumbnails_txn(t: Transaction, owed: PendingThumbnails) -> None:
+    """Note the work in the transaction that writes the media's row: the
+    two are committed together (a note about media that turns out not to
+    exist is dropped when resumed)."""
     t.execute(
         "INSERT INTO mediarepo_pending_thumbnails (media_origin, media_id, instance_name,"
-        " lease_until_ts, attempts) VALUES (?, ?, ?, ?, 0)"
+        " lease_until_ts, attempts) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT (media_origin, media_id) DO UPDATE SET"
         " instance_name = EXCLUDED.instance_name, lease_until_ts = EXCLUDED.lease_until_ts,"
-        " attempts = 0",
-        (media_origin, media_id, instance_name, lease_until_ts),
-    )
+        " attempts = EXCLUDED.attempts",
+        (owed.media_origin, owed.media_id, owed.instance_name, owed.lease_until_ts,
+         owed.attempts),
+    )  # fmt: skip
 
 
 class PendingThumbnailStore:

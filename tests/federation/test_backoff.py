@@ -9,7 +9,7 @@ import random
 from typing import Any
 
 from signedjson.key import generate_signing_key
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
@@ -21,6 +21,7 @@ from mediarepo.federation.client import (
     FederationRequestError,
     NotRetryingDestination,
 )
+from mediarepo.outbound import OutboundRequestError
 from mediarepo.storage.destinations import DestinationStore
 from mediarepo.storage.schema import prepare_database
 from tests.storage.test_database import DatabaseFixture
@@ -244,17 +245,17 @@ class ClientBackoffTests(DatabaseFixture):
                 DestinationStore(self.database), POLICY, self.clock, _FixedJitter(1.0)
             ),
         )
-        self.addCleanup(self.client.close)
+        self.addCleanup(lambda: defer.ensureDeferred(self.client.close()))
         self.sent: list[str] = []
-        self.answer: Any = ConnectionRefusedError("down")
+        self.answer: Any = OutboundRequestError("down")
 
-        async def send(method: bytes, url: str, *args: Any) -> Any:
+        async def send(method: bytes, url: str, **kwargs: Any) -> Any:
             self.sent.append(url)
             if isinstance(self.answer, Exception):
                 raise self.answer
             return self.answer
 
-        self.patch(self.client, "_send", send)
+        self.patch(self.client.outbound, "request", send)
 
     async def test_backed_off_server_is_not_contacted(self) -> None:
         with self.assertRaises(FederationRequestError):

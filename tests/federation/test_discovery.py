@@ -15,7 +15,6 @@ from twisted.internet.task import Clock
 from twisted.names import client as dns_client
 from twisted.names import dns, error
 from twisted.trial import unittest
-from twisted.web.client import ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.util import Redirect
@@ -35,6 +34,8 @@ from mediarepo.federation.discovery import (
     split_server_name,
     well_known_cache_seconds,
 )
+from mediarepo.outbound import PeerStalledError
+from tests.outbound.servers import in_memory_client
 
 T = TypeVar("T")
 
@@ -576,14 +577,17 @@ class HangingResource(Resource):
 
 
 class DefaultFetcherTests(unittest.TestCase):
-    """The default fetcher, over treq's in-memory agent."""
+    """The fetcher over an outbound client, in memory."""
 
     def setUp(self) -> None:
         self.clock = Clock()
 
+    def fetcher(self, resource: Resource, **settings: Any) -> tuple[Any, RequestTraversalAgent]:
+        client, agent = in_memory_client(self, self.clock, resource, **settings)
+        return make_well_known_fetcher(self.clock, client), agent
+
     def fetch(self, resource: Resource, host: str = "example.com") -> defer.Deferred[Any]:
-        agent = RequestTraversalAgent(resource)
-        fetcher = make_well_known_fetcher(self.clock, agent)
+        fetcher, agent = self.fetcher(resource)
         result = defer.ensureDeferred(fetcher(host))
         agent.flush()
         return result
@@ -607,8 +611,7 @@ class DefaultFetcherTests(unittest.TestCase):
         well_known.putChild(b"matrix", matrix)
         matrix.putChild(b"server", Redirect(b"https://example.com/elsewhere"))
         root.putChild(b"elsewhere", target)
-        agent = RequestTraversalAgent(root)
-        fetcher = make_well_known_fetcher(self.clock, agent)
+        fetcher, agent = self.fetcher(root)
         result = defer.ensureDeferred(fetcher("example.com"))
         for _ in range(5):
             agent.flush()
@@ -626,7 +629,7 @@ class DefaultFetcherTests(unittest.TestCase):
         self.assertNoResult(result)
         self.clock.advance(10)
         # Cancelled while waiting for the answer.
-        self.failureResultOf(result, defer.TimeoutError, ResponseNeverReceived)
+        self.failureResultOf(result, defer.TimeoutError)
 
     def test_body_timeout(self) -> None:
         resource = HangingResource(b'{"m.server": ')
@@ -634,3 +637,13 @@ class DefaultFetcherTests(unittest.TestCase):
         self.assertNoResult(result)
         self.clock.advance(10)
         self.failureResultOf(result, defer.TimeoutError)
+
+    def test_stalled_body_is_given_up_after_the_idle_timeout(self) -> None:
+        fetcher, agent = self.fetcher(HangingResource(b'{"m.server": '), idle_timeout=2.0)
+        result = defer.ensureDeferred(fetcher("example.com"))
+        agent.flush()
+        self.clock.advance(1.9)
+        self.assertNoResult(result)
+        self.clock.advance(0.1)
+        # Before the fetch's own 10 s limit.
+        self.failureResultOf(result, PeerStalledError)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mediarepo.config import parse_duration_ms, parse_size
+from mediarepo.config_reader import parse_duration_ms, parse_size
 from mediarepo.errors import ConfigError
 from tests.fuzz.strategies import hostile_text
 

@@ -8,12 +8,12 @@ import os
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
-from mediarepo.app import MediaServer
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
+from mediarepo.app import media_server
+from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange, until
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -177,7 +177,8 @@ class AsyncUploadTests(AsyncUploadMixin):
         waiting = defer.ensureDeferred(
             self.request("GET", f"{DOWNLOAD}/{media_id}?timeout_ms=20000", token=self.token)
         )
-        await task.deferLater(reactor, 0.3, lambda: None)
+        arrivals = self.server.repository.arrivals
+        await until(lambda: arrivals.waiting(media_id) == 1, "the download waits")
         self.assertFalse(waiting.called)
         self.assertEqual((await self.put(media_id, b"arrived")).code, 200)
         r = await waiting
@@ -232,9 +233,9 @@ class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.first = self.server
-        self.second = MediaServer(self.make_config(), reactor)
+        self.second = media_server(self.make_config(), reactor)
         await self.second.start()
-        self.addCleanup(self.second.stop_deferred)
+        self.addCleanup(self.second.stopService)
         self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
 
     async def on_second(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -249,7 +250,8 @@ class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
         waiting = defer.ensureDeferred(
             self.on_second("GET", f"{DOWNLOAD}/{media_id}?timeout_ms=20000", token=self.token)
         )
-        await task.deferLater(reactor, 0.3, lambda: None)
+        arrivals = self.second.repository.arrivals
+        await until(lambda: arrivals.waiting(media_id) == 1, "the download waits")
         self.assertEqual((await self.put(media_id, b"from the first")).code, 200)
         r = await waiting.addTimeout(10, reactor)
         self.assertEqual((r.code, r.body), (200, b"from the first"))

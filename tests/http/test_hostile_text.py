@@ -180,7 +180,7 @@ class HostileTextTests(ServerTestMixin):
 
     def test_table_covers_every_route(self) -> None:
         served: set[str] = set()
-        for site in self.server.sites:
+        for site in self.server.parts.sites:
             served |= served_routes(site.resource)
         self.assertEqual(served, set(TABLE))
 

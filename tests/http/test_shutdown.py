@@ -15,13 +15,14 @@ import psycopg2
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from mediarepo import app
+from mediarepo import services
 from tests.utils import (
     POSTGRES_DSN,
     SERVER_NAME,
     ServerTestMixin,
     on_both_databases,
     read_until_closed,
+    until,
 )
 
 BODY = os.urandom(2_000_000)
@@ -40,7 +41,11 @@ class ShutdownTests(ServerTestMixin):
             b"Content-Length: %d\r\n\r\n" % len(BODY)
         )
         await deferToThread(sock.sendall, head + BODY[:1_000_000])
-        await task.deferLater(reactor, 0.2, lambda: None)
+        storage = self.server.repository.storage
+        await until(
+            lambda: storage.uploads_in_progress == 1 and len(self._staged()) == 1,
+            "the upload is being stored",
+        )
         return sock
 
     def _staged(self) -> list[str]:
@@ -48,8 +53,11 @@ class ShutdownTests(ServerTestMixin):
 
     async def test_upload_in_flight_finishes(self) -> None:
         sock = await self._start_upload()
-        stopping = self.server.stop_deferred()
-        await task.deferLater(reactor, 0.3, lambda: None)
+        stopping = self.server.stopService()
+        children = self.server.namedServices
+        # The stop waits at its uploads step, with the rest still to come.
+        await until(lambda: not children["uploads"].running, "the stop waits for uploads")
+        self.assertTrue(children["client connections"].running)  # type: ignore[attr-defined]
         self.assertFalse(stopping.called)  # type: ignore[attr-defined]
         await deferToThread(sock.sendall, BODY[1_000_000:])
         answer = await deferToThread(read_until_closed, sock)
@@ -77,31 +85,34 @@ class ShutdownTests(ServerTestMixin):
         )
 
     async def test_failing_and_stuck_steps_do_not_skip_the_rest(self) -> None:
-        self.patch(app, "STOP_STEP_SECONDS", 0.2)  # type: ignore[attr-defined]
+        self.patch(services, "STOP_STEP_SECONDS", 0.2)  # type: ignore[attr-defined]
         server = self.server
-        assert server.federation_client is not None and server.repository is not None
 
         def fails() -> None:
             raise RuntimeError("closing failed")
 
-        server.federation_client.close = fails  # type: ignore[method-assign]
-        # Background work that never settles.
-        server.repository.thumbnails.settle = defer.Deferred  # type: ignore[method-assign,assignment]
-        server.repository.storage.tasks.wait_idle = defer.Deferred  # type: ignore[method-assign,assignment]
+        # Stopping these children fails, or never ends (background work
+        # that never settles).
+        server.namedServices["federation client"].stopService = fails  # type: ignore[method-assign]
+        for stuck in ("thumbnails", "provider tasks"):
+            server.namedServices[stuck].stopService = defer.Deferred  # type: ignore[method-assign]
         port = server.ports[0].getHost().port
         started = time.monotonic()
-        with self.assertLogs("mediarepo.app", "WARNING") as logs:  # type: ignore[attr-defined]
+        with self.assertLogs("mediarepo.services", "WARNING") as logs:  # type: ignore[attr-defined]
             await server.stop()
         self.assertLess(time.monotonic() - started, 2.0)  # type: ignore[attr-defined]
         text = "\n".join(logs.output)
-        self.assertIn("close federation connections failed", text)  # type: ignore[attr-defined]
-        self.assertIn("settle thumbnails did not finish", text)  # type: ignore[attr-defined]
-        self.assertIn("settle provider tasks did not finish", text)  # type: ignore[attr-defined]
+        self.assertIn("stopping: federation client failed", text)  # type: ignore[attr-defined]
+        self.assertIn("stopping: thumbnails did not finish", text)  # type: ignore[attr-defined]
+        self.assertIn("stopping: provider tasks did not finish", text)  # type: ignore[attr-defined]
         with self.assertRaises(ConnectionRefusedError):  # type: ignore[attr-defined]
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        self.assertIsNone(server.database)  # type: ignore[attr-defined]
-        self.assertFalse(server._media_io.started)  # type: ignore[attr-defined]
-        self.assertFalse(server._thumbnail_pool.started)  # type: ignore[attr-defined]
+        # Every child stopped, the ones after the failing and stuck ones too
+        # (those three, whose stop was replaced, alone still say they run).
+        still_running = [s.name for s in server if s.running]
+        self.assertEqual(still_running, ["provider tasks", "thumbnails", "federation client"])  # type: ignore[attr-defined]
+        self.assertFalse(server.parts.media_io.started)  # type: ignore[attr-defined]
+        self.assertFalse(server.parts.thumbnail_pool.started)  # type: ignore[attr-defined]
 
     async def test_stop_after_database_connections_cut(self) -> None:
         """The LISTEN connection and the pool's, cut under the server (a
@@ -109,7 +120,7 @@ class ShutdownTests(ServerTestMixin):
         descriptor registered."""
         if self.engine != "psycopg2":
             raise SkipTest("SQLite has no connection to cut")
-        listener = self.server.notifications
+        listener = self.server.parts.notifications
         assert listener is not None
         self.assertTrue(listener.listening)  # type: ignore[attr-defined]
         conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
@@ -128,7 +139,7 @@ class ShutdownTests(ServerTestMixin):
         await self.server.stop()
         self.assertLess(time.monotonic() - started, 2.0)  # type: ignore[attr-defined]
         self.assertNotIn(listener, reactor.getReaders())  # type: ignore[attr-defined]
-        self.assertIsNone(self.server.database)  # type: ignore[attr-defined]
+        self.assertFalse(self.server.namedServices["database"].running)  # type: ignore[attr-defined]
         # Nothing reconnects afterwards.
         await task.deferLater(reactor, 1.0, lambda: None)
         self.assertFalse(listener.listening)  # type: ignore[attr-defined]

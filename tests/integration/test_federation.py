@@ -13,7 +13,7 @@ from twisted.internet import defer, reactor, ssl
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from mediarepo.accounts import new_access_token
-from mediarepo.app import MediaServer
+from mediarepo.app import MediaServer, media_server
 from mediarepo.config import parse_config
 from mediarepo.federation.keys import load_signing_keys, write_new_signing_key
 from mediarepo.federation.signing import sign_request
@@ -91,9 +91,9 @@ class FederationTestMixin:
         }  # fmt: skip
         if not os.path.exists(data["signing_key_path"]):
             write_new_signing_key(data["signing_key_path"])
-        server = MediaServer(parse_config(data, directory), reactor)
+        server = media_server(parse_config(data, directory), reactor)
         await server.start()
-        self.addCleanup(server.stop_deferred)  # type: ignore[attr-defined]
+        self.addCleanup(server.stopService)  # type: ignore[attr-defined]
         return Peer(server, port)
 
     async def register(self, peer: Peer, localpart: str) -> str:
@@ -169,9 +169,9 @@ class FederationTests(FederationTestMixin):
         # B goes away, A restarts: A still serves it from its cache.
         await self.b.server.stop()
         await self.a.server.stop()
-        restarted = MediaServer(self.a.server.config, reactor)
+        restarted = media_server(self.a.server.config, reactor)
         await restarted.start()
-        self.addCleanup(restarted.stop_deferred)
+        self.addCleanup(restarted.stopService)
         self.a = Peer(restarted, 0)
         r = await self.download_via_a(self.b, media_id)
         self.assertEqual((r.code, r.body), (200, data))

@@ -8,13 +8,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
 from mediarepo.app import server_tls_options
-from mediarepo.federation import bodies, keys
+from mediarepo.federation import keys
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,
@@ -22,6 +23,7 @@ from mediarepo.federation.multipart import (
     multipart_tail,
     new_boundary,
 )
+from mediarepo.outbound import bodies
 from tests.integration.test_federation import FederationTestMixin
 from tests.processes import free_port
 from tests.utils import on_both_databases
@@ -222,8 +224,8 @@ class HostilePeerTests(FakePeerMixin):
         self.assertIn("/cdn/file", self.fake.requests)  # type: ignore[attr-defined]
 
     async def test_stalled_peer_times_out(self) -> None:
-        assert self.a.server.federation_client is not None
-        self.a.server.federation_client.idle_timeout = 0.5
+        outbound = self.a.server.parts.federation_client.outbound
+        outbound.settings = attrs.evolve(outbound.settings, idle_timeout=0.5)
         r = await self.fetch("stall-aaaaaaaaaa")
         self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))  # type: ignore[attr-defined]
         self.assert_nothing_cached()

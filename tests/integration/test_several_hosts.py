@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from mediarepo.app import MediaServer
+from mediarepo.app import media_server
 from mediarepo.media.paths import local_media_path
 from mediarepo.media.thumbnails import METADATA_CACHE_SECONDS
 from mediarepo.storage.notifications import CHANGED_CHANNEL
@@ -48,12 +48,12 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
         self.instances = [self.server]
         self.urls = [self.base_url]
         for name in ("b", "c"):
-            server = MediaServer(
+            server = media_server(
                 self.make_config(media_store_path=os.path.join(self.workdir, f"store-{name}")),
                 reactor,
             )
             await server.start()
-            self.addCleanup(server.stop_deferred)
+            self.addCleanup(server.stopService)
             self.instances.append(server)
             self.urls.append(f"http://127.0.0.1:{server.ports[0].getHost().port}")
         self.admin = await self.register("admin", admin=True)
@@ -141,7 +141,7 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
 
     def deaf(self, index: int) -> None:
         """Instance ``index`` no longer hears of media changes."""
-        notifications = self.instances[index].notifications
+        notifications = self.instances[index].parts.notifications
         assert notifications is not None
         handlers = notifications.handlers
         original = handlers[CHANGED_CHANNEL]
@@ -150,7 +150,7 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
 
     def told(self, index: int) -> defer.Deferred[None]:
         """Fires once instance ``index`` has been told of a media change."""
-        notifications = self.instances[index].notifications
+        notifications = self.instances[index].parts.notifications
         assert notifications is not None
         handlers = notifications.handlers
         original = handlers[CHANGED_CHANNEL]

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from mediarepo.app import MediaServer
+from mediarepo.app import media_server
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests.utils import SERVER_NAME, ServerTestMixin
 
@@ -24,9 +24,9 @@ class TwoServersOneDatabaseTests(ServerTestMixin, unittest.TestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
-        self.second = MediaServer(self.make_config(), reactor)
+        self.second = media_server(self.make_config(), reactor)
         await self.second.start()
-        self.addCleanup(self.second.stop_deferred)
+        self.addCleanup(self.second.stopService)
         self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
         self.admin = await self.register("admin", admin=True)
         self.alice = await self.register("alice")
@@ -47,8 +47,8 @@ class TwoServersOneDatabaseTests(ServerTestMixin, unittest.TestCase):
                 told.callback(heard)
 
         # What the second server's LISTEN connection hands the notifications to.
-        assert self.second.notifications is not None
-        handlers = self.second.notifications.handlers
+        assert self.second.parts.notifications is not None
+        handlers = self.second.parts.notifications.handlers
         handlers[CHANGED_CHANNEL] = hear
         self.addCleanup(handlers.__setitem__, CHANGED_CHANNEL, original)
         return told.addTimeout(10, reactor)

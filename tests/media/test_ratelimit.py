@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from mediarepo.config import FederationRateLimit, RateLimit
+from mediarepo.config_federation import FederationRateLimit
+from mediarepo.config_reader import RateLimit
 from mediarepo.errors import MatrixError
 from mediarepo.media.ratelimit import OriginLimiter, Ratelimiter
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from twisted.application.internet import TimerService
+
 from mediarepo.media import lifecycle
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
@@ -25,9 +27,9 @@ class RetentionTests(ServerTestMixin):
         return await self.server.database.run_query("t", statement, args)
 
     def test_housekeeping_interval_from_config(self) -> None:
-        sweeper = self.server._sweeper
-        assert sweeper is not None
-        self.assertEqual(sweeper.interval, 2 * 3600)
+        housekeeping = self.server.namedServices["housekeeping"]
+        assert isinstance(housekeeping, TimerService)
+        self.assertEqual(housekeeping.step, 2 * 3600)
 
     async def test_purges_exactly_the_stale_media(self) -> None:
         token = await self.register()
@@ -66,8 +68,7 @@ class RetentionTests(ServerTestMixin):
             )  # fmt: skip
         thumbnails = os.path.join(self.media_store, local_thumbnail_dir(stale))
         self.assertTrue(os.path.isdir(thumbnails))
-        assert self.server.retention is not None
-        self.assertEqual(await self.server.retention.apply(now), (1, 1))
+        self.assertEqual(await self.server.parts.retention.apply(now), (1, 1))
         left = {r[0] for r in await self.sql("SELECT media_id FROM local_media_repository")}
         self.assertEqual(left, {read_lately, quarantined, protected, fresh})
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(stale))))
@@ -100,8 +101,7 @@ class RetentionTests(ServerTestMixin):
                 rows,
             ),
         )
-        assert self.server.retention is not None
-        local, _ = await self.server.retention.apply(int(time.time() * 1000) + 100 * DAY_MS)
+        local, _ = await self.server.parts.retention.apply(int(time.time() * 1000) + 100 * DAY_MS)
         self.assertEqual(local, 2501)
         left = await self.sql("SELECT COUNT(*) FROM local_media_repository")
         self.assertEqual(left[0][0], 0)

@@ -9,13 +9,8 @@ import time
 from PIL import Image
 from twisted.trial import unittest
 
-from mediarepo.media.thumbnailer import (
-    THUMBNAIL_OUTPUT_TYPES,
-    ImageTooLargeError,
-    Thumbnailer,
-    ThumbnailError,
-    source_family,
-)
+from mediarepo.media.source_formats import THUMBNAIL_OUTPUT_TYPES, source_family
+from mediarepo.media.thumbnailer import ImageTooLargeError, Thumbnailer, ThumbnailError
 from mediarepo.media.video import (
     MAX_BYTES_READ,
     VIDEO_DECODE_COST,

@@ -291,7 +291,7 @@ class BoundedLocalStoreTests(S3TestMixin):
 
     async def test_evicts_least_recently_read(self) -> None:
         # The order is the test's: no run started by the uploads below.
-        self.server.repository.storage.local.on_written = None
+        self.server.parts.local_store.on_written = None
         blobs = {}
         for _ in range(6):
             data = os.urandom(60_000)
@@ -303,8 +303,8 @@ class BoundedLocalStoreTests(S3TestMixin):
         # One file S3 does not have is never evicted, however old.
         unsafe = next(iter(blobs))
         self.moto.client().delete_object(Bucket=BUCKET, Key=local_media_path(unsafe))
-        assert self.server.local_cache is not None
-        evicted = await self.server.local_cache.run()
+        assert self.server.parts.local_cache is not None
+        evicted = await self.server.parts.local_cache.run()
         self.assertEqual(evicted, 3)
         kept = {m for m in blobs if os.path.exists(self.local_file(local_media_path(m)))}
         self.assertEqual(kept, {unsafe, *list(blobs)[4:]})
@@ -320,7 +320,8 @@ class BoundedLocalStoreTests(S3TestMixin):
 async def evicted_after_writes(test: S3TestMixin, max_size: int) -> None:
     """Uploads taking the store past ``max_size`` are followed, without the
     housekeeping timer, by eviction back under it (within seconds)."""
-    local = test.server.repository.storage.local
+    local = test.server.parts.local_store
+    assert local is not None
     for _ in range(5):
         await test.upload(test.token, os.urandom(60_000))
     written = time.monotonic()

@@ -15,14 +15,12 @@ from PIL import Image, ImageCms, ImageDraw
 from twisted.trial import unittest
 
 from mediarepo.media import thumbnailer as thumbnailer_module
+from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, THUMBNAIL_OUTPUT_TYPES, aspect
 from mediarepo.media.thumbnailer import (
-    ANIMATED_THUMBNAIL_TYPE,
     MAX_ANIMATED_FRAMES,
-    THUMBNAIL_OUTPUT_TYPES,
     ImageTooLargeError,
     Thumbnailer,
     ThumbnailError,
-    aspect,
 )
 
 LIMIT = 32 * 1024 * 1024

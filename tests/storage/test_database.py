@@ -7,6 +7,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import attrs
 import psycopg2
 import psycopg2.errors
 from twisted.internet import defer, reactor, task
@@ -98,37 +99,57 @@ class DatabaseTests(DatabaseFixture):
 
     async def test_interaction_commits_or_rolls_back(self) -> None:
         await prepare_database(self.database)
+        after: list[str] = []
 
-        def insert(txn: Transaction, fail: bool) -> None:
+        def insert(txn: Transaction, media_id: str, fail: bool) -> str:
             txn.execute(
                 "INSERT INTO local_media_repository (media_id, created_ts) VALUES (?, ?)",
-                ("abcdefgh" if fail else "ijklmnop", 1),
+                (media_id, 1),
             )
             if fail:
                 raise ValueError("rolled back")
+            return media_id
 
-        await self.database.run_interaction("t", insert, False)
+        await self.database.run_interaction(
+            "t", lambda t: insert(t, "ijklmnop", False), after_commit=after.append
+        )
         with self.assertRaises(ValueError):  # type: ignore[attr-defined]
-            await self.database.run_interaction("t", insert, True)
+            await self.database.run_interaction(
+                "t", lambda t: insert(t, "abcdefgh", True), after_commit=after.append
+            )
         rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
         self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
+        # Run once committed, and only then.
+        self.assertEqual(after, ["ijklmnop"])  # type: ignore[attr-defined]
 
-    async def test_statements_commit_one_by_one(self) -> None:
-        """``run_statements`` keeps what ran before a failure (files may
-        depend on it), unlike a transaction."""
+    async def test_after_commit_sees_the_transaction_committed(self) -> None:
+        """``after_commit`` runs once the rows are visible to everyone (a
+        staging file is removed only when its media is recorded)."""
         await prepare_database(self.database)
+        seen: list[object] = []
 
-        def insert_then_fail(txn: Transaction) -> None:
+        def insert(txn: Transaction) -> None:
             txn.execute(
                 "INSERT INTO local_media_repository (media_id, created_ts) VALUES (?, ?)",
                 ("qrstuvwx", 1),
             )
-            raise ValueError("after the insert")
 
-        with self.assertRaises(ValueError):  # type: ignore[attr-defined]
-            await self.database.run_statements("t", insert_then_fail)
-        rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
-        self.assertEqual(rows, [("qrstuvwx",)])  # type: ignore[attr-defined]
+        def look(_: None) -> None:
+            # Another connection, from this pool thread (blocking is fine here).
+            conn = self.database.engine.module.connect(**self.database.connect_args)
+            try:
+                cursor = conn.cursor()
+                cursor.execute("SELECT media_id FROM local_media_repository")
+                seen.append([tuple(row) for row in cursor.fetchall()])
+            finally:
+                conn.close()
+
+        await self.database.run_interaction("t", insert, after_commit=look)
+        self.assertEqual(seen, [[("qrstuvwx",)]])  # type: ignore[attr-defined]
+
+
+class _RolledBack(Exception):
+    """Ends a test transaction with what it read."""
 
 
 class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
@@ -152,39 +173,49 @@ class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
         self.assertEqual(await self.database.run_query("t", validity), [(True,)])
 
     async def test_statements_prepared_once_per_connection(self) -> None:
-        await prepare_database(self.database)
+        # One connection, so that every call below shares its session.
+        database = Database(attrs.evolve(self.config.database, cp_min=1, cp_max=1), reactor)
+        self.addCleanup(database.close)
+        await prepare_database(database)
+        count_sql = "SELECT COUNT(*) FROM local_media_repository WHERE media_id = ?"
 
-        def run(txn: Transaction) -> tuple[list[object], list[object]]:
-            for _ in range(2):
-                txn.execute(
-                    "SELECT COUNT(*) FROM local_media_repository WHERE media_id = ?", ("x",)
-                )
-                txn.fetchall()
-            # A parameter PostgreSQL cannot type: run as it is, unprepared.
-            txn.execute("SELECT ?", ("as is",))
-            plain = txn.fetchall()
+        def prepared_statements(txn: Transaction) -> list[str]:
             txn.execute("SELECT statement FROM pg_prepared_statements")
-            return plain, [row[0] for row in txn.fetchall()]
+            return [str(row[0]) for row in txn.fetchall()]
 
-        plain, prepared = await self.database.run_statements("t", run)
-        self.assertEqual(plain, [("as is",)])
-        ours = [str(p) for p in prepared if "local_media_repository" in str(p)]
+        for _ in range(2):
+            await database.run_query("t", count_sql, ("x",))
+        ours = [
+            p
+            for p in await database.run_interaction("t", prepared_statements)
+            if "local_media_repository WHERE media_id" in p
+        ]
         self.assertEqual(len(ours), 1)  # prepared once, executed twice
         self.assertTrue(
             ours[0].endswith("AS SELECT COUNT(*) FROM local_media_repository WHERE media_id = $1")
         )
 
-        def in_transaction(txn: Transaction) -> int:
-            # Inside a transaction nothing new is prepared.
-            txn.execute("SELECT COUNT(*) FROM local_media_repository WHERE sha256 = ?", ("y",))
-            txn.execute(
-                "SELECT COUNT(*) FROM pg_prepared_statements WHERE statement LIKE ?", ("%sha256%",)
-            )
-            row = txn.fetchone()
-            assert row is not None
-            return int(row[0])
+        def in_transaction(txn: Transaction) -> None:
+            # Prepared in a savepoint: a parameter PostgreSQL cannot type
+            # is run as it is, and the transaction goes on.
+            txn.execute("SELECT ?", ("as is",))
+            plain = txn.fetchone()
+            for _ in range(2):
+                txn.execute("SELECT COUNT(*) FROM local_media_repository WHERE sha256 = ?", ("y",))
+            count = txn.fetchone()
+            raise _RolledBack(plain, count)
 
-        self.assertEqual(await self.database.run_interaction("t", in_transaction), 0)
+        with self.assertRaises(_RolledBack) as caught:
+            await database.run_interaction("t", in_transaction)
+        self.assertEqual(caught.exception.args, (("as is",), (0,)))
+        # A prepared statement belongs to the session: a rollback keeps it,
+        # and it is executed again, not prepared again.
+        after = await database.run_interaction("t", prepared_statements)
+        self.assertEqual(len([p for p in after if "WHERE sha256 = $1" in p]), 1)
+        rows = await database.run_query(
+            "t", "SELECT COUNT(*) FROM local_media_repository WHERE sha256 = ?", ("y",)
+        )
+        self.assertEqual(rows, [(0,)])
 
     async def test_lone_statements_run_outside_transactions(self) -> None:
         """On PostgreSQL a lone statement is not wrapped in BEGIN/COMMIT (one
@@ -233,9 +264,10 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
             )
         conn.close()
 
-    async def test_statements_retried_only_if_lost_at_the_first(self) -> None:
-        """A lost connection found at the first statement runs the function
-        again; found later, the error is raised (what ran may not repeat)."""
+    async def test_retried_unless_work_outside_the_database_was_done(self) -> None:
+        """A transaction whose connection turns out lost is run again on a
+        new one; not if it did work outside the database (files linked into
+        place), which a rollback cannot undo."""
         await prepare_database(self.database)
         await self.database.run_query("t", "SELECT 1")  # the pool's connection exists
         calls: list[str] = []
@@ -248,21 +280,22 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
             return int(row[0])
 
         self.terminate_backends()
-        self.assertEqual(await self.database.run_statements("t", lookup), 0)
+        self.assertEqual(await self.database.run_interaction("t", lookup), 0)
         # Again on another connection (more than once if that one was cut too).
         self.assertGreaterEqual(len(calls), 2)  # type: ignore[attr-defined]
 
-        def two_steps(txn: Transaction) -> None:
-            calls.append("two")
+        def with_outside_work(txn: Transaction) -> None:
+            calls.append("outside")
             txn.execute("SELECT 1")
             txn.fetchall()
+            txn.outside_effects = True
             self.terminate_backends()
             txn.execute("SELECT 2")
 
         calls.clear()
         with self.assertRaises(DatabaseUnavailableError):  # type: ignore[attr-defined]
-            await self.database.run_statements("t", two_steps)
-        self.assertEqual(calls, ["two"])  # type: ignore[attr-defined]
+            await self.database.run_interaction("t", with_outside_work)
+        self.assertEqual(calls, ["outside"])  # type: ignore[attr-defined]
         self.flushLoggedErrors()  # type: ignore[attr-defined]
 
     async def test_statement_errors_are_not_connection_loss(self) -> None:

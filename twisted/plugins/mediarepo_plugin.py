@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from twisted.application.service import IServiceMaker, Service
+from twisted.application.service import IServiceMaker, MultiService
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
@@ -50,41 +50,39 @@ def _exit_failed(line: str) -> None:
     os._exit(1)
 
 
-class MediaRepoService(Service):
+class MediaRepoService(MultiService):
+    """Sets up logging, then runs the server ``mediarepo.app.media_server``
+    builds (the one every launcher runs) as its only child."""
+
     def __init__(self, config: Any) -> None:
+        super().__init__()
         self._config = config
-        self._server: Any = None
 
     def startService(self) -> None:
         from twisted.internet import reactor
 
-        from mediarepo.app import MediaServer
+        from mediarepo.app import media_server
         from mediarepo.cli import report_start_failure, warn_about_background_jobs
         from mediarepo.logging_setup import log_to_twisted, setup_logging
 
-        super().startService()
         config = self._config
         if config.log_config:
             setup_logging(config.log_config, config.log_config_key)
         else:
             log_to_twisted()
         warn_about_background_jobs(config)
-        self._server = MediaServer(config, reactor)
+        server = media_server(config, reactor)
+        server.setServiceParent(self)
 
         def failed(failure: Any) -> None:
+            if not server.running:
+                return  # stopped while starting: not a failed start
             line = report_start_failure(config, failure)
             atexit.register(_exit_failed, line)
             reactor.stop()
 
-        # twistd starts services before the reactor runs; a start that fails
-        # at once must find a reactor to stop.
-        reactor.callWhenRunning(lambda: self._server.start_deferred().addErrback(failed))
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._server is not None:
-            return self._server.stop_deferred()
-        return None
+        server.started.wait().addErrback(failed)
+        super().startService()
 
 
 @implementer(IServiceMaker, IPlugin)

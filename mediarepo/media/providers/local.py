@@ -1,24 +1,20 @@
 """The local media store: ``media_store_path``, always the first provider.
 
-Besides serving files it stages uploads: a body is written to a temporary
-file under ``.mediarepo_tmp/`` (named after its media ID), fsynced, then
-hard-linked to its final Synapse path. Linking fails rather than replace an
-existing file, and the final path appears whole or not at all. The temporary
-name stays until the database row is written, so a crash in between leaves a
-trace that :meth:`LocalMediaStore.sweep_staging` can clean up.
+It serves files (small ones from the small-file cache), writes generated
+files and copies brought back from other providers through its staging
+directory, ``.mediarepo_tmp/``; uploads are staged there too (see
+``media/staging.py``). The least recently read files are evicted by
+``media/local_cache.py`` when the store is bounded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import filecmp
 import logging
 import os
 import secrets
 import shutil
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import IO, TypeVar, cast
 
 from twisted.internet.interfaces import IConsumer, IReactorFromThreads, IReactorTime
@@ -27,13 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.disk_full import StorageFullReporter, is_storage_full
-from mediarepo.media.paths import (
-    MediaPaths,
-    UnsafePathError,
-    is_valid_media_id,
-    local_media_path,
-    random_letters,
-)
+from mediarepo.media.paths import MediaPaths
 from mediarepo.media.providers import StorageProvider
 from mediarepo.media.responder import (
     BytesResponder,
@@ -41,7 +31,7 @@ from mediarepo.media.responder import (
     FileResponder,
     Responder,
 )
-from mediarepo.media.upload_sink import UploadSink, WrittenUpload, remove_staging_file
+from mediarepo.media.upload_sink import remove_staging_file
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +46,7 @@ SMALL_FILE_CACHE_SECONDS = 60.0
 STAGING_DIR = ".mediarepo_tmp"
 # Staging files not named after a media ID: generated thumbnails, files
 # arriving from other providers.
-_INTERNAL_STAGING_PREFIXES = frozenset({"generated", "incoming"})
-
-
-class FileExistsInStoreError(Exception):
-    """The final path of a new file is already taken."""
+INTERNAL_STAGING_PREFIXES = frozenset({"generated", "incoming"})
 
 
 class LocalMediaStore(StorageProvider):
@@ -77,8 +63,8 @@ class LocalMediaStore(StorageProvider):
     ) -> None:
         self.paths = MediaPaths(base)
         self.staging_dir = os.path.join(self.paths.base, STAGING_DIR)
-        self._threadpool = threadpool
-        self._reactor = reactor
+        self.threadpool = threadpool
+        self.reactor = reactor
         # Keep access times fresh for the cache eviction (see FileResponder.open).
         self._note_reads = note_reads
         # The reactor is a clock too (the two interfaces are two views of it).
@@ -90,14 +76,14 @@ class LocalMediaStore(StorageProvider):
         self.on_written: Callable[[int], None] | None = None
         os.makedirs(self.staging_dir, exist_ok=True)
 
-    def _written(self, length: int) -> None:
+    def note_written(self, length: int) -> None:
         """Note a new file of ``length`` bytes (from any thread)."""
         if self.on_written is not None:
-            self._reactor.callFromThread(self.on_written, length)
+            self.reactor.callFromThread(self.on_written, length)
 
     async def in_pool(self, func: Callable[..., T], *args: object) -> T:
         """Run blocking file work on the media I/O thread pool."""
-        return await deferToThreadPool(self._reactor, self._threadpool, func, *args)
+        return await deferToThreadPool(self.reactor, self.threadpool, func, *args)
 
     async def fetch(self, relative_path: str) -> Responder | None:
         path = self.paths.absolute(relative_path)
@@ -106,8 +92,8 @@ class LocalMediaStore(StorageProvider):
             return BytesResponder(cached)
         responder = await FileResponder.open(
             path,
-            self._threadpool,
-            self._reactor,
+            self.threadpool,
+            self.reactor,
             note_read=self._note_reads,
             read_whole_below=SMALL_FILE_SIZE,
         )
@@ -148,7 +134,7 @@ class LocalMediaStore(StorageProvider):
                 os.fsync(file.fileno())
                 with contextlib.suppress(FileExistsError):
                     in_directory(os.path.dirname(final), lambda: os.link(temp_path, final))
-                    self._written(os.fstat(file.fileno()).st_size)
+                    self.note_written(os.fstat(file.fileno()).st_size)
             finally:
                 remove_staging_file(temp_path, file)
 
@@ -167,7 +153,7 @@ class LocalMediaStore(StorageProvider):
 
         def copy() -> None:
             in_directory(os.path.dirname(final), lambda: shutil.copyfile(local_path, final))
-            self._written(os.path.getsize(final))
+            self.note_written(os.path.getsize(final))
 
         await self.in_pool(copy)
 
@@ -232,7 +218,7 @@ class LocalMediaStore(StorageProvider):
                 with open(temp, "xb") as f:
                     f.write(data)
                 in_directory(os.path.dirname(final), lambda: os.replace(temp, final))
-                self._written(len(data))
+                self.note_written(len(data))
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp)
@@ -241,151 +227,6 @@ class LocalMediaStore(StorageProvider):
         await self.in_pool(write)
         self._small_files.forget(final)
         return final
-
-    def new_upload(self, media_id: str) -> UploadSink:
-        """A sink writing to a fresh staging file for ``media_id``."""
-        name = f"{media_id}.{random_letters(8)}"
-        return UploadSink(
-            os.path.join(self.staging_dir, name), media_id, self._threadpool, self._reactor
-        )
-
-    async def publish(
-        self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
-    ) -> tuple[str, bool]:
-        """:meth:`place_upload` on the media I/O pool."""
-        return await self.in_pool(self.place_upload, upload, relative_path, same_as)
-
-    def place_upload(
-        self,
-        upload: WrittenUpload,
-        relative_path: str,
-        same_as: Sequence[str] = (),
-        *,
-        replace_orphan: bool = False,
-    ) -> tuple[str, bool]:
-        """Make the staged file durable and link it to ``relative_path``
-        (blocking: run it on a pool thread); returns the absolute path and
-        whether an existing file was linked instead.
-
-        ``same_as`` names files already stored with the same content (by
-        SHA-256): the first one still there, and of the right size, is linked
-        in its place, so identical media share one set of bytes on disk while
-        each keeps its own Synapse path (deleting one never deletes another).
-        Raises :class:`FileExistsInStoreError` if something is already there,
-        unless ``replace_orphan`` says the caller knows a file there is a
-        leftover (an upload into a reservation, under its lock, whose row
-        has no content: an earlier upload died between linking its file and
-        recording it), which then goes first.
-        """
-        final = self.paths.absolute(relative_path)
-        upload.make_durable()
-        directory = os.path.dirname(final)
-
-        def link() -> bool:
-            if replace_orphan:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(final)
-                    logger.warning(
-                        "replaced the file an interrupted upload left at %s", relative_path
-                    )
-            for existing in (self.paths.absolute(p) for p in same_as):
-                try:
-                    if os.stat(existing).st_size == upload.length:
-                        os.link(existing, final)
-                        return True
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                except OSError as e:
-                    if e.errno in (errno.EXDEV, errno.EMLINK, errno.EPERM):
-                        break  # no hard links here; keep a copy of our own
-                    raise
-            os.link(upload.temp_path, final)
-            return False
-
-        try:
-            shared = in_directory(directory, link)
-            if not shared:
-                self._written(upload.length)
-            return final, shared
-        except FileExistsError as e:
-            raise FileExistsInStoreError(relative_path) from e
-        finally:
-            # Make the new directory entry itself durable.
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    @staticmethod
-    def remove_staged(temp_path: str) -> None:
-        """Remove a staging file once its media is recorded (blocking). A
-        failure is only logged: the media is stored, and the staging sweep
-        removes the name later."""
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            logger.warning("could not remove staging file %s: %s", temp_path, e)
-
-    async def sweep_staging(
-        self,
-        max_age_seconds: float,
-        in_use: Callable[[], set[str]],
-        recorded: Callable[[list[str]], Awaitable[set[str]]],
-    ) -> int:
-        """Clean up after crashed uploads; returns how many staging files went.
-
-        A staging file older than ``max_age_seconds`` and not ``in_use`` by
-        this process belongs to an upload that died. If its media has no
-        content in the database (``recorded`` says which do), the final file
-        it may have been published as is an orphan and goes too: the staged
-        file itself linked into place, or, for content that was already
-        stored, a link to the identical bytes of another media.
-        """
-
-        def list_stale() -> list[str]:
-            cutoff = time.time() - max_age_seconds
-            stale = []
-            with os.scandir(self.staging_dir) as entries:
-                for entry in entries:
-                    try:
-                        if entry.stat().st_mtime < cutoff:
-                            stale.append(entry.name)
-                    except FileNotFoundError:
-                        continue
-            return stale
-
-        stale_names = await self.in_pool(list_stale)
-        busy = in_use()
-        stale = [name for name in stale_names if os.path.join(self.staging_dir, name) not in busy]
-        if not stale:
-            return 0
-        media_ids = sorted({name.split(".", 1)[0] for name in stale})
-        known = await recorded([m for m in media_ids if is_valid_media_id(m)])
-
-        def remove(names: list[str]) -> None:
-            for name in names:
-                media_id = name.split(".", 1)[0]
-                staged = os.path.join(self.staging_dir, name)
-                if media_id not in known and media_id not in _INTERNAL_STAGING_PREFIXES:
-                    try:
-                        final = self.paths.absolute(local_media_path(media_id))
-                        if os.path.exists(final) and _same_bytes(final, staged):
-                            os.unlink(final)
-                            logger.info("removed orphaned media file for %s", media_id)
-                    except (UnsafePathError, OSError) as e:
-                        if getattr(e, "errno", None) not in (None, errno.ENOENT):
-                            logger.warning("could not check %s: %s", media_id, e)
-                try:
-                    os.unlink(staged)
-                except FileNotFoundError:
-                    pass
-
-        await self.in_pool(remove, stale)
-        logger.info("removed %d stale staging files", len(stale))
-        return len(stale)
 
 
 class _BringBackResponder(Responder):
@@ -484,8 +325,3 @@ def file_exists(path: str, size: int | None) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return size is None or stat.st_size == size
-
-
-def _same_bytes(a: str, b: str) -> bool:
-    """Whether two files are one, or hold identical bytes (read in a thread)."""
-    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)

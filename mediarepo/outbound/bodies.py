@@ -1,11 +1,13 @@
-"""Reading the body of a peer's answer without letting the peer hold us.
+"""Reading the body of an answer without letting the other side hold us.
 
-Every body we read from another server (media, keys, a well-known file)
-goes through :class:`BodyReader`. It gives up on a peer that sends nothing
-for the idle timeout (``federation_idle_timeout``), counted from the last
-byte received, and on one that trickles: less than ``min_rate`` bytes a
-second over a window. Time during which *we* paused the connection (our
-disk is behind) counts against neither. Giving up cuts the connection.
+Every body we read from another host (media, keys, a well-known file, a
+web page) goes through :class:`BodyReader`. It gives up on a peer that sends
+nothing for the idle timeout, counted from the last byte received, and on
+one that trickles: less than ``min_rate`` bytes a second over a window.
+Time during which *we* paused the connection (our disk is behind) counts
+against neither. Giving up cuts the connection: the reader calls its
+transport's ``stopProducing``, which on connections that
+:mod:`mediarepo.outbound.endpoints` made aborts them at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
+from mediarepo.outbound.errors import BodyReadError, BodyTooLargeError, PeerStalledError
+
 # Synapse has no such setting; ours, ``federation_idle_timeout``.
 DEFAULT_IDLE_TIMEOUT_SECONDS = 20.0
 # A body must average at least MIN_TRANSFER_RATE bytes a second over each
@@ -29,26 +33,15 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 20.0
 RATE_WINDOW_SECONDS = 60.0
 MIN_TRANSFER_RATE = 1024
 
-
-class BodyReadError(Exception):
-    """The body did not arrive whole: the peer stalled, trickled, or the
-    connection broke."""
-
-
-class PeerStalledError(BodyReadError):
-    pass
+# Pauses and resumes a body's connection (our side is behind).
+FlowControl = Callable[[Callable[[], None], Callable[[], None]], None]
 
 
 def _cut_connection(transport: Any) -> None:
-    """Close the connection a body arrives on at once. (stopProducing()
-    would close it politely, waiting on a peer we have given up on; the
-    body's transport is a proxy in front of the connection, which Twisted
-    keeps private.)"""
-    connection = getattr(transport, "_producer", transport)
-    if hasattr(connection, "abortConnection"):
-        connection.abortConnection()
-    else:
-        transport.stopProducing()
+    """Stop the body: ``stopProducing`` on the body's transport reaches the
+    connection, which :mod:`~mediarepo.outbound.endpoints` makes abort
+    rather than wait on a peer we have given up on."""
+    transport.stopProducing()
 
 
 class BodyReader(protocol.Protocol):
@@ -170,16 +163,22 @@ class BodyReader(protocol.Protocol):
 
 
 async def read_body(
-    response: IResponse, on_data: Callable[[bytes], None], clock: Any, idle_timeout: float
+    response: IResponse,
+    on_data: Callable[[bytes], None],
+    clock: Any,
+    idle_timeout: float,
+    *,
+    min_rate: int | None = None,
+    flow_control: FlowControl | None = None,
 ) -> None:
-    """Read ``response``'s whole body into ``on_data`` (see :class:`BodyReader`)."""
-    reader = BodyReader(on_data, clock, idle_timeout)
+    """Read ``response``'s whole body into ``on_data`` (see
+    :class:`BodyReader`); ``flow_control``, if given, is handed the
+    reader's pause and resume."""
+    reader = BodyReader(on_data, clock, idle_timeout, min_rate=min_rate)
+    if flow_control is not None:
+        flow_control(reader.pause, reader.resume)
     response.deliverBody(reader)
     await reader.done
-
-
-class BodyTooLargeError(BodyReadError):
-    pass
 
 
 class _DroppedBody(protocol.Protocol):
@@ -198,7 +197,12 @@ def drop_body(response: IResponse) -> None:
 
 
 async def read_limited_body(
-    response: IResponse, limit: int, clock: Any, idle_timeout: float
+    response: IResponse,
+    limit: int,
+    clock: Any,
+    idle_timeout: float,
+    *,
+    min_rate: int | None = None,
 ) -> bytes:
     """``response``'s whole body, at most ``limit`` bytes (more:
     :class:`BodyTooLargeError`, without reading on)."""
@@ -215,7 +219,7 @@ async def read_limited_body(
             raise BodyTooLargeError(f"over {limit} bytes")
         chunks.append(data)
 
-    await read_body(response, collect, clock, idle_timeout)
+    await read_body(response, collect, clock, idle_timeout, min_rate=min_rate)
     return b"".join(chunks)
 
 
@@ -224,7 +228,12 @@ class _Enough(Exception):
 
 
 async def read_body_prefix(
-    response: IResponse, limit: int, clock: Any, idle_timeout: float
+    response: IResponse,
+    limit: int,
+    clock: Any,
+    idle_timeout: float,
+    *,
+    min_rate: int | None = None,
 ) -> bytes:
     """The first ``limit`` bytes of ``response``'s body (an error answer,
     read for its message): the connection is cut after them, and what
@@ -240,7 +249,7 @@ async def read_body_prefix(
             raise _Enough()
 
     try:
-        await read_body(response, collect, clock, idle_timeout)
+        await read_body(response, collect, clock, idle_timeout, min_rate=min_rate)
     except (BodyReadError, _Enough):
         pass
     return b"".join(chunks)
