@@ -3,12 +3,16 @@ separate process on a loopback port, stoppable and restartable."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
 
 from tests.processes import free_port
 
@@ -18,10 +22,21 @@ SECRET_KEY = "test-secret-key"
 REGION = "us-east-1"
 
 
+@attrs.frozen
+class RecordedRequest:
+    """A request the server got, as its recorder logged it."""
+
+    method: str
+    path: str
+    query: str
+
+
 class MotoServer:
     def __init__(self, log_dir: str) -> None:
         self.port = free_port()
         self._log_path = os.path.join(log_dir, f"moto-{self.port}.log")
+        # Where moto's recorder logs requests (see record_requests).
+        self._recording_path = os.path.join(log_dir, f"moto-{self.port}.requests")
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -36,6 +51,7 @@ class MotoServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                env={**os.environ, "MOTO_RECORDER_FILEPATH": self._recording_path},
             )
         deadline = time.monotonic() + 30
         while True:
@@ -48,6 +64,36 @@ class MotoServer:
                 time.sleep(0.05)
         if create_bucket:
             self.client().create_bucket(Bucket=BUCKET)
+
+    def _moto_api(self, action: str) -> bytes:
+        with urllib.request.urlopen(
+            f"{self.endpoint_url}/moto-api/recorder/{action}", data=b"", timeout=10
+        ) as answer:
+            body: bytes = answer.read()
+        return body
+
+    def record_requests(self) -> None:
+        """Log every request the server gets from now on (forgetting earlier ones)."""
+        self._moto_api("reset-recording")
+        self._moto_api("start-recording")
+
+    def recorded_requests(self) -> list[RecordedRequest]:
+        """The requests logged since :meth:`record_requests`, in order."""
+        lines = self._moto_api("download-recording").decode().splitlines()
+        requests = []
+        for line in lines:
+            entry = json.loads(line)
+            url = urlsplit(entry["url"])
+            requests.append(RecordedRequest(entry["method"], url.path, url.query))
+        return requests
+
+    def object_reads(self, key_prefix: str) -> int:
+        """How many recorded requests were GETs (whole or ranged) of objects
+        whose key starts with ``key_prefix``."""
+        path = f"/{BUCKET}/{key_prefix}"
+        return sum(
+            1 for r in self.recorded_requests() if r.method == "GET" and r.path.startswith(path)
+        )
 
     def stop(self) -> None:
         if self._process is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.headers import set_media_security_headers
-from mediarepo.http.responder import respond_with_responder_or_redirect
+from mediarepo.http.responder import respond_with_file_or_redirect
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
 from mediarepo.identifiers import is_valid_server_name
@@ -81,10 +81,10 @@ class DownloadHandler:
                 ),
             )
         filename = params.get("file_name") or download.upload_name
-        await respond_with_responder_or_redirect(
+        await respond_with_file_or_redirect(
             request,
             self._repository,
-            download.responder,
+            download.file,
             download.media_type,
             filename,
             allow_redirect=authenticated and allows_redirect(request),

@@ -20,7 +20,7 @@ from mediarepo.http.site import MediaRequest
 from mediarepo.http.thumbnail import parse_thumbnail_request
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.responder import Responder
+from mediarepo.media.storage import StoredFile
 
 
 class FederationMediaHandler:
@@ -45,7 +45,7 @@ class FederationMediaHandler:
         )
         await self._respond(
             request,
-            download.responder,
+            download.file,
             download.media_type,
             content_disposition(download.media_type, download.upload_name),
         )
@@ -59,25 +59,22 @@ class FederationMediaHandler:
         )
         await self._respond(
             request,
-            thumbnail.responder,
+            thumbnail.file,
             thumbnail.media_type,
             thumbnail_content_disposition(thumbnail.media_type),
         )
 
     async def _respond(
-        self, request: MediaRequest, responder: Responder, media_type: str | None, disposition: str
+        self, request: MediaRequest, file: StoredFile, media_type: str | None, disposition: str
     ) -> None:
         """The file part, or, where a provider offers its copy, the
-        ``Location`` part the spec allows in its place."""
-        try:
-            location = await redirect_location(self._repository, responder, media_type, disposition)
-        except BaseException:
-            responder.close()
-            raise
+        ``Location`` part the spec allows in its place (then nothing is read
+        here)."""
+        location = await redirect_location(self._repository, file, media_type, disposition)
         if location is not None:
-            respond_with_multipart_redirect(request, responder, location)
+            respond_with_multipart_redirect(request, location)
             return
-        await respond_with_multipart(request, responder, media_type, disposition)
+        await respond_with_multipart(request, await file.open(), media_type, disposition)
 
 
 class KeyServerHandler:

@@ -29,6 +29,7 @@ from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.responder import FileResponder, Responder, bytes_served
+from mediarepo.media.storage import StoredFile
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +140,9 @@ async def respond_with_responder(
     *,
     thumbnail: bool = False,
 ) -> None:
-    """Stream ``responder`` as the response, then close it."""
+    """Stream ``responder`` as the response, then close it (a client that
+    has the file already was answered before it was opened)."""
     try:
-        if _answered_not_modified(request):
-            return
-
         size = responder.size
         range_header = _header(request, b"Range")
         if_range = _header(request, b"If-Range")
@@ -201,20 +200,20 @@ async def respond_with_multipart(
 
 async def redirect_location(
     repository: MediaRepository,
-    responder: Responder,
+    file: StoredFile,
     media_type: str | None,
     disposition: str,
 ) -> str | None:
-    """Where the client may be sent for ``responder``'s file, with the
-    Content-Type our own answer would carry and ``disposition``; ``None``
-    if the bytes are to come from here."""
-    return await repository.redirect_url(responder, response_content_type(media_type), disposition)
+    """Where the client may be sent for ``file``, with the Content-Type our
+    own answer would carry and ``disposition``; ``None`` if the bytes are
+    to come from here."""
+    return await repository.redirect_url(file, response_content_type(media_type), disposition)
 
 
-async def respond_with_responder_or_redirect(
+async def respond_with_file_or_redirect(
     request: MediaRequest,
     repository: MediaRepository,
-    responder: Responder,
+    file: StoredFile,
     media_type: str | None,
     filename: str | None,
     *,
@@ -223,23 +222,18 @@ async def respond_with_responder_or_redirect(
 ) -> None:
     """A 307 to a provider's copy of the file where the client allows it and
     the provider offers it; otherwise the bytes (see :func:`respond_with_responder`).
-    The Location serves the headers our own answer would have."""
+    The Location serves the headers our own answer would have. The file is
+    opened only to serve its bytes: a redirect reads nothing."""
+    if _answered_not_modified(request):
+        return
     if allow_redirect:
-        try:
-            if _answered_not_modified(request):
-                responder.close()
-                return
-            disposition = (
-                thumbnail_content_disposition(media_type)
-                if thumbnail
-                else content_disposition(media_type, filename)
-            )
-            url = await redirect_location(repository, responder, media_type, disposition)
-        except BaseException:
-            responder.close()
-            raise
+        disposition = (
+            thumbnail_content_disposition(media_type)
+            if thumbnail
+            else content_disposition(media_type, filename)
+        )
+        url = await redirect_location(repository, file, media_type, disposition)
         if url is not None:
-            responder.close()
             request.setResponseCode(307)
             request.setHeader("Location", url)
             # The URL may expire: the redirect itself is not to be kept.
@@ -247,15 +241,13 @@ async def respond_with_responder_or_redirect(
             request.setHeader("Content-Length", "0")
             request.finish()
             return
+    responder = await file.open()
     await respond_with_responder(request, responder, media_type, filename, thumbnail=thumbnail)
 
 
-def respond_with_multipart_redirect(
-    request: MediaRequest, responder: Responder, location: str
-) -> None:
+def respond_with_multipart_redirect(request: MediaRequest, location: str) -> None:
     """A federation ``multipart/mixed`` answer whose file part is only a
     ``Location`` (which the spec says is not to be cached)."""
-    responder.close()
     boundary = new_boundary()
     body = multipart_redirect(boundary, location)
     request.setHeader("Content-Type", multipart_content_type(boundary))

@@ -6,7 +6,7 @@ from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
 from mediarepo.http.download import allows_redirect, checked_server_name, parse_timeout_ms
 from mediarepo.http.headers import set_media_security_headers
-from mediarepo.http.responder import respond_with_responder_or_redirect
+from mediarepo.http.responder import respond_with_file_or_redirect
 from mediarepo.http.server import query_bool, query_int, query_string
 from mediarepo.http.site import MediaRequest
 from mediarepo.media.remote import RemoteAccess
@@ -82,10 +82,10 @@ class ThumbnailHandler:
                     timeout_ms=timeout_ms,
                 ),
             )
-        await respond_with_responder_or_redirect(
+        await respond_with_file_or_redirect(
             request,
             self._repository,
-            thumbnail.responder,
+            thumbnail.file,
             thumbnail.media_type,
             None,
             allow_redirect=authenticated and allows_redirect(request),

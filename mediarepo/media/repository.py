@@ -22,13 +22,13 @@ from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.paths import (
     is_valid_media_id,
     local_media_path,
+    local_thumbnail_dir,
     remote_media_path,
     url_cache_path,
 )
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
-from mediarepo.media.responder import Responder
-from mediarepo.media.storage import MediaStorage
+from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from mediarepo.media.thumbnails import (
     METADATA_CACHE_SECONDS,
@@ -48,11 +48,11 @@ logger = logging.getLogger(__name__)
 
 @attrs.frozen
 class MediaDownload:
-    """Media's bytes, with what the response headers are made from."""
+    """Media's bytes (not yet opened), with what the response headers are made from."""
 
     media_type: str | None
     upload_name: str | None
-    responder: Responder
+    file: StoredFile
 
 
 class MediaRepository:
@@ -105,6 +105,21 @@ class MediaRepository:
         origin, _, media_id = payload.rpartition("/")
         if not origin:
             self.forget_local(media_id)
+            if is_valid_media_id(media_id):
+                defer.ensureDeferred(self._drop_local_copy_if_deleted(media_id)).addErrback(
+                    lambda f: logger.warning("removing a deleted media's copy failed: %s", f.value)
+                )
+
+    async def _drop_local_copy_if_deleted(self, media_id: str) -> None:
+        """Local media deleted through another instance: this host's copy
+        and thumbnails go too (that instance removed its own, and the
+        providers' through their queue). Quarantined media keeps them. Of
+        remote media deleted elsewhere the path is gone with the row: the
+        local cache's eviction removes those."""
+        if await self._media_store.get_local_media(media_id) is not None:
+            return
+        await self.storage.delete_local([local_media_path(media_id)])
+        await self.storage.delete_local_directory(local_thumbnail_dir(media_id))
 
     # -- uploads: the work is LocalUploads' ----------------------------------------
 
@@ -157,15 +172,18 @@ class MediaRepository:
             raise NotFoundError()
         deadline = self._now_ms() + timeout_ms
         while True:
-            media = self._media_rows.get(media_id) or await self._media_store.get_local_media(
-                media_id
-            )
+            cached = self._media_rows.get(media_id)
+            media = cached or await self._media_store.get_local_media(media_id)
             if media is None:
                 raise NotFoundError()
             if media.quarantined_by is not None and not bypass_quarantine:
                 raise NotFoundError()
             if not media.is_pending:
-                self._media_rows.put(media_id, media)
+                # Only a row just read: kept again on every read, a row read
+                # all the time would never expire, and a change missed by
+                # the announcements would never be seen.
+                if cached is None:
+                    self._media_rows.put(media_id, media)
                 break
             if self.uploads.reservation_expired(media):
                 raise NotFoundError()
@@ -202,11 +220,10 @@ class MediaRepository:
         self.access.read_local(media_id)
         emit(MediaEvent.RETRIEVED, media_id=media_id, origin=None)
         path = url_cache_path(media_id) if media.url_cache else local_media_path(media_id)
-        responder = await self.storage.fetch(path)
-        if responder is None:
-            logger.warning("media %s has a row but no file in any provider", media_id)
-            raise NotFoundError()
-        return MediaDownload(media.media_type, media.upload_name, responder)
+        assert media.media_length is not None  # a pending upload was waited for
+        return MediaDownload(
+            media.media_type, media.upload_name, self.storage.stored_file(path, media.media_length)
+        )
 
     async def get_remote_media(
         self, origin: str, media_id: str, access: RemoteAccess
@@ -216,18 +233,18 @@ class MediaRepository:
         media = await self.remote.get(origin, media_id, access)
         self.access.read_remote(origin, media_id)
         emit(MediaEvent.RETRIEVED, media_id=media_id, origin=origin)
-        responder = await self.storage.fetch(remote_media_path(origin, media.filesystem_id))
-        if responder is None:
-            raise NotFoundError()
-        return MediaDownload(media.media_type, media.upload_name, responder)
+        path = remote_media_path(origin, media.filesystem_id)
+        return MediaDownload(
+            media.media_type, media.upload_name, self.storage.stored_file(path, media.media_length)
+        )
 
     async def redirect_url(
-        self, responder: Responder, content_type: str, content_disposition: str
+        self, file: StoredFile, content_type: str, content_disposition: str
     ) -> str | None:
-        """Where a client that allows redirects may fetch what ``responder``
-        (of media already found visible) would send, with these headers; see
+        """Where a client that allows redirects may fetch ``file`` (of media
+        already found visible), with these headers; see
         :meth:`MediaStorage.redirect_url`."""
-        return await self.storage.redirect_url(responder, content_type, content_disposition)
+        return await self.storage.redirect_url(file, content_type, content_disposition)
 
     async def get_remote_thumbnail(
         self, origin: str, media_id: str, request: ThumbnailRequest, access: RemoteAccess

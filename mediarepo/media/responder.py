@@ -38,9 +38,6 @@ class Responder(abc.ABC):
     """A file that can be streamed; ``size`` is its length in bytes."""
 
     size: int
-    # Where in the provider chain the file is (set by ``MediaStorage.fetch``),
-    # so that a client may be sent to a provider's copy instead.
-    stored_path: str | None = None
 
     @abc.abstractmethod
     async def write_to_consumer(

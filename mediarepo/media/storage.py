@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from mediarepo.errors import Codes, MatrixError
+from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.paths import is_local_path, is_remote_path
 from mediarepo.media.provider_tasks import ProviderTasks
@@ -42,6 +42,23 @@ class StorageUnavailableError(MatrixError):
 
     def __init__(self, message: str) -> None:
         super().__init__(503, Codes.UNKNOWN, message)
+
+
+@attrs.frozen
+class StoredFile:
+    """Bytes to answer with, known from their row and not yet opened: where
+    they are in the provider chain and how long they are. A client may be
+    sent to a provider's copy of them (:meth:`MediaStorage.redirect_url`)
+    without anything being read here; only serving them opens them."""
+
+    relative_path: str
+    length: int
+    # Finds the bytes (raising NotFoundError if there are none), for
+    # :meth:`open`: a thumbnail whose file is gone is made again first.
+    opener: Callable[[], Awaitable[Responder]] = attrs.field(eq=False, repr=False)
+
+    async def open(self) -> Responder:
+        return await self.opener()
 
 
 @attrs.frozen
@@ -200,12 +217,6 @@ class MediaStorage:
         Raises :class:`StorageUnavailableError` if the file was found nowhere
         and a provider could not be asked.
         """
-        responder = await self._fetch(relative_path)
-        if responder is not None:
-            responder.stored_path = relative_path
-        return responder
-
-    async def _fetch(self, relative_path: str) -> Responder | None:
         responder = await self._local.fetch(relative_path)
         if responder is not None:
             return responder
@@ -223,22 +234,34 @@ class MediaStorage:
             raise StorageUnavailableError("Media storage is unavailable; try again later")
         return None
 
+    def stored_file(self, relative_path: str, length: int) -> StoredFile:
+        """``relative_path``, of ``length`` bytes by its row, to be opened
+        only when its bytes are served."""
+
+        async def open_file() -> Responder:
+            responder = await self.fetch(relative_path)
+            if responder is None:
+                logger.warning("%s has a row but no file in any provider", relative_path)
+                raise NotFoundError()
+            return responder
+
+        return StoredFile(relative_path, length, open_file)
+
     async def redirect_url(
-        self, responder: Responder, content_type: str, content_disposition: str
+        self, file: StoredFile, content_type: str, content_disposition: str
     ) -> str | None:
-        """Where a client may fetch the file ``responder`` would stream, with
-        these response headers: a URL of the first provider with redirects
-        on that holds the whole file (not one still owed its copy). ``None``:
-        serve the bytes here."""
-        path = responder.stored_path
-        if path is None:
-            return None
+        """Where a client may fetch ``file``, with these response headers: a
+        URL of the first provider with redirects on that holds the whole file
+        (not one still owed its copy). ``None``: serve the bytes here. Nothing
+        is read to decide: the file's length comes from its row, and whether
+        a provider holds it is asked once (a HEAD) and remembered."""
+        path = file.relative_path
         for slot in self.slots:
             provider = slot.provider
             if not provider.redirects or not slot.wants(path):
                 continue
             try:
-                if await self._holds(provider, path, responder.size):
+                if await self._holds(provider, path, file.length):
                     return await provider.redirect_url(path, content_type, content_disposition)
             except Exception as e:
                 # The bytes are here: a provider that cannot answer costs no download.
@@ -290,8 +313,14 @@ class MediaStorage:
         await self.delete_many([relative_path], [])
 
     async def delete_local(self, relative_paths: Sequence[str]) -> None:
-        """Delete files kept only in the local store (URL previews)."""
+        """Delete files from the local store only (URL previews, which only
+        it keeps; a host's copy of media deleted through another host)."""
         await self._local.delete_many(relative_paths, [])
+
+    async def delete_local_directory(self, relative_path: str) -> None:
+        """Delete a directory from the local store only (a host's thumbnails
+        of media deleted through another host)."""
+        await self._local.delete_directory(relative_path)
 
     async def delete_directory(self, relative_path: str) -> None:
         await self.delete_many([], [relative_path])

@@ -38,7 +38,7 @@ from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
 from mediarepo.media.responder import Responder
 from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, is_video, source_family
-from mediarepo.media.storage import MediaStorage
+from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import (
     SourceSize,
     ThumbnailRequest,
@@ -101,7 +101,7 @@ class Rendered:
 
 @attrs.frozen
 class ThumbnailResponse:
-    responder: Responder
+    file: StoredFile
     media_type: str
 
 
@@ -474,15 +474,20 @@ class ThumbnailProvider:
         )
         if chosen is None:
             chosen = await self._on_demand(source, request, rows, static_type)
-        responder = await self._storage.fetch(source.thumbnail_path(chosen))
-        if responder is None:
-            # The row outlived its file: make it again with the row's parameters.
-            logger.info("a thumbnail of %s is missing; regenerating", source.key)
-            await self._regenerate(source, chosen)
-            responder = await self._storage.fetch(source.thumbnail_path(chosen))
+        path = source.thumbnail_path(chosen)
+
+        async def open_thumbnail() -> Responder:
+            responder = await self._storage.fetch(path)
             if responder is None:
-                raise NotFoundError()
-        return ThumbnailResponse(responder, chosen.type)
+                # The row outlived its file: make it again with the row's parameters.
+                logger.info("a thumbnail of %s is missing; regenerating", source.key)
+                await self._regenerate(source, chosen)
+                responder = await self._storage.fetch(path)
+                if responder is None:
+                    raise NotFoundError()
+            return responder
+
+        return ThumbnailResponse(StoredFile(path, chosen.length, open_thumbnail), chosen.type)
 
     async def _on_demand(
         self,

@@ -70,6 +70,15 @@ modes:
       for each figure. --nginx adds nginx serving the same 4 KiB and 20 MiB files (skipped
       if nginx is not installed).
 
+  scripts/bench --hosts 1,2,3 [--hosts-s3-media N]
+      for each count: that many instances of ours (each its own media_store_path and
+      worker_name) on one fresh PostgreSQL database and one moto S3 server (needs
+      moto[server] in --python), behind nginx (round robin), pinned with taskset to
+      the same total cores (all cores split evenly where they divide, else all on
+      all); runs upload_small, download_small, download_s3 (cold and warm) and
+      download_redirect (direct, 307, followed), and prints req/s and p50 against
+      one instance.
+
   Launched servers run in two phases: first with dynamic_thumbnails: false and
   enable_authenticated_media: true (Synapse's defaults) for every scenario except
   {", ".join(PHASE2)}; then restarted (same database and media) with
@@ -168,6 +177,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     launch.add_argument("--nginx", action="store_true", help="also nginx serving static files")
     launch.add_argument(
+        "--hosts",
+        help="instance counts, e.g. 1,2,3: that many instances on one PostgreSQL and one "
+        "moto S3 behind nginx, the cores split between them (see docs/deployment.rst)",
+    )
+    launch.add_argument(
+        "--hosts-s3-media",
+        type=int,
+        default=1500,
+        help="with --hosts: media read once each in download_s3 (%(default)s)",
+    )
+    launch.add_argument(
         "--python",
         help="Python with mediarepo installed (default: .venv/bin/python of the repo, "
         "else /work/venv/bin/python, else this Python)",
@@ -226,7 +246,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown scenarios: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
         args.scenario_list = [s for s in SCENARIOS if s in args.scenario_list]
-    launching = args.start_ours or args.compare_synapse
+    if args.hosts:
+        try:
+            args.host_counts = [int(n) for n in args.hosts.split(",")]
+        except ValueError:
+            parser.error("--hosts takes instance counts such as 1,2,3")
+        if not all(1 <= n <= 8 for n in args.host_counts) or not 1 <= args.hosts_s3_media <= 20000:
+            parser.error("--hosts counts must be 1 to 8, --hosts-s3-media 1 to 20000")
+    launching = args.start_ours or args.compare_synapse or args.hosts
     if not launching and not (args.base_url and args.server_name and args.token):
         parser.error(
             "give --base-url, --server-name and --token for a running server, "
@@ -312,7 +339,7 @@ async def run_on_targets(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    launching = args.start_ours or args.compare_synapse
+    launching = args.start_ours or args.compare_synapse or args.hosts
     needed = []
     if launching:
         needed.append("yaml")
@@ -336,13 +363,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log(
         f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}, "
-        f"load average {os.getloadavg()[0]:.2f}; scenarios: {', '.join(args.scenario_list)}"
+        f"load average {os.getloadavg()[0]:.2f}; "
+        + (
+            f"instances: {args.hosts} (see benchlib/scenarios_hosts.py)"
+            if args.hosts
+            else f"scenarios: {', '.join(args.scenario_list)}"
+        )
     )
     if args.nginx and not launching:
         log("--nginx is used only with --start-ours or --compare-synapse; ignored")
     output = Output(args.json_out)
     try:
-        if launching:
+        if args.hosts:
+            from benchlib.scenarios_hosts import run_hosts
+            from benchlib.servers import Postgres
+
+            asyncio.run(
+                run_hosts(
+                    args.host_counts,
+                    python=args.python or default_python(),
+                    postgres=Postgres(args.pg_host, args.pg_port, args.pg_user),
+                    keep=args.keep,
+                    opts=opts,
+                    s3_count=args.hosts_s3_media,
+                    emit=output.add,
+                )
+            )
+        elif launching:
             asyncio.run(run_launched(args, opts, output))
         else:
             target = Target(
@@ -593,6 +640,10 @@ def report(output: Output, args: argparse.Namespace) -> None:
             print_ratios(f"every figure: ours / {other}", rows_ratio, other, out)
             for row in rows_ratio:
                 output.write_raw(RATIO_PREFIX + json.dumps({"vs": other, **row}))
+    if args.hosts:
+        from benchlib.scenarios_hosts import print_scaling
+
+        print_scaling(results, out)
     skipped = [r for r in results if r.status != "ok"]
     if skipped:
         print("\nnot run:", file=out)

@@ -368,7 +368,9 @@ def sweep_stale_workdirs() -> None:
     """Remove temp dirs left by a run that was killed (its pid is in the name)."""
     tmp = tempfile.gettempdir()
     for entry in os.listdir(tmp):
-        match = re.fullmatch(r"bench-(?:ours|synapse|nginx)-(\d+)-\w+", entry)
+        match = re.fullmatch(
+            r"bench-(?:ours|synapse|nginx|hosts\d+|nginx-hosts\d+|moto)-(\d+)-\w+", entry
+        )
         if match and not _pid_alive(int(match.group(1))):
             log(f"removing {os.path.join(tmp, entry)} left by a killed run")
             shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
@@ -628,34 +630,19 @@ def setup_nginx(
     with open(os.path.join(www, "large"), "wb") as f:
         f.write(large)
     port = free_port()
-    config_path = os.path.join(workdir, "nginx.conf")
-    with open(config_path, "w", encoding="utf-8") as f:
-        f.write(
-            f"""\
-daemon off;
-user root;
-worker_processes 2;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
+    config_path = write_nginx_config(
+        workdir,
+        2,
+        f"""\
     sendfile on;
     tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
     default_type application/octet-stream;
     server {{
         listen 127.0.0.1:{port};
         root {www};
     }}
-}}
-"""
-        )
+""",
+    )
     server = ManagedServer(
         label="nginx",
         workdir=workdir,
@@ -667,6 +654,33 @@ http {{
         start_timeout=30,
     )
     return server
+
+
+def write_nginx_config(workdir: str, workers: int, http_block: str) -> str:
+    """Write an nginx.conf for a foreground nginx keeping everything under
+    ``workdir``, with ``http_block`` inside its ``http`` block; its path."""
+    config_path = os.path.join(workdir, "nginx.conf")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(
+            f"""\
+daemon off;
+user root;
+worker_processes {workers};
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+{http_block}}}
+"""
+        )
+    return config_path
 
 
 def nginx_version(binary: str) -> str:

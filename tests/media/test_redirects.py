@@ -5,6 +5,7 @@ S3-compatible server (moto) over loopback."""
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -14,7 +15,7 @@ from twisted.trial import unittest
 from mediarepo.config import parse_config
 from mediarepo.errors import ConfigError
 from mediarepo.media import provider_tasks
-from mediarepo.media.paths import local_media_path
+from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
 from tests.integration.test_federation import FederationTestMixin
 from tests.media.test_storage_providers import DOWNLOAD, THUMBNAIL, S3TestMixin
@@ -103,6 +104,40 @@ class PresignedRedirectTests(RedirectTestMixin):
             f"{THUMBNAIL}/{media_id}?width=96&height=96&method=scale"
         )
         self.assertIn("/local_thumbnails/", location)
+
+    async def test_redirect_decided_without_reading_the_object(self) -> None:
+        """Media held only by the store (as on an instance that never had
+        it): the redirect is decided from the row and the config, and only
+        the client reads the object."""
+        data = os.urandom(100_000)
+        media_id = await self.upload(self.token, data)
+        key = local_media_path(media_id)
+        os.unlink(self.local_file(key))
+        self.moto.record_requests()
+        r = await self.get(f"{DOWNLOAD}/{media_id}?allow_redirect=true")
+        self.assertEqual(r.code, 307)
+        self.assertEqual(self.moto.object_reads(key), 0)
+        # At most one look at the object (a HEAD, remembered) and no other request.
+        self.assertLessEqual({r.method for r in self.moto.recorded_requests()}, {"HEAD"})
+        # Served here instead, the bytes are read from the store: the count sees reads.
+        r = await self.get(f"{DOWNLOAD}/{media_id}")
+        self.assertEqual((r.code, r.body), (200, data))
+        self.assertEqual(self.moto.object_reads(key), 1)
+
+    async def test_thumbnail_redirect_decided_without_reading_the_object(self) -> None:
+        media_id = await self.upload(self.token, images.jpeg(640, 480), "image/jpeg")
+        await self.server.repository.thumbnails.settle()
+        shutil.rmtree(self.local_file(local_thumbnail_dir(media_id)))
+        prefix = local_thumbnail_dir(media_id)
+        path = f"{THUMBNAIL}/{media_id}?width=96&height=96&method=scale"
+        self.moto.record_requests()
+        r = await self.get(path + "&allow_redirect=true")
+        self.assertEqual(r.code, 307)
+        self.assertIn(f"/{prefix}/", r.header("Location") or "")
+        self.assertEqual(self.moto.object_reads(prefix), 0)
+        r = await self.get(path)
+        self.assertEqual(r.code, 200)
+        self.assertEqual(self.moto.object_reads(prefix), 1)
 
     async def test_quarantined_and_pending_media_never_redirected(self) -> None:
         admin = await self.register("root", admin=True)
@@ -244,6 +279,27 @@ class S3OptionsTests(S3TestMixin):
         os.unlink(self.local_file(local_media_path(media_id)))
         r = await self.download(media_id)
         self.assertEqual((r.code, r.body), (200, data))
+
+
+@on_both_databases
+class KmsOptionsTests(S3TestMixin):
+    KEY_ID = "arn:aws:kms:us-east-1:123456789012:key/media"
+    provider_options = {
+        "server_side_encryption": "aws:kms",
+        "sse_kms_key_id": KEY_ID,
+        "multipart_threshold": "5M",
+        "multipart_chunksize": "5M",
+    }
+
+    async def test_objects_name_the_kms_key_whole_or_in_parts(self) -> None:
+        for size in (1000, 6 * 1024 * 1024):
+            data = os.urandom(size)
+            media_id = await self.upload(self.token, data)
+            head = self.moto.client().head_object(Bucket=BUCKET, Key=local_media_path(media_id))
+            self.assertEqual(
+                (head["ServerSideEncryption"], head["SSEKMSKeyId"], head["ContentLength"]),
+                ("aws:kms", self.KEY_ID, size),
+            )
 
 
 @on_both_databases
