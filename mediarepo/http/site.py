@@ -59,6 +59,13 @@ _REJECTED_BODY_LINGER_SECONDS = 5.0
 
 _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 
+# While a large upload body arrives its connection reads up to this much at
+# a time instead of SOCKET_READ_BYTES: a 20 MiB body then passes through the
+# HTTP parser, this request and the upload's queue in about 20 pieces rather
+# than 80. Other requests keep the smaller reads (each read allocates its
+# full size first).
+LARGE_BODY_READ_BYTES = 1024 * 1024
+
 
 @attrs.frozen
 class UploadTarget:
@@ -108,6 +115,8 @@ class MediaRequest(Request):
         self._upload_error: MatrixError | None = None
         # The Content-Length of the request, when it had one.
         self.declared_length: int | None = None
+        # The connection's read size before a large body enlarged it.
+        self._default_read_size: int | None = None
 
     # -- receiving the body -------------------------------------------------
 
@@ -127,6 +136,8 @@ class MediaRequest(Request):
             super().gotLength(length)
             return
         self.content = io.BytesIO()
+        if length is not None and length >= LARGE_BODY_READ_BYTES:
+            self._set_read_size(LARGE_BODY_READ_BYTES)
         # Twisted parses the query only once the body is in; the checks made
         # before accepting the body (the access token) need it now.
         self.args = http.parse_qs(path.partition(b"?")[2], keep_blank_values=True)
@@ -138,6 +149,21 @@ class MediaRequest(Request):
             cast(_Transport, channel.transport).pauseProducing()
             self._upload_starting = starting
         starting.addCallbacks(self._upload_accepted, self._upload_refused)
+
+    def _set_read_size(self, size: int) -> None:
+        """Read the connection ``size`` bytes at a time (plain TCP only: the
+        TLS wrapper has no such setting), remembering the size it had."""
+        transport = self.channel.transport
+        current = getattr(transport, "bufferSize", None)
+        if isinstance(current, int):
+            if self._default_read_size is None:
+                self._default_read_size = current
+            transport.bufferSize = size  # type: ignore[union-attr]
+
+    def _restore_read_size(self) -> None:
+        if self._default_read_size is not None and self.channel is not None:
+            self._set_read_size(self._default_read_size)
+            self._default_read_size = None
 
     def _upload_accepted(self, sink: UploadSink) -> None:
         self._upload_starting = None
@@ -250,6 +276,8 @@ class MediaRequest(Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         self._body_complete = True
+        # The next request on this connection starts with the default again.
+        self._restore_read_size()
         if self._body_rejected:
             cast(_Transport, self.channel.transport).loseConnection()
             return

@@ -1,4 +1,5 @@
-"""Third-party modules of the tool (Pillow, PyYAML, pillow-heif, PyAV) come from the running
+"""Third-party modules of the tool (Pillow, PyYAML, pillow-heif, PyAV,
+cryptography) come from the running
 Python if it has them; otherwise from a virtualenv of the tool's own, made
 once under the cache directory, and the tool re-executes itself there."""
 
@@ -10,7 +11,13 @@ import subprocess
 import sys
 
 _REEXEC_FLAG = "MEDIAREPO_BENCH_REEXEC"
-PACKAGES = {"PIL": "pillow", "yaml": "pyyaml", "pillow_heif": "pillow-heif", "av": "av"}
+PACKAGES = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "pillow_heif": "pillow-heif",
+    "av": "av",
+    "cryptography": "cryptography",
+}
 
 
 def _cache_base() -> str:
