@@ -43,7 +43,7 @@ from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.locks import LOCK_TIMEOUT_MS
-from mediarepo.storage.media import MediaStore, remote_content_key
+from mediarepo.storage.media import MediaStore, get_remote_media_txn, remote_content_key
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
 from mediarepo.values import RemoteMedia
 
@@ -193,13 +193,17 @@ class RemoteMediaCache:
         key = remote_content_key(origin, media_id)
         deadline = self._clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
         while True:
-            lock, _ = await self._locks.try_lock_then(_DOWNLOAD_LOCK, key, lambda t: None)
+            # Its row, read with the lock taken: it may have landed between
+            # our look and the lock.
+            lock, row = await self._locks.try_lock_then(
+                _DOWNLOAD_LOCK, key, lambda t: get_remote_media_txn(t, origin, media_id)
+            )
             if lock is not None:
                 try:
-                    # It may have landed between our look and the lock.
-                    cached = await self._cached(origin, media_id, access.bypass_quarantine)
-                    if cached is not None:
-                        return cached
+                    if row is not None:
+                        cached = await self._cached(origin, media_id, access.bypass_quarantine)
+                        if cached is not None:
+                            return cached
                     return await self._download(
                         origin, media_id, access.requester_ip, access.timeout_ms
                     )

@@ -145,6 +145,11 @@ class Engine(abc.ABC):
     def convert(self, sql: str) -> str:
         return sql
 
+    @abc.abstractmethod
+    def wait_for_commits(self, cursor: Any, wait: bool) -> None:
+        """Whether commits on this connection wait until the database has
+        made them durable (they always do unless told otherwise)."""
+
     def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
         """Run ``sql``, its parameters marked ``?``. ``may_prepare`` says it
         runs outside a transaction, where preparing it cannot abort one."""
@@ -183,6 +188,11 @@ class Sqlite3Engine(Engine):
     def table_exists_sql(self) -> str:
         return "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
 
+    def wait_for_commits(self, cursor: Any, wait: bool) -> None:
+        # In WAL mode with synchronous = NORMAL a commit never waits for
+        # the disk (the WAL is synced at checkpoints): nothing to change.
+        return None
+
 
 class PostgresEngine(Engine):
     name = "psycopg2"
@@ -202,6 +212,10 @@ class PostgresEngine(Engine):
 
     def convert(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    def wait_for_commits(self, cursor: Any, wait: bool) -> None:
+        # DEFAULT is what the server and the connection's options say.
+        cursor.execute(f"SET synchronous_commit TO {'DEFAULT' if wait else 'OFF'}")
 
     def execute(self, cursor: Any, sql: str, args: tuple[Any, ...], *, may_prepare: bool) -> None:
         """Statements run outside transactions are prepared once per
@@ -432,7 +446,9 @@ class Database:
 
         return await self._run("statement", desc, update)
 
-    async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
+    async def run_statements(
+        self, desc: str, func: Callable[[Transaction], R], *, durable: bool = True
+    ) -> R:
         """Run ``func(txn)`` on a pool thread, each of its statements
         committed on its own as it runs, for work that puts other blocking
         steps (files made durable) between statements in one trip to the
@@ -442,14 +458,34 @@ class Database:
         stays. ``func`` is run again on a fresh connection only if the
         connection was found lost at its first statement, so that must come
         before any of its other work.
+
+        ``durable=False`` is for rows only processes that are running care
+        about (locks): on PostgreSQL their commits do not wait for the
+        write-ahead log to reach the disk (each such wait was a disk flush
+        in the request's path). They are seen by every other connection at
+        once all the same; only a crash of PostgreSQL itself may lose the
+        last ones, in commit order.
         """
         started: list[Transaction] = []
 
         def statements(conn: Any) -> R:
             commit = None if self.engine.autocommit else conn.commit
-            txn = Transaction(conn.cursor(), self.engine, commit=commit)
+            cursor = conn.cursor()
+            txn = Transaction(cursor, self.engine, commit=commit)
             started.append(txn)
-            return func(txn)
+            if durable:
+                return func(txn)
+            self.engine.wait_for_commits(cursor, False)
+            try:
+                return func(txn)
+            finally:
+                try:
+                    self.engine.wait_for_commits(cursor, True)
+                except Exception:
+                    # Never hand on a connection whose commits don't wait:
+                    # the pool opens a new one.
+                    conn.close()
+                    raise
 
         def may_retry() -> bool:
             return started[-1].statements_run == 0 if started else True

@@ -19,8 +19,10 @@ class LockStore:
         self._db = database
 
     async def run_statements(self, desc: str, func: Callable[[Transaction], R]) -> R:
-        """Run ``func`` in one trip to the pool (see :meth:`Database.run_statements`)."""
-        return await self._db.run_statements(desc, func)
+        """Run ``func`` in one trip to the pool (see :meth:`Database.run_statements`),
+        its commits not waiting for the disk: a lock matters only to running
+        processes, and one lost with a crash of the database is free anyway."""
+        return await self._db.run_statements(desc, func, durable=False)
 
     async def renew(self, name: str, key: str, token: str, now_ms: int) -> None:
         await self._db.run_query(
@@ -31,7 +33,7 @@ class LockStore:
         )
 
     async def release(self, name: str, key: str, token: str) -> None:
-        await self._db.run_statements("drop_lock", lambda t: release_lock_txn(t, name, key, token))
+        await self.run_statements("drop_lock", lambda t: release_lock_txn(t, name, key, token))
 
 
 def try_acquire_lock_txn(

@@ -140,6 +140,36 @@ def known_content_txn(
     return KnownContent(copies, quarantined=len(copies) < len(rows))
 
 
+_REMOTE_MEDIA_SQL = (
+    "SELECT media_type, created_ts, upload_name, media_length, filesystem_id,"
+    " last_access_ts, quarantined_by, authenticated, sha256 FROM remote_media_cache"
+    " WHERE media_origin = ? AND media_id = ?"
+)
+
+
+def _remote_media(origin: str, media_id: str, r: Row) -> RemoteMedia:
+    return RemoteMedia(
+        media_origin=origin,
+        media_id=media_id,
+        media_type=r[0],
+        created_ts=r[1] or 0,
+        upload_name=r[2],
+        media_length=r[3] or 0,
+        filesystem_id=r[4],
+        last_access_ts=r[5],
+        quarantined_by=r[6],
+        authenticated=bool(r[7]),
+        sha256=r[8],
+    )
+
+
+def get_remote_media_txn(t: Transaction, origin: str, media_id: str) -> RemoteMedia | None:
+    """The cached copy's row, in a trip already under way (blocking)."""
+    t.execute(_REMOTE_MEDIA_SQL, (origin, media_id))
+    row = t.fetchone()
+    return _remote_media(origin, media_id, row) if row is not None else None
+
+
 def get_local_media_txn(t: Transaction, media_id: str) -> LocalMedia | None:
     t.execute(
         f"SELECT {LOCAL_MEDIA_COLUMNS} FROM local_media_repository WHERE media_id = ?",
@@ -442,28 +472,9 @@ class MediaStore:
 
     async def get_remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
         rows = await self._db.run_query(
-            "get_cached_remote_media",
-            "SELECT media_type, created_ts, upload_name, media_length, filesystem_id,"
-            " last_access_ts, quarantined_by, authenticated, sha256 FROM remote_media_cache"
-            " WHERE media_origin = ? AND media_id = ?",
-            (origin, media_id),
+            "get_cached_remote_media", _REMOTE_MEDIA_SQL, (origin, media_id)
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return RemoteMedia(
-            media_origin=origin,
-            media_id=media_id,
-            media_type=r[0],
-            created_ts=r[1] or 0,
-            upload_name=r[2],
-            media_length=r[3] or 0,
-            filesystem_id=r[4],
-            last_access_ts=r[5],
-            quarantined_by=r[6],
-            authenticated=bool(r[7]),
-            sha256=r[8],
-        )
+        return _remote_media(origin, media_id, rows[0]) if rows else None
 
     async def store_remote_media(
         self, media: RemoteMedia, first: Callable[[Transaction], None] | None = None

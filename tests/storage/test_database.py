@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2
 import psycopg2.errors
@@ -30,12 +31,14 @@ class DatabaseFixture:
     """A fresh database (and no server) per test."""
 
     engine = "sqlite3"
+    database_args: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
         self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
         cleanups: list[Callable[[], None]] = []
         section = database_section(self.engine, self.workdir, cleanups)
+        section["args"].update(self.database_args)
         for cleanup in cleanups:
             self.addCleanup(cleanup)  # type: ignore[attr-defined]
         self.config = parse_config({"server_name": "db.test", "database": section}, self.workdir)
@@ -129,6 +132,34 @@ class DatabaseTests(DatabaseFixture):
             await self.database.run_statements("t", insert_then_fail)
         rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
         self.assertEqual(rows, [("qrstuvwx",)])  # type: ignore[attr-defined]
+
+
+class CommitWaitTests(DatabaseFixture, unittest.TestCase):
+    """``run_statements(durable=False)`` (locks): PostgreSQL does not wait
+    for the disk at those commits, and only at those."""
+
+    engine = "psycopg2"
+
+    def _setting(self, txn: Transaction) -> str:
+        txn.execute("SHOW synchronous_commit")
+        row = txn.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    # One connection, so that every trip below uses the same one.
+    database_args = {"cp_min": 1, "cp_max": 1}
+
+    async def test_only_inside_the_trip(self) -> None:
+        inside = await self.database.run_statements("t", self._setting, durable=False)
+        after = await self.database.run_statements("t", self._setting)
+        self.assertEqual((inside, after), ("off", "on"))
+
+        def fail(txn: Transaction) -> None:
+            raise ValueError("in the trip")
+
+        with self.assertRaises(ValueError):
+            await self.database.run_statements("t", fail, durable=False)
+        self.assertEqual(await self.database.run_statements("t", self._setting), "on")
 
 
 class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
