@@ -14,13 +14,14 @@ stored size and makes nothing).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
+from urllib.parse import quote
 
 from benchlib import images
-from benchlib.httpclient import RequestFailed
-from benchlib.results import Result, ms_percentiles
-from benchlib.scenarios import Measurement, Options, Target, upload
+from benchlib.each_once import get_each_once
+from benchlib.httpclient import Response
+from benchlib.results import Result
+from benchlib.scenarios import Options, Target, upload
 
 COLD_IMAGES = 200
 COLD_CLIENTS = 16
@@ -34,7 +35,7 @@ _FIRST_SEED = 5000
 def cold_thumbnail_path(server: str, media_id: str) -> str:
     width, height = COLD_SIZE
     return (
-        f"/_matrix/client/v1/media/thumbnail/{server}/{media_id}"
+        f"/_matrix/client/v1/media/thumbnail/{quote(server)}/{quote(media_id)}"
         f"?width={width}&height={height}&method=crop"
     )
 
@@ -52,61 +53,19 @@ async def thumbnail_cold(target: Target, opts: Options) -> list[Result]:
             media.append(await upload(conn, target, images.uniquified(picture), "image/jpeg"))
     finally:
         conn.close()
-    pending = list(reversed(media))
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    samples: list[str] = []
+    paths = [target.path(cold_thumbnail_path(server, media_id)) for server, media_id in media]
     sizes: Counter[tuple[int, int] | None] = Counter()
 
-    async def client() -> None:
-        own = target.connection(timeout=opts.request_timeout)
-        try:
-            while pending:
-                server, media_id = pending.pop()
-                path = target.path(cold_thumbnail_path(server, media_id))
-                t0 = time.perf_counter()
-                try:
-                    response = await own.request("GET", path)
-                except RequestFailed as e:
-                    errors["connection error"] += 1
-                    samples.append(f"GET {path} -> {e}")
-                    own.close()
-                    own = target.connection(timeout=opts.request_timeout)
-                    continue
-                took = time.perf_counter() - t0
-                if response.status != 200:
-                    errors[str(response.status)] += 1
-                    samples.append(f"GET {path} -> {response.short()}")
-                    continue
-                latencies.append(took)
-                sizes[images.image_size(response.body)] += 1
-        finally:
-            own.close()
+    def an_image(response: Response) -> str:
+        size = images.image_size(response.body)
+        sizes[size] += 1
+        return "" if size else "not an image"
 
-    # Measurement.begin waits until the server is idle: thumbnails made
+    # get_each_once measures from when the server is idle: thumbnails made
     # because of the uploads are done before the first GET.
-    measurement = Measurement(target)
-    await asyncio.to_thread(measurement.begin)
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - start
-    pct = ms_percentiles(latencies)
-    result = Result(
-        server=target.label,
-        scenario="thumbnail_cold",
-        tool="asyncio",
-        connections=clients,
-        requests=count,
-        errors=count - len(latencies),
-        error_kinds=dict(errors),
-        error_samples=samples[:5],
-        duration_s=elapsed,
-        rps=len(latencies) / elapsed if elapsed else None,
-        p50_ms=pct.get("p50_ms"),
-        p95_ms=pct.get("p95_ms"),
-        p99_ms=pct.get("p99_ms"),
-    )
-    measurement.finish(result)
+    outcome, measurement = await get_each_once(target, opts, paths, clients, an_image)
+    result = measurement.finish(outcome.result(target, "thumbnail_cold", "", clients))
+    result.bytes, result.mb_s = 0, None  # thumbnails' bytes hardly matter
     described = ", ".join(
         f"{n} x {s[0]}x{s[1]}" if s else f"{n} unreadable" for s, n in sizes.items()
     )
