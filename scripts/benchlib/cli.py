@@ -66,7 +66,9 @@ modes:
   Launched servers run in two phases: first with dynamic_thumbnails: false and
   enable_authenticated_media: true (Synapse's defaults) for every scenario except
   {", ".join(PHASE2)}; then restarted (same database and media) with
-  dynamic_thumbnails: true and enable_authenticated_media: false for those two.
+  dynamic_thumbnails: true and enable_authenticated_media: false for those.
+  With upload_large they also run a raw sink ("limit": receive, write, fsync,
+  answer; no hashing, no database): the machine's own rate for the same uploads.
 
 scenarios (default: all, in this order):
   upload_small           POST /_matrix/media/v3/upload, 4 KiB unique bodies, 16 connections
