@@ -59,6 +59,13 @@ _REJECTED_BODY_LINGER_SECONDS = 5.0
 
 _TOKEN_IN_QUERY = re.compile(rb"(access_token=)[^&]*")
 
+# While a large upload body arrives its connection reads up to this much at
+# a time instead of SOCKET_READ_BYTES: a 20 MiB body then passes through the
+# HTTP parser, this request and the upload's queue in about 20 pieces rather
+# than 80. Other requests keep the smaller reads (each read allocates its
+# full size first).
+LARGE_BODY_READ_BYTES = 1024 * 1024
+
 
 @runtime_checkable
 class TakesStreamedBody(Protocol):
@@ -125,6 +132,8 @@ class MediaRequest(Request):
         self._body_limit = NON_UPLOAD_BODY_LIMIT
         self._body_received = 0
         self._refused: _RefusedBody | None = None
+        # The connection's read size before a large body enlarged it.
+        self._default_read_size: int | None = None
         self._start = time.monotonic()
 
     # -- receiving the body -------------------------------------------------
@@ -151,9 +160,26 @@ class MediaRequest(Request):
             super().gotLength(length)
             return
         self.content = io.BytesIO()
+        if length is not None and length >= LARGE_BODY_READ_BYTES:
+            self._set_read_size(LARGE_BODY_READ_BYTES)
         self.streamed_upload = StreamedUpload(
             accept(), self._transport, self.site.abandon_upload, self._refuse_upload
         )
+
+    def _set_read_size(self, size: int) -> None:
+        """Read the connection ``size`` bytes at a time (plain TCP only: the
+        TLS wrapper has no such setting), remembering the size it had."""
+        transport = self.channel.transport
+        current = getattr(transport, "bufferSize", None)
+        if isinstance(current, int):
+            if self._default_read_size is None:
+                self._default_read_size = current
+            transport.bufferSize = size  # type: ignore[union-attr]
+
+    def _restore_read_size(self) -> None:
+        if self._default_read_size is not None and self.channel is not None:
+            self._set_read_size(self._default_read_size)
+            self._default_read_size = None
 
     @property
     def _transport(self) -> _Transport:
@@ -220,6 +246,8 @@ class MediaRequest(Request):
         transport.resumeProducing()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        # The next request on this connection starts with the default again.
+        self._restore_read_size()
         if self._refused is not None:
             self._transport.loseConnection()
             return

@@ -29,7 +29,8 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 4 * 1024 * 1024
 
 
-def _libc_function(name: str) -> Callable[..., int] | None:
+def libc_function(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name``, or None where there is none (not glibc)."""
     try:
         libc: Any = ctypes.CDLL(None)
         function: Callable[..., int] = getattr(libc, name)
@@ -38,8 +39,8 @@ def _libc_function(name: str) -> Callable[..., int] | None:
     return function
 
 
-_malloc_trim = _libc_function("malloc_trim")
-_mallopt = _libc_function("mallopt")
+_malloc_trim = libc_function("malloc_trim")
+_mallopt = libc_function("mallopt")
 
 
 def map_large_allocations() -> None:

@@ -23,6 +23,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from mediarepo.media.writeback import start_writeback
+
 logger = logging.getLogger(__name__)
 
 # A body up to this size stays in memory until it is made durable.
@@ -30,6 +32,10 @@ SMALL_BODY_BYTES = 64 * 1024
 # Pause the client above this many queued bytes, resume below the low mark.
 _HIGH_WATER = 2 * 1024 * 1024
 _LOW_WATER = 512 * 1024
+# Once this much is written and not yet handed to the disk, the disk is
+# asked to start on it (see mediarepo.media.writeback): the fsync before
+# the answer then waits for the last few MiB, not for the whole body.
+WRITEBACK_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -68,6 +74,9 @@ class UploadSink:
         self._paused = False
         self._closed = False
         self.length = 0
+        # Written to the file and not yet handed to the disk (pool thread only).
+        self._writeback_from = 0
+        self._written = 0
 
     def set_flow_control(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         """How to stop and restart the sender when the queue is long."""
@@ -109,6 +118,13 @@ class UploadSink:
         for chunk in batch:
             self._hash.update(chunk)
             self._file.write(chunk)
+            self._written += len(chunk)
+        if self._written - self._writeback_from >= WRITEBACK_BYTES:
+            self._file.flush()
+            start_writeback(
+                self._file.fileno(), self._writeback_from, self._written - self._writeback_from
+            )
+            self._writeback_from = self._written
 
     def _batch_written(self, result: Failure | None, size: int) -> None:
         self._writing = False

@@ -1,4 +1,5 @@
-"""Third-party modules of the tool (Pillow, PyYAML, pillow-heif, PyAV) come from the running
+"""Third-party modules of the tool (Pillow, PyYAML, pillow-heif, PyAV,
+cryptography) come from the running
 Python if it has them; otherwise from a virtualenv of the tool's own, made
 once under the cache directory, and the tool re-executes itself there."""
 
@@ -16,6 +17,7 @@ PACKAGES = {
     "pillow_heif": "pillow-heif",
     "av": "av",
     "psycopg2": "psycopg2-binary",
+    "cryptography": "cryptography",
 }
 
 

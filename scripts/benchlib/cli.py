@@ -28,6 +28,7 @@ from benchlib.results import (
 from benchlib.scenarios import (
     NEEDS_AV,
     NEEDS_HEIF,
+    NEEDS_ORIGIN,
     NEEDS_PILLOW,
     SCENARIOS,
     Options,
@@ -47,7 +48,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Scenarios that need dynamic_thumbnails: true or enable_authenticated_media:
 # false; launched servers are restarted with that config for them.
-PHASE2 = ("thumbnail_dynamic", "download_small_legacy")
+PHASE2 = ("thumbnail_dynamic", "thumbnail_cold", "download_small_legacy")
 
 DESCRIPTION = """\
 Benchmark a running Matrix media repository (ours or Synapse) over HTTP, or
@@ -82,7 +83,9 @@ modes:
   Launched servers run in two phases: first with dynamic_thumbnails: false and
   enable_authenticated_media: true (Synapse's defaults) for every scenario except
   {", ".join(PHASE2)}; then restarted (same database and media) with
-  dynamic_thumbnails: true and enable_authenticated_media: false for those two.
+  dynamic_thumbnails: true and enable_authenticated_media: false for those.
+  With upload_large they also run a raw sink ("limit": receive, write, fsync,
+  answer; no hashing, no database): the machine's own rate for the same uploads.
 
 scenarios (default: all, in this order):
   upload_small           POST /_matrix/media/v3/upload, 4 KiB unique bodies, 16 connections
@@ -97,6 +100,13 @@ scenarios (default: all, in this order):
   thumbnail_dynamic      first GET of a 320x240 scale (and, for other media, crop) thumbnail,
                          sequential; needs dynamic_thumbnails: true on the server
   thumbnail_cached       wrk: the same 320x240 thumbnail (scale, then crop), 16 connections
+  thumbnail_cold         200 distinct 3000x2000 JPEGs uploaded, then 16 clients at once each GET
+                         the first 176x144 crop thumbnail of the next one (made on demand):
+                         thumbnails/s, p50/p95/p99; needs dynamic_thumbnails: true
+  remote_fetch           first fetch over federation of media of the bench's origin (loopback
+                         TLS, a CA both servers trust): 200 x 4 KiB (8 clients), 50 x 1 MiB and
+                         12 x 20 MiB (4 clients), each media asked once: fetches/s, p50/p99, MB/s;
+                         needs --start-ours or --compare-synapse
   create_put             POST /_matrix/media/v1/create then PUT 4 KiB, 16 connections: pairs/s,
                          p50 of each step (skipped if /create answers 404/405/M_UNRECOGNIZED)
   with --populate only:
@@ -333,6 +343,8 @@ async def run_on_targets(
         for target in order:
             if target.static_paths and name not in ("download_small", "download_large"):
                 continue
+            if target.only_scenarios is not None and name not in target.only_scenarios:
+                continue
             log(f"{target.label}: {name}")
             output.add(tag_population(await run_scenario(name, target, opts), opts.population))
 
@@ -351,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         needed.append("av")
     if args.populations:
         needed.append("psycopg2")
+    if launching and set(args.scenario_list) & NEEDS_ORIGIN:
+        needed.append("cryptography")
     ensure_modules(needed)
 
     opts = Options(
@@ -472,19 +486,25 @@ async def _run_launched(
     if args.compare_synapse or args.postgres:
         postgres.sweep_stale()
     python = args.python or default_python()
+    peer_settings: dict[str, object] = {}
+    if set(args.scenario_list) & NEEDS_ORIGIN:
+        origin = servers.setup_origin(cleanup, keep=args.keep)
+        opts.origin = origin.server_name
+        peer_settings = origin.peer_settings()
     managed: list[servers.ManagedServer] = []
     population = opts.population
     assert population is None or isinstance(population, servers.Population)
     if args.compare_synapse:
         synapse = await asyncio.to_thread(
             servers.setup_synapse, cleanup, venv=args.synapse_venv, postgres=postgres,
-            keep=args.keep, population=population,
+            keep=args.keep, population=population, extra_config=peer_settings,
         )  # fmt: skip
         managed.append(synapse)
     ours_on_pg = args.postgres or (args.compare_synapse and not args.ours_sqlite)
     ours = await asyncio.to_thread(
         servers.setup_ours, cleanup, python=python, postgres=postgres if ours_on_pg else None,
         keep=args.keep, workers=args.ours_workers, population=population,
+        extra_config=peer_settings,
     )  # fmt: skip
     managed.append(ours)
 
@@ -501,6 +521,13 @@ async def _run_launched(
                     for name in sorted(wants_downloads)
                 ]
             )
+
+    # The machine's own limit for 20 MiB uploads, beside the servers' figures.
+    rawsink = (
+        servers.setup_rawsink(cleanup, keep=args.keep)
+        if "upload_large" in args.scenario_list
+        else None
+    )
 
     phases = [
         (
@@ -544,9 +571,16 @@ async def _run_launched(
             static.include_children = True
             static.static_paths = {"small": "/small", "large": "/large"}
             targets.append(static)
+        if rawsink is not None and phase.name == "defaults":
+            rawsink.start(cleanup)
+            limit = rawsink.target()
+            limit.only_scenarios = frozenset({"upload_large"})
+            targets.append(limit)
         await run_on_targets(scenarios, targets, opts, output)
         if nginx is not None:
             nginx.stop()
+        if rawsink is not None:
+            rawsink.stop()
         for server in managed:
             if server.proc is not None and server.proc.poll() is not None:
                 log(f"{server.label} DIED (exit {server.proc.returncode}):\n{server.log_tail()}")

@@ -51,6 +51,9 @@ class Target:
     include_children: bool = False
     # For a static file server (nginx): download scenario -> URL path of the file.
     static_paths: dict[str, str] = field(default_factory=dict)
+    # For a target that is not a media server (the raw upload sink): the
+    # only scenarios it runs.
+    only_scenarios: frozenset[str] | None = None
     # Run before each measurement starts (a PostgreSQL checkpoint).
     settle: Callable[[], None] | None = None
 
@@ -84,6 +87,8 @@ class Options:
     log: Callable[[str], None] = print
     # The populated database the servers run on (benchlib.populate.Population).
     population: object | None = None
+    # The server name of the bench's federation origin, when one runs.
+    origin: str | None = None
 
     def conns(self, default: int) -> int:
         return self.connections or default
@@ -818,8 +823,17 @@ SCENARIOS: dict[str, Scenario] = {
     "create_put": create_put,
 }
 
+# Scenarios in modules of their own (which import this one, so they come last).
+from benchlib.scenarios_remote import remote_fetch  # noqa: E402
+from benchlib.scenarios_thumbnails import thumbnail_cold  # noqa: E402
+
+SCENARIOS["thumbnail_cold"] = thumbnail_cold
+SCENARIOS["remote_fetch"] = remote_fetch
+
 # Scenarios that need Pillow (to make or read JPEGs).
-NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached"}
+NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached", "thumbnail_cold"}
+# Scenarios that need an origin on loopback TLS (its certificates and key).
+NEEDS_ORIGIN = {"remote_fetch"}
 # Scenarios that also need pillow-heif or PyAV (to make their sources).
 NEEDS_HEIF = {"thumbnail_upload_heic"}
 NEEDS_AV = {"thumbnail_upload_video"}

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchlib.origin import OriginInfo, start_origin
 from benchlib.populate import Population, clone_media_store
 from benchlib.scenarios import Target
 from benchlib.wrk import install_debian_package
@@ -369,7 +370,8 @@ def sweep_stale_workdirs() -> None:
     tmp = tempfile.gettempdir()
     for entry in os.listdir(tmp):
         match = re.fullmatch(
-            r"bench-(?:ours|synapse|nginx|hosts\d+|nginx-hosts\d+|moto)-(\d+)-\w+", entry
+            r"bench-(?:ours|synapse|nginx|origin|rawsink|hosts\d+|nginx-hosts\d+|moto)-(\d+)-\w+",
+            entry,
         )
         if match and not _pid_alive(int(match.group(1))):
             log(f"removing {os.path.join(tmp, entry)} left by a killed run")
@@ -397,6 +399,7 @@ def setup_ours(
     label: str = "ours",
     workers: int = 1,
     population: Population | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> ManagedServer:
     workdir = make_workdir(cleanup, label, keep)
     config_path = os.path.join(workdir, "homeserver.yaml")
@@ -418,6 +421,7 @@ def setup_ours(
     config["max_upload_size"] = "100M"
     config["max_pending_media_uploads"] = 10000
     config["rc_media_create"] = {"per_second": 100000, "burst_count": 1000000}
+    config.update(extra_config or {})
     dump_yaml(config_path, config)
     version = run([python, "-c", "import mediarepo; print(mediarepo.__version__)"], timeout=60)
     info["version"] = version.stdout.strip()
@@ -490,6 +494,7 @@ def setup_synapse(
     keep: bool,
     label: str = "synapse",
     population: Population | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> ManagedServer:
     python = ensure_synapse(venv)
     version = run([python, "-c", "import synapse; print(synapse.__version__)"]).stdout.strip()
@@ -526,6 +531,7 @@ def setup_synapse(
             "rc_login": {"address": raised, "account": raised, "failed_attempts": raised},
             "rc_media_create": raised,
             "max_pending_media_uploads": 10000,
+            **(extra_config or {}),
         }
     )
     dump_yaml(config_path, config)
@@ -610,6 +616,41 @@ def register_synapse_user(server: ManagedServer) -> None:
     if status != 200 or "access_token" not in body:
         raise RuntimeError(f"Synapse login answered {status}: {body}")
     server.token = body["access_token"]
+
+
+# -- the federation origin ----------------------------------------------------
+
+
+def setup_origin(cleanup: Cleanup, *, keep: bool) -> OriginInfo:
+    """The bench's signed origin on loopback TLS (see benchlib.origin), started."""
+    workdir = make_workdir(cleanup, "origin", keep)
+    origin = start_origin(workdir, preexec=_die_with_parent)
+    proc = origin.proc
+    cleanup.add(f"origin pid {proc.pid}", lambda: stop_process(proc, "origin", grace=5))
+    log(f"origin {origin.server_name} is up (pid {proc.pid})")
+    return origin
+
+
+# -- the machine's limit for uploads ----------------------------------------------
+
+
+def setup_rawsink(cleanup: Cleanup, *, keep: bool) -> ManagedServer:
+    """The raw upload sink (see benchlib.rawsink), not yet started."""
+    workdir = make_workdir(cleanup, "rawsink", keep)
+    files = os.path.join(workdir, "files")
+    os.makedirs(files)
+    port = free_port()
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rawsink.py")
+    return ManagedServer(
+        label="limit",
+        workdir=workdir,
+        config_path="",
+        port=port,
+        command=[sys.executable, script, files, str(port)],
+        info={"server": "raw sink (receive, write, fsync)"},
+        ready_path="/",
+        start_timeout=30,
+    )
 
 
 # -- nginx ----------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
+from mediarepo.http.site import LARGE_BODY_READ_BYTES, SOCKET_READ_BYTES, MediaRequest
 from mediarepo.media.paths import local_media_path
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
 
@@ -50,6 +51,26 @@ class UploadDownloadTests(ServerTestMixin):
 
     async def test_multi_megabyte_body(self) -> None:
         await self._round_trip(os.urandom(12 * 1024 * 1024 + 17))
+
+    async def test_large_body_read_in_large_pieces(self) -> None:
+        # A large body is read LARGE_BODY_READ_BYTES at a time; the
+        # connection gets its default back for whatever comes next.
+        sizes: list[tuple[int, int]] = []
+        set_read_size = MediaRequest._set_read_size
+
+        def recording(request: MediaRequest, size: int) -> None:
+            before = request.channel.transport.bufferSize  # type: ignore[union-attr]
+            set_read_size(request, size)
+            sizes.append((before, request.channel.transport.bufferSize))  # type: ignore[union-attr]
+
+        self.patch(MediaRequest, "_set_read_size", recording)
+        await self._round_trip(os.urandom(LARGE_BODY_READ_BYTES - 1))
+        self.assertEqual(sizes, [])
+        await self._round_trip(os.urandom(3 * LARGE_BODY_READ_BYTES))
+        default = SOCKET_READ_BYTES
+        self.assertEqual(
+            sizes, [(default, LARGE_BODY_READ_BYTES), (LARGE_BODY_READ_BYTES, default)]
+        )
 
     async def test_upload_response_and_legacy_paths(self) -> None:
         token = await self.register()

@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import psycopg2
@@ -17,6 +18,7 @@ from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.engines import PostgresEngine
+from mediarepo.storage.locks import LockClaim, LockStore, LockToken
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
@@ -32,12 +34,14 @@ class DatabaseFixture:
     """A fresh database (and no server) per test."""
 
     engine = "sqlite3"
+    database_args: dict[str, Any] = {}
 
     def setUp(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
         self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
         cleanups: list[Callable[[], None]] = []
         section = database_section(self.engine, self.workdir, cleanups)
+        section["args"].update(self.database_args)
         for cleanup in cleanups:
             self.addCleanup(cleanup)  # type: ignore[attr-defined]
         self.config = parse_config({"server_name": "db.test", "database": section}, self.workdir)
@@ -427,3 +431,22 @@ class OutageTests(unittest.TestCase):
         self.proxy.restore()
         self.assertLess(await self.until_available(4.0), 2.5)
         await self.assert_all_connections_work()
+
+
+class LockCommitTests(DatabaseFixture, unittest.TestCase):
+    """A lock's commit does not wait for PostgreSQL's disk; the setting ends
+    with the lock's own transaction."""
+
+    engine = "psycopg2"
+    # One connection, so that the query below uses the lock's.
+    database_args = {"cp_min": 1, "cp_max": 1}
+
+    async def test_setting_ends_with_the_lock_transaction(self) -> None:
+        await prepare_database(self.database)
+        locks = LockStore(self.database)
+        claim = LockClaim(LockToken("n", "k", "t"), "main", 1, lambda _: False)
+        self.assertTrue(await locks.take(claim))
+        rows = await self.database.run_query("t", "SHOW synchronous_commit")
+        self.assertEqual(rows, [("on",)])
+        held = await self.database.run_query("t", "SELECT token FROM worker_locks")
+        self.assertEqual(held, [("t",)])
