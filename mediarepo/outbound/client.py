@@ -174,6 +174,10 @@ def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
+# Names whose TLS options a client keeps; past it the cache starts again.
+_TLS_OPTIONS_KEPT = 1024
+
+
 class OutboundClient:
     def __init__(
         self,
@@ -193,6 +197,7 @@ class OutboundClient:
         self._pool.cachedConnectionTimeout = 60
         self._proxy_endpoints: dict[ProxyAddress, IStreamClientEndpoint] = {}
         self._proxy_agents: dict[ProxyAddress, IAgent] = {}
+        self._tls_options: dict[tuple[TLSPolicy, str], Any] = {}
 
     # ------------------------------------------------------------ requests
 
@@ -304,14 +309,24 @@ class OutboundClient:
                 self._reactor, self._resolver, host, port, self.settings.connect_timeout
             )
         if secure:
-            endpoint = wrapClientTLS(
-                self.settings.tls.options_for(tls_name or parts.hostname), endpoint
-            )
+            endpoint = wrapClientTLS(self._tls_options_for(tls_name or parts.hostname), endpoint)
         pool = _TargetPool(self._pool, (host, port, tls_name, proxy))
         agent: IAgent = Agent.usingEndpointFactory(
             self._reactor, _FixedEndpoint(cuttable(endpoint)), pool=cast(HTTPConnectionPool, pool)
         )
         return agent
+
+    def _tls_options_for(self, name: str) -> Any:
+        """The TLS options for a host that must prove to be ``name``, made
+        once per name: making them builds an OpenSSL context (0.3-0.6 ms of
+        CPU), which every request paid before."""
+        key = (self.settings.tls, name)
+        options = self._tls_options.get(key)
+        if options is None:
+            if len(self._tls_options) >= _TLS_OPTIONS_KEPT:
+                self._tls_options.clear()
+            options = self._tls_options[key] = self.settings.tls.options_for(name)
+        return options
 
     def _proxy_endpoint(self, proxy: ProxyAddress) -> IStreamClientEndpoint:
         """The proxy's address is not checked against the IP ranges: it is
