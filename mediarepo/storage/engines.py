@@ -176,10 +176,11 @@ class PostgresEngine(Engine):
         text = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
         statement = f"PREPARE {name} AS {text}"
         if in_transaction:
-            statement = (
-                f"SAVEPOINT {_PREPARE_SAVEPOINT}; {statement};"
-                f" RELEASE SAVEPOINT {_PREPARE_SAVEPOINT}"
-            )
+            # On its own: a statement the server cannot even parse (EXPLAIN
+            # cannot be prepared) fails the whole string it came in, and the
+            # savepoint must exist for the rollback below.
+            cursor.execute(f"SAVEPOINT {_PREPARE_SAVEPOINT}")
+            statement = f"{statement}; RELEASE SAVEPOINT {_PREPARE_SAVEPOINT}"
         try:
             cursor.execute(statement)
         except self.module.ProgrammingError as e:
