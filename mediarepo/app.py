@@ -30,11 +30,18 @@ from mediarepo.http.tree import Handlers, build_tree, upload_target
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.allocator import map_large_allocations
-from mediarepo.media.lifecycle import MediaPurger, Retention
+from mediarepo.media.lifecycle import (
+    URL_CACHE_EXPIRY_INTERVAL_SECONDS,
+    MediaPurger,
+    Retention,
+    UrlCacheExpiry,
+)
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.oembed import OEmbedProviders
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
+from mediarepo.media.preview_fetch import PreviewDownloader
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider, create_provider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -43,6 +50,8 @@ from mediarepo.media.repository import MediaRepository
 from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
+from mediarepo.media.url_previewer import UrlPreviewer
+from mediarepo.outbound import IPRangeFilter, NameResolver, OutboundClient, OutboundSettings
 from mediarepo.storage.database import Database
 from mediarepo.storage.destinations import DestinationStore
 from mediarepo.storage.keys import KeyStore
@@ -55,6 +64,7 @@ from mediarepo.storage.provider_tasks import ProviderTaskStore
 from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
+from mediarepo.storage.url_cache import UrlCacheStore
 from mediarepo.storage.users import UserStore
 from mediarepo.workers import ListeningSocket, open_listening_sockets
 
@@ -72,6 +82,11 @@ STANDALONE_INSTANCE_NAME = "mediarepo"
 # How often queued storage provider tasks (copies, deletions) are looked at.
 PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 _MEDIA_IO_THREADS = 20
+# What URL previews fetch with (Synapse does not disclose its version either).
+PREVIEW_USER_AGENT = b"mediarepo (bot; Matrix URL previews)"
+# Synapse's limits for URL previews: connecting, then the answer's headers.
+PREVIEW_CONNECT_TIMEOUT_SECONDS = 15.0
+PREVIEW_RESPONSE_TIMEOUT_SECONDS = 60.0
 
 
 def server_tls_options(certificate_path: str, private_key_path: str) -> Any:
@@ -106,6 +121,7 @@ class MediaServer:
         reactor: Any = None,
         inherited_sockets: Sequence[ListeningSocket] = (),
         runs_housekeeping: bool = True,
+        preview_name_resolver: NameResolver | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -139,6 +155,12 @@ class MediaServer:
         self._providers: list[StorageProvider] = []
         self._provider_tasks: task.LoopingCall | None = None
         self.federation_client: FederationClient | None = None
+        # URL previews' own client (url_preview_ip_range_*), when previews are on.
+        self.preview_client: OutboundClient | None = None
+        # How URL previews look names up (the reactor's resolver when None).
+        self._preview_name_resolver = preview_name_resolver
+        self.previewer: UrlPreviewer | None = None
+        self._url_cache_expiry: task.LoopingCall | None = None
         self.shutdown_grace_seconds = SHUTDOWN_GRACE_SECONDS
         self._stop_started = False
         self._stop_deadline = 0.0
@@ -254,6 +276,8 @@ class MediaServer:
                 config.server_name, signing_keys, config.federation.old_signing_keys, valid_until
             )
 
+        if config.url_preview.enabled:
+            self.previewer = self._create_previewer(media_store, thumbnails, quarantine)
         authenticator = Authenticator(self.accounts)
         handlers = Handlers.create(
             self.repository,
@@ -263,6 +287,7 @@ class MediaServer:
             ),
             keys_response,
             AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),
+            self.previewer,
         )
 
         for index, listener in enumerate(config.listeners):
@@ -291,6 +316,13 @@ class MediaServer:
             self._sweeper = task.LoopingCall(self._housekeeping)
             self._sweeper.clock = reactor
             self._sweeper.start(config.media_housekeeping_interval_ms / 1000, now=True)
+        if self._runs_housekeeping and self.previewer is not None:
+            expiry = UrlCacheExpiry(
+                UrlCacheStore(self.database), storage, self.repository.forget_local, reactor
+            )
+            self._url_cache_expiry = task.LoopingCall(self._run_logged, expiry.run)
+            self._url_cache_expiry.clock = reactor
+            self._url_cache_expiry.start(URL_CACHE_EXPIRY_INTERVAL_SECONDS, now=True)
         self._access_flush = task.LoopingCall(self.repository.access.flush)
         self._access_flush.clock = reactor
         self._access_flush.start(FLUSH_INTERVAL_SECONDS, now=False)
@@ -303,6 +335,53 @@ class MediaServer:
             )
         logger.info("mediarepo serving %s as instance %s", config.server_name,
                     config.instance_name)  # fmt: skip
+
+    def _create_previewer(
+        self, media_store: MediaStore, thumbnails: ThumbnailProvider, quarantine: QuarantineStore
+    ) -> UrlPreviewer:
+        assert self.database is not None and self.repository is not None
+        config = self.config
+        previews = config.url_preview
+        self.preview_client = OutboundClient(
+            self.reactor,
+            OutboundSettings(
+                ip_filter=IPRangeFilter(previews.ip_range_blacklist, previews.ip_range_whitelist),
+                user_agent=PREVIEW_USER_AGENT,
+                connect_timeout=PREVIEW_CONNECT_TIMEOUT_SECONDS,
+                response_timeout=PREVIEW_RESPONSE_TIMEOUT_SECONDS,
+                proxy=previews.proxy,
+            ),
+            name_resolver=self._preview_name_resolver,
+        )
+        storage = self.repository.storage
+        downloader = PreviewDownloader(
+            self.preview_client,
+            storage,
+            media_store,
+            quarantine,
+            self.reactor,
+            max_size=previews.max_spider_size,
+            accept_language=previews.accept_language,
+            url_blacklist=previews.url_blacklist,
+            authenticated_media=config.enable_authenticated_media,
+        )
+        return UrlPreviewer(
+            config.server_name,
+            downloader,
+            OEmbedProviders(previews.oembed_endpoints),
+            UrlCacheStore(self.database),
+            media_store,
+            thumbnails,
+            storage.local,
+            self.reactor,
+        )
+
+    async def _run_logged(self, job: Callable[[], Awaitable[object]]) -> None:
+        """A periodic job whose failure is logged, not the end of its timer."""
+        try:
+            await job()
+        except Exception:
+            logger.exception("%s failed", getattr(job, "__qualname__", job))
 
     def _create_storage(self, local: LocalMediaStore) -> MediaStorage:
         """The local store, then the configured providers, started."""
@@ -408,7 +487,7 @@ class MediaServer:
         # then a step's worth for the rest).
         self._stop_deadline = time.monotonic() + self.shutdown_grace_seconds + STOP_STEP_SECONDS
         await self._stop_step("stop listening", self._stop_listening)
-        for timer in (self._sweeper, self._provider_tasks):
+        for timer in (self._sweeper, self._provider_tasks, self._url_cache_expiry):
             if timer is not None and timer.running:
                 await self._stop_step("stop a periodic job", timer.stop)
         if self.local_cache is not None:
@@ -419,6 +498,9 @@ class MediaServer:
         if self.federation_client is not None:
             await self._stop_step("close federation connections", self.federation_client.close)
             self.federation_client = None
+        if self.preview_client is not None:
+            await self._stop_step("close URL preview connections", self.preview_client.close)
+            self.preview_client = None
         if self.repository is not None:
             await self._stop_step(
                 "settle uploads", self._settle_uploads, self.shutdown_grace_seconds + 1

@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import yaml
 
+from mediarepo.config_preview import UrlPreviewConfig, parse_url_preview
 from mediarepo.config_storage import (
     StorageProviderConfig,
     parse_media_store_max_size,
@@ -130,6 +131,27 @@ class ConfigReader:
         if not isinstance(value, list):
             raise ConfigError(self.key(name), "expected a list")
         return value
+
+    def as_mapping(self) -> Mapping[str, Any]:
+        return self._data
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        if self.raw(name) is None:
+            return default
+        values = self.sequence(name)
+        if not all(isinstance(value, str) for value in values):
+            raise ConfigError(self.key(name), "expected a list of strings")
+        return tuple(values)
+
+    def ip_ranges(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of IP addresses or CIDR ranges, each checked."""
+        ranges = self.strings(name, default)
+        for value in ranges:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as e:
+                raise ConfigError(self.key(name), f"{value!r} is not an IP range") from e
+        return ranges
 
     def entries(self, name: str, default: list[Any] | None = None) -> list[ConfigReader]:
         """A list of mappings, each read with its place (``name[i].key``) in errors."""
@@ -338,6 +360,8 @@ class Config:
     thumbnail_pixel_budget: int = 32 * 1024 * 1024
     # Ours: which of OPTIONAL_THUMBNAIL_FORMATS are thumbnailed.
     thumbnail_formats: frozenset[str] = frozenset(OPTIONAL_THUMBNAIL_FORMATS)
+    # URL previews (config_preview.py).
+    url_preview: UrlPreviewConfig = attrs.field(factory=UrlPreviewConfig)
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -440,29 +464,10 @@ def _parse_database(root: ConfigReader) -> DatabaseConfig:
     return DatabaseConfig(engine=engine, args=args, cp_min=cp_min, cp_max=cp_max)
 
 
-def _string_list(root: ConfigReader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-    if root.raw(key) is None:
-        return default
-    values = root.sequence(key)
-    if not all(isinstance(value, str) for value in values):
-        raise ConfigError(key, "expected a list of strings")
-    return tuple(values)
-
-
 def _parse_federation(root: ConfigReader) -> FederationConfig:
     whitelist = root.raw("federation_domain_whitelist")
     if whitelist is not None:
-        whitelist = frozenset(_string_list(root, "federation_domain_whitelist"))
-    blacklist = _string_list(root, "ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST)
-    for key, ranges in (
-        ("ip_range_blacklist", blacklist),
-        ("ip_range_whitelist", _string_list(root, "ip_range_whitelist")),
-    ):
-        for value in ranges:
-            try:
-                ipaddress.ip_network(value, strict=False)
-            except ValueError as e:
-                raise ConfigError(key, f"{value!r} is not an IP range") from e
+        whitelist = frozenset(root.strings("federation_domain_whitelist"))
     notaries = []
     for entry in root.entries("trusted_key_servers", [{"server_name": "matrix.org"}]):
         name = entry.string("server_name")
@@ -483,16 +488,14 @@ def _parse_federation(root: ConfigReader) -> FederationConfig:
         old_keys[str(name)] = OldVerifyKey(old_key, entry.integer("expired_ts", 0))
     return FederationConfig(
         verify_certificates=root.boolean("federation_verify_certificates", True),
-        custom_ca_list=tuple(
-            os.path.abspath(p) for p in _string_list(root, "federation_custom_ca_list")
-        ),
+        custom_ca_list=tuple(os.path.abspath(p) for p in root.strings("federation_custom_ca_list")),
         domain_whitelist=whitelist,
-        ip_range_blacklist=blacklist,
-        ip_range_whitelist=_string_list(root, "ip_range_whitelist"),
+        ip_range_blacklist=root.ip_ranges("ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST),
+        ip_range_whitelist=root.ip_ranges("ip_range_whitelist"),
         trusted_key_servers=tuple(notaries),
         key_refresh_interval_ms=root.duration_ms("key_refresh_interval", "1d"),
         old_signing_keys=old_keys,
-        prevent_media_downloads_from=frozenset(_string_list(root, "prevent_media_downloads_from")),
+        prevent_media_downloads_from=frozenset(root.strings("prevent_media_downloads_from")),
         inbound_rate=_parse_federation_rate_limit(root),
         remote_download_rate=RateLimit(
             float(root.size("remote_media_download_per_second", "87K")),
@@ -632,8 +635,11 @@ def _parse_upload_limits(root: ConfigReader) -> tuple[UploadLimit, ...]:
     return tuple(sorted(limits, key=lambda limit: limit.time_period_ms, reverse=True))
 
 
-def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
-    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``.
+def parse_config(
+    data: Mapping[str, Any], config_dir: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Build a :class:`Config` from the parsed YAML of a ``homeserver.yaml``
+    (and, for the forward proxy, the environment).
 
     Relative paths are resolved as Synapse resolves them: against the working
     directory, except the default signing key, which sits beside the config file.
@@ -721,6 +727,7 @@ def parse_config(data: Mapping[str, Any], config_dir: str) -> Config:
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
         thumbnail_pixel_budget=_parse_pixel_budget(root),
         thumbnail_formats=_parse_thumbnail_formats(root),
+        url_preview=parse_url_preview(root, os.environ if environ is None else environ),
     )
 
 

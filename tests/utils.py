@@ -126,6 +126,8 @@ class ServerTestMixin:
     engine = "sqlite3"
     # Extra homeserver.yaml keys for a test class.
     extra_config: dict[str, Any] = {}
+    # Extra MediaServer arguments for a test class.
+    server_options: dict[str, Any] = {}
 
     def make_config(self, **overrides: Any) -> Config:
         data: dict[str, Any] = {
@@ -150,7 +152,7 @@ class ServerTestMixin:
         return config
 
     async def start_server(self, **overrides: Any) -> MediaServer:
-        server = MediaServer(self.make_config(**overrides), reactor)
+        server = MediaServer(self.make_config(**overrides), reactor, **self.server_options)
         await server.start()
         self.addCleanup(server.stop_deferred)  # type: ignore[attr-defined]
         self.server = server

@@ -25,10 +25,12 @@ from mediarepo.media.paths import (
     remote_media_path,
     remote_thumbnail_dir,
     url_cache_path,
+    url_cache_thumbnail_dir,
 )
 from mediarepo.media.storage import MediaStorage
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
+from mediarepo.storage.url_cache import UrlCacheStore
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class MediaPurger:
             # A URL-preview download keeps its bytes under url_cache/ instead.
             with contextlib.suppress(ValueError):  # an ID of no url_cache shape
                 await self._storage.local.delete(url_cache_path(media_id))
+                await self._storage.local.delete_directory(url_cache_thumbnail_dir(media_id))
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
     async def delete_remote(self, entries: list[tuple[str, str, str]], reason: str) -> None:
@@ -139,3 +142,55 @@ class Retention:
         if local or remote:
             logger.info("retention purged %d local and %d remote media", local, remote)
         return local, remote
+
+
+# How often expired URL previews are removed, and how many per query.
+URL_CACHE_EXPIRY_INTERVAL_SECONDS = 10.0
+URL_CACHE_EXPIRY_BATCH = 500
+# How long the pages and images URL previews downloaded are kept.
+URL_CACHE_MEDIA_LIFETIME_MS = 2 * 24 * 3600 * 1000
+
+
+class UrlCacheExpiry:
+    """Synapse's URL-cache expiry: the body of an expired preview goes with
+    its row at once; the downloads (pages, images, their thumbnails) and
+    their rows two days after they were made. URL-cache files live only in
+    the local store."""
+
+    def __init__(
+        self,
+        url_cache: UrlCacheStore,
+        storage: MediaStorage,
+        forget_local: Callable[[str], None],
+        clock: IReactorTime,
+    ) -> None:
+        self._url_cache = url_cache
+        self._local = storage.local
+        self._forget_local = forget_local
+        self._clock = clock
+
+    async def run(self) -> tuple[int, int]:
+        """One pass; returns how many previews and downloads were removed."""
+        now = int(self._clock.seconds() * 1000)
+        # Rows before files, as in MediaPurger: a crash leaves files, never rows without them.
+        expired = await self._url_cache.expired_previews(now, URL_CACHE_EXPIRY_BATCH)
+        await self._url_cache.delete_previews(expired)
+        for media_id in expired:
+            with contextlib.suppress(ValueError):  # an ID of no url_cache shape
+                await self._local.delete(url_cache_path(media_id))
+        old = await self._url_cache.downloads_before(
+            now - URL_CACHE_MEDIA_LIFETIME_MS, URL_CACHE_EXPIRY_BATCH
+        )
+        await self._url_cache.delete_downloads(old)
+        for media_id in old:
+            self._forget_local(media_id)
+            with contextlib.suppress(ValueError):
+                await self._local.delete(url_cache_path(media_id))
+                await self._local.delete_directory(url_cache_thumbnail_dir(media_id))
+            emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason="url_cache_expiry")
+        if expired or old:
+            logger.info(
+                "URL preview cache: %d previews expired, %d downloads removed",
+                len(expired), len(old),
+            )  # fmt: skip
+        return len(expired), len(old)
