@@ -52,19 +52,23 @@ BODY_TIMEOUT_SECONDS = 30.0
 
 @attrs.frozen
 class Downloaded:
-    """A body a preview fetched, stored as local media ``media_id``."""
+    """A body a preview fetched, stored as URL-cache media (``media``)."""
 
-    media_id: str
-    media_type: str
-    length: int
-    download_name: str | None
-    created_ts: int
+    media: LocalMedia
     # The URL the body came from, after redirects (what relative links
     # on a page are resolved against).
     final_url: str
     response_code: int
     etag: str | None
     body: bytes
+
+    @property
+    def media_id(self) -> str:
+        return self.media.media_id
+
+    @property
+    def media_type(self) -> str:
+        return self.media.media_type or "application/octet-stream"
 
 
 def is_image(media_type: str) -> bool:
@@ -300,14 +304,4 @@ class PreviewDownloader:
             raise
         await self._storage.local.in_pool(self._storage.local.remove_staged, written.temp_path)
         self._storage.end_upload(sink)
-        return Downloaded(
-            media_id=media_id,
-            media_type=media_type,
-            length=written.length,
-            download_name=download_name,
-            created_ts=created_ts,
-            final_url=final_url,
-            response_code=response_code,
-            etag=etag,
-            body=body,
-        )
+        return Downloaded(media, final_url, response_code, etag, body)

@@ -38,7 +38,7 @@ from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.url_cache import CachedPreview, UrlCacheStore
-from mediarepo.values import LocalMedia, Requester
+from mediarepo.values import Requester
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class UrlPreviewer:
         og: dict[str, Any]
         if is_image(page.media_type):
             og = {
-                "og:description": page.download_name,
+                "og:description": page.media.upload_name,
                 **await self._image_fields(page),
             }
         elif is_html(page.media_type):
@@ -189,10 +189,10 @@ class UrlPreviewer:
                 url=url,
                 response_code=page.response_code,
                 etag=page.etag,
-                expires_ts=page.created_ts + min(expiry_ms, MAX_EXPIRY_MS),
+                expires_ts=page.media.created_ts + min(expiry_ms, MAX_EXPIRY_MS),
                 og=encoded,
                 media_id=page.media_id,
-                download_ts=page.created_ts,
+                download_ts=page.media.created_ts,
             )
         )
         emit(
@@ -259,34 +259,24 @@ class UrlPreviewer:
             og.update(await self._image_fields(image))
 
     async def _image_fields(self, image: Downloaded) -> dict[str, Any]:
-        """``og:image`` and what is known of it; thumbnails made on the way."""
-        media = LocalMedia(
-            media_id=image.media_id,
-            media_type=image.media_type,
-            media_length=image.length,
-            created_ts=image.created_ts,
-            upload_name=image.download_name,
-            user_id=None,
-            quarantined_by=None,
-            url_cache=image.final_url,
-            last_access_ts=None,
-            safe_from_quarantine=False,
-            authenticated=False,
-            sha256=None,
-        )
+        """``og:image`` and what is known of it; thumbnails made on the way
+        (not of bytes quarantined elsewhere, which are never served)."""
+        size = None
         try:
-            size = await self._thumbnails.thumbnail_now(
-                LocalThumbnailSource(media, self._media_store, self._thumbnails.local_rows)
-            )
+            if image.media.quarantined_by is None:
+                size = await self._thumbnails.thumbnail_now(
+                    LocalThumbnailSource(
+                        image.media, self._media_store, self._thumbnails.local_rows
+                    )
+                )
         except Exception as e:
             # The image is stored: a preview without its size beats none.
             logger.warning("thumbnailing the image %s of a URL preview failed: %s",
                            image.media_id, e)  # fmt: skip
-            size = None
         fields: dict[str, Any] = {
             "og:image": f"mxc://{self._server_name}/{image.media_id}",
             "og:image:type": image.media_type,
-            "matrix:image:size": image.length,
+            "matrix:image:size": image.media.media_length,
         }
         if size is not None:
             fields["og:image:width"] = size.width

@@ -4,6 +4,7 @@ on loopback, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -15,10 +16,11 @@ from twisted.trial import unittest
 from mediarepo.media import preview_fetch
 from mediarepo.media.lifecycle import URL_CACHE_MEDIA_LIFETIME_MS, UrlCacheExpiry
 from mediarepo.media.paths import url_cache_path, url_cache_thumbnail_dir
+from mediarepo.media.url_previewer import previews_total
 from mediarepo.storage.url_cache import UrlCacheStore
 from tests.images import size_of
 from tests.preview_site import PreviewSite, serve
-from tests.utils import SERVER_NAME, Response, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, LogRecords, Response, ServerTestMixin, on_both_databases
 
 # What the fixture names resolve to: one good, one with a blocked address among good ones.
 NAMES = {"site.test": ["127.0.0.1"], "mixed.test": ["127.0.0.1", "127.0.0.2"]}
@@ -220,10 +222,24 @@ class PreviewTests(PreviewFixture):
 
     async def test_cache_reuse(self) -> None:
         url = f"{self.site_url}/og.html"
+        events, events_logger = LogRecords(logging.INFO), logging.getLogger("mediarepo.events")
+        self.addCleanup(events_logger.setLevel, events_logger.level)  # type: ignore[attr-defined]
+        self.addCleanup(events_logger.removeHandler, events)  # type: ignore[attr-defined]
+        events_logger.setLevel(logging.INFO)
+        events_logger.addHandler(events)
+        memory_before = previews_total.labels("memory")._value.get()
         first = await self.preview(url)
         second = await self.preview(url)
         self.assertEqual(first.body, second.body)  # type: ignore[attr-defined]
         self.assertEqual(self.site.hits["/og.html"], 1)  # type: ignore[attr-defined]
+        previewed = [
+            r for r in events.records if getattr(r, "event", None) == "media.url_previewed"
+        ]
+        self.assertEqual(len(previewed), 1)  # type: ignore[attr-defined]
+        self.assertEqual(previewed[0].host, "127.0.0.1")  # type: ignore[attr-defined]
+        self.assertEqual(previews_total.labels("memory")._value.get(), memory_before + 1)  # type: ignore[attr-defined]
+        metrics = await self.request("GET", "/_synapse/metrics")
+        self.assertIn(b'mediarepo_url_previews_total{outcome="fetched"}', metrics.body)  # type: ignore[attr-defined]
         # A fresh server (no memory cache) answers from the database.
         await self.server.stop()
         await self.start_server()
