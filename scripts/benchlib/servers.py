@@ -434,7 +434,12 @@ def ensure_synapse(venv: str) -> str:
     """The Python of a virtualenv with matrix-synapse[postgres,url-preview] (pinned if available);
     creates it on first use."""
     python = os.path.join(venv, "bin", "python")
-    probe = [python, "-c", "import synapse, psycopg2, lxml; print(synapse.__version__)"]
+    probe = [
+        python,
+        "-c",
+        "import synapse, psycopg2; from synapse.util.check_dependencies import"
+        " check_requirements; check_requirements('url-preview'); print(synapse.__version__)",
+    ]
     if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     log(f"installing matrix-synapse[postgres] into {venv} (once)")
