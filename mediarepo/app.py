@@ -41,7 +41,7 @@ from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.oembed import OEmbedProviders
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
-from mediarepo.media.preview_fetch import PreviewDownloader
+from mediarepo.media.preview_fetch import PreviewDownloader, preview_client_settings
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider, create_provider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -51,7 +51,7 @@ from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.media.url_previewer import UrlPreviewer
-from mediarepo.outbound import IPRangeFilter, NameResolver, OutboundClient, OutboundSettings
+from mediarepo.outbound import NameResolver, OutboundClient
 from mediarepo.storage.database import Database
 from mediarepo.storage.destinations import DestinationStore
 from mediarepo.storage.keys import KeyStore
@@ -82,11 +82,6 @@ STANDALONE_INSTANCE_NAME = "mediarepo"
 # How often queued storage provider tasks (copies, deletions) are looked at.
 PROVIDER_TASKS_INTERVAL_SECONDS = 10.0
 _MEDIA_IO_THREADS = 20
-# What URL previews fetch with (Synapse does not disclose its version either).
-PREVIEW_USER_AGENT = b"mediarepo (bot; Matrix URL previews)"
-# Synapse's limits for URL previews: connecting, then the answer's headers.
-PREVIEW_CONNECT_TIMEOUT_SECONDS = 15.0
-PREVIEW_RESPONSE_TIMEOUT_SECONDS = 60.0
 
 
 def server_tls_options(certificate_path: str, private_key_path: str) -> Any:
@@ -344,13 +339,7 @@ class MediaServer:
         previews = config.url_preview
         self.preview_client = OutboundClient(
             self.reactor,
-            OutboundSettings(
-                ip_filter=IPRangeFilter(previews.ip_range_blacklist, previews.ip_range_whitelist),
-                user_agent=PREVIEW_USER_AGENT,
-                connect_timeout=PREVIEW_CONNECT_TIMEOUT_SECONDS,
-                response_timeout=PREVIEW_RESPONSE_TIMEOUT_SECONDS,
-                proxy=previews.proxy,
-            ),
+            preview_client_settings(previews),
             name_resolver=self._preview_name_resolver,
         )
         storage = self.repository.storage

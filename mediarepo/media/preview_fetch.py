@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 
-from mediarepo.config_preview import UrlPattern
+from mediarepo.config_preview import UrlPattern, UrlPreviewConfig
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.media.paths import random_letters, url_cache_path
 from mediarepo.media.remote import filename_from_disposition
@@ -34,9 +34,11 @@ from mediarepo.outbound import (
     BlockedAddressError,
     BodyReadError,
     BodyTooLargeError,
+    IPRangeFilter,
     OutboundClient,
     OutboundRequestError,
     OutboundResponse,
+    OutboundSettings,
 )
 from mediarepo.storage.media import MediaStore, store_local_media_txn
 from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
@@ -44,6 +46,11 @@ from mediarepo.values import LocalMedia
 
 logger = logging.getLogger(__name__)
 
+# What previews fetch with (Synapse does not disclose its version either).
+USER_AGENT = b"mediarepo (bot; Matrix URL previews)"
+# Synapse's limits: connecting, then the answer's headers.
+CONNECT_TIMEOUT_SECONDS = 15.0
+RESPONSE_TIMEOUT_SECONDS = 60.0
 # How long a preview is valid unless oEmbed says otherwise (ms).
 DEFAULT_EXPIRY_MS = 60 * 60 * 1000
 # How long a page's body may take to arrive once its headers have.
@@ -69,6 +76,17 @@ class Downloaded:
     @property
     def media_type(self) -> str:
         return self.media.media_type or "application/octet-stream"
+
+
+def preview_client_settings(config: UrlPreviewConfig) -> OutboundSettings:
+    """The settings of the previews' own outbound client."""
+    return OutboundSettings(
+        ip_filter=IPRangeFilter(config.ip_range_blacklist, config.ip_range_whitelist),
+        user_agent=USER_AGENT,
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        response_timeout=RESPONSE_TIMEOUT_SECONDS,
+        proxy=config.proxy,
+    )
 
 
 def is_image(media_type: str) -> bool:
