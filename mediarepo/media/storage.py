@@ -299,6 +299,10 @@ class MediaStorage:
         """Delete a file kept only in the local store (URL previews)."""
         await self._local.delete(relative_path)
 
+    async def delete_local_directory(self, relative_path: str) -> None:
+        """Delete a directory kept only in the local store (URL previews' thumbnails)."""
+        await self._local.delete_directory(relative_path)
+
     async def delete_directory(self, relative_path: str) -> None:
         await self._local.delete_directory(relative_path)
         for provider in self.providers:

@@ -82,6 +82,10 @@ scenarios (default: all, in this order):
   thumbnail_cached       wrk: the same 320x240 thumbnail (scale, then crop), 16 connections
   create_put             POST /_matrix/media/v1/create then PUT 4 KiB, 16 connections: pairs/s,
                          p50 of each step (skipped if /create answers 404/405/M_UNRECOGNIZED)
+  preview                GET /_matrix/client/v1/media/preview_url of pages this tool serves on
+                         127.0.0.1 (Open Graph tags, prose, a 1200x630 JPEG): [uncached] a new
+                         page each request, 4 connections; [cached] one page previewed before,
+                         16 connections (skipped if previews are off)
 
 output:
   a table per server, one line per scenario prefixed "{JSON_PREFIX.strip()} " with every

@@ -800,6 +800,13 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
     return [measurement.finish(result)]
 
 
+async def preview(target: Target, opts: Options) -> list[Result]:
+    # In its own module (it serves the pages it previews), which imports this one.
+    from benchlib.preview import run_preview
+
+    return await run_preview(target, opts)
+
+
 Scenario = Callable[[Target, Options], Awaitable[list[Result]]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -814,10 +821,11 @@ SCENARIOS: dict[str, Scenario] = {
     "thumbnail_dynamic": thumbnail_dynamic,
     "thumbnail_cached": thumbnail_cached,
     "create_put": create_put,
+    "preview": preview,
 }
 
 # Scenarios that need Pillow (to make or read JPEGs).
-NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached"}
+NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached", "preview"}
 # Scenarios that also need pillow-heif or PyAV (to make their sources).
 NEEDS_HEIF = {"thumbnail_upload_heic"}
 NEEDS_AV = {"thumbnail_upload_video"}
