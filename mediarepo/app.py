@@ -159,10 +159,10 @@ class MediaServer(OrderedServices):
     """One server: the named child services of its parts, added (and so
     started) in the order below once the reactor runs, and stopped in the
     reverse order: stop listening, stop the background jobs and LISTEN,
-    close federation connections, let uploads in flight finish (or roll them
-    back after the grace period), close client connections, settle
-    thumbnails, access times and provider tasks, close the database, stop
-    the providers and the thread pools."""
+    close URL preview and federation connections, let uploads in flight
+    finish (or roll them back after the grace period), close client
+    connections, settle thumbnails, access times and provider tasks, close
+    the database, stop the providers and the thread pools."""
 
     def __init__(
         self,
