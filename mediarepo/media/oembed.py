@@ -8,14 +8,16 @@ import html
 import json
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import attrs
-from lxml import etree
 
 from mediarepo.config_preview import OEmbedEndpoint
-from mediarepo.media.preview_html import Element, describe
+from mediarepo.media.preview_html import describe
+
+if TYPE_CHECKING:
+    from mediarepo.media.preview_html import Element
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ def _describe_embedded_html(og: dict[str, Any], markup: str) -> None:
     """Picture, video and description from a provider's embed HTML."""
     if not markup:
         return
+    # Imported here, as in preview_html.
+    from lxml import etree
+
     parser = etree.HTMLParser(recover=True, encoding="utf-8", no_network=True)
     try:
         tree = etree.fromstring(markup.encode("utf-8", "surrogatepass"), parser)

@@ -12,8 +12,13 @@ import codecs
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from lxml import etree
+if TYPE_CHECKING:
+    from lxml import etree
+
+# lxml is imported where a page is parsed, not here: loaded, it costs a
+# process some 8 MiB, which a server with previews off does not pay.
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,8 @@ _NOT_PROSE = frozenset(
 _NOT_PROSE_ROLES = frozenset({"directory", "menu", "menubar", "toolbar"})
 
 OpenGraph = dict[str, str | None]
-Element = etree._Element
+if TYPE_CHECKING:
+    Element = etree._Element
 
 
 def _codec_name(label: str) -> str | None:
@@ -106,6 +112,8 @@ def parse_html(body: bytes, content_type: str | None) -> Element | None:
         break
     if text is None:
         return None
+    from lxml import etree
+
     # Given to lxml as UTF-8: Python's codecs decided, not libxml2's names for them.
     parser = etree.HTMLParser(recover=True, encoding="utf-8", no_network=True)
     try:
@@ -253,6 +261,8 @@ def parse_open_graph(tree: Element) -> OpenGraph:
 def _prose(root: Element | None) -> Iterator[str]:
     """The text of ``root``, depth first, outside elements that are not
     prose (their tails are still the parent's prose)."""
+    from lxml import etree
+
     if root is None:
         return
     pending: list[str | Element] = [root]
