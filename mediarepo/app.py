@@ -33,11 +33,19 @@ from mediarepo.http.tree import Handlers, build_tree
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
 from mediarepo.media.admin import MediaAdmin
 from mediarepo.media.allocator import map_large_allocations
-from mediarepo.media.lifecycle import Housekeeping, MediaPurger, Retention, periodic_jobs
+from mediarepo.media.lifecycle import (
+    Housekeeping,
+    MediaPurger,
+    Retention,
+    UrlCacheExpiry,
+    periodic_jobs,
+)
 from mediarepo.media.local_cache import LocalCacheEviction
 from mediarepo.media.locks import WorkerLocks
+from mediarepo.media.oembed import OEmbedProviders
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
+from mediarepo.media.preview_fetch import PreviewDownloader, preview_client_settings
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import create_provider
 from mediarepo.media.providers.local import LocalMediaStore
@@ -47,6 +55,8 @@ from mediarepo.media.rooms import RoomMedia
 from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.media.uploads import LocalUploads
+from mediarepo.media.url_previewer import UrlPreviewer
+from mediarepo.outbound import NameResolver, OutboundClient
 from mediarepo.services import OrderedServices, Outcome, StepService
 from mediarepo.storage.database import Database
 from mediarepo.storage.destinations import DestinationStore
@@ -61,6 +71,7 @@ from mediarepo.storage.quarantine import QuarantineStore
 from mediarepo.storage.rooms import RoomEventStore
 from mediarepo.storage.schema import prepare_database
 from mediarepo.storage.uploads import UploadStore
+from mediarepo.storage.url_cache import UrlCacheStore
 from mediarepo.storage.users import UserStore
 from mediarepo.workers import (
     ListeningPorts,
@@ -124,16 +135,23 @@ class ServerParts:
     thumbnail_pool: ThreadPool
 
 
-def media_server(config: Config, reactor: Any = None) -> MediaServer:
+def media_server(
+    config: Config, reactor: Any = None, *, preview_name_resolver: NameResolver | None = None
+) -> MediaServer:
     """The server every launcher runs. A worker of ``--workers`` serves the
     sockets its supervisor opened (and only worker 0 may run background
-    jobs); any other process opens its own."""
+    jobs); any other process opens its own. ``preview_name_resolver`` is
+    how URL previews look names up (the reactor's resolver when None)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     return MediaServer(
-        config, reactor, inherited_sockets(), runs_background_jobs=worker_index() == 0
+        config,
+        reactor,
+        inherited_sockets(),
+        runs_background_jobs=worker_index() == 0,
+        preview_name_resolver=preview_name_resolver,
     )
 
 
@@ -141,10 +159,10 @@ class MediaServer(OrderedServices):
     """One server: the named child services of its parts, added (and so
     started) in the order below once the reactor runs, and stopped in the
     reverse order: stop listening, stop the background jobs and LISTEN,
-    close federation connections, let uploads in flight finish (or roll them
-    back after the grace period), close client connections, settle
-    thumbnails, access times and provider tasks, close the database, stop
-    the providers and the thread pools."""
+    close URL preview and federation connections, let uploads in flight
+    finish (or roll them back after the grace period), close client
+    connections, settle thumbnails, access times and provider tasks, close
+    the database, stop the providers and the thread pools."""
 
     def __init__(
         self,
@@ -152,6 +170,7 @@ class MediaServer(OrderedServices):
         reactor: Any,
         inherited: Sequence[ListeningSocket] = (),
         runs_background_jobs: bool = True,
+        preview_name_resolver: NameResolver | None = None,
     ) -> None:
         super().__init__(reactor, SHUTDOWN_GRACE_SECONDS)
         self.config = config
@@ -162,6 +181,8 @@ class MediaServer(OrderedServices):
         # With several workers, one runs the periodic jobs for all; of several
         # instances, the one media_instance_running_background_jobs names.
         self._runs_background_jobs = runs_background_jobs and config.runs_background_jobs
+        # How URL previews look names up (the reactor's resolver when None).
+        self._preview_name_resolver = preview_name_resolver
         self.started = Outcome()
         self._assembling: defer.Deferred[None] | None = None
         self._parts: ServerParts | None = None
@@ -386,6 +407,18 @@ class MediaServer(OrderedServices):
                 config.server_name, signing_keys, config.federation.old_signing_keys, valid_until
             )
 
+        previewer = None
+        preview_client = None
+        if config.url_preview.enabled:
+            # URL previews' own client (url_preview_ip_range_*).
+            preview_client = OutboundClient(
+                reactor,
+                preview_client_settings(config.url_preview),
+                name_resolver=self._preview_name_resolver,
+            )
+            previewer = self._previewer(
+                preview_client, storage, database, media_store, thumbnails, quarantine, media_io
+            )
         authenticator = Authenticator(accounts)
         handlers = Handlers.create(
             repository,
@@ -395,6 +428,7 @@ class MediaServer(OrderedServices):
             ),
             keys_response,
             AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),
+            previewer,
         )
         sites = [
             self._site(index, handlers, repository, ports) for index in range(len(config.listeners))
@@ -419,6 +453,11 @@ class MediaServer(OrderedServices):
             housekeeping=Housekeeping(sweeps) if self._runs_background_jobs else None,
             housekeeping_interval_seconds=config.media_housekeeping_interval_ms / 1000,
             run_provider_tasks=tasks.run_soon if slots and self._runs_background_jobs else None,
+            url_cache_expiry=(
+                UrlCacheExpiry(UrlCacheStore(database), storage, repository.forget_local, reactor)
+                if previewer is not None and self._runs_background_jobs
+                else None
+            ),
         )
         self.add(jobs.access_time_flushes)
         # Every process resumes what a crashed one left, at start.
@@ -437,6 +476,8 @@ class MediaServer(OrderedServices):
             )
         )
         self.add(StepService("federation client", stop=federation_client.close))
+        if preview_client is not None:
+            self.add(StepService("URL preview client", stop=preview_client.close))
         if notifications is not None:
             self.add(StepService("LISTEN", stop=notifications.stop))
             await notifications.start()
@@ -449,6 +490,40 @@ class MediaServer(OrderedServices):
             retention, local_cache, local, media_io, thumbnail_pool,
         )  # fmt: skip
         self.add(ports)
+
+    def _previewer(
+        self,
+        client: OutboundClient,
+        storage: MediaStorage,
+        database: Database,
+        media_store: MediaStore,
+        thumbnails: ThumbnailProvider,
+        quarantine: QuarantineStore,
+        parse_pool: ThreadPool,
+    ) -> UrlPreviewer:
+        config = self.config
+        previews = config.url_preview
+        downloader = PreviewDownloader(
+            client,
+            storage,
+            UploadStore(database),
+            quarantine,
+            self.reactor,
+            max_size=previews.max_spider_size,
+            accept_language=previews.accept_language,
+            url_blacklist=previews.url_blacklist,
+            authenticated_media=config.enable_authenticated_media,
+        )
+        return UrlPreviewer(
+            config.server_name,
+            downloader,
+            OEmbedProviders(previews.oembed_endpoints),
+            UrlCacheStore(database),
+            media_store,
+            thumbnails,
+            parse_pool,
+            self.reactor,
+        )
 
     def _add_providers(self, media_io: ThreadPool) -> list[ProviderSlot]:
         """The configured storage providers, each a child service."""

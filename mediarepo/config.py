@@ -18,7 +18,8 @@ import attrs
 import yaml
 
 from mediarepo.config_federation import FederationConfig, parse_federation
-from mediarepo.config_reader import ConfigReader, RateLimit, string_list
+from mediarepo.config_preview import UrlPreviewConfig, parse_url_preview
+from mediarepo.config_reader import ConfigReader, RateLimit
 from mediarepo.config_storage import (
     StorageProviderConfig,
     parse_media_store_max_size,
@@ -157,6 +158,8 @@ class Config:
     # Synapse's http_proxy, https_proxy and no_proxy_hosts (else the
     # environment's): the forward proxy outbound requests go through.
     proxy: ProxySettings | None = None
+    # URL previews (config_preview.py).
+    url_preview: UrlPreviewConfig = attrs.field(factory=UrlPreviewConfig)
     # For each top-level key, the file it was read from (the last one wins).
     sources: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
@@ -265,7 +268,7 @@ def _parse_proxy(root: ConfigReader, environ: Mapping[str, str]) -> ProxySetting
     http_proxy = root.string("http_proxy") or from_environment.http_proxy
     https_proxy = root.string("https_proxy") or from_environment.https_proxy
     if root.raw("no_proxy_hosts") is not None:
-        no_proxy = string_list(root, "no_proxy_hosts")
+        no_proxy = root.strings("no_proxy_hosts")
     else:
         no_proxy = from_environment.no_proxy
     if http_proxy is None and https_proxy is None:
@@ -384,6 +387,7 @@ def parse_config(
         raise ConfigError("server_name", "is required")
     if not is_valid_server_name(server_name):
         raise ConfigError("server_name", f"{server_name!r} is not a valid server name")
+    proxy = _parse_proxy(root, os.environ if environ is None else environ)
 
     worker_app = root.string("worker_app")
     if worker_app == "synapse.app.homeserver":
@@ -459,7 +463,8 @@ def parse_config(
         media_housekeeping_interval_ms=_parse_housekeeping_interval(root),
         thumbnail_pixel_budget=_parse_pixel_budget(root),
         thumbnail_formats=_parse_thumbnail_formats(root),
-        proxy=_parse_proxy(root, os.environ if environ is None else environ),
+        proxy=proxy,
+        url_preview=parse_url_preview(root, proxy),
     )
 
 

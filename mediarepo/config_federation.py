@@ -3,14 +3,13 @@ we may reach, key servers and old keys, backoff and rate limits."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from mediarepo.config_reader import ConfigReader, RateLimit, positive_duration, string_list
+from mediarepo.config_reader import ConfigReader, RateLimit, positive_duration
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name
 
@@ -78,17 +77,7 @@ class FederationConfig:
 def parse_federation(root: ConfigReader) -> FederationConfig:
     whitelist = root.raw("federation_domain_whitelist")
     if whitelist is not None:
-        whitelist = frozenset(string_list(root, "federation_domain_whitelist"))
-    blacklist = string_list(root, "ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST)
-    for key, ranges in (
-        ("ip_range_blacklist", blacklist),
-        ("ip_range_whitelist", string_list(root, "ip_range_whitelist")),
-    ):
-        for value in ranges:
-            try:
-                ipaddress.ip_network(value, strict=False)
-            except ValueError as e:
-                raise ConfigError(key, f"{value!r} is not an IP range") from e
+        whitelist = frozenset(root.strings("federation_domain_whitelist"))
     notaries = []
     for entry in root.entries("trusted_key_servers", [{"server_name": "matrix.org"}]):
         name = entry.string("server_name")
@@ -109,16 +98,14 @@ def parse_federation(root: ConfigReader) -> FederationConfig:
         old_keys[str(name)] = OldVerifyKey(old_key, entry.integer("expired_ts", 0))
     return FederationConfig(
         verify_certificates=root.boolean("federation_verify_certificates", True),
-        custom_ca_list=tuple(
-            os.path.abspath(p) for p in string_list(root, "federation_custom_ca_list")
-        ),
+        custom_ca_list=tuple(os.path.abspath(p) for p in root.strings("federation_custom_ca_list")),
         domain_whitelist=whitelist,
-        ip_range_blacklist=blacklist,
-        ip_range_whitelist=string_list(root, "ip_range_whitelist"),
+        ip_range_blacklist=root.ip_ranges("ip_range_blacklist", DEFAULT_IP_RANGE_BLACKLIST),
+        ip_range_whitelist=root.ip_ranges("ip_range_whitelist"),
         trusted_key_servers=tuple(notaries),
         key_refresh_interval_ms=root.duration_ms("key_refresh_interval", "1d"),
         old_signing_keys=old_keys,
-        prevent_media_downloads_from=frozenset(string_list(root, "prevent_media_downloads_from")),
+        prevent_media_downloads_from=frozenset(root.strings("prevent_media_downloads_from")),
         inbound_rate=_parse_federation_rate_limit(root),
         remote_download_rate=RateLimit(
             float(root.size("remote_media_download_per_second", "87K")),

@@ -4,6 +4,7 @@ whose errors name the key, and the value shapes several sections share
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -117,6 +118,27 @@ class ConfigReader:
             raise ConfigError(self.key(name), "expected a list")
         return value
 
+    def as_mapping(self) -> Mapping[str, Any]:
+        return self._data
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        if self.raw(name) is None:
+            return default
+        values = self.sequence(name)
+        if not all(isinstance(value, str) for value in values):
+            raise ConfigError(self.key(name), "expected a list of strings")
+        return tuple(values)
+
+    def ip_ranges(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of IP addresses or CIDR ranges, each checked."""
+        ranges = self.strings(name, default)
+        for value in ranges:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as e:
+                raise ConfigError(self.key(name), f"{value!r} is not an IP range") from e
+        return ranges
+
     def entries(self, name: str, default: list[Any] | None = None) -> list[ConfigReader]:
         """A list of mappings, each read with its place (``name[i].key``) in errors."""
         readers = []
@@ -135,15 +157,6 @@ class RateLimit:
 
     per_second: float
     burst_count: int
-
-
-def string_list(root: ConfigReader, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-    if root.raw(key) is None:
-        return default
-    values = root.sequence(key)
-    if not all(isinstance(value, str) for value in values):
-        raise ConfigError(key, "expected a list of strings")
-    return tuple(values)
 
 
 def positive_duration(reader: ConfigReader, key: str, default: str) -> int:

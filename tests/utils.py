@@ -137,6 +137,8 @@ class ServerTestMixin:
     engine = "sqlite3"
     # Extra homeserver.yaml keys for a test class.
     extra_config: dict[str, Any] = {}
+    # Extra media_server arguments for a test class.
+    server_options: dict[str, Any] = {}
 
     def make_config(self, **overrides: Any) -> Config:
         data: dict[str, Any] = {
@@ -161,7 +163,7 @@ class ServerTestMixin:
         return config
 
     async def start_server(self, **overrides: Any) -> MediaServer:
-        server = media_server(self.make_config(**overrides), reactor)
+        server = media_server(self.make_config(**overrides), reactor, **self.server_options)
         # Stopped even if the start fails midway (whatever started stops).
         self.addCleanup(server.stopService)  # type: ignore[attr-defined]
         await server.start()

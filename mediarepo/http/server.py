@@ -73,6 +73,13 @@ def respond_json(request: MediaRequest, code: int, body: Any) -> None:
     if request.disconnected or request.finished:
         return
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    respond_encoded_json(request, code, data)
+
+
+def respond_encoded_json(request: MediaRequest, code: int, data: bytes) -> None:
+    """Answer with JSON already encoded (a URL preview kept as its text)."""
+    if request.disconnected or request.finished:
+        return
     request.setResponseCode(code, reason_phrase(code))
     set_json_headers(request, len(data))
     request.write(data)

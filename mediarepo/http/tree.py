@@ -22,11 +22,13 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
 from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
+from mediarepo.http.preview import PreviewHandler
 from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, route, upload_route
 from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.url_previewer import UrlPreviewer
 
 _MEDIA_KEY = rf"(?P<server_name>{PATH_SEGMENT})/(?P<media_id>{PATH_SEGMENT})"
 _DOWNLOAD = rf"download/{_MEDIA_KEY}(?:/(?P<file_name>{PATH_SEGMENT}))?"
@@ -43,6 +45,7 @@ class Handlers:
     federation: FederationMediaHandler
     keys: KeyServerHandler
     admin: AdminHandler
+    preview: PreviewHandler
 
     @classmethod
     def create(
@@ -52,6 +55,7 @@ class Handlers:
         federation_auth: FederationAuthenticator,
         keys_response: Callable[[], dict[str, Any]],
         admin: AdminHandler,
+        previewer: UrlPreviewer | None = None,
     ) -> Handlers:
         return cls(
             upload=UploadHandler(repository, auth),
@@ -65,6 +69,7 @@ class Handlers:
             ),
             keys=KeyServerHandler(keys_response),
             admin=admin,
+            preview=PreviewHandler(previewer, auth),
         )
 
 
@@ -78,6 +83,7 @@ def legacy_media_routes(handlers: Handlers, version: str) -> list[Route]:
         route("download", ["GET"], _DOWNLOAD, handlers.download.on_legacy_get),
         route("thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_legacy_get),
         route("config", ["GET"], r"config", handlers.config.on_get),
+        route("preview_url", ["GET"], r"preview_url", handlers.preview.on_get),
     ]
     if version == "v1":
         routes.append(route("create", ["POST"], r"create", handlers.upload.on_create))
@@ -99,6 +105,7 @@ def authenticated_media_routes(handlers: Handlers) -> list[Route]:
         route("client_download", ["GET"], _DOWNLOAD, handlers.download.on_authenticated_get),
         route("client_thumbnail", ["GET"], _THUMBNAIL, handlers.thumbnail.on_authenticated_get),
         route("client_config", ["GET"], r"config", handlers.config.on_get),
+        route("client_preview_url", ["GET"], r"preview_url", handlers.preview.on_get),
     ]
 
 

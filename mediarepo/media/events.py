@@ -20,6 +20,7 @@ class MediaEvent(enum.Enum):
     REMOTE_CACHED = "media.remote_cached"
     THUMBNAIL_GENERATED = "media.thumbnail_generated"
     PURGED = "media.purged"
+    URL_PREVIEWED = "media.url_previewed"
 
 
 media_events = Counter("mediarepo_media_events_total", "Media lifecycle events", ["event"])

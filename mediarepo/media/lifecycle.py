@@ -4,7 +4,9 @@
 for the server's service tree: the access times noted in memory are written
 by every instance; the housekeeping (staging and reservation sweeps, owed
 thumbnails, retention, local cache eviction) and the polling of queued
-storage provider tasks run only on the instance that runs background jobs.
+storage provider tasks run only on the instance that runs background jobs,
+and so does the URL-cache expiry (:class:`UrlCacheExpiry`) when URL previews
+are on.
 
 Retention: media nobody has read for ``media_retention``'s lifetimes goes.
 
@@ -36,10 +38,12 @@ from mediarepo.media.paths import (
     remote_media_path,
     remote_thumbnail_dir,
     url_cache_path,
+    url_cache_thumbnail_dir,
 )
 from mediarepo.media.storage import MediaStorage
 from mediarepo.storage.media import MediaStore
 from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
+from mediarepo.storage.url_cache import UrlCacheStore
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +78,19 @@ class MediaPurger:
         await self._media_store.delete_local_media(media_ids)
         # A URL-preview download keeps its bytes under url_cache/ instead.
         url_cache: list[str] = []
+        url_cache_thumbnail_dirs: list[str] = []
         for media_id in media_ids:
             self._forget_local(media_id)
             with contextlib.suppress(ValueError):  # an ID of no url_cache shape
                 url_cache.append(url_cache_path(media_id))
+                url_cache_thumbnail_dirs.append(url_cache_thumbnail_dir(media_id))
         # The files of the whole batch in one go (see delete_many).
         await self._storage.delete_many(
             [local_media_path(m) for m in media_ids], [local_thumbnail_dir(m) for m in media_ids]
         )
         await self._storage.delete_local(url_cache)
+        for directory in url_cache_thumbnail_dirs:
+            await self._storage.delete_local_directory(directory)
         for media_id in media_ids:
             emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason=reason)
 
@@ -161,6 +169,58 @@ class Retention:
         return local, remote
 
 
+# How often expired URL previews are removed, and how many per query.
+URL_CACHE_EXPIRY_INTERVAL_SECONDS = 10.0
+URL_CACHE_EXPIRY_BATCH = 500
+# How long the pages and images URL previews downloaded are kept.
+URL_CACHE_MEDIA_LIFETIME_MS = 2 * 24 * 3600 * 1000
+
+
+class UrlCacheExpiry:
+    """Synapse's URL-cache expiry: the body of an expired preview goes with
+    its row at once; the downloads (pages, images, their thumbnails) and
+    their rows two days after they were made. URL-cache files live only in
+    the local store."""
+
+    def __init__(
+        self,
+        url_cache: UrlCacheStore,
+        storage: MediaStorage,
+        forget_local: Callable[[str], None],
+        clock: IReactorTime,
+    ) -> None:
+        self._url_cache = url_cache
+        self._storage = storage
+        self._forget_local = forget_local
+        self._clock = clock
+
+    async def run(self) -> tuple[int, int]:
+        """One pass; returns how many previews and downloads were removed."""
+        now = int(self._clock.seconds() * 1000)
+        # Rows before files, as in MediaPurger: a crash leaves files, never rows without them.
+        expired = await self._url_cache.expired_previews(now, URL_CACHE_EXPIRY_BATCH)
+        await self._url_cache.delete_previews(expired)
+        for media_id in expired:
+            with contextlib.suppress(ValueError):  # an ID of no url_cache shape
+                await self._storage.delete_local([url_cache_path(media_id)])
+        old = await self._url_cache.downloads_before(
+            now - URL_CACHE_MEDIA_LIFETIME_MS, URL_CACHE_EXPIRY_BATCH
+        )
+        await self._url_cache.delete_downloads(old)
+        for media_id in old:
+            self._forget_local(media_id)
+            with contextlib.suppress(ValueError):
+                await self._storage.delete_local([url_cache_path(media_id)])
+                await self._storage.delete_local_directory(url_cache_thumbnail_dir(media_id))
+            emit(MediaEvent.PURGED, media_id=media_id, origin=None, reason="url_cache_expiry")
+        if expired or old:
+            logger.info(
+                "URL preview cache: %d previews expired, %d downloads removed",
+                len(expired), len(old),
+            )  # fmt: skip
+        return len(expired), len(old)
+
+
 class Housekeeping:
     """One run of the periodic clean-up: each sweep in turn, whatever
     became of the ones before it."""
@@ -199,7 +259,8 @@ class PeriodicJobs:
 
     # Every instance writes the access times it noted.
     access_time_flushes: TimerService
-    # Housekeeping and provider task polling, where this instance runs them.
+    # Housekeeping, provider task polling and URL-cache expiry, where this
+    # instance runs them.
     background: list[TimerService]
 
 
@@ -211,9 +272,11 @@ def periodic_jobs(
     housekeeping: Housekeeping | None,
     housekeeping_interval_seconds: float,
     run_provider_tasks: Callable[[], None] | None,
+    url_cache_expiry: UrlCacheExpiry | None = None,
 ) -> PeriodicJobs:
-    """``housekeeping`` and ``run_provider_tasks`` are None where this
-    instance does not run them."""
+    """``housekeeping``, ``run_provider_tasks`` and ``url_cache_expiry``
+    are None where this instance does not run them (the last also when URL
+    previews are off)."""
     background = []
     if housekeeping is not None:
         background.append(
@@ -225,6 +288,16 @@ def periodic_jobs(
                 "provider task polling",
                 PROVIDER_TASKS_INTERVAL_SECONDS,
                 run_provider_tasks,
+                clock,
+            )
+        )
+    if url_cache_expiry is not None:
+        # A failed pass is logged, not the end of its timer.
+        background.append(
+            _timer(
+                "URL cache expiry",
+                URL_CACHE_EXPIRY_INTERVAL_SECONDS,
+                Housekeeping([url_cache_expiry.run]).run,
                 clock,
             )
         )

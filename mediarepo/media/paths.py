@@ -96,9 +96,26 @@ _URL_CACHE_DATED_ID = re.compile(r"\A\d{4}-\d{2}-\d{2}")
 def url_cache_path(media_id: str) -> str:
     """Where a URL-preview download lives: ``url_cache/<date>/<rest>`` for
     Synapse's dated IDs, ``url_cache/ab/cd/rest`` for older ones."""
+    return os.path.join("url_cache", *_url_cache_id_parts(media_id))
+
+
+def _url_cache_id_parts(media_id: str) -> tuple[str, ...]:
     if _URL_CACHE_DATED_ID.match(media_id):
-        return os.path.join("url_cache", _component(media_id[:10]), _component(media_id[11:]))
-    return os.path.join("url_cache", *_split_id(media_id))
+        return _component(media_id[:10]), _component(media_id[11:])
+    return _split_id(media_id)
+
+
+def url_cache_thumbnail_dir(media_id: str) -> str:
+    """The thumbnails of a URL-preview download (``url_cache_thumbnails/...``)."""
+    return os.path.join("url_cache_thumbnails", *_url_cache_id_parts(media_id))
+
+
+def url_cache_thumbnail_path(
+    media_id: str, width: int, height: int, content_type: str, method: str
+) -> str:
+    return os.path.join(
+        url_cache_thumbnail_dir(media_id), thumbnail_file_name(width, height, content_type, method)
+    )
 
 
 def local_thumbnail_dir(media_id: str) -> str:

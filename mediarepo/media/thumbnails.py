@@ -33,6 +33,8 @@ from mediarepo.media.paths import (
     local_thumbnail_path,
     remote_media_path,
     remote_thumbnail_path,
+    url_cache_path,
+    url_cache_thumbnail_path,
 )
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
@@ -152,12 +154,15 @@ class LocalThumbnailSource(ThumbnailSource):
         self.origin = None
         self.pending_key = (LOCAL_ORIGIN, media.media_id)
         self.media_type = media.media_type
-        self.content_path = local_media_path(media.media_id)
+        # A URL preview's download keeps its file and thumbnails apart.
+        self._url_cache = media.url_cache is not None
+        self.content_path = (url_cache_path if self._url_cache else local_media_path)(
+            media.media_id
+        )
 
     def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str:
-        return local_thumbnail_path(
-            self._media.media_id, spec.width, spec.height, spec.type, spec.method
-        )
+        path = url_cache_thumbnail_path if self._url_cache else local_thumbnail_path
+        return path(self._media.media_id, spec.width, spec.height, spec.type, spec.method)
 
     async def rows(self) -> list[ThumbnailInfo]:
         media_id = self._media.media_id
@@ -410,6 +415,20 @@ class ThumbnailProvider:
         # Registered before this returns, so that a thumbnail request coming
         # right after the upload's answer finds it running and waits.
         defer.ensureDeferred(self._pregenerating.run(source.key, pregenerate))
+
+    async def thumbnail_now(self, source: ThumbnailSource) -> SourceSize | None:
+        """Make the configured sizes of new media now, whatever
+        ``dynamic_thumbnails`` says (as Synapse does for the images URL
+        previews download), and return the original's size; ``None`` if it
+        cannot be thumbnailed."""
+        if self._output_type(source.media_type) is None:
+            return None
+        try:
+            size = await self._source_size(source)
+        except ThumbnailError:
+            return None
+        await self._pregenerating.run(source.key, lambda: self._pregenerate(source))
+        return size
 
     def resume_pending(self) -> None:
         """Resume, in the background, the pre-generation other processes

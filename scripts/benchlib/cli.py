@@ -109,6 +109,10 @@ scenarios (default: all, in this order):
                          needs --start-ours or --compare-synapse
   create_put             POST /_matrix/media/v1/create then PUT 4 KiB, 16 connections: pairs/s,
                          p50 of each step (skipped if /create answers 404/405/M_UNRECOGNIZED)
+  preview                GET /_matrix/client/v1/media/preview_url of pages this tool serves on
+                         127.0.0.1 (Open Graph tags, prose, a 1200x630 JPEG): [uncached] a new
+                         page each request, 4 connections; [cached] one page previewed before,
+                         16 connections (skipped if previews are off)
   with --populate only:
   download_populated     GET 4 KiB media, each request another of 10,000 populated ones, 16 conns
   admin_user_media       admin listing of a user with min(100k, N/10) media, pages of 100 at

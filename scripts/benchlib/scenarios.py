@@ -807,6 +807,13 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
     return [measurement.finish(result)]
 
 
+async def preview(target: Target, opts: Options) -> list[Result]:
+    # In its own module (it serves the pages it previews), which imports this one.
+    from benchlib.preview import run_preview
+
+    return await run_preview(target, opts)
+
+
 Scenario = Callable[[Target, Options], Awaitable[list[Result]]]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -821,6 +828,7 @@ SCENARIOS: dict[str, Scenario] = {
     "thumbnail_dynamic": thumbnail_dynamic,
     "thumbnail_cached": thumbnail_cached,
     "create_put": create_put,
+    "preview": preview,
 }
 
 # Scenarios in modules of their own (which import this one, so they come last).
@@ -831,7 +839,13 @@ SCENARIOS["thumbnail_cold"] = thumbnail_cold
 SCENARIOS["remote_fetch"] = remote_fetch
 
 # Scenarios that need Pillow (to make or read JPEGs).
-NEEDS_PILLOW = {"thumbnail_upload", "thumbnail_dynamic", "thumbnail_cached", "thumbnail_cold"}
+NEEDS_PILLOW = {
+    "thumbnail_upload",
+    "thumbnail_dynamic",
+    "thumbnail_cached",
+    "thumbnail_cold",
+    "preview",
+}
 # Scenarios that need an origin on loopback TLS (its certificates and key).
 NEEDS_ORIGIN = {"remote_fetch"}
 # Scenarios that also need pillow-heif or PyAV (to make their sources).

@@ -32,6 +32,12 @@ from benchlib.wrk import install_debian_package
 
 SYNAPSE_PIN = "1.163.2"
 SERVER_NAME = "bench.test"
+# URL previews on (the preview scenario's pages are served on 127.0.0.1,
+# which this blacklist lets through; nothing else is reached).
+PREVIEW_CONFIG = {
+    "url_preview_enabled": True,
+    "url_preview_ip_range_blacklist": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+}
 BENCH_USER = "bench"
 
 
@@ -421,6 +427,7 @@ def setup_ours(
     config["max_upload_size"] = "100M"
     config["max_pending_media_uploads"] = 10000
     config["rc_media_create"] = {"per_second": 100000, "burst_count": 1000000}
+    config.update(PREVIEW_CONFIG)
     config.update(extra_config or {})
     dump_yaml(config_path, config)
     version = run([python, "-c", "import mediarepo; print(mediarepo.__version__)"], timeout=60)
@@ -460,10 +467,15 @@ def setup_ours(
 
 
 def ensure_synapse(venv: str) -> str:
-    """The Python of a virtualenv with matrix-synapse[postgres] (pinned if available);
+    """The Python of a virtualenv with matrix-synapse[postgres,url-preview] (pinned if available);
     creates it on first use."""
     python = os.path.join(venv, "bin", "python")
-    probe = [python, "-c", "import synapse, psycopg2; print(synapse.__version__)"]
+    probe = [
+        python,
+        "-c",
+        "import synapse, psycopg2; from synapse.util.check_dependencies import"
+        " check_requirements; check_requirements('url-preview'); print(synapse.__version__)",
+    ]
     if os.path.exists(python) and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     log(f"installing matrix-synapse[postgres] into {venv} (once)")
@@ -471,10 +483,10 @@ def ensure_synapse(venv: str) -> str:
         run([sys.executable, "-m", "venv", venv], timeout=300)
     pip = [python, "-m", "pip", "install", "-q"]
     try:
-        run([*pip, f"matrix-synapse[postgres]=={SYNAPSE_PIN}"], timeout=1800)
+        run([*pip, f"matrix-synapse[postgres,url-preview]=={SYNAPSE_PIN}"], timeout=1800)
     except RuntimeError as e:
         log(f"matrix-synapse=={SYNAPSE_PIN} could not be installed ({e}); trying the latest")
-        run([*pip, "matrix-synapse[postgres]"], timeout=1800)
+        run([*pip, "matrix-synapse[postgres,url-preview]"], timeout=1800)
     return python
 
 
@@ -531,6 +543,7 @@ def setup_synapse(
             "rc_login": {"address": raised, "account": raised, "failed_attempts": raised},
             "rc_media_create": raised,
             "max_pending_media_uploads": 10000,
+            **PREVIEW_CONFIG,
             **(extra_config or {}),
         }
     )

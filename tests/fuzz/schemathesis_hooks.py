@@ -65,8 +65,8 @@ _UNDOCUMENTED: dict[int, tuple[re.Pattern[str], frozenset[str], str]] = {
     404: (
         re.compile(r"/(download|thumbnail|preview_url)"),
         frozenset({"M_NOT_FOUND", "M_UNRECOGNIZED"}),
-        "unknown media (undocumented on downloads), and URL previews, which this"
-        " server does not offer (Synapse with url_preview_enabled: false)",
+        "unknown media (undocumented on downloads), and URL previews, which the"
+        " test server leaves off (url_preview_enabled: false, the default, as Synapse's)",
     ),
     # The unsupported_method check's requests.
     405: (re.compile(r"."), frozenset({"M_UNRECOGNIZED"}), "a method the path does not take"),

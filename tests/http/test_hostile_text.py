@@ -43,6 +43,8 @@ class Entry:
     token: bool = True
 
 
+# A URL previews refuse without fetching it (its address is blacklisted below).
+_PREVIEWED = "url=http%3A%2F%2F10.0.0.1%2F"
 _LEGACY = {
     "upload": Entry("POST", "upload", ("filename",)),
     "download": Entry(
@@ -55,6 +57,7 @@ _LEGACY = {
         "width=32&height=32", token=False,
     ),
     "config": Entry("GET", "config"),
+    "preview_url": Entry("GET", "preview_url", ("url", "ts"), _PREVIEWED),
 }  # fmt: skip
 _ADMIN_PAGING = ("from", "limit", "order_by", "dir")
 
@@ -77,6 +80,9 @@ TABLE: dict[str, Entry] = {
         ("width", "height", "method", "animated", "timeout_ms"), "width=32&height=32",
     ),
     "/_matrix/client/v1/media:client_config": Entry("GET", "config"),
+    "/_matrix/client/v1/media:client_preview_url": Entry(
+        "GET", "preview_url", ("url", "ts"), _PREVIEWED
+    ),
     # Signed with X-Matrix; the path is read before the signature is checked.
     "/_matrix/federation/v1/media:federation_download": Entry(
         "GET", "download/{media_id}", token=False
@@ -146,6 +152,8 @@ class HostileTextTests(ServerTestMixin):
     extra_config = {
         "max_pending_media_uploads": 10_000,
         "rc_media_create": {"per_second": 10_000, "burst_count": 10_000},
+        "url_preview_enabled": True,
+        "url_preview_ip_range_blacklist": ["10.0.0.0/8"],
     }
 
     async def setUp(self) -> None:  # type: ignore[override]

@@ -89,6 +89,7 @@ class EventTests(ServerTestMixin):
                 MediaEvent.REMOTE_CACHED: 0,
                 MediaEvent.THUMBNAIL_GENERATED: 1,
                 MediaEvent.PURGED: 1,
+                MediaEvent.URL_PREVIEWED: 0,
             },
         )
         # The counter is exported.
