@@ -17,7 +17,7 @@ from collections import OrderedDict
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.errors import Codes, MatrixError
-from mediarepo.storage.users import UserStore
+from mediarepo.storage.user_rows import UserRows
 from mediarepo.values import Requester, TokenLookup
 
 TOKEN_CACHE_SECONDS = 5.0
@@ -31,7 +31,7 @@ def _unknown_token(
 
 
 class Accounts:
-    def __init__(self, users: UserStore, clock: IReactorTime) -> None:
+    def __init__(self, users: UserRows, clock: IReactorTime) -> None:
         self._users = users
         self._clock = clock
         self._cache: OrderedDict[str, tuple[TokenLookup, float]] = OrderedDict()

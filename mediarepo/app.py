@@ -31,7 +31,7 @@ from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.site import MediaSite
 from mediarepo.http.tree import Handlers, build_tree
 from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
-from mediarepo.media.admin import MediaAdmin
+from mediarepo.media.admin_rules import MediaAdmin
 from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.lifecycle import (
     Housekeeping,
@@ -46,33 +46,33 @@ from mediarepo.media.oembed import OEmbedProviders
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.preview_fetch import PreviewDownloader, preview_client_settings
+from mediarepo.media.provider_chain import ProviderChain, ProviderSlot
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import create_provider
-from mediarepo.media.providers.local import LocalMediaStore
+from mediarepo.media.providers.local import LocalFiles
 from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.rooms import RoomMedia
-from mediarepo.media.storage import MediaStorage, ProviderSlot
 from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.media.url_previewer import UrlPreviewer
 from mediarepo.outbound import NameResolver, OutboundClient
 from mediarepo.services import OrderedServices, Outcome, StepService
 from mediarepo.storage.database import Database
-from mediarepo.storage.destinations import DestinationStore
-from mediarepo.storage.keys import KeyStore
-from mediarepo.storage.locks import LockStore
-from mediarepo.storage.media import CONTENT_CHANNEL, MediaStore
-from mediarepo.storage.media_admin import MediaAdminStore
+from mediarepo.storage.destination_rows import DestinationRows
+from mediarepo.storage.key_rows import KeyRows
+from mediarepo.storage.lock_rows import LockRows
+from mediarepo.storage.media_admin_rows import MediaAdminRows
+from mediarepo.storage.media_rows import CONTENT_CHANNEL, MediaRows
 from mediarepo.storage.notifications import CHANGED_CHANNEL, PostgresListener
-from mediarepo.storage.pending_thumbnails import PendingThumbnailStore
-from mediarepo.storage.provider_tasks import ProviderTaskStore
-from mediarepo.storage.quarantine import QuarantineStore
-from mediarepo.storage.rooms import RoomEventStore
+from mediarepo.storage.pending_thumbnail_rows import PendingThumbnailRows
+from mediarepo.storage.provider_task_rows import ProviderTaskRows
+from mediarepo.storage.quarantine_rows import QuarantineRows
+from mediarepo.storage.room_rows import RoomEventRows
 from mediarepo.storage.schema import prepare_database
-from mediarepo.storage.uploads import UploadStore
+from mediarepo.storage.upload_rows import UploadRows
 from mediarepo.storage.url_cache import UrlCacheStore
-from mediarepo.storage.users import UserStore
+from mediarepo.storage.user_rows import UserRows
 from mediarepo.workers import (
     ListeningPorts,
     ListeningSocket,
@@ -130,7 +130,7 @@ class ServerParts:
     # Evicting from the local store, when media_store_max_size is set.
     local_cache: LocalCacheEviction | None
     # The local media store (tests look at it).
-    local_store: LocalMediaStore
+    local_store: LocalFiles
     media_io: ThreadPool
     thumbnail_pool: ThreadPool
 
@@ -295,7 +295,7 @@ class MediaServer(OrderedServices):
         self.add(StepService("database", stop=database.close))
         schema = await prepare_database(database)
 
-        local = LocalMediaStore(
+        local = LocalFiles(
             config.media_store_path,
             media_io,
             reactor,
@@ -305,7 +305,7 @@ class MediaServer(OrderedServices):
         tasks = ProviderTasks(
             {slot.provider.name: slot.provider for slot in slots},
             local,
-            ProviderTaskStore(database),
+            ProviderTaskRows(database),
             reactor,
         )
         local_cache = None
@@ -314,11 +314,11 @@ class MediaServer(OrderedServices):
             # Every worker evicts once its writes take the store over the limit.
             local.on_written = local_cache.note_written
             tasks.on_stored = local_cache.note_copied
-        storage = MediaStorage(local, slots, tasks, reactor)
-        media_store = MediaStore(database)
+        storage = ProviderChain(local, slots, tasks, reactor)
+        media_store = MediaRows(database)
         # A Synapse worker goes by its worker_name in Synapse's tables.
         worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
-        locks = WorkerLocks(LockStore(database), reactor, worker_name)
+        locks = WorkerLocks(LockRows(database), reactor, worker_name)
         thumbnails = ThumbnailProvider(
             storage,
             media_store,
@@ -330,10 +330,10 @@ class MediaServer(OrderedServices):
             pixel_budget=config.thumbnail_pixel_budget,
             formats=config.thumbnail_formats,
             pending=PendingThumbnailWork(
-                PendingThumbnailStore(database), locks.instance_name, reactor
+                PendingThumbnailRows(database), locks.instance_name, reactor
             ),
         )
-        quarantine = QuarantineStore(
+        quarantine = QuarantineRows(
             database,
             schema.quarantine_records,
             worker_name,
@@ -341,7 +341,7 @@ class MediaServer(OrderedServices):
             synapse_owned=schema.synapse_owned,
         )
         backoff = DestinationBackoff(
-            DestinationStore(database), BackoffPolicy.from_config(config.federation), reactor
+            DestinationRows(database), BackoffPolicy.from_config(config.federation), reactor
         )
         federation_client = FederationClient(
             reactor,
@@ -357,13 +357,13 @@ class MediaServer(OrderedServices):
             arrivals, reactor,
         )  # fmt: skip
         uploads = LocalUploads(
-            config, storage, media_store, UploadStore(database), thumbnails, locks,
+            config, storage, media_store, UploadRows(database), thumbnails, locks,
             quarantine, arrivals, reactor,
         )  # fmt: skip
         repository = MediaRepository(
             config, storage, media_store, uploads, thumbnails, remote, arrivals, reactor
         )
-        admin_store = MediaAdminStore(
+        admin_store = MediaAdminRows(
             database, config.server_name, schema.avatar_columns, schema.has_profiles
         )
         purger = MediaPurger(storage, media_store, admin_store, repository.forget_local, reactor)
@@ -371,7 +371,7 @@ class MediaServer(OrderedServices):
             config.server_name, media_store, admin_store, quarantine, purger,
             repository.forget_local,
         )  # fmt: skip
-        room_events = RoomEventStore(database) if schema.has_room_events else None
+        room_events = RoomEventRows(database) if schema.has_room_events else None
         retention = Retention(
             purger,
             repository.access,
@@ -392,9 +392,9 @@ class MediaServer(OrderedServices):
                 },
                 reactor,
             )
-        accounts = Accounts(UserStore(database), reactor)
+        accounts = Accounts(UserRows(database), reactor)
         keyring = Keyring(
-            KeyStore(database),
+            KeyRows(database),
             federation_client,
             signing_keys,
             config.federation.trusted_key_servers,
@@ -494,11 +494,11 @@ class MediaServer(OrderedServices):
     def _previewer(
         self,
         client: OutboundClient,
-        storage: MediaStorage,
+        storage: ProviderChain,
         database: Database,
-        media_store: MediaStore,
+        media_store: MediaRows,
         thumbnails: ThumbnailProvider,
-        quarantine: QuarantineStore,
+        quarantine: QuarantineRows,
         parse_pool: ThreadPool,
     ) -> UrlPreviewer:
         config = self.config
@@ -506,7 +506,7 @@ class MediaServer(OrderedServices):
         downloader = PreviewDownloader(
             client,
             storage,
-            UploadStore(database),
+            UploadRows(database),
             quarantine,
             self.reactor,
             max_size=previews.max_spider_size,
@@ -574,7 +574,7 @@ class MediaServer(OrderedServices):
         ports.serve(index, site, tls)
         return site
 
-    async def _settle_uploads(self, storage: MediaStorage) -> None:
+    async def _settle_uploads(self, storage: ProviderChain) -> None:
         """Let uploads still arriving finish, or roll them back after the grace period."""
         deadline = time.monotonic() + self.shutdown_grace_seconds
         while storage.uploads_in_progress and time.monotonic() < deadline:

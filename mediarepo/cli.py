@@ -228,13 +228,13 @@ async def _register(
     from mediarepo.accounts import new_access_token
     from mediarepo.storage.database import Database
     from mediarepo.storage.schema import prepare_database
-    from mediarepo.storage.users import UserStore
+    from mediarepo.storage.user_rows import UserRows
 
     database = Database(config.database, reactor)
     try:
         await prepare_database(database)
         token = new_access_token(localpart)
-        created = await UserStore(database).register_user(
+        created = await UserRows(database).register_user(
             user_id, token, admin, int(time.time() * 1000)
         )
     finally:

@@ -20,7 +20,7 @@ class Requester:
 
 @attrs.frozen
 class TokenLookup:
-    """The rows behind an access token, as ``storage.users`` reads them."""
+    """The rows behind an access token, as ``storage.user_rows`` reads them."""
 
     user_id: str
     token_id: int

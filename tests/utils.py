@@ -28,7 +28,7 @@ from mediarepo.accounts import new_access_token
 from mediarepo.app import MediaServer, media_server
 from mediarepo.config import Config, parse_config
 from mediarepo.federation.keys import write_new_signing_key
-from mediarepo.storage.users import UserStore
+from mediarepo.storage.user_rows import UserRows
 
 
 def postgres_params() -> dict[str, Any]:
@@ -192,7 +192,7 @@ class ServerTestMixin:
     async def register(self, localpart: str = "alice", admin: bool = False) -> str:
         token = new_access_token(localpart)
         assert self.server.database is not None
-        await UserStore(self.server.database).register_user(
+        await UserRows(self.server.database).register_user(
             f"@{localpart}:{SERVER_NAME}", token, admin, 0
         )
         return token

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from mediarepo.config_federation import FederationConfig
-from mediarepo.storage.destinations import DestinationStore, RetryTimings
+from mediarepo.storage.destination_rows import DestinationRows, RetryTimings
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class DestinationAttempt:
 class DestinationBackoff:
     def __init__(
         self,
-        store: DestinationStore,
+        store: DestinationRows,
         policy: BackoffPolicy,
         clock: Any,
         rng: random.Random | None = None,

@@ -24,7 +24,7 @@ from mediarepo.federation.client import FederationClient, FederationRequestError
 from mediarepo.federation.keys import key_id as name_of_key
 from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
-from mediarepo.storage.keys import KeyStore
+from mediarepo.storage.key_rows import KeyRows
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def verify_keys_of(
 class Keyring:
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyRows,
         client: FederationClient,
         own_signing_keys: Sequence[Any],
         notaries: Sequence[TrustedKeyServer],

@@ -18,9 +18,9 @@ from mediarepo.http.server import (
     route,
 )
 from mediarepo.http.site import MediaRequest
-from mediarepo.media.admin import MediaAdmin
+from mediarepo.media.admin_rules import MediaAdmin
 from mediarepo.media.rooms import RoomMedia
-from mediarepo.storage.media_admin import UsageOrder, UsageQuery, UserMediaOrder
+from mediarepo.storage.media_admin_rows import UsageOrder, UsageQuery, UserMediaOrder
 from mediarepo.values import LocalMedia, RemoteMedia, Requester
 
 E = TypeVar("E", bound=enum.Enum)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.http.auth import Authenticator
+from mediarepo.http.file_response import respond_with_file_or_redirect
 from mediarepo.http.headers import set_media_security_headers
-from mediarepo.http.responder import respond_with_file_or_redirect
 from mediarepo.http.server import query_bool, query_int
 from mediarepo.http.site import MediaRequest
 from mediarepo.identifiers import is_valid_server_name

@@ -20,7 +20,7 @@ from mediarepo.config import ListenerConfig
 from mediarepo.http.admin import AdminHandler, admin_routes
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
-from mediarepo.http.federation import FederationMediaHandler, KeyServerHandler
+from mediarepo.http.federation_api import FederationMediaHandler, KeyServerHandler
 from mediarepo.http.media_config import MediaConfigHandler
 from mediarepo.http.preview import PreviewHandler
 from mediarepo.http.server import PATH_SEGMENT, Directory, Route, Router, route, upload_route

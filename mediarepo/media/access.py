@@ -13,7 +13,7 @@ from prometheus_client import Counter
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.errors import DatabaseUnavailableError
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_rows import MediaRows
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ access_times_written = Counter(
 
 
 class AccessTracker:
-    def __init__(self, media_store: MediaStore, clock: IReactorTime) -> None:
+    def __init__(self, media_store: MediaRows, clock: IReactorTime) -> None:
         self._media_store = media_store
         self._clock = clock
         self._local: dict[str, int] = {}

@@ -40,9 +40,9 @@ from mediarepo.media.paths import (
     url_cache_path,
     url_cache_thumbnail_dir,
 )
-from mediarepo.media.storage import MediaStorage
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
+from mediarepo.media.provider_chain import ProviderChain
+from mediarepo.storage.media_admin_rows import LocalPurgeFilter, MediaAdminRows
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.url_cache import UrlCacheStore
 
 logger = logging.getLogger(__name__)
@@ -62,9 +62,9 @@ class MediaPurger:
 
     def __init__(
         self,
-        storage: MediaStorage,
-        media_store: MediaStore,
-        admin_store: MediaAdminStore,
+        storage: ProviderChain,
+        media_store: MediaRows,
+        admin_store: MediaAdminRows,
         forget_local: Callable[[str], None],
         clock: IReactorTime,
     ) -> None:
@@ -185,7 +185,7 @@ class UrlCacheExpiry:
     def __init__(
         self,
         url_cache: UrlCacheStore,
-        storage: MediaStorage,
+        storage: ProviderChain,
         forget_local: Callable[[str], None],
         clock: IReactorTime,
     ) -> None:

@@ -28,8 +28,8 @@ from prometheus_client import Counter, Gauge
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from mediarepo.media.providers.local import LocalMediaStore
-from mediarepo.media.storage import ProviderSlot
+from mediarepo.media.provider_chain import ProviderSlot
+from mediarepo.media.providers.local import LocalFiles
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _least_recently_read(base: str, count: int) -> list[_File]:
 class LocalCacheEviction:
     def __init__(
         self,
-        local: LocalMediaStore,
+        local: LocalFiles,
         slots: Sequence[ProviderSlot],
         max_size: int,
         clock: IReactorTime,

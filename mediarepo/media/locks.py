@@ -21,7 +21,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.paths import random_letters
-from mediarepo.storage.locks import LockClaim, LockStore, LockToken
+from mediarepo.storage.lock_rows import LockClaim, LockRows, LockToken
 
 R = TypeVar("R")
 
@@ -120,7 +120,7 @@ class HeldLock:
 
 class WorkerLocks:
     def __init__(
-        self, store: LockStore, clock: IReactorTime, worker_name: str = "mediarepo"
+        self, store: LockRows, clock: IReactorTime, worker_name: str = "mediarepo"
     ) -> None:
         self.store = store
         self.clock = clock

@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.locks import instance_is_dead
-from mediarepo.storage.pending_thumbnails import PendingThumbnails, PendingThumbnailStore
+from mediarepo.storage.pending_thumbnail_rows import PendingThumbnailRows, PendingThumbnails
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ _BATCH = 10
 
 
 class PendingThumbnailWork:
-    def __init__(self, store: PendingThumbnailStore, instance_name: str, clock: IReactorTime):
+    def __init__(self, store: PendingThumbnailRows, instance_name: str, clock: IReactorTime):
         self.store = store
         self.instance_name = instance_name
         self._clock = clock

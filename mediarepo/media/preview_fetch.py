@@ -28,8 +28,8 @@ from twisted.web.http_headers import Headers
 from mediarepo.config_preview import UrlPattern, UrlPreviewConfig
 from mediarepo.errors import Codes, MatrixError
 from mediarepo.media.paths import random_letters, url_cache_path
+from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.remote import filename_from_disposition
-from mediarepo.media.storage import MediaStorage
 from mediarepo.outbound import (
     BlockedAddressError,
     BodyReadError,
@@ -40,8 +40,8 @@ from mediarepo.outbound import (
     OutboundResponse,
     OutboundSettings,
 )
-from mediarepo.storage.quarantine import QuarantineStore
-from mediarepo.storage.uploads import KnownContent, NewUpload, UploadStore
+from mediarepo.storage.quarantine_rows import QuarantineRows
+from mediarepo.storage.upload_rows import KnownContent, NewUpload, UploadRows
 from mediarepo.values import LocalMedia
 
 logger = logging.getLogger(__name__)
@@ -170,9 +170,9 @@ class PreviewDownloader:
     def __init__(
         self,
         client: OutboundClient,
-        storage: MediaStorage,
-        uploads: UploadStore,
-        quarantine: QuarantineStore,
+        storage: ProviderChain,
+        uploads: UploadRows,
+        quarantine: QuarantineRows,
         clock: IReactorTime,
         *,
         max_size: int,

@@ -17,8 +17,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.media.providers import StorageProvider
-from mediarepo.media.providers.local import LocalMediaStore
-from mediarepo.storage.provider_tasks import ProviderOperation, ProviderTask, ProviderTaskStore
+from mediarepo.media.providers.local import LocalFiles
+from mediarepo.storage.provider_task_rows import ProviderOperation, ProviderTask, ProviderTaskRows
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ class ProviderTasks:
     def __init__(
         self,
         providers: Mapping[str, StorageProvider],
-        local: LocalMediaStore,
-        store: ProviderTaskStore,
+        local: LocalFiles,
+        store: ProviderTaskRows,
         clock: IReactorTime,
     ) -> None:
         self._providers = providers

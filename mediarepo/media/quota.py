@@ -7,7 +7,7 @@ Two checks keep a user within the quota when uploads run side by side:
   pass a limit, and counted against their next uploads until it ends;
 * when an upload is recorded, the database checks the quota in the same
   step as the insert, serialised per user across processes
-  (``storage.uploads``, in the transaction recording it): that check is the one that
+  (``storage.upload_rows``, in the transaction recording it): that check is the one that
   holds, whatever the other process or a body without a length did.
 
 A refusal is Synapse's: 400 ``M_RESOURCE_LIMIT_EXCEEDED``.
@@ -23,8 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.config import UploadLimit
 from mediarepo.errors import Codes, MatrixError
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.uploads import UploadWindow
+from mediarepo.storage.media_rows import MediaRows
+from mediarepo.storage.upload_rows import UploadWindow
 
 
 def quota_exceeded() -> MatrixError:
@@ -49,7 +49,7 @@ class QuotaHold:
 
 class UploadQuota:
     def __init__(
-        self, limits: tuple[UploadLimit, ...], media_store: MediaStore, clock: IReactorTime
+        self, limits: tuple[UploadLimit, ...], media_store: MediaRows, clock: IReactorTime
     ) -> None:
         self._limits = limits
         self._media_store = media_store

@@ -34,15 +34,15 @@ from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.locks import WorkerLocks
 from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_media_path
 from mediarepo.media.pending import ContentArrivals
+from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.ratelimit import Ratelimiter
-from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
-from mediarepo.storage.locks import LOCK_TIMEOUT_MS
-from mediarepo.storage.media import MediaStore, remote_content_key
-from mediarepo.storage.quarantine import QUARANTINED_BY_SYSTEM, QuarantineStore
+from mediarepo.storage.lock_rows import LOCK_TIMEOUT_MS
+from mediarepo.storage.media_rows import MediaRows, remote_content_key
+from mediarepo.storage.quarantine_rows import QUARANTINED_BY_SYSTEM, QuarantineRows
 from mediarepo.values import RemoteMedia
 
 logger = logging.getLogger(__name__)
@@ -136,11 +136,11 @@ class RemoteMediaCache:
     def __init__(
         self,
         config: Config,
-        storage: MediaStorage,
-        media_store: MediaStore,
+        storage: ProviderChain,
+        media_store: MediaRows,
         client: FederationClient,
         thumbnails: ThumbnailProvider,
-        quarantine: QuarantineStore,
+        quarantine: QuarantineRows,
         locks: WorkerLocks,
         arrivals: ContentArrivals,
         clock: Any,

@@ -1,7 +1,7 @@
 """MediaRepository: the coordinator the HTTP resources call.
 
 It knows the rules (who may see what, when media counts as uploaded) and
-delegates bytes to :class:`MediaStorage`, rows to the storage layer,
+delegates bytes to :class:`ProviderChain`, rows to the storage layer,
 uploads to :class:`LocalUploads` and other servers' media to
 :class:`RemoteMediaCache`.
 """
@@ -27,8 +27,8 @@ from mediarepo.media.paths import (
     url_cache_path,
 )
 from mediarepo.media.pending import ContentArrivals
+from mediarepo.media.provider_chain import ProviderChain, StoredFile
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
-from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from mediarepo.media.thumbnails import (
     METADATA_CACHE_SECONDS,
@@ -39,7 +39,7 @@ from mediarepo.media.thumbnails import (
 )
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.media.uploads import LocalUploads
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.notifications import ALL_MEDIA_CHANGED
 from mediarepo.values import LocalMedia, Requester
 
@@ -59,8 +59,8 @@ class MediaRepository:
     def __init__(
         self,
         config: Config,
-        storage: MediaStorage,
-        media_store: MediaStore,
+        storage: ProviderChain,
+        media_store: MediaRows,
         uploads: LocalUploads,
         thumbnails: ThumbnailProvider,
         remote: RemoteMediaCache,
@@ -243,7 +243,7 @@ class MediaRepository:
     ) -> str | None:
         """Where a client that allows redirects may fetch ``file`` (of media
         already found visible), with these headers; see
-        :meth:`MediaStorage.redirect_url`."""
+        :meth:`ProviderChain.redirect_url`."""
         return await self.storage.redirect_url(file, content_type, content_disposition)
 
     async def get_remote_thumbnail(

@@ -6,15 +6,15 @@ from __future__ import annotations
 import re
 
 from mediarepo.errors import Codes, MatrixError
-from mediarepo.media.admin import MediaAdmin
-from mediarepo.storage.rooms import RoomEventStore
+from mediarepo.media.admin_rules import MediaAdmin
+from mediarepo.storage.room_rows import RoomEventRows
 
 # What Synapse accepts as a media reference in an event.
 _MXC = re.compile(r"\Amxc://([^/]+)/([^/#?]+)\Z")
 
 
 class RoomMedia:
-    def __init__(self, events: RoomEventStore | None, admin: MediaAdmin) -> None:
+    def __init__(self, events: RoomEventRows | None, admin: MediaAdmin) -> None:
         self._events = events
         self._admin = admin
 

@@ -26,7 +26,7 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.providers.local import (
     INTERNAL_STAGING_PREFIXES,
-    LocalMediaStore,
+    LocalFiles,
     in_directory,
 )
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
@@ -41,7 +41,7 @@ class FileExistsInStoreError(Exception):
 class UploadStaging:
     """The uploads being received into the local store's staging directory."""
 
-    def __init__(self, local: LocalMediaStore) -> None:
+    def __init__(self, local: LocalFiles) -> None:
         self._local = local
         self._in_progress: set[UploadSink] = set()
 

@@ -38,9 +38,9 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
+from mediarepo.media.provider_chain import ProviderChain, StoredFile
 from mediarepo.media.responder import Responder
 from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, is_video, source_family
-from mediarepo.media.storage import MediaStorage, StoredFile
 from mediarepo.media.thumbnail_sizes import (
     SourceSize,
     ThumbnailRequest,
@@ -54,8 +54,8 @@ from mediarepo.media.thumbnail_sizes import (
 from mediarepo.media.thumbnailer import ImageTooLargeError, Thumbnailer, ThumbnailError
 from mediarepo.media.video import VideoThumbnailer
 from mediarepo.sharing import SharedWork
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN, PendingThumbnails
+from mediarepo.storage.media_rows import MediaRows
+from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN, PendingThumbnails
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class LocalThumbnailSource(ThumbnailSource):
     def __init__(
         self,
         media: LocalMedia,
-        media_store: MediaStore,
+        media_store: MediaRows,
         row_cache: ExpiringCache[str, list[ThumbnailInfo]] | None = None,
     ) -> None:
         self._media = media
@@ -184,7 +184,7 @@ class LocalThumbnailSource(ThumbnailSource):
 class RemoteThumbnailSource(ThumbnailSource):
     """Remote media, thumbnailed here from the cached original as Synapse does."""
 
-    def __init__(self, media: RemoteMedia, media_store: MediaStore) -> None:
+    def __init__(self, media: RemoteMedia, media_store: MediaRows) -> None:
         self._media = media
         self._media_store = media_store
         self.key = f"{media.media_origin}/{media.media_id}"
@@ -218,8 +218,8 @@ class ThumbnailProvider:
 
     def __init__(
         self,
-        storage: MediaStorage,
-        media_store: MediaStore,
+        storage: ProviderChain,
+        media_store: MediaRows,
         threadpool: ThreadPool,
         reactor: Any,  # its clock and its threads
         *,

@@ -19,22 +19,22 @@ from mediarepo.media.events import MediaEvent, emit
 from mediarepo.media.locks import HeldLock, WorkerLocks
 from mediarepo.media.paths import is_valid_media_id, local_media_path, random_media_id
 from mediarepo.media.pending import ContentArrivals
+from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.quota import QuotaHold, UploadQuota, quota_exceeded
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.staging import FileExistsInStoreError
-from mediarepo.media.storage import MediaStorage
 from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.pending_thumbnails import LOCAL_ORIGIN
-from mediarepo.storage.quarantine import QuarantineStore
-from mediarepo.storage.uploads import (
+from mediarepo.storage.media_rows import MediaRows
+from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
+from mediarepo.storage.quarantine_rows import QuarantineRows
+from mediarepo.storage.upload_rows import (
     KnownContent,
     NewUpload,
     ReservationGoneError,
     StoredUpload,
     UploadOverQuotaError,
-    UploadStore,
+    UploadRows,
 )
 from mediarepo.values import LocalMedia, Requester
 
@@ -55,12 +55,12 @@ class LocalUploads:
     def __init__(
         self,
         config: Config,
-        storage: MediaStorage,
-        media_store: MediaStore,
-        uploads: UploadStore,
+        storage: ProviderChain,
+        media_store: MediaRows,
+        uploads: UploadRows,
         thumbnails: ThumbnailProvider,
         locks: WorkerLocks,
-        quarantine: QuarantineStore,
+        quarantine: QuarantineRows,
         arrivals: ContentArrivals,
         clock: IReactorTime,
     ) -> None:
@@ -225,7 +225,7 @@ class LocalUploads:
         a reservation; returns its mxc URI.
 
         The storage layer records it in one transaction with our file
-        placement step inside (see ``storage/uploads.py`` for the order
+        placement step inside (see ``storage/upload_rows.py`` for the order
         that makes it crash-safe). Storage providers that keep copies get
         the file between placing it and recording it, in a second trip.
         """

@@ -37,7 +37,7 @@ from mediarepo.media.preview_fetch import (
 from mediarepo.media.preview_html import parse_html, parse_open_graph
 from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
 from mediarepo.sharing import SharedWork
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.url_cache import CachedPreview, UrlCacheStore
 from mediarepo.values import Requester
 
@@ -108,7 +108,7 @@ class UrlPreviewer:
         downloader: PreviewDownloader,
         oembed: OEmbedProviders,
         url_cache: UrlCacheStore,
-        media_store: MediaStore,
+        media_store: MediaRows,
         thumbnails: ThumbnailProvider,
         parse_pool: ThreadPool,
         reactor: IReactorFromThreads,

@@ -30,7 +30,7 @@ from mediarepo.media.paths import (
 )
 from mediarepo.media.providers.s3 import S3Provider
 from mediarepo.storage.database import Database
-from mediarepo.storage.media_admin import MediaAdminStore
+from mediarepo.storage.media_admin_rows import MediaAdminRows
 from mediarepo.tools import format_bytes, load_s3_setup
 
 _PAGE = 500
@@ -66,7 +66,7 @@ def _files_of(base: str, content: str, thumbnail_dir: str) -> list[tuple[str, in
 
 async def prune(
     base: str,
-    store: MediaAdminStore,
+    store: MediaAdminRows,
     provider: S3Provider,
     before_ts: int,
     *,
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary = await prune(
                 config.media_store_path,
-                MediaAdminStore(database, config.server_name, (), False),
+                MediaAdminRows(database, config.server_name, (), False),
                 provider,
                 before_ts,
                 local=entry.store_local,

@@ -22,7 +22,7 @@ from mediarepo.federation.client import (
     NotRetryingDestination,
 )
 from mediarepo.outbound import OutboundRequestError
-from mediarepo.storage.destinations import DestinationStore
+from mediarepo.storage.destination_rows import DestinationRows
 from mediarepo.storage.schema import prepare_database
 from tests.storage.test_database import DatabaseFixture
 from tests.utils import on_both_databases
@@ -106,7 +106,7 @@ class DestinationBackoffTests(DatabaseFixture):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.backoff = DestinationBackoff(
-            DestinationStore(self.database), POLICY, self.clock, _FixedJitter(1.0)
+            DestinationRows(self.database), POLICY, self.clock, _FixedJitter(1.0)
         )
 
     async def row(self, destination: str = "down.test") -> Any:
@@ -242,7 +242,7 @@ class ClientBackoffTests(DatabaseFixture):
             generate_signing_key("a"),
             config.federation,
             backoff=DestinationBackoff(
-                DestinationStore(self.database), POLICY, self.clock, _FixedJitter(1.0)
+                DestinationRows(self.database), POLICY, self.clock, _FixedJitter(1.0)
             ),
         )
         self.addCleanup(lambda: defer.ensureDeferred(self.client.close()))

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from mediarepo.http.responder import ByteRange, UnsatisfiableRange, parse_range
+from mediarepo.http.file_response import ByteRange, UnsatisfiableRange, parse_range
 from tests.fuzz.strategies import hostile_text
 
 sizes = st.integers(0, 10**12)

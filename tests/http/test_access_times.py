@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from mediarepo.app import MediaServer
-from mediarepo.storage.media import MediaStore
+from mediarepo.storage.media_rows import MediaRows
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -43,7 +43,7 @@ class AccessTimeTests(ServerTestMixin):
         token = await self.register()
         media_id = await self.upload(token, b"read me")
         assert self.server.database is not None
-        store = MediaStore(self.server.database)
+        store = MediaRows(self.server.database)
         await store.update_access_times({media_id: 2_000}, {})
         await store.update_access_times({media_id: 1_000}, {})
         self.assertEqual(await self.last_access(self.server, media_id), 2_000)

@@ -18,7 +18,7 @@ from mediarepo.config import parse_config
 from mediarepo.federation.keys import load_signing_keys, write_new_signing_key
 from mediarepo.federation.signing import sign_request
 from mediarepo.media.events import MediaEvent, media_events
-from mediarepo.storage.users import UserStore
+from mediarepo.storage.user_rows import UserRows
 from tests import images
 from tests.processes import free_port
 from tests.tls import TestCA
@@ -99,7 +99,7 @@ class FederationTestMixin:
     async def register(self, peer: Peer, localpart: str) -> str:
         token = new_access_token(localpart)
         assert peer.server.database is not None
-        await UserStore(peer.server.database).register_user(
+        await UserRows(peer.server.database).register_user(
             f"@{localpart}:{peer.name}", token, False, 0
         )
         return token

@@ -11,7 +11,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mediarepo.media.cache import SmallFileCache
-from mediarepo.media.providers.local import LocalMediaStore, in_directory
+from mediarepo.media.providers.local import LocalFiles, in_directory
 
 
 class DirectoryTests(unittest.TestCase):
@@ -37,7 +37,7 @@ class DirectoryTests(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(directory, "efgh")))
 
     def test_deletion_removes_what_it_empties(self) -> None:
-        store = LocalMediaStore(self.base, ThreadPool(), Clock())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, ThreadPool(), Clock())  # type: ignore[arg-type]
         kept = os.path.join(self.base, "local_content", "ab", "xy", "kept")
         gone = os.path.join(self.base, "local_content", "ab", "cd", "gone")
         remote = os.path.join(self.base, "remote_content", "other.example", "ab", "cd", "file")
@@ -73,7 +73,7 @@ class DirectoryTests(unittest.TestCase):
             def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
                 f(*args, **kw)
 
-        store = LocalMediaStore(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
         files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
         directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
         kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")

@@ -18,7 +18,7 @@ from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.engines import PostgresEngine
-from mediarepo.storage.locks import LockClaim, LockStore, LockToken
+from mediarepo.storage.lock_rows import LockClaim, LockRows, LockToken
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
@@ -443,7 +443,7 @@ class LockCommitTests(DatabaseFixture, unittest.TestCase):
 
     async def test_setting_ends_with_the_lock_transaction(self) -> None:
         await prepare_database(self.database)
-        locks = LockStore(self.database)
+        locks = LockRows(self.database)
         claim = LockClaim(LockToken("n", "k", "t"), "main", 1, lambda _: False)
         self.assertTrue(await locks.take(claim))
         rows = await self.database.run_query("t", "SHOW synchronous_commit")

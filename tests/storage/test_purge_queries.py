@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mediarepo.storage.database import Row, Transaction
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.media_admin import LocalPurgeFilter, MediaAdminStore
+from mediarepo.storage.media_admin_rows import LocalPurgeFilter, MediaAdminRows
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.schema import prepare_database
 from tests.storage.test_database import DatabaseFixture
 from tests.utils import on_both_databases
@@ -22,10 +22,10 @@ class PurgeQueryTests(DatabaseFixture):
     async def setUp(self) -> None:  # type: ignore[override]
         super().setUp()
         state = await prepare_database(self.database)
-        self.admin_store = MediaAdminStore(
+        self.admin_store = MediaAdminRows(
             self.database, "db.test", state.avatar_columns, state.has_profiles
         )
-        self.media_store = MediaStore(self.database)
+        self.media_store = MediaRows(self.database)
         local = [
             # (media ID, created, last read, length)
             ("oldunread", BEFORE - 50, None, 10),

@@ -1,4 +1,4 @@
-"""Recording an upload (storage/uploads.py): one transaction with the
+"""Recording an upload (storage/upload_rows.py): one transaction with the
 caller's file placement inside it, rolled back as a whole when refused."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ from typing import Any
 
 import attrs
 
-from mediarepo.storage.locks import LockClaim, LockToken
-from mediarepo.storage.pending_thumbnails import PendingThumbnails
+from mediarepo.storage.lock_rows import LockClaim, LockToken
+from mediarepo.storage.pending_thumbnail_rows import PendingThumbnails
 from mediarepo.storage.schema import prepare_database
-from mediarepo.storage.uploads import (
+from mediarepo.storage.upload_rows import (
     KnownContent,
     NewUpload,
     ReservationGoneError,
     UploadOverQuotaError,
-    UploadStore,
+    UploadRows,
     UploadWindow,
 )
 from mediarepo.values import LocalMedia
@@ -48,9 +48,9 @@ def _owed(media_id: str) -> PendingThumbnails:
 
 @on_both_databases
 class UploadStoreTests(DatabaseFixture):
-    async def _ready(self) -> UploadStore:
+    async def _ready(self) -> UploadRows:
         await prepare_database(self.database)
-        return UploadStore(self.database)
+        return UploadRows(self.database)
 
     async def _rows(self, sql: str) -> list[tuple[Any, ...]]:
         return await self.database.run_query("t", sql)

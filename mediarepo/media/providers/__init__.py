@@ -12,7 +12,7 @@ from mediarepo.media.responder import Responder
 
 
 class StorageProvider(abc.ABC):
-    """One place media bytes can live; :class:`MediaStorage` chains them."""
+    """One place media bytes can live; :class:`ProviderChain` chains them."""
 
     # Identifies the provider in logs and in the queue of pending copies.
     name: str

@@ -49,7 +49,7 @@ STAGING_DIR = ".mediarepo_tmp"
 INTERNAL_STAGING_PREFIXES = frozenset({"generated", "incoming"})
 
 
-class LocalMediaStore(StorageProvider):
+class LocalFiles(StorageProvider):
     name = "local"
 
     def __init__(
@@ -239,7 +239,7 @@ class LocalMediaStore(StorageProvider):
 
 
 class _BringBackResponder(Responder):
-    def __init__(self, inner: Responder, local: LocalMediaStore, relative_path: str) -> None:
+    def __init__(self, inner: Responder, local: LocalFiles, relative_path: str) -> None:
         self._inner = inner
         self._local = local
         self._relative_path = relative_path

@@ -6,7 +6,10 @@ from typing import Any
 
 from mediarepo.storage.database import Database, Row, Transaction
 from mediarepo.storage.notifications import announce_changed_txn
-from mediarepo.storage.pending_thumbnails import PendingThumbnails, record_pending_thumbnails_txn
+from mediarepo.storage.pending_thumbnail_rows import (
+    PendingThumbnails,
+    record_pending_thumbnails_txn,
+)
 from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
 
 # The PostgreSQL NOTIFY channel on which completed async uploads are announced.
@@ -69,7 +72,7 @@ class _AlreadyRecorded(Exception):
     """Rolls back the recording of media that another process recorded first."""
 
 
-class MediaStore:
+class MediaRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

@@ -12,7 +12,7 @@ from mediarepo.storage.database import Database, Transaction
 _PAGE = 100
 
 
-class RoomEventStore:
+class RoomEventRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

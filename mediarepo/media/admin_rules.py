@@ -8,15 +8,15 @@ from collections.abc import Callable
 
 from mediarepo.errors import Codes, MatrixError, NotFoundError
 from mediarepo.media.lifecycle import MediaPurger
-from mediarepo.storage.media import MediaStore
-from mediarepo.storage.media_admin import (
+from mediarepo.storage.media_admin_rows import (
     LocalPurgeFilter,
-    MediaAdminStore,
+    MediaAdminRows,
     UsageQuery,
     UserMediaOrder,
     UserUsage,
 )
-from mediarepo.storage.quarantine import QuarantineChange, QuarantineResult, QuarantineStore
+from mediarepo.storage.media_rows import MediaRows
+from mediarepo.storage.quarantine_rows import QuarantineChange, QuarantineResult, QuarantineRows
 from mediarepo.storage.schema import QuarantineRecords
 from mediarepo.values import LocalMedia, RemoteMedia
 
@@ -41,9 +41,9 @@ class MediaAdmin:
     def __init__(
         self,
         server_name: str,
-        media_store: MediaStore,
-        admin_store: MediaAdminStore,
-        quarantine_store: QuarantineStore,
+        media_store: MediaRows,
+        admin_store: MediaAdminRows,
+        quarantine_store: QuarantineRows,
         purger: MediaPurger,
         forget_local: Callable[[str], None],
     ) -> None:

@@ -9,18 +9,18 @@ from typing import Any
 
 from mediarepo.http.auth import FederationAuthenticator
 from mediarepo.http.download import parse_timeout_ms
-from mediarepo.http.headers import content_disposition, thumbnail_content_disposition
-from mediarepo.http.responder import (
+from mediarepo.http.file_response import (
     redirect_location,
     respond_with_multipart,
     respond_with_multipart_redirect,
 )
+from mediarepo.http.headers import content_disposition, thumbnail_content_disposition
 from mediarepo.http.server import respond_json
 from mediarepo.http.site import MediaRequest
 from mediarepo.http.thumbnail import parse_thumbnail_request
+from mediarepo.media.provider_chain import StoredFile
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.storage import StoredFile
 
 
 class FederationMediaHandler:

@@ -6,7 +6,7 @@ from mediarepo.storage.database import Database, Transaction
 from mediarepo.values import TokenLookup
 
 
-class UserStore:
+class UserRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

@@ -8,7 +8,7 @@ import enum
 import attrs
 
 from mediarepo.storage.database import Database, Transaction
-from mediarepo.storage.media import LOCAL_MEDIA_COLUMNS, local_media_from_row
+from mediarepo.storage.media_rows import LOCAL_MEDIA_COLUMNS, local_media_from_row
 from mediarepo.values import LocalMedia
 
 
@@ -72,7 +72,7 @@ class UserUsage:
     media_length: int
 
 
-class MediaAdminStore:
+class MediaAdminRows:
     def __init__(
         self,
         database: Database,

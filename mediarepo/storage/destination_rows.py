@@ -19,7 +19,7 @@ class RetryTimings:
     retry_interval: int
 
 
-class DestinationStore:
+class DestinationRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

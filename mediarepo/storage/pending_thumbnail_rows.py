@@ -36,7 +36,7 @@ def record_pending_thumbnails_txn(t: Transaction, owed: PendingThumbnails) -> No
     )  # fmt: skip
 
 
-class PendingThumbnailStore:
+class PendingThumbnailRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

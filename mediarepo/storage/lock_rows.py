@@ -37,7 +37,7 @@ class LockClaim:
     holder_is_dead: Callable[[str], bool]
 
 
-class LockStore:
+class LockRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

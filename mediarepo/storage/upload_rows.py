@@ -19,10 +19,13 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from mediarepo.storage.database import Database, Transaction
-from mediarepo.storage.locks import LockClaim, LockToken, release_lock_txn, take_lock_txn
-from mediarepo.storage.media import announce_content_txn, get_local_media_txn
-from mediarepo.storage.pending_thumbnails import PendingThumbnails, record_pending_thumbnails_txn
-from mediarepo.storage.quarantine import HASH_QUARANTINED_SQL, QUARANTINED_BY_SYSTEM
+from mediarepo.storage.lock_rows import LockClaim, LockToken, release_lock_txn, take_lock_txn
+from mediarepo.storage.media_rows import announce_content_txn, get_local_media_txn
+from mediarepo.storage.pending_thumbnail_rows import (
+    PendingThumbnails,
+    record_pending_thumbnails_txn,
+)
+from mediarepo.storage.quarantine_rows import HASH_QUARANTINED_SQL, QUARANTINED_BY_SYSTEM
 from mediarepo.values import LocalMedia
 
 
@@ -197,7 +200,7 @@ class StoredUpload:
 PlaceFile = Callable[[KnownContent], bool]
 
 
-class UploadStore:
+class UploadRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

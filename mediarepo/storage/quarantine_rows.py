@@ -52,7 +52,7 @@ class QuarantineResult:
         return len(self.local) + len(self.remote)
 
 
-class QuarantineStore:
+class QuarantineRows:
     def __init__(
         self,
         database: Database,

@@ -1,4 +1,4 @@
-"""MediaStorage: the chain of storage providers, local store first.
+"""ProviderChain: the chain of storage providers, local store first.
 
 Callers ask for files by their store-relative path and never learn which
 provider answered. Writes go to the local store, then to each configured
@@ -23,11 +23,11 @@ from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.paths import is_local_path, is_remote_path
 from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers import StorageProvider
-from mediarepo.media.providers.local import LocalMediaStore
+from mediarepo.media.providers.local import LocalFiles
 from mediarepo.media.responder import Responder
 from mediarepo.media.staging import UploadStaging
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
-from mediarepo.storage.provider_tasks import ProviderOperation
+from mediarepo.storage.provider_task_rows import ProviderOperation
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class StorageUnavailableError(MatrixError):
 class StoredFile:
     """Bytes to answer with, known from their row and not yet opened: where
     they are in the provider chain and how long they are. A client may be
-    sent to a provider's copy of them (:meth:`MediaStorage.redirect_url`)
+    sent to a provider's copy of them (:meth:`ProviderChain.redirect_url`)
     without anything being read here; only serving them opens them."""
 
     relative_path: str
@@ -78,10 +78,10 @@ class ProviderSlot:
         return False  # URL previews stay local, as in Synapse
 
 
-class MediaStorage:
+class ProviderChain:
     def __init__(
         self,
-        local: LocalMediaStore,
+        local: LocalFiles,
         slots: Sequence[ProviderSlot],
         tasks: ProviderTasks,
         clock: IReactorTime,

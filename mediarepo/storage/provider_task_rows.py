@@ -25,7 +25,7 @@ class ProviderTask:
     due_ts: int = 0
 
 
-class ProviderTaskStore:
+class ProviderTaskRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

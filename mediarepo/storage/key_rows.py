@@ -15,7 +15,7 @@ class StoredKeyResponse:
     key_json: bytes
 
 
-class KeyStore:
+class KeyRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 

@@ -27,9 +27,9 @@ from mediarepo.http.headers import (
 from mediarepo.http.sendfile import can_sendfile, send_file
 from mediarepo.http.server import respond_error
 from mediarepo.http.site import MediaRequest
+from mediarepo.media.provider_chain import StoredFile
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.responder import FileResponder, Responder, bytes_served
-from mediarepo.media.storage import StoredFile
 
 logger = logging.getLogger(__name__)
 
