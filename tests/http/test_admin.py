@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from mediarepo.media.paths import local_media_path, remote_media_path
-from mediarepo.storage import quarantine as quarantine_module
+from mediarepo.storage import quarantine_rows as quarantine_module
 from tests import images
 from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
 
