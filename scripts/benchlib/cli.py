@@ -115,8 +115,10 @@ scenarios (default: all, in this order):
                          16 connections (skipped if previews are off)
   with --populate only:
   download_populated     GET 4 KiB media, each request another of 10,000 populated ones, 16 conns
-  admin_user_media       admin listing of a user with min(100k, N/10) media, pages of 100 at
-                         random offsets: newest first, the deepest tenth, by size; 4 conns
+  admin_user_media       admin listing of a user's media, pages of 100 at random offsets:
+                         newest first, the deepest tenth, by size; 4 conns. First a user with
+                         1,000 media at every N (the p99 ratio between populations), then
+                         [heavy_*] one with min(100k, N/10) media
   purge_stale            POST media/delete then purge_media_cache of min(100k, N/10) stale local
                          and remote media each (Synapse: 2,000 of them; it deletes one at a
                          time): rows/s, and downloads (8 connections) meanwhile

@@ -30,11 +30,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Bumped whenever what is populated changes: an older template is rebuilt.
-FORMAT = 3
+FORMAT = 4
 DAY_MS = 86_400_000
 SERVER_NAME = "bench.test"
 BENCH_USER = f"@bench:{SERVER_NAME}"
 HEAVY_USER = f"@heavy:{SERVER_NAME}"
+# A user with the same number of media at every population, spread over the
+# table as an ordinary user's uploads are: how the admin listing's time
+# follows the table's size alone (the heavy user's media grow with N).
+LISTED_USER = f"@listed:{SERVER_NAME}"
+LISTED_COUNT = 1000
 # Fresh media with files on disk and an exact small size in its row, for downloads.
 SAMPLE_SIZE = 10_000
 SAMPLE_LENGTH = 4096
@@ -69,6 +74,8 @@ class Population:
     stale_remote: int
     heavy_user: str
     heavy_count: int
+    listed_user: str
+    listed_count: int
     users: int
     bench_token: str
     sample_media: list[str]
@@ -316,7 +323,7 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     bench_token = "syt_bench_" + _ids(rng, 1, 30)[0]
     user_ids = [f"@user{i}:{SERVER_NAME}" for i in range(user_count)]
     for index, (user_id, admin) in enumerate(
-        [(BENCH_USER, 1), (HEAVY_USER, 0)] + [(u, 0) for u in user_ids]
+        [(BENCH_USER, 1), (HEAVY_USER, 0), (LISTED_USER, 0)] + [(u, 0) for u in user_ids]
     ):
         users.add(user_id, now_ms // 1000 - 1000 * 86400, admin, 0, 0)
         token = bench_token if user_id == BENCH_USER else f"syt_pop_{index}_{_ids(rng, 1, 20)[0]}"
@@ -340,7 +347,11 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     media_ids = _ids(rng, n)
     hashes: list[str] = []
     sample: list[str] = []
-    # Rows in created_ts order: the stale first, then the heavy user's, then the rest.
+    # The stale media first, then the heavy user's, then the rest, among
+    # which the listed user's every listed_stride-th row.
+    listed_first = stale_count + heavy_count
+    listed_stride = max(1, (n - listed_first) // LISTED_COUNT)
+    listed_count = 0
     for i, media_id in enumerate(media_ids):
         stale = i < stale_count
         if stale:
@@ -348,10 +359,20 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
             user = user_ids[int(rng.random() ** 3 * user_count)]
         else:
             created = stale_before + rng.randrange(1, 690 * DAY_MS)
-            user = HEAVY_USER if i < stale_count + heavy_count else None
-            user = user or user_ids[int(rng.random() ** 3 * user_count)]
+            if i < listed_first:
+                user = HEAVY_USER
+            elif (i - listed_first) % listed_stride == 0 and listed_count < LISTED_COUNT:
+                user = LISTED_USER
+                listed_count += 1
+            else:
+                user = user_ids[int(rng.random() ** 3 * user_count)]
         media_type, length, thumbs = _kind(rng)
-        in_sample = not stale and user != HEAVY_USER and len(sample) < SAMPLE_SIZE and i % 7 == 0
+        in_sample = (
+            not stale
+            and user not in (HEAVY_USER, LISTED_USER)
+            and len(sample) < SAMPLE_SIZE
+            and i % 7 == 0
+        )
         if in_sample:
             sample.append(media_id)
             length = SAMPLE_LENGTH
@@ -448,6 +469,8 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
         stale_remote=stale_count,
         heavy_user=HEAVY_USER,
         heavy_count=heavy_count,
+        listed_user=LISTED_USER,
+        listed_count=listed_count,
         users=users.rows,
         bench_token=bench_token,
         sample_media=sample,
