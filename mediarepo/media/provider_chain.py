@@ -312,15 +312,13 @@ class ProviderChain:
     async def delete(self, relative_path: str) -> None:
         await self.delete_many([relative_path], [])
 
-    async def delete_local(self, relative_paths: list[str]) -> None:
-        """Delete files from the local store only (URL previews, which only
-        it keeps; a host's copy of media deleted through another host)."""
-        await self._local.delete_many(relative_paths, [])
-
-    async def delete_local_directory(self, relative_path: str) -> None:
-        """Delete a directory from the local store only (URL previews'
-        thumbnails; a host's thumbnails of media deleted through another host)."""
-        await self._local.delete_directory(relative_path)
+    async def delete_local(
+        self, relative_paths: Sequence[str], directories: Sequence[str] = ()
+    ) -> None:
+        """Delete files and directories from the local store only, in one
+        job of its pool (URL previews and their thumbnails, which only it
+        keeps; a host's copy of media deleted through another host)."""
+        await self._local.delete_many(relative_paths, directories)
 
     async def delete_directory(self, relative_path: str) -> None:
         await self.delete_many([], [relative_path])
