@@ -4,13 +4,16 @@ removed when a deletion empties them (never the store's top-level ones)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mediarepo.media.cache import SmallFileCache
+from mediarepo.media.providers import local
 from mediarepo.media.providers.local import LocalFiles, in_directory
 
 
@@ -57,25 +60,40 @@ class DirectoryTests(unittest.TestCase):
             sorted(os.listdir(self.base)), [".mediarepo_tmp", "local_content", "remote_content"]
         )
 
-    def test_delete_many_in_one_pool_job(self) -> None:
-        # A purge's batch of files and thumbnail directories goes in a
-        # single job of the pool, not several per media.
-        jobs: list[object] = []
+    def counting_store(
+        self, run_at_once: bool = True
+    ) -> tuple[LocalFiles, list[Callable[[], None]]]:
+        """A store whose pool lists its jobs and, unless told not to, runs
+        each at once on this thread (else each when called)."""
+        jobs: list[Callable[[], None]] = []
 
         class CountingPool(ThreadPool):
-            """Runs each job at once, on this thread, counting them."""
-
             def callInThreadWithCallback(self, onResult, func, *args, **kw):  # type: ignore[no-untyped-def]
-                jobs.append(func)
-                onResult(True, func(*args, **kw))
+                def job() -> None:
+                    try:
+                        result = func(*args, **kw)
+                    except Exception:
+                        onResult(False, Failure())
+                    else:
+                        onResult(True, result)
+
+                jobs.append(job)
+                if run_at_once:
+                    job()
 
         class ImmediateReactor(Clock):
             def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
                 f(*args, **kw)
 
         store = LocalFiles(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
-        files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
-        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
+        jobs.clear()
+        return store, jobs
+
+    def make_media(self, count: int) -> tuple[list[str], list[str], str]:
+        """``count`` media's content files and thumbnail directories (relative
+        paths), and a file beside them that stays (absolute)."""
+        files = [f"local_content/ab/c{i}/efgh" for i in range(count)]
+        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(count)]
         kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")
         for relative in [*files, *(d + "/32-32-image-jpeg-crop" for d in directories)]:
             path = os.path.join(self.base, relative)
@@ -83,16 +101,57 @@ class DirectoryTests(unittest.TestCase):
             open(path, "wb").close()
         os.makedirs(os.path.dirname(kept))
         open(kept, "wb").close()
+        return files, directories, kept
+
+    def assert_only_kept_left(self, kept: str) -> None:
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
+        self.assertTrue(os.path.isfile(kept))
+
+    def test_delete_many_in_one_pool_job(self) -> None:
+        # A few media's files and thumbnail directories go in a single job
+        # of the pool, not several per media.
+        files, directories, kept = self.make_media(3)
+        store, jobs = self.counting_store()
         # One missing file does not stop the rest.
         files.append("local_content/ab/qq/missing")
-        jobs.clear()
 
         self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
 
         self.assertEqual(len(jobs), 1)
-        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
-        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
-        self.assertTrue(os.path.isfile(kept))
+        self.assert_only_kept_left(kept)
+
+    def test_large_deletion_split_between_jobs(self) -> None:
+        self.patch(local, "DELETE_JOB_PATHS", 4)
+        files, directories, kept = self.make_media(30)
+        store, jobs = self.counting_store()
+
+        self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
+
+        self.assertEqual(len(jobs), local.DELETE_JOBS)
+        self.assert_only_kept_left(kept)
+
+    def test_failed_job_fails_the_deletion_and_the_others_go_on(self) -> None:
+        self.patch(local, "DELETE_JOB_PATHS", 4)
+        files, _, _ = self.make_media(30)
+        store, jobs = self.counting_store(run_at_once=False)
+        # A directory given as a file: unlink refuses it.
+        os.makedirs(os.path.join(self.base, "local_content", "ab", "dir", "efgh"))
+        paths = ["local_content/ab/dir/efgh", *files]
+
+        deletion = defer.ensureDeferred(store.delete_many(paths, []))
+        self.assertEqual(len(jobs), local.DELETE_JOBS)
+        jobs[0]()
+        # Failed, but it waits for the jobs still running.
+        self.assertNoResult(deletion)
+        for job in jobs[1:]:
+            job()
+        failure = self.failureResultOf(deletion)
+
+        self.assertIsInstance(failure.value, IsADirectoryError)
+        # Left: the files the failed job had after the directory, no other.
+        left = [f for f in files if os.path.exists(os.path.join(self.base, f))]
+        self.assertEqual(left, paths[0 :: local.DELETE_JOBS][1:])
 
 
 class SmallFileCacheTests(unittest.TestCase):
