@@ -328,9 +328,9 @@ class ProviderChain:
         provider through the task queue (at once in the background, retried
         until it is done: a provider that is down never holds up a purge)."""
         await self._local.delete_many(files, directories)
+        if not (files or directories):
+            return
         for provider in self.providers:
             for relative_path in files:
                 self._held.forget((provider.name, relative_path))
-                await self._queue(provider, relative_path, ProviderOperation.DELETE)
-            for relative_path in directories:
-                await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)
+            await self.tasks.queue_deletions(provider, files, directories)
