@@ -169,3 +169,14 @@ class SmallFileCacheTests(unittest.TestCase):
             ["/s/local_thumbnails/ab/cd/efgh", "/s/remote_thumbnail/o.test/ab/cd/ijkl/", "/none"]
         )
         self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
+
+    def test_forget_under_nested_and_look_alike_directories(self) -> None:
+        cache = SmallFileCache(Clock(), 1 << 20, 60.0)
+        kept = ["/s/x-y", "/s/x.z/a", "/s/w/x/a", "/s/xa"]
+        gone = ["/s/x/a", "/s/x/b/c", "/s/x/b-c/d", "/s/x/c", "/s/y/z/a"]
+        for path in kept + gone:
+            cache.put(path, b"x")
+        # Nested (/s/x, /s/x/b), a name that sorts between a directory and
+        # its files (/s/x-y: "-" comes before "/"), a look-alike (/s/xa).
+        cache.forget_under(["/s/x/b", "/s/x-y/", "/s/x", "/s/y/z", "/s/x!"])
+        self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
