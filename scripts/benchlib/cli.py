@@ -37,6 +37,7 @@ from benchlib.scenarios import (
 )
 from benchlib.scenarios_scale import (
     SCALE_SCENARIOS,
+    SYNAPSE_PURGE_ROWS,
     print_population_table,
     tag_population,
     with_purge_plans,
@@ -252,6 +253,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated row counts N: run every scenario on a database populated "
         "with N media (see below); needs --compare-synapse or --start-ours --postgres",
     )
+    run.add_argument(
+        "--purge-rows",
+        type=int,
+        help="with --populate: purge_stale takes at most this many of the stale media of "
+        "each kind from ours (default: all of them, min(100k, N/10)) and from Synapse "
+        f"(default {SYNAPSE_PURGE_ROWS})",
+    )
     args = parser.parse_args(argv)
 
     if args.scenarios == "all":
@@ -279,6 +287,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--duration must be between 1 and 600 seconds")
     if args.connections is not None and not 1 <= args.connections <= 1000:
         parser.error("--connections must be between 1 and 1000")
+    if args.purge_rows is not None and args.purge_rows < 1:
+        parser.error("--purge-rows must be at least 1")
     if not 1 <= args.thumb_count <= 500:
         parser.error("--thumb-count must be between 1 and 500")
     args.populations = []
@@ -477,7 +487,7 @@ def populated(args: argparse.Namespace, n: int) -> object:
         drop_database=postgres.drop,
         database_exists=postgres.exists,
     )
-    return with_purge_plans(population, postgres.dsn())
+    return with_purge_plans(population, postgres.dsn(), args.purge_rows)
 
 
 async def _run_launched(

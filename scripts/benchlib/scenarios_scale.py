@@ -248,13 +248,18 @@ async def purge_stale(target: Target, opts: Options) -> list[Result]:
 SYNAPSE_PURGE_ROWS = 2000
 
 
-def with_purge_plans(population: Population, psql_dsn: dict[str, Any]) -> Population:
+def with_purge_plans(
+    population: Population, psql_dsn: dict[str, Any], most: int | None = None
+) -> Population:
     """``population`` with the purge plan of each server: all its stale
-    media for ours, ``SYNAPSE_PURGE_ROWS`` of them for Synapse."""
+    media for ours, ``SYNAPSE_PURGE_ROWS`` of them for Synapse, or at most
+    ``most`` for both."""
     everything = max(population.stale_local, population.stale_remote)
+    ours = everything if most is None else min(everything, most)
+    synapse = min(everything, SYNAPSE_PURGE_ROWS if most is None else most)
     plans = {
-        "ours": purge_plan(psql_dsn, population, everything),
-        "synapse": purge_plan(psql_dsn, population, min(everything, SYNAPSE_PURGE_ROWS)),
+        "ours": purge_plan(psql_dsn, population, ours),
+        "synapse": purge_plan(psql_dsn, population, synapse),
     }
     return dataclasses.replace(population, purge_plans=plans)
 
