@@ -327,7 +327,7 @@ class FederationLocationTests(FederationTestMixin, unittest.TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.moto = MotoServer(self.workdir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         entry = self.moto.provider_config()
         entry["config"]["download_redirect"] = "presigned"
