@@ -132,7 +132,7 @@ async def serve(site: PreviewSite, interface: str = "127.0.0.1") -> tuple[int, A
     what stops it, every connection cut (a pooled client connection would
     otherwise outlive the test)."""
     tracking = WrappingFactory(Site(site, timeout=None))
-    port: IListeningPort = reactor.listenTCP(0, tracking, interface=interface)  # type: ignore[attr-defined]
+    port: IListeningPort = reactor.listenTCP(0, tracking, interface=interface)
 
     async def stop() -> None:
         site.close_stalled()
@@ -142,4 +142,4 @@ async def serve(site: PreviewSite, interface: str = "127.0.0.1") -> tuple[int, A
         # Let both ends see the connections go.
         await task.deferLater(reactor, 0.05, lambda: None)  # type: ignore[arg-type]
 
-    return port.getHost().port, stop  # type: ignore[attr-defined]
+    return port.getHost().port, stop

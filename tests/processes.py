@@ -82,7 +82,7 @@ class ServerProcesses:
         """Start ``argv``; return once ``port`` accepts connections. Its
         output goes to ``server-N.log`` in the work directory."""
         log = open(os.path.join(self.workdir, f"server-{len(self.processes)}.log"), "wb")
-        self.addCleanup(log.close)  # type: ignore[attr-defined]
+        self.addCleanup(log.close)
         # twistd finds plugins in the twisted/plugins folders on sys.path: the
         # one installed beside mediarepo, or the checkout's in a development
         # (editable) install.

@@ -1,8 +1,10 @@
 """Test harness: a real server on loopback, on SQLite or PostgreSQL.
 
-``on_both_databases`` turns one test class into two runnable ones, ``...Sqlite``
-and ``...Postgres``; the PostgreSQL one gets a database of its own, created
-for the test and dropped after it.
+``ServerTestCase`` and ``DatabaseTestCase`` run on SQLite; a test class runs
+on PostgreSQL too through a subclass of its own that sets ``engine =
+"psycopg2"`` (``class UploadTests(ServerTestCase)``, then ``class
+UploadPostgresTests(UploadTests)``). A PostgreSQL test gets a database of its
+own, created for the test and dropped after it.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import psycopg2
@@ -28,6 +30,7 @@ from mediarepo.accounts import new_access_token
 from mediarepo.app import MediaServer, media_server
 from mediarepo.config import Config, parse_config
 from mediarepo.federation.keys import write_new_signing_key
+from mediarepo.storage.database import Database
 from mediarepo.storage.user_rows import UserRows
 
 
@@ -47,8 +50,6 @@ def postgres_params() -> dict[str, Any]:
 
 POSTGRES_DSN = postgres_params()
 SERVER_NAME = "test.example"
-
-T = TypeVar("T", bound=type)
 
 
 def create_postgres_database() -> str:
@@ -79,19 +80,6 @@ def database_section(
     name = create_postgres_database()
     cleanups.append(lambda: drop_postgres_database(name))
     return {"name": "psycopg2", "args": {"dbname": name, **POSTGRES_DSN, "cp_min": 1, "cp_max": 5}}
-
-
-def on_both_databases(cls: T) -> T:
-    """Register ``<Name>Sqlite`` and ``<Name>Postgres`` test cases for ``cls``."""
-    module = sys.modules[cls.__module__]
-    for suffix, engine in (("Sqlite", "sqlite3"), ("Postgres", "psycopg2")):
-        name = cls.__name__ + suffix
-        setattr(
-            module,
-            name,
-            type(name, (cls, unittest.TestCase), {"engine": engine, "__module__": cls.__module__}),
-        )
-    return cls
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
@@ -131,7 +119,7 @@ class Response:
         return json.loads(self.body)
 
 
-class ServerTestMixin:
+class ServerTestCase(unittest.TestCase):
     """Starts a MediaServer on 127.0.0.1 (a free port) for each test."""
 
     engine = "sqlite3"
@@ -165,13 +153,15 @@ class ServerTestMixin:
     async def start_server(self, **overrides: Any) -> MediaServer:
         server = media_server(self.make_config(**overrides), reactor, **self.server_options)
         # Stopped even if the start fails midway (whatever started stops).
-        self.addCleanup(server.stopService)  # type: ignore[attr-defined]
+        self.addCleanup(server.stopService)
         await server.start()
         self.server = server
         host = server.ports[0].getHost()
         self.base_url = f"http://127.0.0.1:{host.port}"
         return server
 
+    # trial waits for what a set-up returns (here a coroutine); typeshed's
+    # TestCase.setUp returns None, hence the ignore on every async setUp.
     async def setUp(self) -> None:  # type: ignore[override]
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
         self._db_cleanups: list[Callable[[], None]] = []
@@ -179,10 +169,8 @@ class ServerTestMixin:
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         # Cleanups run last-in first-out: the server stops before its database goes.
         for cleanup in self._db_cleanups:
-            self.addCleanup(cleanup)  # type: ignore[attr-defined]
-        import shutil
-
-        self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
+            self.addCleanup(cleanup)
+        self.addCleanup(shutil.rmtree, self.workdir, True)
         await self.start_server()
 
     @property
@@ -233,6 +221,30 @@ class ServerTestMixin:
         prefix = f"mxc://{SERVER_NAME}/"
         assert uri.startswith(prefix), uri
         return str(uri[len(prefix) :])
+
+
+class DatabaseTestCase(unittest.TestCase):
+    """A fresh database (and no server) per test."""
+
+    engine = "sqlite3"
+    database_args: dict[str, Any] = {}
+
+    # Async like ServerTestCase.setUp, so that a subclass's may await.
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        cleanups: list[Callable[[], None]] = []
+        section = database_section(self.engine, self.workdir, cleanups)
+        section["args"].update(self.database_args)
+        for cleanup in cleanups:
+            self.addCleanup(cleanup)
+        self.config = parse_config({"server_name": "db.test", "database": section}, self.workdir)
+        self.database = self.open()
+
+    def open(self) -> Database:
+        database = Database(self.config.database, reactor)
+        self.addCleanup(database.close)
+        return database
 
 
 def raw_exchange(port: int, head: bytes, body_chunks: list[bytes] | None = None) -> bytes:

@@ -24,8 +24,7 @@ from mediarepo.federation.client import (
 from mediarepo.outbound import OutboundRequestError
 from mediarepo.storage.destination_rows import DestinationRows
 from mediarepo.storage.schema import prepare_database
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 MINUTE_MS = 60 * 1000
 DAY_MS = 24 * 60 * MINUTE_MS
@@ -98,10 +97,9 @@ class PolicyTests(unittest.TestCase):
                 parse_config({"server_name": "a.test", **bad}, "/tmp")
 
 
-@on_both_databases
-class DestinationBackoffTests(DatabaseFixture):
+class DestinationBackoffTests(DatabaseTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+        await super().setUp()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -224,12 +222,15 @@ class DestinationBackoffTests(DatabaseFixture):
         self.assertEqual(rows, [(10 * MINUTE_MS, 5)])
 
 
-@on_both_databases
-class ClientBackoffTests(DatabaseFixture):
+class DestinationBackoffPostgresTests(DestinationBackoffTests):
+    engine = "psycopg2"
+
+
+class ClientBackoffTests(DatabaseTestCase):
     """The client does not contact a backed-off server at all."""
 
     async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+        await super().setUp()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -286,6 +287,10 @@ class ClientBackoffTests(DatabaseFixture):
         with self.assertRaises(NotRetryingDestination):
             await self.client.get("127.0.0.1:1", "/x")
         self.assertEqual(len(self.sent), 1)
+
+
+class ClientBackoffPostgresTests(ClientBackoffTests):
+    engine = "psycopg2"
 
 
 class _Answer:

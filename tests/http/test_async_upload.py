@@ -10,10 +10,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange, until
+from tests.utils import SERVER_NAME, ServerTestCase, raw_exchange, until
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -23,7 +22,7 @@ def put_path(media_id: str, server_name: str = SERVER_NAME, query: str = "") -> 
     return f"/_matrix/media/v3/upload/{server_name}/{media_id}{query}"
 
 
-class AsyncUploadMixin(ServerTestMixin):
+class AsyncUploadTestCase(ServerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.token = await self.register()
@@ -51,8 +50,7 @@ class AsyncUploadMixin(ServerTestMixin):
         return await self.server.database.run_query("test", statement, args)
 
 
-@on_both_databases
-class AsyncUploadTests(AsyncUploadMixin):
+class AsyncUploadTests(AsyncUploadTestCase):
     async def test_whole_flow(self) -> None:
         before = int(time.time() * 1000)
         r = await self.create()
@@ -224,7 +222,11 @@ class AsyncUploadTests(AsyncUploadMixin):
         self.assertEqual(sorted(r[0] for r in rows), sorted([kept, filled]))
 
 
-class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
+class AsyncUploadPostgresTests(AsyncUploadTests):
+    engine = "psycopg2"
+
+
+class TwoServersOnePostgresTests(AsyncUploadTestCase):
     """Two servers (as two media workers would be) on one PostgreSQL database
     and media store: the upload lock and the wake-up cross between them."""
 

@@ -8,11 +8,10 @@ import socket
 
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases, until
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase, until
 
 
-@on_both_databases
-class DisconnectTests(ServerTestMixin):
+class DisconnectTests(ServerTestCase):
     def _get_and_leave(self, port: int, path: str, token: str, read: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
@@ -46,3 +45,7 @@ class DisconnectTests(ServerTestMixin):
         r = await self.request("GET", path, token=token)
         self.assertEqual((r.code, len(r.body)), (200, len(data)))
         self.assertEqual([r.getMessage() for r in errors.records], [])
+
+
+class DisconnectPostgresTests(DisconnectTests):
+    engine = "psycopg2"

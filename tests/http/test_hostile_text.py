@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
 from mediarepo.http.server import Router
-from tests.utils import SERVER_NAME, Response, ServerTestMixin, on_both_databases, raw_exchange
+from tests.utils import SERVER_NAME, Response, ServerTestCase, raw_exchange
 
 # Values that are fine, substituted for the parameters not under test.
 VALID = {
@@ -146,8 +146,7 @@ def served_routes(resource: Resource, prefix: str = "") -> set[str]:
     return found
 
 
-@on_both_databases
-class HostileTextTests(ServerTestMixin):
+class HostileTextTests(ServerTestCase):
     # Many reservations are made, one per request into one.
     extra_config = {
         "max_pending_media_uploads": 10_000,
@@ -334,3 +333,7 @@ class HostileTextTests(ServerTestMixin):
                 )
             )
             refused(answer, 400, "M_UNAUTHORIZED", auth)
+
+
+class HostileTextPostgresTests(HostileTextTests):
+    engine = "psycopg2"

@@ -8,13 +8,13 @@ from twisted.internet import defer
 
 from mediarepo.media.paths import local_thumbnail_dir
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 THUMBNAIL = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
 LEGACY_THUMBNAIL = f"/_matrix/media/v3/thumbnail/{SERVER_NAME}"
 
 
-class ThumbnailTestMixin(ServerTestMixin):
+class ThumbnailTestCase(ServerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.token = await self.register()
@@ -32,8 +32,7 @@ class ThumbnailTestMixin(ServerTestMixin):
         return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
 
 
-@on_both_databases
-class PregeneratedThumbnailTests(ThumbnailTestMixin):
+class PregeneratedThumbnailTests(ThumbnailTestCase):
     async def test_synapse_sizes_rows_and_paths(self) -> None:
         media_id = await self.upload(self.token, images.jpeg(1000, 800), "image/jpeg")
         # The thumbnail request waits for pre-generation still under way.
@@ -185,8 +184,11 @@ class PregeneratedThumbnailTests(ThumbnailTestMixin):
             self.assertEqual((r.code, r.header("Content-Type")), (200, "image/png"))
 
 
-@on_both_databases
-class DynamicThumbnailTests(ThumbnailTestMixin):
+class PregeneratedThumbnailPostgresTests(PregeneratedThumbnailTests):
+    engine = "psycopg2"
+
+
+class DynamicThumbnailTests(ThumbnailTestCase):
     extra_config = {"dynamic_thumbnails": True}
 
     def generated(self) -> float:
@@ -245,6 +247,10 @@ class DynamicThumbnailTests(ThumbnailTestMixin):
         self.assertEqual(self.thumbnail_files(media_id), [])
 
 
+class DynamicThumbnailPostgresTests(DynamicThumbnailTests):
+    engine = "psycopg2"
+
+
 def generated_on_demand() -> float:
     from mediarepo.media.thumbnails import thumbnails_generated
 
@@ -256,8 +262,7 @@ def generated_on_demand() -> float:
     )
 
 
-@on_both_databases
-class SpecSelectionTests(ThumbnailTestMixin):
+class SpecSelectionTests(ThumbnailTestCase):
     """The spec's rules with the default ``dynamic_thumbnails: false``: never
     upscaled, never smaller than asked unless the original is, crops of the
     requested aspect, and what no stored size covers made on demand."""
@@ -403,3 +408,7 @@ class SpecSelectionTests(ThumbnailTestMixin):
         jpeg_id = await self.upload(self.token, images.jpeg(100, 80), "image/jpeg")
         r = await self.thumbnail(jpeg_id, "width=32&height=32&method=crop")
         self.assertEqual(r.header("Content-Disposition"), "inline; filename=thumbnail.jpg")
+
+
+class SpecSelectionPostgresTests(SpecSelectionTests):
+    engine = "psycopg2"

@@ -11,14 +11,13 @@ from twisted.internet.threads import deferToThread
 
 from mediarepo.http.site import LARGE_BODY_READ_BYTES, SOCKET_READ_BYTES, MediaRequest
 from mediarepo.media.paths import local_media_path
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
+from tests.utils import SERVER_NAME, ServerTestCase, raw_exchange
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 LEGACY_DOWNLOAD = f"/_matrix/media/v3/download/{SERVER_NAME}"
 
 
-@on_both_databases
-class UploadDownloadTests(ServerTestMixin):
+class UploadDownloadTests(ServerTestCase):
     async def _round_trip(self, data: bytes) -> None:
         token = await self.register()
         media_id = await self.upload(token, data, "application/octet-stream", "blob.bin")
@@ -103,8 +102,11 @@ class UploadDownloadTests(ServerTestMixin):
         self.assertEqual(response.header("Content-Type"), "text/plain; charset=UTF-8")
 
 
-@on_both_databases
-class HeaderTests(ServerTestMixin):
+class UploadDownloadPostgresTests(UploadDownloadTests):
+    engine = "psycopg2"
+
+
+class HeaderTests(ServerTestCase):
     async def _headers(self, content_type: str | None, filename: str | None, suffix: str = ""):
         token = await self.register()
         media_id = await self.upload(token, b"data", content_type, filename)
@@ -180,8 +182,11 @@ class HeaderTests(ServerTestMixin):
         self.assertIn("Authorization", r.header("Access-Control-Allow-Headers") or "")
 
 
-@on_both_databases
-class RangeTests(ServerTestMixin):
+class HeaderPostgresTests(HeaderTests):
+    engine = "psycopg2"
+
+
+class RangeTests(ServerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.token = await self.register()
@@ -244,8 +249,11 @@ class RangeTests(ServerTestMixin):
         self.assertEqual(r.code, 200)
 
 
-@on_both_databases
-class LimitTests(ServerTestMixin):
+class RangePostgresTests(RangeTests):
+    engine = "psycopg2"
+
+
+class LimitTests(ServerTestCase):
     extra_config = {"max_upload_size": "1M"}
 
     def _raw_upload(self, head: bytes, body_chunks: list[bytes]) -> bytes:
@@ -307,8 +315,11 @@ class LimitTests(ServerTestMixin):
             self.assertEqual((r.code, r.json()), (200, {"m.upload.size": 1024 * 1024}))
 
 
-@on_both_databases
-class AuthTests(ServerTestMixin):
+class LimitPostgresTests(LimitTests):
+    engine = "psycopg2"
+
+
+class AuthTests(ServerTestCase):
     async def test_missing_and_unknown_tokens(self) -> None:
         r = await self.request("POST", "/_matrix/media/v3/upload", body=b"x")
         self.assertEqual((r.code, r.json()["errcode"]), (401, "M_MISSING_TOKEN"))
@@ -418,8 +429,11 @@ class AuthTests(ServerTestMixin):
         self.assertTrue(rows[0][0])
 
 
-@on_both_databases
-class AuthenticatedMediaTests(ServerTestMixin):
+class AuthPostgresTests(AuthTests):
+    engine = "psycopg2"
+
+
+class AuthenticatedMediaTests(ServerTestCase):
     async def test_legacy_path_refuses_authenticated_media(self) -> None:
         token = await self.register()
         media_id = await self.upload(token, b"secret")
@@ -440,8 +454,11 @@ class AuthenticatedMediaTests(ServerTestMixin):
             self.assertEqual((r.code, r.body), (200, b"public"))
 
 
-@on_both_databases
-class BadRequestTests(ServerTestMixin):
+class AuthenticatedMediaPostgresTests(AuthenticatedMediaTests):
+    engine = "psycopg2"
+
+
+class BadRequestTests(ServerTestCase):
     async def test_paths(self) -> None:
         token = await self.register()
         cases = [
@@ -494,3 +511,7 @@ class BadRequestTests(ServerTestMixin):
         )
         self.assertIn("mediarepo_media_bytes_uploaded_total", text)
         self.assertIn("mediarepo_db_transaction_seconds", text)
+
+
+class BadRequestPostgresTests(BadRequestTests):
+    engine = "psycopg2"

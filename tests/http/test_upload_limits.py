@@ -10,13 +10,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
+from tests.utils import SERVER_NAME, ServerTestCase, raw_exchange
 
 HOUR_MS = 3600 * 1000
 
 
-@on_both_databases
-class UploadLimitTests(ServerTestMixin):
+class UploadLimitTests(ServerTestCase):
     extra_config = {
         "media_upload_limits": [
             {"time_period": "1h", "max_size": 1000},
@@ -149,3 +148,7 @@ class UploadLimitTests(ServerTestMixin):
         self.assertEqual(r.code, 200, r.body)
         self.assertEqual(self.stored_files(), 1)
         self.assert_nothing_staged()
+
+
+class UploadLimitPostgresTests(UploadLimitTests):
+    engine = "psycopg2"

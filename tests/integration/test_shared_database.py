@@ -9,17 +9,16 @@ import os
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
 from mediarepo.storage.notifications import CHANGED_CHANNEL
-from tests.utils import SERVER_NAME, ServerTestMixin
+from tests.utils import SERVER_NAME, ServerTestCase
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 
-class TwoServersOneDatabaseTests(ServerTestMixin, unittest.TestCase):
+class TwoServersOneDatabaseTests(ServerTestCase):
     engine = "psycopg2"
 
     async def setUp(self) -> None:  # type: ignore[override]

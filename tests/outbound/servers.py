@@ -122,9 +122,9 @@ def listen(
     tracking = _Tracking(factory)
     port: IListeningPort
     if context is None:
-        port = reactor.listenTCP(0, tracking, interface=interface)  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, tracking, interface=interface)
     else:
-        port = reactor.listenSSL(0, tracking, context, interface=interface)  # type: ignore[attr-defined]
+        port = reactor.listenSSL(0, tracking, context, interface=interface)
     case.addCleanup(lambda: defer.ensureDeferred(tracking.close()))
     case.addCleanup(port.stopListening)
     number: int = port.getHost().port
@@ -189,7 +189,7 @@ class _ProxyConnection(protocol.Protocol):
                 assert relay.transport is not None
                 relay.transport.write(self.buffer)
                 self.buffer = b""
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            self.transport.resumeProducing()
 
         def failed(_: Failure) -> None:
             assert self.transport is not None

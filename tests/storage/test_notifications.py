@@ -415,7 +415,7 @@ class ListenerPostgresTests(unittest.TestCase):
         self.arrived = None
 
     def listener_fds(self) -> list[int]:
-        return [fd for fd, r in reactor._selectables.items() if r is self.listener]  # type: ignore[attr-defined]
+        return [fd for fd, r in reactor._selectables.items() if r is self.listener]
 
     async def test_terminated_backend_is_replaced(self) -> None:
         await self.listener.start()
