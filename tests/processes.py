@@ -55,8 +55,8 @@ def free_port() -> int:
             return port
 
 
-class ServerProcesses:
-    """For a TestCase with ``self.workdir`` (where commands run and logs
+class ServerProcesses(unittest.TestCase):
+    """For a test that sets ``self.workdir`` (where commands run and logs
     go) and ``self.processes`` (killed at cleanup by ``_kill_all``)."""
 
     workdir: str
@@ -116,7 +116,7 @@ class ServerProcesses:
             return [int(child) for child in f.read().split()]
 
 
-class ServerProcessCase(ServerProcesses, unittest.TestCase):
+class ServerProcessCase(ServerProcesses):
     """A work directory per test, with a generated config in it, and the
     processes started there, killed at the end if still running."""
 

@@ -23,6 +23,8 @@ import attrs
 import psycopg2
 import treq
 from twisted.internet import reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -92,6 +94,13 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -
         await task.deferLater(reactor, 0.01, lambda: None)
 
 
+def port_number(listening: IListeningPort) -> int:
+    """The TCP port a listener has (one asked for port 0 gets a free one)."""
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), address
+    return address.port
+
+
 class LogRecords(logging.Handler):
     """Keeps the records logged at ``level`` and above, for a test to read."""
 
@@ -156,8 +165,7 @@ class ServerTestCase(unittest.TestCase):
         self.addCleanup(server.stopService)
         await server.start()
         self.server = server
-        host = server.ports[0].getHost()
-        self.base_url = f"http://127.0.0.1:{host.port}"
+        self.base_url = f"http://127.0.0.1:{port_number(server.ports[0])}"
         return server
 
     # trial waits for what a set-up returns (here a coroutine); typeshed's
@@ -282,7 +290,7 @@ async def http_request(
     agent: Any = None,
 ) -> Response:
     """One request with treq, its whole answer read."""
-    all_headers = {k: [v] for k, v in (headers or {}).items()}
+    all_headers: dict[str | bytes, list[str | bytes]] = {k: [v] for k, v in (headers or {}).items()}
     if token is not None:
         all_headers["Authorization"] = [f"Bearer {token}"]
     extra: dict[str, Any] = {"agent": agent} if agent is not None else {"pool": pool}

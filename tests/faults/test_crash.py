@@ -109,7 +109,7 @@ class CrashTests(unittest.TestCase):
         self.port = free_port()
         self.store = os.path.join(self.workdir, "media_store")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
-        config = {
+        config: dict[str, Any] = {
             "server_name": SERVER_NAME,
             "listeners": [
                 {"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
@@ -154,7 +154,8 @@ class CrashTests(unittest.TestCase):
         try:
             with pg.cursor() as cur:
                 cur.execute(sql.replace("?", "%s"), args or None)
-                return cur.fetchall()
+                rows: list[tuple[Any, ...]] = cur.fetchall()
+                return rows
         finally:
             pg.close()
 

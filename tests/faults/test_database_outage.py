@@ -34,12 +34,12 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import attrs
 import psycopg2
 import yaml
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.app import SHUTDOWN_GRACE_SECONDS
 from mediarepo.federation.keys import write_new_signing_key
@@ -139,7 +139,7 @@ def download_path(media_id: str) -> str:
     return f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"
 
 
-class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
+class DatabaseOutageTests(ServerProcesses):
     timeout = 120
 
     def setUp(self) -> None:
@@ -153,7 +153,7 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
         self.addCleanup(self.proxy.close)
         self.port = free_port()
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
-        config = {
+        config: dict[str, Any] = {
             "server_name": SERVER_NAME,
             "listeners": [
                 {

@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IReactorSSL, ITCPTransport
+from twisted.python.failure import Failure
 from twisted.web import server
 
 from mediarepo.app import server_tls_options
@@ -25,8 +27,9 @@ from mediarepo.federation.multipart import (
     multipart_tail,
     new_boundary,
 )
-from tests.integration.test_federation import FederationTestCase, Peer, free_port
+from tests.integration.test_federation import FederationTestCase, Peer
 from tests.integration.test_federation_hostile import FakePeer, _TrackingSite
+from tests.processes import free_port
 from tests.utils import Response
 
 IDLE_TIMEOUT = 1.0
@@ -77,12 +80,17 @@ class StallingPeer(FakePeer):
 
             sending = task.LoopingCall(next_piece)
             sending.start(0.3)
-            request.notifyFinish().addErrback(lambda _: sending.running and sending.stop())
+
+            def stop_sending(_: Failure) -> None:
+                if sending.running:
+                    sending.stop()
+
+            request.notifyFinish().addErrback(stop_sending)
             return server.NOT_DONE_YET
         return super().render_GET(request)
 
 
-class _DroppingFactory(protocol.Factory):
+class _DroppingFactory(protocol.ServerFactory):
     """A server that is down in the way a crashed process behind a live
     port is: every connection is taken and reset at once. Counts them."""
 
@@ -95,8 +103,7 @@ class _DroppingFactory(protocol.Factory):
 
         class Drop(protocol.Protocol):
             def connectionMade(self) -> None:
-                assert self.transport is not None
-                self.transport.abortConnection()
+                ITCPTransport(self.transport).abortConnection()
 
         drop = Drop()
         drop.factory = factory
@@ -118,7 +125,7 @@ class HostilePeerTestCase(FederationTestCase):
     def serve_fake_peer(self) -> Any:
         cert, key = self.ca.issue("fake")
         site = _TrackingSite(self.fake)
-        listening = reactor.listenSSL(
+        listening = IReactorSSL(reactor).listenSSL(
             self.fake_port, site, server_tls_options(cert, key), interface="127.0.0.1"
         )
         self.addCleanup(listening.stopListening)
@@ -244,7 +251,7 @@ class DownPeerTests(HostilePeerTestCase):
         self.assertEqual(dropping.connections, 2)
         # It comes back; once the interval passes, the next request fetches
         # and the backoff is cleared.
-        await port.stopListening()
+        await defer.maybeDeferred(port.stopListening)
         self.serve_fake_peer()
         self.fake.stalling = False
         r, _ = await self.fetch("half-aaaaaaaaaaaa")
@@ -261,7 +268,7 @@ class DownPeerTests(HostilePeerTestCase):
         r, first = await self.fetch("gone-aaaaaaaaaaaa", origin=nobody)
         self.assert_failed_to_fetch(r)
         self.assertLess(first, 1.0)
-        self.assertEqual((await self.backoff_row(nobody))[2], MIN_RETRY_MS)  # type: ignore[attr-defined,index]
+        self.assertEqual((await self.backoff_row(nobody))[2], MIN_RETRY_MS)
         r, again = await self.fetch("gone-bbbbbbbbbbbb", origin=nobody)
         self.assert_failed_to_fetch(r)
         self.assertLess(again, 0.5)

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.federation.keys import write_new_signing_key
 from tests.faults.test_database_outage import SERVER_NAME, Load, download_path
@@ -29,7 +28,7 @@ from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_da
 LOAD_SECONDS = 3.0
 
 
-class InstanceKilledTests(ServerProcesses, unittest.TestCase):
+class InstanceKilledTests(ServerProcesses):
     timeout = 180
 
     def setUp(self) -> None:

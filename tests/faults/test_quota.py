@@ -112,14 +112,16 @@ class QuotaUnderConcurrencyTests(ServerProcessCase):
         )
         if engine == "sqlite3":
             db = sqlite3.connect(self.database_args["database"])
-            rows = db.execute(sql.replace("%s", "?"), (user_id,)).fetchall()
+            stored: list[tuple[str, int]] = db.execute(
+                sql.replace("%s", "?"), (user_id,)
+            ).fetchall()
             db.close()
-            return rows
+            return stored
         args = {k: v for k, v in self.database_args.items() if not k.startswith("cp_")}
         conn = psycopg2.connect(**args)
         with conn.cursor() as cur:
             cur.execute(sql, (user_id,))
-            rows = cur.fetchall()
+            rows: list[tuple[str, int]] = cur.fetchall()
         conn.close()
         return rows
 

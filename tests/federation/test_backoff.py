@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from mediarepo.config import ConfigError, parse_config
+from mediarepo.config import parse_config
+from mediarepo.errors import ConfigError
 from mediarepo.federation.backoff import BackoffPolicy, DestinationBackoff
 from mediarepo.federation.client import (
     FederationClient,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from signedjson.key import (
     decode_signing_key_base64,
@@ -93,7 +95,7 @@ class SignAndVerifyTests(unittest.TestCase):
         self.assertTrue(verify_request(auth, "GET", URI, "dest.example:8448", self.verify_key))
 
     def test_content_is_signed(self) -> None:
-        content = {"server_keys": {"a.example": {}}}
+        content: dict[str, Any] = {"server_keys": {"a.example": {}}}
         auth = self.sign(method="POST", content=content)
         self.assertTrue(
             verify_request(auth, "POST", URI, DESTINATION, self.verify_key, content=content)

@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from mediarepo.app import media_server
-from tests.utils import SERVER_NAME, ServerTestCase, raw_exchange, until
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, raw_exchange, until
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -131,7 +131,7 @@ class AsyncUploadTests(AsyncUploadTestCase):
     async def test_refused_before_the_body_is_read(self) -> None:
         media_id = await self.reserve()
         self.assertEqual((await self.put(media_id, b"done")).code, 200)
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         # Headers promising 50 MB, and not one byte of it sent: the answer comes anyway.
         head = (
             f"PUT {put_path(media_id)} HTTP/1.1\r\nHost: x\r\n"
@@ -238,7 +238,7 @@ class TwoServersOnePostgresTests(AsyncUploadTestCase):
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()
         self.addCleanup(self.second.stopService)
-        self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
+        self.second_url = f"http://127.0.0.1:{port_number(self.second.ports[0])}"
 
     async def on_second(self, method: str, path: str, **kwargs: Any) -> Any:
         return await self.request(method, path, base_url=self.second_url, **kwargs)

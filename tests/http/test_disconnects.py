@@ -8,7 +8,7 @@ import socket
 
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, LogRecords, ServerTestCase, until
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase, port_number, until
 
 
 class DisconnectTests(ServerTestCase):
@@ -36,7 +36,7 @@ class DisconnectTests(ServerTestCase):
         data = os.urandom(20 * 1024 * 1024)
         media_id = await self.upload(token, data)
         path = f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         for read in (0, 1000, 0, 5_000_000):
             await deferToThread(self._get_and_leave, port, path, token, read)
         # Every connection's end handled by the server (nothing logged meanwhile).

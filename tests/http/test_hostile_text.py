@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
 from mediarepo.http.server import Router
-from tests.utils import SERVER_NAME, Response, ServerTestCase, raw_exchange
+from tests.utils import SERVER_NAME, Response, ServerTestCase, port_number, raw_exchange
 
 # Values that are fine, substituted for the parameters not under test.
 VALID = {
@@ -170,8 +170,8 @@ class HostileTextTests(ServerTestCase):
         prefix = key.split(":", 1)[0]
         path = f"{prefix}/{entry.path.format(**values)}"
         # The parameter under test replaces the base one of the same name.
-        params = dict(p.split("=", 1) for p in entry.base_query.split("&") if p)
-        params.update(p.split("=", 1) for p in query.split("&") if p)
+        params = {k: v for k, _, v in (p.partition("=") for p in entry.base_query.split("&") if p)}
+        params.update((k, v) for k, _, v in (p.partition("=") for p in query.split("&") if p))
         if params:
             path += "?" + "&".join(f"{k}={v}" for k, v in params.items())
         body = b"x" if entry.method in ("POST", "PUT") else None
@@ -256,7 +256,7 @@ class HostileTextTests(ServerTestCase):
     async def raw(self, head: bytes, body: bytes = b"") -> tuple[int, Any]:
         import json
 
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         answer = await deferToThread(raw_exchange, port, head, [body] if body else [])
         status_line, _, rest = answer.partition(b"\r\n")
         code = int(status_line.split(b" ")[1])

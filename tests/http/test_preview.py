@@ -239,7 +239,7 @@ class PreviewTests(PreviewTestCase):
             r for r in events.records if getattr(r, "event", None) == "media.url_previewed"
         ]
         self.assertEqual(len(previewed), 1)
-        self.assertEqual(previewed[0].host, "127.0.0.1")
+        self.assertEqual(getattr(previewed[0], "host", None), "127.0.0.1")
         self.assertEqual(previews_total.labels("memory")._value.get(), memory_before + 1)
         metrics = await self.request("GET", "/_synapse/metrics")
         self.assertIn(b'mediarepo_url_previews_total{outcome="fetched"}', metrics.body)

@@ -20,6 +20,7 @@ from tests.utils import (
     POSTGRES_DSN,
     SERVER_NAME,
     ServerTestCase,
+    port_number,
     read_until_closed,
     until,
 )
@@ -30,7 +31,7 @@ BODY = os.urandom(2_000_000)
 class ShutdownTests(ServerTestCase):
     async def _start_upload(self) -> socket.socket:
         token = await self.register()
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         self.addCleanup(sock.close)
         head = (
@@ -89,10 +90,10 @@ class ShutdownTests(ServerTestCase):
 
         # Stopping these children fails, or never ends (background work
         # that never settles).
-        server.namedServices["federation client"].stopService = fails  # type: ignore[method-assign]
+        server.namedServices["federation client"].stopService = fails
         for stuck in ("thumbnails", "provider tasks"):
-            server.namedServices[stuck].stopService = defer.Deferred  # type: ignore[method-assign]
-        port = server.ports[0].getHost().port
+            server.namedServices[stuck].stopService = defer.Deferred
+        port = port_number(server.ports[0])
         started = time.monotonic()
         with self.assertLogs("mediarepo.services", "WARNING") as logs:
             await server.stop()

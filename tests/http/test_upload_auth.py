@@ -11,7 +11,7 @@ import threading
 
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestCase, read_until_closed
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, read_until_closed
 
 # A body well over what the server reads at once, under max_upload_size.
 BODY_BYTES = 50 * 1024 * 1024
@@ -71,7 +71,7 @@ class UploadAuthenticatedFirstTests(ServerTestCase):
         staging file at any moment and no media."""
         watch = _StagingWatch(self.staging())
         try:
-            port = self.server.ports[0].getHost().port
+            port = port_number(self.server.ports[0])
             answer = await deferToThread(_exchange, port, head, body_bytes)
         finally:
             watch.stop()

@@ -11,7 +11,7 @@ from twisted.internet.threads import deferToThread
 
 from mediarepo.http.site import LARGE_BODY_READ_BYTES, SOCKET_READ_BYTES, MediaRequest
 from mediarepo.media.paths import local_media_path
-from tests.utils import SERVER_NAME, ServerTestCase, raw_exchange
+from tests.utils import SERVER_NAME, Response, ServerTestCase, port_number, raw_exchange
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 LEGACY_DOWNLOAD = f"/_matrix/media/v3/download/{SERVER_NAME}"
@@ -107,7 +107,9 @@ class UploadDownloadPostgresTests(UploadDownloadTests):
 
 
 class HeaderTests(ServerTestCase):
-    async def _headers(self, content_type: str | None, filename: str | None, suffix: str = ""):
+    async def _headers(
+        self, content_type: str | None, filename: str | None, suffix: str = ""
+    ) -> Response:
         token = await self.register()
         media_id = await self.upload(token, b"data", content_type, filename)
         response = await self.request("GET", f"{DOWNLOAD}/{media_id}{suffix}", token=token)
@@ -193,7 +195,7 @@ class RangeTests(ServerTestCase):
         self.data = os.urandom(1_000_000)
         self.media_id = await self.upload(self.token, self.data, "video/mp4")
 
-    async def _get(self, range_header: str, **extra: str):
+    async def _get(self, range_header: str, **extra: str) -> Response:
         headers = {"Range": range_header, **extra}
         return await self.request(
             "GET", f"{DOWNLOAD}/{self.media_id}", token=self.token, headers=headers
@@ -257,7 +259,7 @@ class LimitTests(ServerTestCase):
     extra_config = {"max_upload_size": "1M"}
 
     def _raw_upload(self, head: bytes, body_chunks: list[bytes]) -> bytes:
-        return raw_exchange(self.server.ports[0].getHost().port, head, body_chunks)
+        return raw_exchange(port_number(self.server.ports[0]), head, body_chunks)
 
     async def test_content_length_over_limit(self) -> None:
         token = await self.register()

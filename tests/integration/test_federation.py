@@ -28,6 +28,7 @@ from tests.utils import (
     database_section,
     dead_instance_name,
     http_request,
+    port_number,
 )
 
 
@@ -37,7 +38,7 @@ class Peer:
     def __init__(self, server: MediaServer, federation_port: int) -> None:
         self.server = server
         self.name = server.config.server_name
-        self.client_url = f"http://127.0.0.1:{server.ports[0].getHost().port}"
+        self.client_url = f"http://127.0.0.1:{port_number(server.ports[0])}"
         self.federation_url = f"https://127.0.0.1:{federation_port}"
 
 
@@ -227,7 +228,7 @@ class FederationTests(FederationTestCase):
         are recorded as owed with its row, and resumed if the process dies."""
         assert self.a.server.repository is not None and self.a.server.database is not None
         thumbnails = self.a.server.repository.thumbnails
-        thumbnails.schedule_pregeneration = lambda source: None  # the process dies
+        self.patch(thumbnails, "schedule_pregeneration", lambda source: None)  # the process dies
         media_id = await self.upload_to(self.b, self.b_token, images.png(400, 300), "image/png")
         r = await self.download_via_a(self.b, media_id)
         self.assertEqual(r.code, 200)
@@ -321,7 +322,7 @@ class FederationTests(FederationTestCase):
         path = f"/_matrix/federation/v1/media/download/{media_id}"
         r = await self.signed_get(self.a, self.b, path)
         self.assertEqual(r.code, 200, r.body)
-        self.assertTrue(r.header("Content-Type").startswith("multipart/mixed; boundary="))
+        self.assertTrue((r.header("Content-Type") or "").startswith("multipart/mixed; boundary="))
         self.assertIn(b"\r\n\r\nsigned\r\n--", r.body)
         self.assertIn(b"Content-Type: application/json\r\n\r\n{}", r.body)
         cases = [

@@ -12,6 +12,7 @@ import attrs
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorSSL
 from twisted.web import resource, server
 
 from mediarepo.app import server_tls_options
@@ -162,7 +163,7 @@ class FakePeerTestCase(FederationTestCase):
         cert, key = self.ca.issue("fake")
         self.fake = FakePeer(name, os.path.join(self.workdir, "fake.signing.key"))
         site = _TrackingSite(self.fake)
-        listening = reactor.listenSSL(
+        listening = IReactorSSL(reactor).listenSSL(
             port, site, server_tls_options(cert, key), interface="127.0.0.1"
         )
         self.addCleanup(listening.stopListening)

@@ -26,7 +26,7 @@ from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests import images
 from tests.integration.test_federation import FederationTestCase, Peer
 from tests.s3 import MotoServer
-from tests.utils import SERVER_NAME, ServerTestCase
+from tests.utils import SERVER_NAME, ServerTestCase, port_number
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -54,7 +54,7 @@ class SeveralHostsTests(ServerTestCase):
             await server.start()
             self.addCleanup(server.stopService)
             self.instances.append(server)
-            self.urls.append(f"http://127.0.0.1:{server.ports[0].getHost().port}")
+            self.urls.append(f"http://127.0.0.1:{port_number(server.ports[0])}")
         self.admin = await self.register("admin", admin=True)
         self.alice = await self.register("alice")
 

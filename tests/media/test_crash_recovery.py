@@ -39,7 +39,7 @@ class PendingThumbnailTests(AsyncUploadTestCase):
         def never(source: ThumbnailSource) -> None:
             pass
 
-        thumbnails.schedule_pregeneration = never  # type: ignore[method-assign]
+        thumbnails.schedule_pregeneration = never
         self.addCleanup(delattr, thumbnails, "schedule_pregeneration")
 
     @property

@@ -21,7 +21,7 @@ class DirectoryTests(unittest.TestCase):
 
     def test_in_directory_survives_a_purge_in_between(self) -> None:
         directory = os.path.join(self.base, "local_content", "ab", "cd")
-        attempts = []
+        attempts: list[None] = []
 
         def create() -> str:
             attempts.append(None)

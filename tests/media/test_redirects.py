@@ -29,9 +29,8 @@ SAME_HEADERS = ("content-type", "content-disposition")
 
 async def fetch(url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Response:
     """A GET as a client makes it, redirects not followed."""
-    response = await treq.get(
-        url, headers={k: [v] for k, v in (headers or {}).items()}, allow_redirects=False, **kwargs
-    )
+    all_headers: dict[str | bytes, list[str | bytes]] = {k: [v] for k, v in (headers or {}).items()}
+    response = await treq.get(url, headers=all_headers, allow_redirects=False, **kwargs)
     body = await response.content()
     raw = {
         k.decode().lower(): [v.decode("latin-1") for v in vs]
@@ -82,9 +81,9 @@ class PresignedRedirectTests(RedirectTestCase):
         self.assertEqual((ranged.code, ranged.body), (206, data[1000:2000]))
         # A file name in the path is the one the redirected client sees.
         named = await self.get(f"{DOWNLOAD}/{media_id}/other.txt?allow_redirect=true")
-        location = named.header("Location")
-        assert location is not None
-        followed = await fetch(location)
+        named_location = named.header("Location")
+        assert named_location is not None
+        followed = await fetch(named_location)
         self.assertEqual(followed.header("Content-Disposition"), "inline; filename=other.txt")
 
     async def test_without_allow_redirect_or_on_legacy_endpoints_the_bytes_come(self) -> None:

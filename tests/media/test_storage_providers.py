@@ -19,7 +19,7 @@ from mediarepo.media import local_cache, provider_tasks
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
 from tests.s3 import BUCKET, MotoServer
-from tests.utils import SERVER_NAME, ServerTestCase
+from tests.utils import SERVER_NAME, ServerTestCase, port_number
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 THUMBNAIL = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
@@ -206,7 +206,7 @@ class SynchronousS3Tests(S3TestCase):
         head = self.moto.client().head_object(Bucket=BUCKET, Key=key)
         self.assertIn("-", head["ETag"])
         os.unlink(self.local_file(key))
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         tracemalloc.start()
         try:
             length, digest = await deferToThread(
