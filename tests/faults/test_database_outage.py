@@ -39,6 +39,7 @@ from typing import Any
 import attrs
 import psycopg2
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from mediarepo.app import SHUTDOWN_GRACE_SECONDS
@@ -299,8 +300,8 @@ class DatabaseOutageTests(ServerProcesses):
             file=sys.stderr,
         )
 
-    def test_one_process_blackholed(self) -> None:
-        return deferToThread(self.run_outage, 1, "blackhole")  # type: ignore[return-value]
+    def test_one_process_blackholed(self) -> Deferred[None]:
+        return deferToThread(self.run_outage, 1, "blackhole")
 
-    def test_two_workers_refused(self) -> None:
-        return deferToThread(self.run_outage, 2, "refuse")  # type: ignore[return-value]
+    def test_two_workers_refused(self) -> Deferred[None]:
+        return deferToThread(self.run_outage, 2, "refuse")

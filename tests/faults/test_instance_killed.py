@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from mediarepo.federation.keys import write_new_signing_key
@@ -62,8 +63,8 @@ class InstanceKilledTests(ServerProcesses):
                 yaml.safe_dump(config, f)
             self.configs.append(path)
 
-    def test_killed_instance_loses_nothing_and_the_other_serves_on(self) -> None:
-        return deferToThread(self._scenario)  # type: ignore[return-value]
+    def test_killed_instance_loses_nothing_and_the_other_serves_on(self) -> Deferred[None]:
+        return deferToThread(self._scenario)
 
     def _scenario(self) -> None:
         register = self._mediarepo("register-user", "-c", self.configs[0], f"@alice:{SERVER_NAME}")

@@ -131,9 +131,13 @@ class DestinationBackoffTests(DatabaseTestCase):
         self.assertEqual(await self.retry_at(), first + 10 * MINUTE_MS)
         # Still backed off a millisecond before the interval ends.
         self.clock.advance(10 * 60 - 0.001)
-        self.assertGreater(await self.retry_at(), self.now_ms())  # type: ignore[arg-type]
+        retry_at = await self.retry_at()
+        assert retry_at is not None
+        self.assertGreater(retry_at, self.now_ms())
         self.clock.advance(0.001)
-        self.assertLessEqual(await self.retry_at(), self.now_ms())  # type: ignore[arg-type]
+        retry_at = await self.retry_at()
+        assert retry_at is not None
+        self.assertLessEqual(retry_at, self.now_ms())
         # Tried again and failing again: twice as long, the first failure kept.
         second = self.now_ms()
         await (await self.backoff.attempt("down.test")).failed("refused")

@@ -55,15 +55,15 @@ class SignAndVerifyTests(unittest.TestCase):
         self.key = generate_signing_key("a_test")
         self.verify_key = get_verify_key(self.key)
 
-    def sign(self, **kwargs: object) -> XMatrixAuth:
-        args: dict[str, object] = {
-            "origin": ORIGIN,
-            "destination": DESTINATION,
-            "method": "GET",
-            "uri": URI,
-        }
-        args.update(kwargs)
-        headers = sign_request(self.key, **args)  # type: ignore[arg-type]
+    def sign(
+        self,
+        *,
+        origin: str = ORIGIN,
+        destination: str = DESTINATION,
+        method: str = "GET",
+        content: object | None = None,
+    ) -> XMatrixAuth:
+        headers = sign_request(self.key, origin, destination, method, URI, content)
         self.assertEqual(len(headers), 1)
         return parse_x_matrix(headers[0])
 

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -72,7 +73,7 @@ class CopyToS3Test(unittest.TestCase):
         pages = self.moto.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
 
-    def test_interrupted_and_resumed(self) -> None:
+    def test_interrupted_and_resumed(self) -> Deferred[None]:
         def run() -> None:
             argv = _script("copy_media_to_s3", "-c", self.config_path, "--concurrency", "1")
             log_path = os.path.join(self.workdir, "first-run.log")
@@ -107,7 +108,7 @@ class CopyToS3Test(unittest.TestCase):
             self.assertEqual(third.returncode, 0, third.stderr)
             self.assertIn(f"{len(self.files)} copied by earlier runs, 0 to check", third.stderr)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
 
 class PruneLocalTests(ServerTestCase):

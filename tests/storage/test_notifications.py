@@ -279,7 +279,7 @@ class ListenerUnitTests(unittest.TestCase):
     def test_failed_listen_closes_the_connection(self) -> None:
         def broken_cursor(args: Mapping[str, Any]) -> FakeConnection:
             conn = self.connector(args)
-            conn.cursor = _raise  # type: ignore[method-assign]
+            self.patch(conn, "cursor", _raise)
             return conn
 
         self.listener._open = broken_cursor
