@@ -39,7 +39,9 @@ from mediarepo.storage.user_rows import UserRows
 def postgres_params() -> dict[str, Any]:
     """Where the test PostgreSQL server is: the usual libpq variables
     (``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``), defaulting to
-    postgres@127.0.0.1:5432."""
+    postgres@127.0.0.1:5432. The one place the tests read them: every test
+    that reaches PostgreSQL (the interop tests too) takes its connection
+    arguments from here."""
     params: dict[str, Any] = {
         "host": os.environ.get("PGHOST", "127.0.0.1"),
         "port": int(os.environ.get("PGPORT", "5432")),
@@ -50,13 +52,12 @@ def postgres_params() -> dict[str, Any]:
     return params
 
 
-POSTGRES_DSN = postgres_params()
 SERVER_NAME = "test.example"
 
 
 def create_postgres_database() -> str:
     name = f"mediarepo_test_{secrets.token_hex(6)}"
-    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname="postgres", **postgres_params())
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(
@@ -67,7 +68,7 @@ def create_postgres_database() -> str:
 
 
 def drop_postgres_database(name: str) -> None:
-    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname="postgres", **postgres_params())
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -81,7 +82,10 @@ def database_section(
         return {"name": "sqlite3", "args": {"database": os.path.join(workdir, "homeserver.db")}}
     name = create_postgres_database()
     cleanups.append(lambda: drop_postgres_database(name))
-    return {"name": "psycopg2", "args": {"dbname": name, **POSTGRES_DSN, "cp_min": 1, "cp_max": 5}}
+    return {
+        "name": "psycopg2",
+        "args": {"dbname": name, **postgres_params(), "cp_min": 1, "cp_max": 5},
+    }
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:

@@ -47,7 +47,7 @@ from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests.processes import ServerProcesses, free_port
 from tests.tcp_proxy import TcpProxy
-from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_database
+from tests.utils import create_postgres_database, drop_postgres_database, postgres_params
 
 SERVER_NAME = "outage.test"
 OUTAGE_SECONDS = 10.0
@@ -150,7 +150,7 @@ class DatabaseOutageTests(ServerProcesses):
         self.addCleanup(self._kill_all)
         self.dbname = create_postgres_database()
         self.addCleanup(drop_postgres_database, self.dbname)
-        self.proxy = TcpProxy(POSTGRES_DSN["host"], POSTGRES_DSN["port"])
+        self.proxy = TcpProxy(postgres_params()["host"], postgres_params()["port"])
         self.addCleanup(self.proxy.close)
         self.port = free_port()
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
@@ -167,7 +167,7 @@ class DatabaseOutageTests(ServerProcesses):
             "database": {
                 "name": "psycopg2",
                 "args": {
-                    **POSTGRES_DSN,
+                    **postgres_params(),
                     "host": "127.0.0.1",
                     "port": self.proxy.port,
                     "dbname": self.dbname,
@@ -186,7 +186,7 @@ class DatabaseOutageTests(ServerProcesses):
     def listening_backends(self) -> int:
         """This test database's sessions whose last statement was our last
         LISTEN (the connection listens on each channel in turn)."""
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         try:
             with conn.cursor() as cur:
                 cur.execute(

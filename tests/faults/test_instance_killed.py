@@ -23,7 +23,7 @@ from mediarepo.federation.keys import write_new_signing_key
 from tests.faults.test_database_outage import SERVER_NAME, Load, download_path
 from tests.processes import ServerProcesses, free_port
 from tests.s3 import MotoServer
-from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_database
+from tests.utils import create_postgres_database, drop_postgres_database, postgres_params
 
 # How long the load runs before the kill, and after it.
 LOAD_SECONDS = 3.0
@@ -52,7 +52,7 @@ class InstanceKilledTests(ServerProcesses):
                 "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"], "type": "http",
                                "resources": [{"names": ["client", "media"]}]}],
                 "database": {"name": "psycopg2",
-                             "args": {**POSTGRES_DSN, "dbname": self.dbname, "cp_min": 2,
+                             "args": {**postgres_params(), "dbname": self.dbname, "cp_min": 2,
                                       "cp_max": 5}},
                 "media_store_path": os.path.join(self.workdir, f"store-{index}"),
                 "signing_key_path": key_path,

@@ -17,10 +17,10 @@ from twisted.internet.threads import deferToThread
 
 from mediarepo import services
 from tests.utils import (
-    POSTGRES_DSN,
     SERVER_NAME,
     ServerTestCase,
     port_number,
+    postgres_params,
     read_until_closed,
     until,
 )
@@ -120,7 +120,7 @@ class ShutdownTests(ServerTestCase):
         listener = self.server.parts.notifications
         assert listener is not None
         self.assertTrue(listener.listening)
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(

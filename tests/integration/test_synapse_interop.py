@@ -14,8 +14,9 @@ store:
 3. Synapse starts again and serves mediarepo's upload byte for byte.
 
 Needs ``matrix-synapse[postgres]`` (the test skips without it) and a PostgreSQL
-server that lets the test create databases: ``PGHOST`` (default 127.0.0.1),
-``PGPORT`` (5432), ``PGUSER`` (postgres) and ``PGPASSWORD`` say where.
+server that lets the test create databases, where the libpq variables say
+(``tests.utils.postgres_params``: ``PGHOST``, ``PGPORT``, ``PGUSER``,
+``PGPASSWORD``; postgres@127.0.0.1:5432 by default).
 ``tox -e interop`` runs it. Set ``MEDIAREPO_INTEROP_KEEP=1`` to keep the
 working directory (config, logs, media store) for a look afterwards.
 

@@ -20,10 +20,10 @@ from mediarepo.storage.lock_rows import LockClaim, LockRows, LockToken
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
-    POSTGRES_DSN,
     DatabaseTestCase,
     create_postgres_database,
     drop_postgres_database,
+    postgres_params,
 )
 
 
@@ -256,7 +256,7 @@ class ReconnectTests(DatabaseTestCase):
 
     def terminate_backends(self) -> None:
         """Cut every connection to the test database, as a restart would."""
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(
@@ -333,9 +333,9 @@ class OutageTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, workdir, True)
         name = create_postgres_database()
         self.addCleanup(drop_postgres_database, name)
-        self.proxy = TcpProxy(POSTGRES_DSN["host"], POSTGRES_DSN["port"])
+        self.proxy = TcpProxy(postgres_params()["host"], postgres_params()["port"])
         self.addCleanup(self.proxy.close)
-        args = {**POSTGRES_DSN, "host": "127.0.0.1", "port": self.proxy.port, "dbname": name}
+        args = {**postgres_params(), "host": "127.0.0.1", "port": self.proxy.port, "dbname": name}
         section = {"name": "psycopg2", "args": {**args, "cp_min": 1, "cp_max": 3}}
         config = parse_config({"server_name": "db.test", "database": section}, workdir)
         self.database = Database(config.database, reactor)

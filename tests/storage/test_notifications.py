@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mediarepo.storage.notifications import PostgresListener
-from tests.utils import POSTGRES_DSN
+from tests.utils import postgres_params
 
 CHANNEL = "test_channel"
 
@@ -378,7 +378,7 @@ class ListenerPostgresTests(unittest.TestCase):
                 self.arrived.callback(None)
 
         args = {
-            **POSTGRES_DSN,
+            **postgres_params(),
             "dbname": "postgres",
             "application_name": self.application,
             "connect_timeout": 2,
@@ -387,7 +387,7 @@ class ListenerPostgresTests(unittest.TestCase):
         self.addCleanup(self.listener.stop)
 
     def admin(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
