@@ -76,12 +76,21 @@ def drop_postgres_database(name: str) -> None:
 
 
 def database_section(
-    engine: str, workdir: str, cleanups: list[Callable[[], None]]
+    engine: str, workdir: str, cleanups: list[Callable[[], None]], prepared: bool = False
 ) -> dict[str, Any]:
+    """The ``database`` section of a test's config; on PostgreSQL a database
+    of the test's own: empty, or ``prepared`` with the server's schema and no
+    rows (:mod:`tests.prepared_databases`)."""
     if engine == "sqlite3":
         return {"name": "sqlite3", "args": {"database": os.path.join(workdir, "homeserver.db")}}
-    name = create_postgres_database()
-    cleanups.append(lambda: drop_postgres_database(name))
+    if prepared:
+        from tests import prepared_databases
+
+        name = prepared_databases.take()
+        cleanups.append(lambda: prepared_databases.give_back(name))
+    else:
+        name = create_postgres_database()
+        cleanups.append(lambda: drop_postgres_database(name))
     return {
         "name": "psycopg2",
         "args": {"dbname": name, **postgres_params(), "cp_min": 1, "cp_max": 5},
@@ -177,7 +186,9 @@ class ServerTestCase(unittest.TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
         self._db_cleanups: list[Callable[[], None]] = []
-        self.database_config = database_section(self.engine, self.workdir, self._db_cleanups)
+        self.database_config = database_section(
+            self.engine, self.workdir, self._db_cleanups, prepared=True
+        )
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         # Cleanups run last-in first-out: the server stops before its database goes.
         for cleanup in self._db_cleanups:

@@ -40,7 +40,7 @@ class InstanceKilledTests(ServerProcesses):
         self.dbname = create_postgres_database()
         self.addCleanup(drop_postgres_database, self.dbname)
         self.moto = MotoServer(self.workdir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         key_path = os.path.join(self.workdir, "signing.key")
         write_new_signing_key(key_path)

@@ -41,7 +41,7 @@ class CopyToS3Test(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-s3copy-")
         self.moto = MotoServer(self.workdir)
         self.moto.start()
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.store = os.path.join(self.workdir, "media_store")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         config = {
@@ -115,7 +115,7 @@ class PruneLocalTests(ServerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
         self.moto.start()
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
         await super().setUp()
 
@@ -216,7 +216,7 @@ class SwitchToS3Tests(ServerTestCase):
 
         self.moto = MotoServer(self.workdir)
         self.moto.start()
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         provider = {"media_storage_providers": [self.moto.provider_config()]}
         config_path = os.path.join(self.workdir, "homeserver.yaml")
         with open(config_path, "w") as f:

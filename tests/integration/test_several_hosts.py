@@ -40,7 +40,7 @@ class SeveralHostsTests(ServerTestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
         await super().setUp()
@@ -199,7 +199,7 @@ class SeveralHostsFederationTests(FederationTestCase):
 
     async def test_remote_media_is_downloaded_once_for_all_instances(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         instances = [await self.start_instance(f"a{n}") for n in (1, 2, 3)]
         data = images.png(300, 200)

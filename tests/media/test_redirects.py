@@ -347,7 +347,7 @@ class FederationLocationTests(FederationTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.moto = MotoServer(self.workdir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         entry = self.moto.provider_config()
         entry["config"]["download_redirect"] = "presigned"

@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from mediarepo.media import local_cache, provider_tasks
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
+from mediarepo.media.providers import s3 as s3_provider
 from tests import images
 from tests.s3 import BUCKET, MotoServer
 from tests.utils import SERVER_NAME, ServerTestCase, port_number
@@ -69,9 +70,12 @@ class S3TestCase(ServerTestCase):
     start_moto = True
 
     async def setUp(self) -> None:  # type: ignore[override]
+        # A store that is down answers at once: botocore's own retries (with
+        # up to seconds of backoff) are not what these tests are about.
+        self.patch(s3_provider, "MAX_ATTEMPTS", 1)
         log_dir = tempfile.mkdtemp(prefix="mediarepo-moto-")
         self.moto = MotoServer(log_dir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         if self.start_moto:
             self.moto.start()
         entry = self.moto.provider_config(**self.provider_flags)
@@ -155,6 +159,9 @@ class SynchronousS3Tests(S3TestCase):
         self.assertEqual({k for k in self.moto.keys() if media_id[4:] in k}, set())
         # A provider that cannot delete now is asked again later.
         other = await self.upload(self.token, b"to be deleted while S3 is down")
+        # Failed tasks are due again at once (patched before they fail: the
+        # time they are due is written when they fail).
+        self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
         self.moto.stop()
         r = await self.request("DELETE", f"{ADMIN}/media/{SERVER_NAME}/{other}", token=admin)
         self.assertEqual(r.code, 200)
@@ -166,7 +173,6 @@ class SynchronousS3Tests(S3TestCase):
         self.assertTrue(all(attempts >= 1 for _, attempts in queued))
         self.moto.start(create_bucket=True)
         self.moto.client().put_object(Bucket=BUCKET, Key=local_media_path(other), Body=b"x")
-        self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
         await self.run_tasks_until_done()
         self.assertEqual(self.moto.keys(), set())
 
@@ -272,10 +278,10 @@ class AsynchronousS3Tests(S3TestCase):
         self.assertEqual(self.moto.read(local_media_path(media_id)), data)
 
     async def test_queue_survives_a_restart(self) -> None:
+        self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
         media_id = await self.upload(self.token, b"queued across a restart")
         await self.server.stop()
         self.moto.start()
-        self.patch(provider_tasks, "RETRY_BASE_SECONDS", 0.0)
         # The queue is in the database: a new server picks it up.
         await self.start_server()
         tasks = self.server.repository.storage.tasks
