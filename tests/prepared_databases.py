@@ -27,7 +27,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 
-from tests.utils import POSTGRES_DSN
+from tests.utils import postgres_params
 
 _SCHEMA_FILES = ("__init__.py", "synapse_tables.sql", "mediarepo_tables.sql")
 
@@ -47,7 +47,7 @@ def ensure_template() -> str:
     import subprocess
 
     name = template_name()
-    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname="postgres", **postgres_params())
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
@@ -100,7 +100,7 @@ _template_shape: str | None = None
 
 
 def _connect(dbname: str) -> Any:
-    conn = psycopg2.connect(dbname=dbname, **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname=dbname, **postgres_params())
     conn.autocommit = True
     return conn
 
@@ -222,14 +222,15 @@ def _drop_idle() -> None:
 
 def _prepare(name: str) -> None:
     from twisted.internet import defer, task
+    from twisted.internet.interfaces import IReactorCore
 
     from mediarepo.config import DatabaseConfig
     from mediarepo.storage.database import Database
     from mediarepo.storage.schema import prepare_database
 
-    async def run(reactor: object) -> None:
-        config = DatabaseConfig("psycopg2", {"dbname": name, **POSTGRES_DSN}, 1, 1)
-        database = Database(config, reactor)  # type: ignore[arg-type]
+    async def run(reactor: IReactorCore) -> None:
+        config = DatabaseConfig("psycopg2", {"dbname": name, **postgres_params()}, 1, 1)
+        database = Database(config, reactor)
         try:
             await prepare_database(database)
         finally:

@@ -31,7 +31,7 @@ from pathlib import Path
 from twisted.internet.threads import deferToThread
 
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 HERE = Path(__file__).resolve().parent
 CONFIG_TEMPLATE = HERE / "schemathesis.toml"
@@ -86,8 +86,7 @@ def toml_strings(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-@on_both_databases
-class SchemathesisTests(ServerTestMixin):
+class SchemathesisTests(ServerTestCase):
     timeout = RUN_TIMEOUT_SECONDS + 60
     extra_config = {
         # Tests reach only loopback: no fetching from the names generated.
@@ -177,3 +176,7 @@ class SchemathesisTests(ServerTestMixin):
             f"\n[schemathesis {self.engine}] {cases.group(1)} cases in {elapsed:.1f} s",
             file=sys.stderr,
         )
+
+
+class SchemathesisPostgresTests(SchemathesisTests):
+    engine = "psycopg2"
