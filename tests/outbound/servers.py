@@ -227,13 +227,14 @@ class ForwardProxy(protocol.Factory):
 
 
 def in_memory_client(
-    case: unittest.TestCase, clock: Any, resource: Resource, **settings: Any
+    clock: Any, resource: Resource, **settings: Any
 ) -> tuple[OutboundClient, RequestTraversalAgent]:
     """An outbound client on ``clock`` whose requests all reach
     ``resource`` in memory (treq's traversal agent; call its ``flush`` to
     move bytes), for unit tests of what is built on the client. Address
     resolution and filtering are bypassed: test_client covers them."""
-    client = OutboundClient(clock, OutboundSettings(ip_filter=IPRangeFilter([], []), **settings))
     agent = RequestTraversalAgent(resource)
-    case.patch(client, "_agent", lambda *args: agent)
+    client = OutboundClient(
+        clock, OutboundSettings(ip_filter=IPRangeFilter([], []), **settings), agent=agent
+    )
     return client, agent
