@@ -1,4 +1,4 @@
-"""PostgreSQL databases with the server's schema already made, for tests.
+"""Databases with the server's schema already made, for tests.
 
 A server test on PostgreSQL used to create a database (20-150 ms, by how busy
 the machine is), have the server create the schema in it (about 60 ms) and
@@ -12,6 +12,10 @@ script, through the server's own ``prepare_database``, and kept: its name
 carries a digest of the schema's files, so a changed schema gets a new one.
 Run as ``python -m tests.prepared_databases NAME``: prepares the (empty)
 database NAME and exits.
+
+On SQLite (:func:`copy_sqlite_template`) the schema is made once per test
+process in a file of its own (25-50 ms), and each test that wants it gets
+a copy of that file (well under a millisecond).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import hashlib
 import importlib.resources
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 import psycopg2
@@ -218,6 +224,34 @@ def _alive(pid: int) -> bool:
 def _drop_idle() -> None:
     while _idle:
         drop(_idle.pop())
+
+
+# The SQLite file this process made with the schema, once made.
+_sqlite_template: str | None = None
+
+
+async def copy_sqlite_template(path: str) -> None:
+    """Make ``path`` an SQLite database with the schema and no rows."""
+    global _sqlite_template
+    if _sqlite_template is None:
+        from twisted.internet import reactor
+
+        from mediarepo.config import DatabaseConfig
+        from mediarepo.storage.database import Database
+        from mediarepo.storage.schema import prepare_database
+
+        directory = tempfile.mkdtemp(prefix="mediarepo-sqlite-template-")
+        atexit.register(shutil.rmtree, directory, True)
+        template = os.path.join(directory, "schema.db")
+        database = Database(DatabaseConfig("sqlite3", {"database": template}, 1, 1), reactor)
+        try:
+            await prepare_database(database)
+        finally:
+            # Closing the last connection folds the write-ahead log into
+            # the file: the file alone is the whole database.
+            database.close()
+        _sqlite_template = template
+    shutil.copyfile(_sqlite_template, path)
 
 
 def _prepare(name: str) -> None:
