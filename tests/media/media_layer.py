@@ -70,6 +70,9 @@ ALICE = Requester(f"@alice:{SERVER_NAME}", None, False, False, None)
 
 
 class MediaLayerTestCase(unittest.TestCase):
+    # Each test takes milliseconds; one that waits for what never comes
+    # fails after this many seconds rather than trial's two minutes.
+    timeout = 10
     engine = "sqlite3"
     # homeserver.yaml keys of a test class.
     extra_config: dict[str, Any] = {}
