@@ -16,7 +16,8 @@ from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.engines import PostgresEngine
-from mediarepo.storage.lock_rows import LockClaim, LockRows, LockToken
+from mediarepo.storage.lock_rows import LockClaim, LockToken
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
@@ -420,9 +421,9 @@ class LockCommitTests(DatabaseTestCase):
 
     async def test_setting_ends_with_the_lock_transaction(self) -> None:
         await prepare_database(self.database)
-        locks = LockRows(self.database)
         claim = LockClaim(LockToken("n", "k", "t"), "main", 1, lambda _: False)
-        self.assertTrue(await locks.take(claim))
+        taken = await MediaRows(self.database).take_download_lock(claim, "other.example", "m")
+        self.assertEqual(taken, (True, None))
         rows = await self.database.run_query("t", "SHOW synchronous_commit")
         self.assertEqual(rows, [("on",)])
         held = await self.database.run_query("t", "SELECT token FROM worker_locks")
