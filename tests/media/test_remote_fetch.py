@@ -365,8 +365,11 @@ class OtherProcessDownloadTests(MediaLayerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.other = WorkerLocks(LockRows(self.database), self.clock, "other")
-        lock = await self.other.try_lock(
-            DOWNLOAD_LOCK, remote_content_key(ORIGIN, "sharedaaaaaaaaaa")
+        # As the other process's fetch takes it.
+        lock, _ = await self.other.try_lock_then(
+            DOWNLOAD_LOCK,
+            remote_content_key(ORIGIN, "sharedaaaaaaaaaa"),
+            lambda claim: self.media_rows.take_download_lock(claim, ORIGIN, "sharedaaaaaaaaaa"),
         )
         assert lock is not None
         self.other_lock = lock
