@@ -9,6 +9,7 @@ own, created for the test and dropped after it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import secrets
@@ -22,7 +23,7 @@ from typing import Any
 import attrs
 import psycopg2
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.trial import unittest
@@ -105,6 +106,36 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         await task.deferLater(reactor, 0.01, lambda: None)
+
+
+def next_return(case: unittest.TestCase, owner: object, name: str) -> defer.Deferred[Any]:
+    """Fires with what the next call of ``owner.name`` returns (awaited, if
+    it returns something to await), for a test to wait on work the code
+    starts in the background. The calls go through as before."""
+    method = getattr(owner, name)
+    returned: defer.Deferred[Any] = defer.Deferred()
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        if returned.called:
+            return result
+        if not inspect.isawaitable(result):
+            returned.callback(result)
+            return result
+
+        async def settle() -> Any:
+            try:
+                value = await result
+            except BaseException:
+                returned.errback()
+                raise
+            returned.callback(value)
+            return value
+
+        return defer.ensureDeferred(settle())
+
+    case.patch(owner, name, calling)
+    return returned.addTimeout(10, reactor)
 
 
 def port_number(listening: IListeningPort) -> int:
