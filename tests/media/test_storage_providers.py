@@ -20,21 +20,11 @@ from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from mediarepo.media.providers import s3 as s3_provider
 from tests import images
 from tests.s3 import BUCKET, MotoServer
-from tests.utils import SERVER_NAME, ServerTestCase, port_number
+from tests.utils import SERVER_NAME, ServerTestCase, next_return, port_number
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 THUMBNAIL = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
 ADMIN = "/_synapse/admin/v1"
-
-
-async def eventually_exists(path: str) -> bool:
-    """Whether ``path`` appears within a few seconds (a file brought back is
-    kept just after the last byte went to the client)."""
-    for _ in range(100):
-        if os.path.exists(path):
-            return True
-        await task.deferLater(reactor, 0.05, lambda: None)
-    return False
 
 
 def _download_discarding(port: int, path: str, token: str) -> tuple[int, str]:
@@ -98,6 +88,18 @@ class S3TestCase(ServerTestCase):
         assert self.server.database is not None
         return await self.server.database.run_query("t", sql, args)
 
+    async def run_tasks_until_done(self) -> None:
+        """Run the queued provider tasks until none is left: the runs under
+        way, then what is due. A task that fails again is due again at once
+        only if the retry delay was patched to 0 before it failed."""
+        tasks = self.server.repository.storage.tasks
+        for _ in range(100):
+            await tasks.wait_idle()
+            if not await self.rows("SELECT * FROM mediarepo_provider_tasks"):
+                return
+            await tasks.run_due()
+        self.fail("provider tasks did not finish")
+
 
 class SynchronousS3Tests(S3TestCase):
     async def test_stored_in_s3_and_served_back(self) -> None:
@@ -109,9 +111,10 @@ class SynchronousS3Tests(S3TestCase):
 
         # The local disk loses the file: served from S3, and brought back.
         os.unlink(self.local_file(key))
+        kept = next_return(self, self.server.parts.local_store, "keep_incoming")
         r = await self.download(media_id)
         self.assertEqual((r.code, r.body), (200, data))
-        self.assertTrue(await eventually_exists(self.local_file(key)))
+        await kept
         with open(self.local_file(key), "rb") as f:
             self.assertEqual(f.read(), data)
 
@@ -175,17 +178,6 @@ class SynchronousS3Tests(S3TestCase):
         self.moto.client().put_object(Bucket=BUCKET, Key=local_media_path(other), Body=b"x")
         await self.run_tasks_until_done()
         self.assertEqual(self.moto.keys(), set())
-
-    async def run_tasks_until_done(self) -> None:
-        tasks = self.server.repository.storage.tasks
-        assert tasks is not None
-        for _ in range(100):
-            await tasks.wait_idle()
-            await tasks.run_due()
-            if not await self.rows("SELECT * FROM mediarepo_provider_tasks"):
-                return
-            await task.deferLater(reactor, 0.05, lambda: None)
-        self.fail("provider tasks did not finish")
 
     async def test_old_deletion_never_removes_a_newer_copy(self) -> None:
         # A PUT whose synchronous store fails leaves nothing queued against
@@ -270,11 +262,7 @@ class AsynchronousS3Tests(S3TestCase):
         self.assertGreaterEqual(queued[0][2], 1)
         # The provider comes back: the copy is made, and the queue empties.
         self.moto.start()
-        for _ in range(100):
-            await tasks.run_due()
-            if not await self.rows("SELECT * FROM mediarepo_provider_tasks"):
-                break
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.run_tasks_until_done()
         self.assertEqual(self.moto.read(local_media_path(media_id)), data)
 
     async def test_queue_survives_a_restart(self) -> None:
@@ -284,14 +272,7 @@ class AsynchronousS3Tests(S3TestCase):
         self.moto.start()
         # The queue is in the database: a new server picks it up.
         await self.start_server()
-        tasks = self.server.repository.storage.tasks
-        assert tasks is not None
-        for _ in range(100):
-            await tasks.wait_idle()
-            if local_media_path(media_id) in self.moto.keys():
-                break
-            await tasks.run_due()
-            await task.deferLater(reactor, 0.05, lambda: None)
+        await self.run_tasks_until_done()
         self.assertEqual(self.moto.read(local_media_path(media_id)), b"queued across a restart")
 
 
@@ -388,10 +369,11 @@ class DirectoryProviderTests(ServerTestCase):
         with open(backup, "rb") as f:
             self.assertEqual(f.read(), data)
         os.unlink(os.path.join(self.media_store, local_media_path(media_id)))
+        kept = next_return(self, self.server.parts.local_store, "keep_incoming")
         r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=token)
         self.assertEqual((r.code, r.body), (200, data))
-        local = os.path.join(self.media_store, local_media_path(media_id))
-        self.assertTrue(await eventually_exists(local))
+        await kept
+        self.assertTrue(os.path.exists(os.path.join(self.media_store, local_media_path(media_id))))
 
 
 class DirectoryProviderPostgresTests(DirectoryProviderTests):
