@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestCase, port_number, raw_exchange
+from tests.utils import SERVER_NAME, ServerTestCase, next_return, port_number, raw_exchange
 
 HOUR_MS = 3600 * 1000
 
@@ -89,32 +88,29 @@ class UploadLimitTests(ServerTestCase):
         self.assertEqual(self.stored_files(), 1)
         self.assert_nothing_staged()
 
-    async def held(self, user: str, expected: int) -> None:
-        """Wait until the server holds ``expected`` bytes for ``user``."""
-        quota = self.server.repository.quota
-        for _ in range(500):
-            if quota.held_bytes(f"@{user}:{SERVER_NAME}") == expected:
-                return
-            await deferLater(reactor, 0.01)
-        self.fail(f"{user} never had {expected} bytes held")
-
     async def test_length_held_while_the_body_streams(self) -> None:
         alice = await self.register("alice")
+        uploads = self.server.repository.uploads
+        quota = self.server.repository.quota
         port = port_number(self.server.ports[0])
         sock = socket.create_connection(("127.0.0.1", port))
         self.addCleanup(sock.close)
+        begun = next_return(self, uploads, "begin_upload")
         sock.sendall(
             b"POST /_matrix/media/v3/upload HTTP/1.1\r\nHost: x\r\n"
             b"Authorization: Bearer " + alice.encode() + b"\r\n"
             b"Content-Length: 900\r\n\r\n" + os.urandom(400)
         )
-        await self.held("alice", 900)
+        await begun
+        self.assertEqual(quota.held_bytes(f"@alice:{SERVER_NAME}"), 900)
         # Nothing is stored yet, but the 900 bytes under way count.
         code, body = await self.post(alice, 200)
         self.assertEqual((code, body["errcode"]), (400, "M_RESOURCE_LIMIT_EXCEEDED"))
         # The client goes away: what it held is free again.
+        abandoned = next_return(self, uploads, "abandon_upload")
         sock.close()
-        await self.held("alice", 0)
+        await abandoned
+        self.assertEqual(quota.held_bytes(f"@alice:{SERVER_NAME}"), 0)
         self.assertEqual((await self.post(alice, 900))[0], 200)
         self.assert_nothing_staged()
 
