@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import defer, reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -329,10 +330,11 @@ class DownloadRateTests(MediaLayerTestCase):
         peer = Peer()
         peer.answers["firstaaaaaaaaaaa"] = whole(os.urandom(600_000))
         peer.answers["secondaaaaaaaaaa"] = whole(b"second")
+        peer.answers["thirdaaaaaaaaaaa"] = whole(b"third")
         return peer
 
-    def get(self, media_id: str) -> defer.Deferred[RemoteMedia]:
-        return defer.ensureDeferred(self.remote.get(ORIGIN, media_id, ACCESS))
+    def get(self, media_id: str, access: RemoteAccess = ACCESS) -> defer.Deferred[RemoteMedia]:
+        return defer.ensureDeferred(self.remote.get(ORIGIN, media_id, access))
 
     async def test_bucket_drains_on_the_clock(self) -> None:
         await self.get("firstaaaaaaaaaaa")
@@ -345,6 +347,9 @@ class DownloadRateTests(MediaLayerTestCase):
                          (429, "M_LIMIT_EXCEEDED"))  # fmt: skip
         # What is cached is served whatever the bucket says.
         self.assertEqual((await self.get("firstaaaaaaaaaaa")).media_length, 600_000)
+        # Each requester's address has a bucket of its own.
+        elsewhere = attrs.evolve(ACCESS, requester_ip="10.9.9.9")
+        self.assertEqual((await self.get("thirdaaaaaaaaaaa", elsewhere)).media_length, 5)
         self.clock.advance(0.1)
         self.assertEqual((await self.get("secondaaaaaaaaaa")).media_length, 6)
 
