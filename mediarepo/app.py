@@ -85,10 +85,6 @@ logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
-# Our name in the instance_name columns of Synapse's tables (the stream
-# writer of quarantined_media_changes, worker_locks' holders) when we are not
-# a Synapse worker with a worker_name.
-STANDALONE_INSTANCE_NAME = "mediarepo"
 _MEDIA_IO_THREADS = 20
 
 
@@ -316,8 +312,7 @@ class MediaServer(OrderedServices):
             tasks.on_stored = local_cache.note_copied
         storage = ProviderChain(local, slots, tasks, reactor)
         media_store = MediaRows(database)
-        # A Synapse worker goes by its worker_name in Synapse's tables.
-        worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
+        worker_name = config.name_in_tables
         locks = WorkerLocks(LockRows(database), reactor, worker_name)
         thumbnails = ThumbnailProvider(
             storage,

@@ -16,7 +16,7 @@ import attrs
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
 
-from mediarepo.config import ListenerConfig
+from mediarepo.config_listeners import ListenerConfig
 from mediarepo.http.admin import AdminHandler, admin_routes
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
