@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor, task
 from twisted.web import server
 
-from mediarepo.app import server_tls_options
+from mediarepo.assembly import server_tls_options
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,

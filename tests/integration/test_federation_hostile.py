@@ -14,7 +14,7 @@ from signedjson.sign import sign_json
 from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
-from mediarepo.app import server_tls_options
+from mediarepo.assembly import server_tls_options
 from mediarepo.federation import keys
 from mediarepo.federation.multipart import (
     multipart_content_type,
