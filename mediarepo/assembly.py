@@ -53,7 +53,7 @@ from mediarepo.media.providers.local import LocalFiles
 from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
 from mediarepo.media.rooms import RoomMedia
-from mediarepo.media.thumbnails import ThumbnailProvider
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.media.url_previewer import UrlPreviewer
 from mediarepo.outbound import NameResolver, OutboundClient
@@ -149,7 +149,7 @@ class ServerParts:
     thumbnail_pool: ThreadPool
     storage: ProviderChain
     provider_tasks: ProviderTasks
-    thumbnails: ThumbnailProvider
+    thumbnails: ThumbnailMaker
     # URL previews' own outbound client, when previews are on.
     preview_client: OutboundClient | None
     jobs: PeriodicJobs
@@ -184,7 +184,7 @@ def build_parts(
     storage = files.chain
     media_store = MediaRows(database)
     locks = WorkerLocks(LockRows(database), reactor, config.name_in_tables)
-    thumbnails = ThumbnailProvider(
+    thumbnails = ThumbnailMaker(
         storage,
         media_store,
         ground.thumbnail_pool,
@@ -386,7 +386,7 @@ def _url_previews(
     name_resolver: NameResolver | None,
     storage: ProviderChain,
     media_store: MediaRows,
-    thumbnails: ThumbnailProvider,
+    thumbnails: ThumbnailMaker,
     quarantine: QuarantineRows,
 ) -> tuple[OutboundClient | None, UrlPreviewer | None]:
     """URL previews, with their own outbound client (``url_preview_ip_range_*``),

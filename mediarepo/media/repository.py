@@ -29,14 +29,10 @@ from mediarepo.media.paths import (
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.provider_chain import ProviderChain, StoredFile
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
+from mediarepo.media.thumbnail_serving import ThumbnailResponse, ThumbnailServing
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
-from mediarepo.media.thumbnails import (
-    METADATA_CACHE_SECONDS,
-    LocalThumbnailSource,
-    RemoteThumbnailSource,
-    ThumbnailProvider,
-    ThumbnailResponse,
-)
+from mediarepo.media.thumbnail_sources import LocalThumbnailSource, RemoteThumbnailSource
+from mediarepo.media.thumbnails import METADATA_CACHE_SECONDS, ThumbnailMaker
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.storage.media_rows import MediaRows
@@ -62,7 +58,7 @@ class MediaRepository:
         storage: ProviderChain,
         media_store: MediaRows,
         uploads: LocalUploads,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         remote: RemoteMediaCache,
         arrivals: ContentArrivals,
         clock: IReactorTime,
@@ -73,6 +69,7 @@ class MediaRepository:
         self.uploads = uploads
         self.quota = uploads.quota
         self.thumbnails = thumbnails
+        self._thumbnail_serving = ThumbnailServing(thumbnails, storage)
         self.remote = remote
         # Content landing here or announced by other processes: async
         # uploads, and remote media (see RemoteMediaCache).
@@ -254,7 +251,7 @@ class MediaRepository:
         media = await self.remote.get(origin, media_id, access)
         self.access.read_remote(origin, media_id)
         source = RemoteThumbnailSource(media, self._media_store)
-        return await self.thumbnails.thumbnail(source, request)
+        return await self._thumbnail_serving.thumbnail(source, request)
 
     async def get_local_thumbnail(
         self,
@@ -268,7 +265,7 @@ class MediaRepository:
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
         self.access.read_local(media_id)
-        return await self.thumbnails.thumbnail(
+        return await self._thumbnail_serving.thumbnail(
             LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows), request
         )
 

@@ -23,7 +23,8 @@ from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.quota import QuotaHold, UploadQuota, quota_exceeded
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.staging import FileExistsInStoreError
-from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
+from mediarepo.media.thumbnail_sources import LocalThumbnailSource
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
@@ -58,7 +59,7 @@ class LocalUploads:
         storage: ProviderChain,
         media_store: MediaRows,
         uploads: UploadRows,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         locks: WorkerLocks,
         quarantine: QuarantineRows,
         arrivals: ContentArrivals,

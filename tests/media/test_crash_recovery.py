@@ -21,7 +21,7 @@ from typing import Any
 
 from mediarepo.media.locks import instance_name
 from mediarepo.media.paths import local_media_path
-from mediarepo.media.thumbnails import ThumbnailSource
+from mediarepo.media.thumbnail_sources import ThumbnailSource
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
 from tests import images
 from tests.http.test_async_upload import DOWNLOAD, AsyncUploadMixin
