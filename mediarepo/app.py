@@ -24,6 +24,7 @@ from mediarepo.federation.keys import load_signing_keys
 from mediarepo.media.allocator import map_large_allocations
 from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.uploads import LocalUploads
 from mediarepo.outbound import NameResolver
 from mediarepo.services import OrderedServices, Outcome, StepService
 from mediarepo.storage.database import Database
@@ -117,6 +118,10 @@ class MediaServer(OrderedServices):
     @property
     def repository(self) -> MediaRepository:
         return self.parts.repository
+
+    @property
+    def uploads(self) -> LocalUploads:
+        return self.parts.uploads
 
     @property
     def ports(self) -> list[IListeningPort]:

@@ -135,6 +135,7 @@ class ServerParts:
 
     database: Database
     repository: MediaRepository
+    uploads: LocalUploads
     accounts: Accounts
     federation_client: FederationClient
     # The LISTEN connection for announcements from other processes (PostgreSQL).
@@ -256,6 +257,7 @@ def build_parts(
     authenticator = Authenticator(accounts)
     handlers = Handlers.create(
         repository,
+        uploads,
         authenticator,
         FederationAuthenticator(
             keyring, config.server_name, config.federation.domain_whitelist, backoff
@@ -265,13 +267,16 @@ def build_parts(
         previewer,
     )
     sites = [
-        _site(config, index, handlers, repository, ports, reactor)
+        _site(config, index, handlers, uploads, ports, reactor)
         for index in range(len(config.listeners))
     ]
-    jobs = _periodic_jobs(ground, files, repository, retention, runs_background_jobs, previewer)
+    jobs = _periodic_jobs(
+        ground, files, repository, uploads, retention, runs_background_jobs, previewer
+    )
     return ServerParts(
         database=database,
         repository=repository,
+        uploads=uploads,
         accounts=accounts,
         federation_client=federation_client,
         notifications=_notifications(database, repository, reactor),
@@ -338,13 +343,14 @@ def _periodic_jobs(
     ground: Groundwork,
     files: _FileStore,
     repository: MediaRepository,
+    uploads: LocalUploads,
     retention: Retention,
     runs_background_jobs: bool,
     previewer: UrlPreviewer | None,
 ) -> PeriodicJobs:
     sweeps: list[Callable[[], Awaitable[object]]] = [
-        repository.sweep_staging,
-        repository.sweep_expired_reservations,
+        uploads.sweep_staging,
+        uploads.sweep_expired_reservations,
         repository.resume_thumbnails,
     ]
     if retention.enabled:
@@ -426,7 +432,7 @@ def _site(
     config: Config,
     index: int,
     handlers: Handlers,
-    repository: MediaRepository,
+    uploads: LocalUploads,
     ports: ListeningPorts,
     reactor: Any,
 ) -> MediaSite:
@@ -437,7 +443,7 @@ def _site(
         reactor,
         max_upload_size=config.max_upload_size,
         x_forwarded=listener.x_forwarded,
-        abandon_upload=repository.abandon_upload,
+        abandon_upload=uploads.abandon_upload,
     )
     tls = None
     if listener.tls:

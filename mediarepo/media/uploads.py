@@ -1,8 +1,8 @@
 """Local uploads: the media IDs they get, the bodies they stage, the
 quota they are held to, and their recording by the storage layer.
 
-:class:`~mediarepo.media.repository.MediaRepository`, which the resources
-call, hands this work here.
+The upload resource (``http/upload.py``) and the site's rollback of a
+refused body call it directly; the periodic sweeps call it too.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class InterruptedPutTests(AsyncUploadMixin):
         for name in os.listdir(staging):
             os.utime(os.path.join(staging, name), (old, old))
         assert self.server.repository is not None
-        await self.server.repository.sweep_staging()
+        await self.server.uploads.sweep_staging()
         self.assertEqual(os.listdir(staging), [])
         r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=self.token)
         self.assertEqual((r.code, r.body), (200, data))
