@@ -158,6 +158,9 @@ class ServerParts:
 
 @attrs.frozen
 class _FileStore:
+    """The local store and the provider chain over it, with what keeps the
+    providers' copies and the store's size."""
+
     local: LocalFiles
     tasks: ProviderTasks
     local_cache: LocalCacheEviction | None
@@ -175,12 +178,8 @@ def build_parts(
     """Every part above the groundwork, the sites given to ``ports``;
     ``runs_background_jobs`` says whether this instance runs the
     housekeeping, provider task polling and URL cache expiry."""
-    config, reactor, database, schema = (
-        ground.config,
-        ground.reactor,
-        ground.database,
-        ground.schema,
-    )
+    config, reactor, database = ground.config, ground.reactor, ground.database
+    schema = ground.schema
     files = _file_store(ground)
     storage = files.chain
     media_store = MediaRows(database)
