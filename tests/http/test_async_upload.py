@@ -10,10 +10,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange, until
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, raw_exchange, until
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -23,7 +22,7 @@ def put_path(media_id: str, server_name: str = SERVER_NAME, query: str = "") -> 
     return f"/_matrix/media/v3/upload/{server_name}/{media_id}{query}"
 
 
-class AsyncUploadMixin(ServerTestMixin):
+class AsyncUploadTestCase(ServerTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         self.token = await self.register()
@@ -51,8 +50,7 @@ class AsyncUploadMixin(ServerTestMixin):
         return await self.server.database.run_query("test", statement, args)
 
 
-@on_both_databases
-class AsyncUploadTests(AsyncUploadMixin):
+class AsyncUploadTests(AsyncUploadTestCase):
     async def test_whole_flow(self) -> None:
         before = int(time.time() * 1000)
         r = await self.create()
@@ -133,7 +131,7 @@ class AsyncUploadTests(AsyncUploadMixin):
     async def test_refused_before_the_body_is_read(self) -> None:
         media_id = await self.reserve()
         self.assertEqual((await self.put(media_id, b"done")).code, 200)
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         # Headers promising 50 MB, and not one byte of it sent: the answer comes anyway.
         head = (
             f"PUT {put_path(media_id)} HTTP/1.1\r\nHost: x\r\n"
@@ -224,7 +222,11 @@ class AsyncUploadTests(AsyncUploadMixin):
         self.assertEqual(sorted(r[0] for r in rows), sorted([kept, filled]))
 
 
-class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
+class AsyncUploadPostgresTests(AsyncUploadTests):
+    engine = "psycopg2"
+
+
+class TwoServersOnePostgresTests(AsyncUploadTestCase):
     """Two servers (as two media workers would be) on one PostgreSQL database
     and media store: the upload lock and the wake-up cross between them."""
 
@@ -236,7 +238,7 @@ class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()
         self.addCleanup(self.second.stopService)
-        self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
+        self.second_url = f"http://127.0.0.1:{port_number(self.second.ports[0])}"
 
     async def on_second(self, method: str, path: str, **kwargs: Any) -> Any:
         return await self.request(method, path, base_url=self.second_url, **kwargs)

@@ -9,13 +9,12 @@ import time
 from twisted.internet import defer
 
 from mediarepo.media.paths import local_media_path
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 
-@on_both_databases
-class DeduplicationTests(ServerTestMixin):
+class DeduplicationTests(ServerTestCase):
     def path_of(self, media_id: str) -> str:
         return os.path.join(self.media_store, local_media_path(media_id))
 
@@ -96,3 +95,7 @@ class DeduplicationTests(ServerTestMixin):
         self.stale_staging_file(kept, data)
         self.assertEqual(await self.server.uploads.sweep_staging(), 1)
         self.assertTrue(os.path.exists(self.path_of(kept)))
+
+
+class DeduplicationPostgresTests(DeduplicationTests):
+    engine = "psycopg2"

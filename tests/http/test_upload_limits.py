@@ -10,13 +10,12 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, raw_exchange
 
 HOUR_MS = 3600 * 1000
 
 
-@on_both_databases
-class UploadLimitTests(ServerTestMixin):
+class UploadLimitTests(ServerTestCase):
     extra_config = {
         "media_upload_limits": [
             {"time_period": "1h", "max_size": 1000},
@@ -74,7 +73,7 @@ class UploadLimitTests(ServerTestMixin):
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
         body = [b"%x\r\n" % len(chunk) + chunk + b"\r\n", b"0\r\n\r\n"]
-        answer = await deferToThread(raw_exchange, self.server.ports[0].getHost().port, head, body)
+        answer = await deferToThread(raw_exchange, port_number(self.server.ports[0]), head, body)
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:300])
         self.assertIn(b"M_RESOURCE_LIMIT_EXCEEDED", answer)
         self.assertEqual(self.stored_files(), 1)
@@ -101,7 +100,7 @@ class UploadLimitTests(ServerTestMixin):
 
     async def test_length_held_while_the_body_streams(self) -> None:
         alice = await self.register("alice")
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         sock = socket.create_connection(("127.0.0.1", port))
         self.addCleanup(sock.close)
         sock.sendall(
@@ -138,7 +137,7 @@ class UploadLimitTests(ServerTestMixin):
             + b"\r\n\r\n"
         )
         body = [b"%x\r\n" % len(chunk) + chunk + b"\r\n", b"0\r\n\r\n"]
-        answer = await deferToThread(raw_exchange, self.server.ports[0].getHost().port, head, body)
+        answer = await deferToThread(raw_exchange, port_number(self.server.ports[0]), head, body)
         self.assertTrue(answer.startswith(b"HTTP/1.1 400"), answer[:300])
         self.assertIn(b"M_RESOURCE_LIMIT_EXCEEDED", answer)
         self.assertEqual(self.stored_files(), 0)
@@ -149,3 +148,7 @@ class UploadLimitTests(ServerTestMixin):
         self.assertEqual(r.code, 200, r.body)
         self.assertEqual(self.stored_files(), 1)
         self.assert_nothing_staged()
+
+
+class UploadLimitPostgresTests(UploadLimitTests):
+    engine = "psycopg2"

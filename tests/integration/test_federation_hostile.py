@@ -13,6 +13,7 @@ import attrs
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IReactorSSL
 from twisted.web import resource, server
 
 from mediarepo.assembly import server_tls_options
@@ -25,9 +26,8 @@ from mediarepo.federation.multipart import (
     new_boundary,
 )
 from mediarepo.outbound import bodies
-from tests.integration.test_federation import FederationTestMixin
+from tests.integration.test_federation import FederationTestCase
 from tests.processes import free_port
-from tests.utils import on_both_databases
 
 
 class FakePeer(resource.Resource):
@@ -192,17 +192,17 @@ class _TrackingSite(server.Site):
         return task.deferLater(reactor, 0.05, lambda: None)
 
 
-class FakePeerMixin(FederationTestMixin):
+class FakePeerTestCase(FederationTestCase):
     """Our servers A and B, and a fake peer beside them."""
 
-    async def setUp(self) -> None:
+    async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
         port = free_port()
         name = f"127.0.0.1:{port}"
         cert, key = self.ca.issue("fake")
         self.fake = FakePeer(name, os.path.join(self.workdir, "fake.signing.key"))
         site = _TrackingSite(self.fake)
-        listening = reactor.listenSSL(
+        listening = IReactorSSL(reactor).listenSSL(
             port, site, server_tls_options(cert, key), interface="127.0.0.1"
         )
         self.addCleanup(listening.stopListening)
@@ -211,8 +211,7 @@ class FakePeerMixin(FederationTestMixin):
         self.fake_name = name
 
 
-@on_both_databases
-class HostilePeerTests(FakePeerMixin):
+class HostilePeerTests(FakePeerTestCase):
     async def fetch(self, media_id: str) -> Any:
         return await self.http(
             "GET",
@@ -230,8 +229,8 @@ class HostilePeerTests(FakePeerMixin):
         files = (
             [f for _, _, names in os.walk(cached) for f in names] if os.path.isdir(cached) else []
         )
-        self.assertEqual(files, [])  # type: ignore[attr-defined]
-        self.assertEqual(os.listdir(os.path.join(store, ".mediarepo_tmp")), [])  # type: ignore[attr-defined]
+        self.assertEqual(files, [])
+        self.assertEqual(os.listdir(os.path.join(store, ".mediarepo_tmp")), [])
 
     async def test_hostile_answers(self) -> None:
         cases = [
@@ -249,49 +248,50 @@ class HostilePeerTests(FakePeerMixin):
             # looked at on its own.
             await self.forget_backoff()
             r = await self.fetch(media_id)
-            self.assertEqual((r.code, r.json()["errcode"]), (code, errcode), media_id)  # type: ignore[attr-defined]
+            self.assertEqual((r.code, r.json()["errcode"]), (code, errcode), media_id)
             self.assert_nothing_cached()
         # The server still fetches what a peer sends properly.
         await self.forget_backoff()
         r = await self.fetch("fine-aaaaaaaaaaa")
-        self.assertEqual((r.code, r.body), (200, b"all good"))  # type: ignore[attr-defined]
+        self.assertEqual((r.code, r.body), (200, b"all good"))
 
     async def test_redirect_to_a_cdn(self) -> None:
         r = await self.fetch("redirect-aaaaaaa")
-        self.assertEqual((r.code, r.body), (200, b"bytes from the cdn"))  # type: ignore[attr-defined]
-        self.assertEqual(r.header("Content-Type"), "image/png")  # type: ignore[attr-defined]
-        self.assertIn("/cdn/file", self.fake.requests)  # type: ignore[attr-defined]
+        self.assertEqual((r.code, r.body), (200, b"bytes from the cdn"))
+        self.assertEqual(r.header("Content-Type"), "image/png")
+        self.assertIn("/cdn/file", self.fake.requests)
 
     async def test_stalled_peer_times_out(self) -> None:
         outbound = self.a.server.parts.federation_client.outbound
         outbound.settings = attrs.evolve(outbound.settings, idle_timeout=0.5)
         r = await self.fetch("stall-aaaaaaaaaa")
-        self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))  # type: ignore[attr-defined]
+        self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))
         self.assert_nothing_cached()
 
     async def test_trickling_peer_is_cut_off(self) -> None:
         # Bytes keep coming (so the peer is never idle), far below the minimum rate.
-        self.patch(bodies, "RATE_WINDOW_SECONDS", 0.5)  # type: ignore[attr-defined]
+        self.patch(bodies, "RATE_WINDOW_SECONDS", 0.5)
         r = await self.fetch("trickle-aaaaaaaa")
-        self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))  # type: ignore[attr-defined]
+        self.assertEqual((r.code, r.json()["errcode"]), (502, "M_UNKNOWN"))
         self.assert_nothing_cached()
 
     async def test_legacy_only_peer(self) -> None:
         r = await self.fetch("legacy-aaaaaaaaa")
-        self.assertEqual((r.code, r.body), (200, b"from an old peer"))  # type: ignore[attr-defined]
-        self.assertEqual(r.header("Content-Type"), "text/plain; charset=UTF-8")  # type: ignore[attr-defined]
-        self.assertEqual(  # type: ignore[attr-defined]
-            r.header("Content-Disposition"), "inline; filename*=utf-8''old%20peer.txt"
-        )
-        self.assertIn(  # type: ignore[attr-defined]
+        self.assertEqual((r.code, r.body), (200, b"from an old peer"))
+        self.assertEqual(r.header("Content-Type"), "text/plain; charset=UTF-8")
+        self.assertEqual(r.header("Content-Disposition"), "inline; filename*=utf-8''old%20peer.txt")
+        self.assertIn(
             # The server name escaped in the path, as Synapse sends it.
             f"/_matrix/media/v3/download/{self.fake_name.replace(':', '%3A')}/legacy-aaaaaaaaa",
             self.fake.requests,
         )
 
 
-@on_both_databases
-class NotaryTests(FakePeerMixin):
+class HostilePeerPostgresTests(HostilePeerTests):
+    engine = "psycopg2"
+
+
+class NotaryTests(FakePeerTestCase):
     """A server asked for another's keys (``trusted_key_servers``) answers
     for it; the answer is believed only when signed by both."""
 
@@ -306,13 +306,13 @@ class NotaryTests(FakePeerMixin):
         media_id = await self.upload_to(self.b, await self.register(self.b, "bob"), b"n", "a/b")
         path = f"/_matrix/federation/v1/media/download/{media_id}"
         r = await self.signed_get(self.a, self.b, path)
-        self.assertEqual(r.code, 200, r.body)  # type: ignore[attr-defined]
-        self.assertIn("/_matrix/key/v2/query", self.fake.requests)  # type: ignore[attr-defined]
+        self.assertEqual(r.code, 200, r.body)
+        self.assertIn("/_matrix/key/v2/query", self.fake.requests)
         assert self.b.server.database is not None
         rows = await self.b.server.database.run_query(
             "t", "SELECT from_server FROM server_keys_json WHERE server_name = ?", (self.a.name,)
         )
-        self.assertEqual({r[0] for r in rows}, {self.fake_name})  # type: ignore[attr-defined]
+        self.assertEqual({r[0] for r in rows}, {self.fake_name})
 
     async def test_answer_without_the_notary_signature_is_refused(self) -> None:
         a_keys = keys.load_signing_keys(self.a.server.config.signing_key_path)
@@ -330,9 +330,13 @@ class NotaryTests(FakePeerMixin):
             self.a, self.b, f"/_matrix/federation/v1/media/download/{media_id}"
         )
         # Refused from the notary, then fetched from A itself.
-        self.assertEqual(r.code, 200, r.body)  # type: ignore[attr-defined]
+        self.assertEqual(r.code, 200, r.body)
         assert self.b.server.database is not None
         rows = await self.b.server.database.run_query(
             "t", "SELECT from_server FROM server_keys_json WHERE server_name = ?", (self.a.name,)
         )
-        self.assertEqual({r[0] for r in rows}, {self.a.name})  # type: ignore[attr-defined]
+        self.assertEqual({r[0] for r in rows}, {self.a.name})
+
+
+class NotaryPostgresTests(NotaryTests):
+    engine = "psycopg2"

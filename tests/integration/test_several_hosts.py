@@ -18,16 +18,15 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
 from mediarepo.media.paths import local_media_path
 from mediarepo.media.thumbnails import METADATA_CACHE_SECONDS
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests import images
-from tests.integration.test_federation import FederationTestMixin, Peer
+from tests.integration.test_federation import FederationTestCase, Peer
 from tests.s3 import MotoServer
-from tests.utils import SERVER_NAME, ServerTestMixin
+from tests.utils import SERVER_NAME, ServerTestCase, port_number
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -36,12 +35,12 @@ DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 STALENESS_BOUND_SECONDS = METADATA_CACHE_SECONDS + 1.0
 
 
-class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
+class SeveralHostsTests(ServerTestCase):
     engine = "psycopg2"
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
         await super().setUp()
@@ -55,7 +54,7 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
             await server.start()
             self.addCleanup(server.stopService)
             self.instances.append(server)
-            self.urls.append(f"http://127.0.0.1:{server.ports[0].getHost().port}")
+            self.urls.append(f"http://127.0.0.1:{port_number(server.ports[0])}")
         self.admin = await self.register("admin", admin=True)
         self.alice = await self.register("alice")
 
@@ -181,7 +180,7 @@ def remote_downloads(outcome: str) -> float:
     return value or 0.0
 
 
-class SeveralHostsFederationTests(FederationTestMixin, unittest.TestCase):
+class SeveralHostsFederationTests(FederationTestCase):
     """Server A's database and signing key served by three more instances
     with media stores of their own and one S3 bucket; B is the origin of the
     remote media."""
@@ -200,7 +199,7 @@ class SeveralHostsFederationTests(FederationTestMixin, unittest.TestCase):
 
     async def test_remote_media_is_downloaded_once_for_all_instances(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         instances = [await self.start_instance(f"a{n}") for n in (1, 2, 3)]
         data = images.png(300, 200)

@@ -9,7 +9,7 @@ from typing import Any
 from mediarepo.logging_setup import JsonFormatter
 from mediarepo.media.events import MediaEvent, media_events
 from tests import images
-from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase
 
 
 def _count(event: MediaEvent) -> float:
@@ -17,8 +17,7 @@ def _count(event: MediaEvent) -> float:
     return value
 
 
-@on_both_databases
-class EventTests(ServerTestMixin):
+class EventTests(ServerTestCase):
     extra_config = {"dynamic_thumbnails": True}
 
     async def setUp(self) -> None:  # type: ignore[override]
@@ -95,3 +94,7 @@ class EventTests(ServerTestMixin):
         # The counter is exported.
         r = await self.request("GET", "/_synapse/metrics")
         self.assertIn(b'mediarepo_media_events_total{event="media.uploaded"}', r.body)
+
+
+class EventPostgresTests(EventTests):
+    engine = "psycopg2"

@@ -4,14 +4,29 @@ removed when a deletion empties them (never the store's top-level ones)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.providers.local import LocalFiles, in_directory
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@implementer(IReactorFromThreads)
+class ImmediateReactor(Clock):
+    """A clock whose calls "from a thread" run at once, on this thread."""
+
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        callable(*args, **kwargs)
 
 
 class DirectoryTests(unittest.TestCase):
@@ -21,7 +36,7 @@ class DirectoryTests(unittest.TestCase):
 
     def test_in_directory_survives_a_purge_in_between(self) -> None:
         directory = os.path.join(self.base, "local_content", "ab", "cd")
-        attempts = []
+        attempts: list[None] = []
 
         def create() -> str:
             attempts.append(None)
@@ -37,7 +52,7 @@ class DirectoryTests(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(directory, "efgh")))
 
     def test_deletion_removes_what_it_empties(self) -> None:
-        store = LocalFiles(self.base, ThreadPool(), Clock())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, ThreadPool(), ImmediateReactor())
         kept = os.path.join(self.base, "local_content", "ab", "xy", "kept")
         gone = os.path.join(self.base, "local_content", "ab", "cd", "gone")
         remote = os.path.join(self.base, "remote_content", "other.example", "ab", "cd", "file")
@@ -65,15 +80,19 @@ class DirectoryTests(unittest.TestCase):
         class CountingPool(ThreadPool):
             """Runs each job at once, on this thread, counting them."""
 
-            def callInThreadWithCallback(self, onResult, func, *args, **kw):  # type: ignore[no-untyped-def]
+            def callInThreadWithCallback(
+                self,
+                onResult: Callable[[bool, R], object] | None,
+                func: Callable[P, R],
+                *args: P.args,
+                **kw: P.kwargs,
+            ) -> None:
                 jobs.append(func)
-                onResult(True, func(*args, **kw))
+                result = func(*args, **kw)
+                if onResult is not None:
+                    onResult(True, result)
 
-        class ImmediateReactor(Clock):
-            def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
-                f(*args, **kw)
-
-        store = LocalFiles(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, CountingPool(), ImmediateReactor())
         files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
         directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
         kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")
