@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorSSL, ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web import server
 
-from mediarepo.app import server_tls_options
+from mediarepo.assembly import server_tls_options
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,

@@ -91,7 +91,7 @@ class UploadLimitTests(ServerTestCase):
 
     async def held(self, user: str, expected: int) -> None:
         """Wait until the server holds ``expected`` bytes for ``user``."""
-        quota = self.server.repository.quota
+        quota = self.server.uploads.quota
         for _ in range(500):
             if quota.held_bytes(f"@{user}:{SERVER_NAME}") == expected:
                 return
