@@ -36,7 +36,8 @@ from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_med
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.ratelimit import Ratelimiter
-from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
+from mediarepo.media.thumbnail_sources import RemoteThumbnailSource
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
@@ -139,7 +140,7 @@ class RemoteMediaCache:
         storage: ProviderChain,
         media_store: MediaRows,
         client: FederationClient,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         quarantine: QuarantineRows,
         locks: WorkerLocks,
         arrivals: ContentArrivals,

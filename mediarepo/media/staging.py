@@ -168,19 +168,7 @@ class UploadStaging:
         stored, a link to the identical bytes of another media.
         """
 
-        def list_stale() -> list[str]:
-            cutoff = time.time() - max_age_seconds
-            stale = []
-            with os.scandir(self._local.staging_dir) as entries:
-                for entry in entries:
-                    try:
-                        if entry.stat().st_mtime < cutoff:
-                            stale.append(entry.name)
-                    except FileNotFoundError:
-                        continue
-            return stale
-
-        stale_names = await self._local.in_pool(list_stale)
+        stale_names = await self._local.in_pool(self._stale_names, max_age_seconds)
         busy = self.paths_in_use()
         stale = [
             name for name in stale_names if os.path.join(self._local.staging_dir, name) not in busy
@@ -189,28 +177,46 @@ class UploadStaging:
             return 0
         media_ids = sorted({name.split(".", 1)[0] for name in stale})
         known = await recorded([m for m in media_ids if is_valid_media_id(m)])
-
-        def remove(names: list[str]) -> None:
-            for name in names:
-                media_id = name.split(".", 1)[0]
-                staged = os.path.join(self._local.staging_dir, name)
-                if media_id not in known and media_id not in INTERNAL_STAGING_PREFIXES:
-                    try:
-                        final = self._local.paths.absolute(local_media_path(media_id))
-                        if os.path.exists(final) and _same_bytes(final, staged):
-                            os.unlink(final)
-                            logger.info("removed orphaned media file for %s", media_id)
-                    except (UnsafePathError, OSError) as e:
-                        if getattr(e, "errno", None) not in (None, errno.ENOENT):
-                            logger.warning("could not check %s: %s", media_id, e)
-                try:
-                    os.unlink(staged)
-                except FileNotFoundError:
-                    pass
-
-        await self._local.in_pool(remove, stale)
+        await self._local.in_pool(self._remove_stale, stale, known)
         logger.info("removed %d stale staging files", len(stale))
         return len(stale)
+
+    def _stale_names(self, max_age_seconds: float) -> list[str]:
+        """Staging files untouched for ``max_age_seconds`` (blocking)."""
+        cutoff = time.time() - max_age_seconds
+        stale = []
+        with os.scandir(self._local.staging_dir) as entries:
+            for entry in entries:
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        stale.append(entry.name)
+                except FileNotFoundError:
+                    continue
+        return stale
+
+    def _remove_stale(self, names: list[str], recorded: set[str]) -> None:
+        """Remove stale staging files, and what they were published as when
+        their media has no content recorded (blocking)."""
+        for name in names:
+            media_id = name.split(".", 1)[0]
+            staged = os.path.join(self._local.staging_dir, name)
+            if media_id not in recorded and media_id not in INTERNAL_STAGING_PREFIXES:
+                self._remove_orphan(media_id, staged)
+            try:
+                os.unlink(staged)
+            except FileNotFoundError:
+                pass
+
+    def _remove_orphan(self, media_id: str, staged: str) -> None:
+        """Remove the final file of unrecorded media if it holds the staged bytes."""
+        try:
+            final = self._local.paths.absolute(local_media_path(media_id))
+            if os.path.exists(final) and _same_bytes(final, staged):
+                os.unlink(final)
+                logger.info("removed orphaned media file for %s", media_id)
+        except (UnsafePathError, OSError) as e:
+            if getattr(e, "errno", None) not in (None, errno.ENOENT):
+                logger.warning("could not check %s: %s", media_id, e)
 
 
 def _same_bytes(a: str, b: str) -> bool:

@@ -94,7 +94,7 @@ class KnownContent:
 
 
 # -- the statements of an upload, run together in one trip to the pool ----------
-# (see MediaRepository.complete_upload): a trip costs more than a statement.
+# (see LocalUploads.complete_upload): a trip costs more than a statement.
 
 
 def known_content_txn(

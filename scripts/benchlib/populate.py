@@ -300,6 +300,72 @@ def _secondary_indexes(cursor: Any) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in cursor.fetchall()]
 
 
+def _content_hash(rng: random.Random, hashes: list[str]) -> str:
+    """A new media's SHA-256: now and then a copy of earlier content
+    (forwarded images, stickers), among the first 10,000 ``hashes``."""
+    if hashes and rng.random() < 0.05:
+        return rng.choice(hashes)
+    sha256 = rng.randbytes(32).hex()
+    if len(hashes) < 10_000:
+        hashes.append(sha256)
+    return sha256
+
+
+def _fill_remote(
+    cursor: Any, rng: random.Random, n: int, stale_count: int, stale_before: int, files: _Files
+) -> None:
+    """``n`` cached remote media, the first ``stale_count`` of them stale
+    and with files on disk, and their thumbnails."""
+    remote = _CopyBuffer(
+        cursor,
+        "remote_media_cache",
+        ("media_origin", "media_id", "media_type", "created_ts", "upload_name", "media_length",
+         "filesystem_id", "last_access_ts", "quarantined_by", "authenticated", "sha256"),
+    )  # fmt: skip
+    remote_thumbs = _CopyBuffer(
+        cursor,
+        "remote_media_cache_thumbnails",
+        ("media_origin", "media_id", "thumbnail_width", "thumbnail_height", "thumbnail_method",
+         "thumbnail_type", "thumbnail_length", "filesystem_id"),
+    )  # fmt: skip
+    origins = [f"remote{k}.test" for k in range(max(10, n // 500))]
+    remote_ids = _ids(rng, n)
+    filesystem_ids = _ids(rng, n)
+    for i in range(n):
+        stale = i < stale_count
+        origin = origins[int(rng.random() ** 2 * len(origins))]
+        if stale:
+            created = stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS)
+        else:
+            created = stale_before + rng.randrange(1, 690 * DAY_MS)
+        last_access = created + rng.randrange(0, 5 * DAY_MS)
+        media_type, length, thumbs = _kind(rng)
+        filesystem_id = filesystem_ids[i]
+        remote.add_line(
+            f"{origin}\t{remote_ids[i]}\t{media_type}\t{created}\t\\N\t{length}"
+            f"\t{filesystem_id}\t{last_access}\t\\N\tt\t{rng.randbytes(32).hex()}"
+        )
+        if stale:
+            files.content(os.path.join("remote_content", origin, *_split(filesystem_id)))
+        if thumbs:
+            for width, height, method in THUMBNAIL_SIZES:
+                remote_thumbs.add_line(
+                    f"{origin}\t{remote_ids[i]}\t{width}\t{height}\t{method}\timage/jpeg"
+                    f"\t{_log_uniform(rng, 800, 60_000)}\t{filesystem_id}"
+                )
+                if stale:
+                    name = _thumb_name(width, height, method)
+                    files.thumbnail(
+                        os.path.join("remote_thumbnail", origin, *_split(filesystem_id), name)
+                    )
+    remote.flush()
+    remote_thumbs.flush()
+    log(
+        f"{remote.rows} remote media, {remote_thumbs.rows} remote thumbnails;"
+        f" {files.links} files linked"
+    )
+
+
 def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population:
     rng = random.Random(n)
     now_ms = int(time.time() * 1000)
@@ -357,13 +423,7 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
             length = SAMPLE_LENGTH
         read = rng.random() < 0.6
         last_access = created + rng.randrange(0, 5 * DAY_MS) if read else None
-        # A copy of earlier content now and then (forwarded images, stickers).
-        if hashes and rng.random() < 0.05:
-            sha256 = rng.choice(hashes)
-        else:
-            sha256 = rng.randbytes(32).hex()
-            if len(hashes) < 10_000:
-                hashes.append(sha256)
+        sha256 = _content_hash(rng, hashes)
         quarantine = rng.random() < 0.001 and not in_sample
         quarantined = f"@admin:{SERVER_NAME}" if quarantine else None
         local.add_line(
@@ -389,54 +449,7 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     local_thumbs.flush()
     log(f"{local.rows} local media, {local_thumbs.rows} local thumbnails")
 
-    remote = _CopyBuffer(
-        cursor,
-        "remote_media_cache",
-        ("media_origin", "media_id", "media_type", "created_ts", "upload_name", "media_length",
-         "filesystem_id", "last_access_ts", "quarantined_by", "authenticated", "sha256"),
-    )  # fmt: skip
-    remote_thumbs = _CopyBuffer(
-        cursor,
-        "remote_media_cache_thumbnails",
-        ("media_origin", "media_id", "thumbnail_width", "thumbnail_height", "thumbnail_method",
-         "thumbnail_type", "thumbnail_length", "filesystem_id"),
-    )  # fmt: skip
-    origins = [f"remote{k}.test" for k in range(max(10, n // 500))]
-    remote_ids = _ids(rng, n)
-    filesystem_ids = _ids(rng, n)
-    for i in range(n):
-        stale = i < stale_count
-        origin = origins[int(rng.random() ** 2 * len(origins))]
-        if stale:
-            created = stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS)
-        else:
-            created = stale_before + rng.randrange(1, 690 * DAY_MS)
-        last_access = created + rng.randrange(0, 5 * DAY_MS)
-        media_type, length, thumbs = _kind(rng)
-        filesystem_id = filesystem_ids[i]
-        remote.add_line(
-            f"{origin}\t{remote_ids[i]}\t{media_type}\t{created}\t\\N\t{length}"
-            f"\t{filesystem_id}\t{last_access}\t\\N\tt\t{rng.randbytes(32).hex()}"
-        )
-        if stale:
-            files.content(os.path.join("remote_content", origin, *_split(filesystem_id)))
-        if thumbs:
-            for width, height, method in THUMBNAIL_SIZES:
-                remote_thumbs.add_line(
-                    f"{origin}\t{remote_ids[i]}\t{width}\t{height}\t{method}\timage/jpeg"
-                    f"\t{_log_uniform(rng, 800, 60_000)}\t{filesystem_id}"
-                )
-                if stale:
-                    name = _thumb_name(width, height, method)
-                    files.thumbnail(
-                        os.path.join("remote_thumbnail", origin, *_split(filesystem_id), name)
-                    )
-    remote.flush()
-    remote_thumbs.flush()
-    log(
-        f"{remote.rows} remote media, {remote_thumbs.rows} remote thumbnails;"
-        f" {files.links} files linked"
-    )
+    _fill_remote(cursor, rng, n, stale_count, stale_before, files)
     return Population(
         n=n,
         format=FORMAT,

@@ -730,17 +730,17 @@ async def thumbnail_cached(target: Target, opts: Options) -> list[Result]:
     return results
 
 
-async def create_put(target: Target, opts: Options) -> list[Result]:
-    connections = opts.conns(16)
-    create = target.path("/_matrix/media/v1/create")
-    base = os.urandom(SMALL_SIZE)
+def _put_path(target: Target, created: Response) -> str:
+    """Where the content of the media a create answer reserved is PUT."""
+    server, media_id = parse_mxc(created.json().get("content_uri", ""))
+    return target.path(
+        f"/_matrix/media/v3/upload/{quote(server)}/{quote(media_id)}?filename=bench.bin"
+    )
 
-    async def put_path(response: Response) -> str:
-        server, media_id = parse_mxc(response.json().get("content_uri", ""))
-        return target.path(
-            f"/_matrix/media/v3/upload/{quote(server)}/{quote(media_id)}?filename=bench.bin"
-        )
 
+async def _probe_create_put(target: Target, opts: Options, create: str, base: bytes) -> None:
+    """One create and PUT: the scenario is skipped where create is not
+    served, and fails where either is refused."""
     probe_conn = target.connection(timeout=opts.request_timeout)
     try:
         try:
@@ -755,7 +755,7 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
             raise ScenarioFailed(f"POST {create} answered {probe.short()}")
         check = await probe_conn.request(
             "PUT",
-            await put_path(probe),
+            _put_path(target, probe),
             headers={"Content-Type": "application/octet-stream"},
             body=unique_small_body(base),
         )
@@ -763,6 +763,13 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
             raise ScenarioFailed(f"PUT after create answered {check.short()}")
     finally:
         probe_conn.close()
+
+
+async def create_put(target: Target, opts: Options) -> list[Result]:
+    connections = opts.conns(16)
+    create = target.path("/_matrix/media/v1/create")
+    base = os.urandom(SMALL_SIZE)
+    await _probe_create_put(target, opts, create, base)
 
     async def op(conn: Connection, rec: Recorder) -> bool:
         t0 = time.perf_counter()
@@ -777,7 +784,7 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
         if not rec.response("create", t1 - t0, created, "POST create"):
             return False
         body = unique_small_body(base)
-        path = await put_path(created)
+        path = _put_path(target, created)
         try:
             put = await conn.request(
                 "PUT", path, headers={"Content-Type": "application/octet-stream"}, body=body

@@ -21,7 +21,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IReactorSSL, ITCPTransport
 from twisted.web import server
 
-from mediarepo.app import server_tls_options
+from mediarepo.assembly import server_tls_options
 from mediarepo.federation.multipart import (
     multipart_content_type,
     multipart_head,

@@ -218,7 +218,7 @@ class AsyncUploadTests(AsyncUploadTestCase):
             1000, old, filled,
         )  # fmt: skip
         assert self.server.repository is not None
-        self.assertEqual(await self.server.repository.sweep_expired_reservations(), 1)
+        self.assertEqual(await self.server.uploads.sweep_expired_reservations(), 1)
         rows = await self.sql("SELECT media_id FROM local_media_repository")
         self.assertEqual(sorted(r[0] for r in rows), sorted([kept, filled]))
 

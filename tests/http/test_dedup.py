@@ -79,7 +79,7 @@ class DeduplicationTests(ServerTestCase):
         reserved = r.json()["content_uri"].rsplit("/", 1)[1]
         self.stage_crashed_upload(reserved, b"half a put", link_to=None)
 
-        self.assertEqual(await self.server.repository.sweep_staging(), 2)
+        self.assertEqual(await self.server.uploads.sweep_staging(), 2)
         self.assertFalse(os.path.exists(self.path_of("crashedduplicateuploadxx")))
         self.assertFalse(os.path.exists(self.path_of(reserved)))
         self.assertEqual(os.listdir(os.path.join(self.media_store, ".mediarepo_tmp")), [])
@@ -93,7 +93,7 @@ class DeduplicationTests(ServerTestCase):
         self.assertEqual(r.body, b"whole")
         # A stale staging file of media that has its row leaves the media alone.
         self.stale_staging_file(kept, data)
-        self.assertEqual(await self.server.repository.sweep_staging(), 1)
+        self.assertEqual(await self.server.uploads.sweep_staging(), 1)
         self.assertTrue(os.path.exists(self.path_of(kept)))
 
 

@@ -7,6 +7,7 @@ trickle: tests/media/test_remote_fetch.py, on a test clock.)"""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
@@ -15,7 +16,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IReactorSSL
 from twisted.web import resource, server
 
-from mediarepo.app import server_tls_options
+from mediarepo.assembly import server_tls_options
 from mediarepo.federation import keys
 from mediarepo.federation.multipart import (
     multipart_content_type,
@@ -74,52 +75,86 @@ class FakePeer(resource.Resource):
             request.setHeader("Content-Type", "application/json")
             return json.dumps(body).encode()
         if path.startswith("/cdn/"):
-            # A plain web server the media may be redirected to.
-            if path == "/cdn/loop":
-                request.setResponseCode(302)
-                request.setHeader("Location", "/cdn/loop")
-                return b""
-            request.setHeader("Content-Type", "image/png")
-            request.setHeader("Content-Disposition", "inline; filename=from-cdn.png")
-            return b"bytes from the cdn"
-        media_id = path.rsplit("/", 1)[1]
-        behaviour = media_id.split("-")[0]
-        federation = path.startswith("/_matrix/federation/v1/media/download/")
+            return self._render_cdn(request, path)
+        behaviour = path.rsplit("/", 1)[1].split("-")[0]
         if behaviour == "legacy":
-            if federation:
-                request.setResponseCode(404)
-                return b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
-            request.setHeader("Content-Type", "text/plain")
-            request.setHeader("Content-Disposition", "inline; filename*=utf-8''old%20peer.txt")
-            return b"from an old peer"
+            federation = path.startswith("/_matrix/federation/v1/media/download/")
+            return self._render_legacy(request, federation)
         boundary = new_boundary()
         request.setHeader("Content-Type", multipart_content_type(boundary))
-        head = multipart_head(boundary, "application/octet-stream", "attachment")
-        if behaviour == "oversized":
-            return head + b"x" * (11 * 1024 * 1024) + multipart_tail(boundary)
-        if behaviour == "truncated":
-            request.write(head + b"only part of it")
-            request.channel.transport.abortConnection()
-            return server.NOT_DONE_YET
-        if behaviour == "lyinglength":
-            request.setHeader("Content-Length", "100000")
-            request.write(head + b"short")
-            request.channel.transport.abortConnection()
-            return server.NOT_DONE_YET
-        if behaviour == "notmultipart":
-            request.setHeader("Content-Type", "text/plain")
-            return b"plain text"
-        if behaviour == "badfirstpart":
-            return (
-                f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nhi\r\n--{boundary}--\r\n"
-            ).encode()
-        if behaviour in ("redirect", "redirectloop"):
-            target = "/cdn/file" if behaviour == "redirect" else "/cdn/loop"
-            return multipart_redirect(boundary, f"https://{self.name}{target}")
-        if behaviour == "fine":
-            return head + b"all good" + multipart_tail(boundary)
-        request.setResponseCode(404)
-        return b'{"errcode": "M_NOT_FOUND", "error": "Not here"}'
+        answer = self._media_answers().get(behaviour)
+        if answer is None:
+            request.setResponseCode(404)
+            return b'{"errcode": "M_NOT_FOUND", "error": "Not here"}'
+        return answer(
+            request, boundary, multipart_head(boundary, "application/octet-stream", "attachment")
+        )
+
+    def _render_cdn(self, request: Any, path: str) -> bytes:
+        """A plain web server the media may be redirected to."""
+        if path == "/cdn/loop":
+            request.setResponseCode(302)
+            request.setHeader("Location", "/cdn/loop")
+            return b""
+        request.setHeader("Content-Type", "image/png")
+        request.setHeader("Content-Disposition", "inline; filename=from-cdn.png")
+        return b"bytes from the cdn"
+
+    def _render_legacy(self, request: Any, federation: bool) -> bytes:
+        """A peer that predates the federation media endpoints."""
+        if federation:
+            request.setResponseCode(404)
+            return b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}'
+        request.setHeader("Content-Type", "text/plain")
+        request.setHeader("Content-Disposition", "inline; filename*=utf-8''old%20peer.txt")
+        return b"from an old peer"
+
+    def _media_answers(self) -> dict[str, Callable[[Any, str, bytes], Any]]:
+        """How each behaviour (the media ID up to its first "-") answers,
+        given the request, the multipart boundary and the head of the
+        multipart body's first part."""
+        return {
+            "oversized": self._oversized,
+            "truncated": self._truncated,
+            "lyinglength": self._lying_length,
+            "notmultipart": self._not_multipart,
+            "badfirstpart": self._bad_first_part,
+            "redirect": self._redirect,
+            "redirectloop": self._redirect_loop,
+            "fine": self._fine,
+        }
+
+    def _fine(self, request: Any, boundary: str, head: bytes) -> bytes:
+        return head + b"all good" + multipart_tail(boundary)
+
+    def _oversized(self, request: Any, boundary: str, head: bytes) -> bytes:
+        return head + b"x" * (11 * 1024 * 1024) + multipart_tail(boundary)
+
+    def _truncated(self, request: Any, boundary: str, head: bytes) -> Any:
+        request.write(head + b"only part of it")
+        request.channel.transport.abortConnection()
+        return server.NOT_DONE_YET
+
+    def _lying_length(self, request: Any, boundary: str, head: bytes) -> Any:
+        request.setHeader("Content-Length", "100000")
+        request.write(head + b"short")
+        request.channel.transport.abortConnection()
+        return server.NOT_DONE_YET
+
+    def _not_multipart(self, request: Any, boundary: str, head: bytes) -> bytes:
+        request.setHeader("Content-Type", "text/plain")
+        return b"plain text"
+
+    def _bad_first_part(self, request: Any, boundary: str, head: bytes) -> bytes:
+        return (
+            f"\r\n--{boundary}\r\nContent-Type: text/plain\r\n\r\nhi\r\n--{boundary}--\r\n"
+        ).encode()
+
+    def _redirect(self, request: Any, boundary: str, head: bytes) -> bytes:
+        return multipart_redirect(boundary, f"https://{self.name}/cdn/file")
+
+    def _redirect_loop(self, request: Any, boundary: str, head: bytes) -> bytes:
+        return multipart_redirect(boundary, f"https://{self.name}/cdn/loop")
 
 
 class _TrackingSite(server.Site):

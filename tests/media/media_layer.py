@@ -34,7 +34,7 @@ from mediarepo.media.provider_tasks import ProviderTasks
 from mediarepo.media.providers.local import LocalFiles
 from mediarepo.media.remote import RemoteMediaCache
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.thumbnails import ThumbnailProvider
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.storage.database import Database
 from mediarepo.storage.destination_rows import DestinationRows
@@ -130,7 +130,7 @@ class MediaLayerTestCase(unittest.TestCase):
         self.media_rows = MediaRows(database)
         self.locks = WorkerLocks(LockRows(database), clock)
         # Thumbnails are made on real threads; none of these tests wants them.
-        thumbnails = ThumbnailProvider(
+        thumbnails = ThumbnailMaker(
             self.storage,
             self.media_rows,
             threads,

@@ -21,7 +21,7 @@ from typing import Any
 
 from mediarepo.media.locks import instance_name
 from mediarepo.media.paths import local_media_path
-from mediarepo.media.thumbnails import ThumbnailSource
+from mediarepo.media.thumbnail_sources import ThumbnailSource
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
 from tests import images
 from tests.http.test_async_upload import DOWNLOAD, AsyncUploadTestCase
@@ -190,7 +190,7 @@ class InterruptedPutTests(AsyncUploadTestCase):
         for name in os.listdir(staging):
             os.utime(os.path.join(staging, name), (old, old))
         assert self.server.repository is not None
-        await self.server.repository.sweep_staging()
+        await self.server.uploads.sweep_staging()
         self.assertEqual(os.listdir(staging), [])
         r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=self.token)
         self.assertEqual((r.code, r.body), (200, data))
