@@ -74,19 +74,18 @@ class Peer(Resource):
         return waiting.addTimeout(10, reactor)
 
 
-def multipart(data: bytes) -> tuple[bytes, bytes, bytes]:
-    """A federation media answer of ``data``: its Content-Type, the head of
-    its body, and the rest (the file and the closing boundary)."""
+def multipart(request: Request, data: bytes) -> tuple[bytes, bytes]:
+    """A federation media answer of ``data``, its Content-Type set: the
+    head of its body, and the rest (the file and the closing boundary)."""
     boundary = new_boundary()
+    request.setHeader(b"Content-Type", multipart_content_type(boundary).encode())
     head = multipart_head(boundary, "image/png", "inline; filename=peer.png")
-    return multipart_content_type(boundary).encode(), head, data + multipart_tail(boundary)
+    return head, data + multipart_tail(boundary)
 
 
 def whole(data: bytes) -> Answer:
-    content_type, head, rest = multipart(data)
-
     def answer(request: Request) -> bytes:
-        request.setHeader(b"Content-Type", content_type)
+        head, rest = multipart(request, data)
         return head + rest
 
     return answer
@@ -117,6 +116,15 @@ class RemoteFetchTests(MediaLayerTestCase):
         error = raised.exception
         return error.code, error.errcode, error.message
 
+    async def held(
+        self, media_id: str, fetches: int = 1
+    ) -> tuple[list[defer.Deferred[RemoteMedia]], Request]:
+        """Fetches of ``media_id`` started, and the one request they made of
+        the peer, held for the test to answer."""
+        held = self.fake_peer.next_held()
+        fetching = [self.get(media_id) for _ in range(fetches)]
+        return fetching, await held
+
     def answer(self, request: Request, *parts: bytes, finish: bool = True) -> None:
         """Write to a held request (and move the bytes)."""
         for part in parts:
@@ -139,12 +147,8 @@ class RemoteFetchTests(MediaLayerTestCase):
 
     async def test_concurrent_requests_share_one_download(self) -> None:
         data = os.urandom(50_000)
-        held = self.fake_peer.next_held()
-        fetches = [self.get("sharedaaaaaaaaaa") for _ in range(5)]
-        request = await held
-        content_type, head, rest = multipart(data)
-        request.setHeader(b"Content-Type", content_type)
-        self.answer(request, head, rest)
+        fetches, request = await self.held("sharedaaaaaaaaaa", 5)
+        self.answer(request, *multipart(request, data))
         media = await defer.gatherResults(fetches)
         self.assertEqual({(m.media_id, m.media_length, m.media_type) for m in media},
                          {("sharedaaaaaaaaaa", len(data), "image/png")})  # fmt: skip
@@ -159,11 +163,8 @@ class RemoteFetchTests(MediaLayerTestCase):
         self.assertEqual(self.files_under(".mediarepo_tmp"), [])
 
     async def test_declared_length_over_the_limit(self) -> None:
-        held = self.fake_peer.next_held()
-        fetching = self.get("declaredaaaaaaaa")
-        request = await held
-        content_type, head, _ = multipart(b"")
-        request.setHeader(b"Content-Type", content_type)
+        [fetching], request = await self.held("declaredaaaaaaaa")
+        head, _ = multipart(request, b"")
         request.setHeader(b"Content-Length", str(LIMIT + 65 * 1024).encode())
         self.answer(request, head, finish=False)
         with self.assertRaises(MatrixError) as raised:
@@ -187,8 +188,7 @@ class RemoteFetchTests(MediaLayerTestCase):
             return b"plain text"
 
         def cut_short(request: Request) -> bytes:
-            content_type, head, _ = multipart(b"")
-            request.setHeader(b"Content-Type", content_type)
+            head, _ = multipart(request, b"")
             return head + b"and no closing boundary"
 
         not_here = json.dumps({"errcode": "M_NOT_FOUND", "error": "Not here"}).encode()
@@ -239,11 +239,8 @@ class RemoteFetchTests(MediaLayerTestCase):
 
     async def test_peer_stalling_midway_fails_every_waiter(self) -> None:
         data = os.urandom(60_000)
-        held = self.fake_peer.next_held()
-        fetches = [self.get("stallingaaaaaaaa") for _ in range(3)]
-        request = await held
-        content_type, head, rest = multipart(data)
-        request.setHeader(b"Content-Type", content_type)
+        fetches, request = await self.held("stallingaaaaaaaa", 3)
+        head, rest = multipart(request, data)
         request.setHeader(b"Content-Length", str(len(head + rest)).encode())
         self.answer(request, head, rest[: len(rest) // 2], finish=False)
         # Given up on the idle timeout after the last byte, not before.
@@ -267,11 +264,8 @@ class RemoteFetchTests(MediaLayerTestCase):
         """Pieces each just inside the idle timeout, at well over the
         minimum rate: four times the idle timeout in all."""
         data = os.urandom(96_000)
-        held = self.fake_peer.next_held()
-        fetching = self.get("steadyaaaaaaaaaa")
-        request = await held
-        content_type, head, rest = multipart(data)
-        request.setHeader(b"Content-Type", content_type)
+        [fetching], request = await self.held("steadyaaaaaaaaaa")
+        head, rest = multipart(request, data)
         self.answer(request, head, finish=False)
         await self.clock.waiting(self.idle_timeout)
         pieces = [rest[i : i + len(rest) // 4 + 1] for i in range(0, len(rest), len(rest) // 4 + 1)]
@@ -284,11 +278,8 @@ class RemoteFetchTests(MediaLayerTestCase):
 
     async def test_trickling_peer_is_cut_at_the_rate_window(self) -> None:
         """Never idle, but under the minimum rate."""
-        held = self.fake_peer.next_held()
-        fetching = self.get("tricklingaaaaaaa")
-        request = await held
-        content_type, head, _ = multipart(b"")
-        request.setHeader(b"Content-Type", content_type)
+        [fetching], request = await self.held("tricklingaaaaaaa")
+        head, _ = multipart(request, b"")
         self.answer(request, head, finish=False)
         await self.clock.waiting(RATE_WINDOW_SECONDS)
         for _ in range(int(RATE_WINDOW_SECONDS / 10) - 1):
