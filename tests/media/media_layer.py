@@ -1,5 +1,6 @@
 """The media layer for unit tests: ``MediaRepository`` and its parts built
-as ``app.py`` builds them, without HTTP or a listening server.
+as ``mediarepo/assembly.py`` builds them, without HTTP or a listening
+server.
 
 Every timer of the media layer runs on a :class:`~tests.clock.WatchedClock`
 that the test advances; the database (SQLite, or PostgreSQL in a subclass
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any, cast
 
 from signedjson.key import generate_signing_key
@@ -91,7 +93,7 @@ class MediaLayerTestCase(unittest.TestCase):
         self.clock.advance(CLOCK_START_SECONDS)
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-unit-", dir=MEMORY_DIRECTORY)
         self.addCleanup(shutil.rmtree, self.workdir, True)
-        cleanups: list[Any] = []
+        cleanups: list[Callable[[], None]] = []
         section = database_section(self.engine, self.workdir, cleanups, prepared=True)
         for cleanup in cleanups:
             self.addCleanup(cleanup)
