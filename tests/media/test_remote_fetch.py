@@ -120,10 +120,31 @@ class RemoteFetchTests(MediaLayerTestCase):
         self, media_id: str, fetches: int = 1
     ) -> tuple[list[defer.Deferred[RemoteMedia]], Request]:
         """Fetches of ``media_id`` started, and the one request they made of
-        the peer, held for the test to answer."""
+        the peer, held for the test to answer. Each fetch has looked in the
+        cache by then, and so waits for the first one's download (one that
+        looked only after that download failed would start another)."""
+        looked = self.cache_lookups(fetches)
         held = self.fake_peer.next_held()
         fetching = [self.get(media_id) for _ in range(fetches)]
+        await looked
         return fetching, await held
+
+    def cache_lookups(self, count: int) -> defer.Deferred[None]:
+        """Fires once ``count`` more lookups of cached remote media are done."""
+        done: defer.Deferred[None] = defer.Deferred()
+        lookup = self.media_rows.get_remote_media
+        seen = 0
+
+        async def looking(origin: str, media_id: str) -> RemoteMedia | None:
+            nonlocal seen
+            media = await lookup(origin, media_id)
+            seen += 1
+            if seen == count:
+                done.callback(None)
+            return media
+
+        self.patch(self.media_rows, "get_remote_media", looking)
+        return done.addTimeout(10, reactor)
 
     def answer(self, request: Request, *parts: bytes, finish: bool = True) -> None:
         """Write to a held request (and move the bytes)."""
@@ -397,11 +418,15 @@ class OtherProcessDownloadTests(MediaLayerTestCase):
         self.assertEqual(self.fake_peer.paths, [])
 
     async def test_gives_up_past_the_wait(self) -> None:
-        # The other process lives (it renews its lock every 30 s) but never finishes.
+        # The other process lives but never finishes: it renews its lock
+        # every 30 s (here, by hand: its timer would renew in the background,
+        # and a renewal ending after the clock moved on skips one).
+        self.other_lock.forget()
         deadline = self.clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
         while deadline - self.clock.seconds() > 30:
             await self.clock.waiting(1.0)
             self.clock.advance(30)
+            await self.other.store.renew(self.other_lock.token, self.other.now_ms())
         await self.clock.waiting(1.0)
         self.clock.advance(deadline - self.clock.seconds() - 0.001)
         await self.clock.waiting(1.0)
