@@ -207,9 +207,10 @@ class MediaServer(OrderedServices):
         thumbnails = parts.thumbnails
         self.add(StepService("thumbnails", start=thumbnails.resume_pending, stop=thumbnails.settle))
 
-        def close_connections() -> None:
-            for site in parts.sites:
-                site.close_connections()
+        async def close_connections() -> None:
+            await defer.gatherResults(
+                [defer.ensureDeferred(site.close_connections()) for site in parts.sites]
+            )
 
         self.add(StepService("client connections", stop=close_connections))
         self.add(

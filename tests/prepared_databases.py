@@ -132,12 +132,7 @@ def take() -> str:
     # The process in the name: a process that ends without its atexit hooks
     # (trial's workers may) leaves its idle databases to the next run.
     name = f"mediarepo_test_p{os.getpid()}_{secrets.token_hex(4)}"
-    conn = _connect("postgres")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
-    finally:
-        conn.close()
+    _on_server(f"CREATE DATABASE {name} TEMPLATE {template}")
     # Read from a copy: a connection to the template would stop other test
     # processes copying it.
     if _template_shape is None:
@@ -186,25 +181,25 @@ class _Unusable(Exception):
     pass
 
 
-def drop(name: str) -> None:
+def _on_server(sql: str) -> list[Any]:
+    """Run one statement outside any database of the tests; its rows."""
     conn = _connect("postgres")
     try:
         with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            cur.execute(sql)
+            return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+def drop(name: str) -> None:
+    _on_server(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def _drop_orphans() -> None:
     """Drop the databases taken by processes that have ended."""
-    conn = _connect("postgres")
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'mediarepo_test_p%'")
-            names = [row[0] for row in cur.fetchall()]
-    finally:
-        conn.close()
-    for name in names:
+    rows = _on_server("SELECT datname FROM pg_database WHERE datname LIKE 'mediarepo_test_p%'")
+    for (name,) in rows:
         pid = name.split("_")[2][1:]
         if pid.isdigit() and not _alive(int(pid)):
             drop(name)

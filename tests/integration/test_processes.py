@@ -211,14 +211,16 @@ class ServerProcessTests(ServerProcessCase):
                     b"Content-Length: 10000000\r\n\r\n" + os.urandom(3_000_000)
                 )
                 hanging.append(sock)
-            time.sleep(1.0)  # let the server write what it received
+            store = os.path.join(self.workdir, "data", "media_store")
+            staging = os.path.join(store, ".mediarepo_tmp")
+            # Killed once every hanging upload has its staging file.
+            deadline = time.monotonic() + 10
+            while len(os.listdir(staging)) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
             process.kill()
             process.wait()
             for sock in hanging:
                 sock.close()
-
-            store = os.path.join(self.workdir, "data", "media_store")
-            staging = os.path.join(store, ".mediarepo_tmp")
             self.assertEqual(len(os.listdir(staging)), 4, "the dead uploads' staging files")
             # Make the leftovers older than the sweep's age limit.
             old = time.time() - 2 * 3600
