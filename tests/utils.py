@@ -98,6 +98,20 @@ def database_section(
     }
 
 
+async def prepared_database_section(
+    engine: str, workdir: str, cleanups: list[Callable[[], None]]
+) -> dict[str, Any]:
+    """The ``database`` section of a test's config, its database already
+    holding the server's schema and no rows, on either engine (see
+    :mod:`tests.prepared_databases`)."""
+    section = database_section(engine, workdir, cleanups, prepared=True)
+    if engine == "sqlite3":
+        from tests.prepared_databases import copy_sqlite_template
+
+        await copy_sqlite_template(section["args"]["database"])
+    return section
+
+
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
     """Return once ``condition()`` holds, looking every 10 ms; fail the
     test (AssertionError) if it does not within ``seconds``."""
@@ -217,8 +231,8 @@ class ServerTestCase(unittest.TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
         self._db_cleanups: list[Callable[[], None]] = []
-        self.database_config = database_section(
-            self.engine, self.workdir, self._db_cleanups, prepared=True
+        self.database_config = await prepared_database_section(
+            self.engine, self.workdir, self._db_cleanups
         )
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         # Cleanups run last-in first-out: the server stops before its database goes.

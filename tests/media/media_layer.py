@@ -49,8 +49,7 @@ from mediarepo.storage.schema import SchemaState, prepare_database
 from mediarepo.storage.upload_rows import UploadRows
 from mediarepo.values import Requester
 from tests.clock import WatchedClock
-from tests.prepared_databases import copy_sqlite_template
-from tests.utils import SERVER_NAME, database_section
+from tests.utils import SERVER_NAME, prepared_database_section
 
 
 class ReactorWithThreads(IReactorThreads, IReactorFromThreads):
@@ -94,11 +93,9 @@ class MediaLayerTestCase(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-unit-", dir=MEMORY_DIRECTORY)
         self.addCleanup(shutil.rmtree, self.workdir, True)
         cleanups: list[Callable[[], None]] = []
-        section = database_section(self.engine, self.workdir, cleanups, prepared=True)
+        section = await prepared_database_section(self.engine, self.workdir, cleanups)
         for cleanup in cleanups:
             self.addCleanup(cleanup)
-        if self.engine == "sqlite3":
-            await copy_sqlite_template(section["args"]["database"])
         self.config = parse_config(
             {
                 "server_name": SERVER_NAME,
