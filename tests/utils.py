@@ -186,7 +186,19 @@ class Response:
         return json.loads(self.body)
 
 
-class ServerTestCase(unittest.TestCase):
+class AsyncSetUpTestCase(unittest.TestCase):
+    """A test case whose set-up is a coroutine: ``set_up``. trial waits for
+    what ``setUp`` returns; typeshed's ``TestCase.setUp`` returns None, so
+    the override that returns a Deferred is declared here, once."""
+
+    def setUp(self) -> defer.Deferred[None]:  # type: ignore[override]
+        return defer.ensureDeferred(self.set_up())
+
+    async def set_up(self) -> None:
+        pass
+
+
+class ServerTestCase(AsyncSetUpTestCase):
     """Starts a MediaServer on 127.0.0.1 (a free port) for each test."""
 
     engine = "sqlite3"
@@ -226,9 +238,7 @@ class ServerTestCase(unittest.TestCase):
         self.base_url = f"http://127.0.0.1:{port_number(server.ports[0])}"
         return server
 
-    # trial waits for what a set-up returns (here a coroutine); typeshed's
-    # TestCase.setUp returns None, hence the ignore on every async setUp.
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
         self._db_cleanups: list[Callable[[], None]] = []
         self.database_config = await prepared_database_section(
@@ -291,14 +301,14 @@ class ServerTestCase(unittest.TestCase):
         return str(uri[len(prefix) :])
 
 
-class DatabaseTestCase(unittest.TestCase):
+class DatabaseTestCase(AsyncSetUpTestCase):
     """A fresh database (and no server) per test."""
 
     engine = "sqlite3"
     database_args: dict[str, Any] = {}
 
     # Async like ServerTestCase.setUp, so that a subclass's may await.
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
         self.addCleanup(shutil.rmtree, self.workdir, True)
         cleanups: list[Callable[[], None]] = []

@@ -70,7 +70,7 @@ def fill(path: str) -> None:
 class DiskFullTests(ServerTestCase):
     extra_config = {"dynamic_thumbnails": True, "admin_contact": "mailto:ops@test.example"}
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.store = mount_small_store()
         # Registered first, so it runs last: after the server has stopped.
         self.addCleanup(unmount, self.store)
@@ -79,7 +79,7 @@ class DiskFullTests(ServerTestCase):
         root = logging.getLogger("mediarepo")
         root.addHandler(self.logged)
         self.addCleanup(root.removeHandler, self.logged)
-        await super().setUp()
+        await super().set_up()
 
     def staging_files(self) -> list[str]:
         return os.listdir(os.path.join(self.store, STAGING_DIR))

@@ -95,8 +95,8 @@ class HostilePeerTestCase(FederationTestCase):
             overrides = {"federation_idle_timeout": int(IDLE_TIMEOUT * 1000), **overrides}
         return await super().start_peer(label, **overrides)
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.fake_port = free_port()
         self.fake_name = f"127.0.0.1:{self.fake_port}"
         self.fake = StallingPeer(self.fake_name, os.path.join(self.workdir, "fake.signing.key"))

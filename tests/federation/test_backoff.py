@@ -99,8 +99,8 @@ class PolicyTests(unittest.TestCase):
 
 
 class DestinationBackoffTests(DatabaseTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -234,8 +234,8 @@ class DestinationBackoffPostgresTests(DestinationBackoffTests):
 class ClientBackoffTests(DatabaseTestCase):
     """The client does not contact a backed-off server at all."""
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)

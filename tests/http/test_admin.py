@@ -23,8 +23,8 @@ DAY_MS = 24 * 3600 * 1000
 
 
 class AdminTestCase(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.admin = await self.register("root", admin=True)
         self.alice = await self.register("alice")
 

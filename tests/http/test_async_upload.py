@@ -23,8 +23,8 @@ def put_path(media_id: str, server_name: str = SERVER_NAME, query: str = "") -> 
 
 
 class AsyncUploadTestCase(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.token = await self.register()
 
     async def create(self, token: str | None = None) -> Any:
@@ -233,8 +233,8 @@ class TwoServersOnePostgresTests(AsyncUploadTestCase):
 
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.first = self.server
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()

@@ -155,8 +155,8 @@ class HostileTextTests(ServerTestCase):
         "url_preview_ip_range_blacklist": ["10.0.0.0/8"],
     }
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.admin = await self.register("root", admin=True)
 
     async def reservation(self) -> str:

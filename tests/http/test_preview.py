@@ -37,7 +37,7 @@ async def resolve(host: str) -> Sequence[str]:
 class PreviewTestCase(ServerTestCase):
     server_options = {"preview_name_resolver": resolve}
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.site = PreviewSite()
         self.site_port, stop = await serve(self.site)
         self.addCleanup(stop)
@@ -74,7 +74,7 @@ class PreviewTestCase(ServerTestCase):
             "max_spider_size": "64K",
             "oembed": {"additional_providers": [providers]},
         }
-        await super().setUp()
+        await super().set_up()
         self.token = await self.register()
 
     async def preview(

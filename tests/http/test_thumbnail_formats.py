@@ -21,8 +21,8 @@ class _Captured(logging.Handler):
 
 
 class _CapturingTestCase(ThumbnailTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.captured = _Captured()
         for name in ("mediarepo.media.thumbnails", "mediarepo.events"):
             logger = logging.getLogger(name)

@@ -15,8 +15,8 @@ LEGACY_THUMBNAIL = f"/_matrix/media/v3/thumbnail/{SERVER_NAME}"
 
 
 class ThumbnailTestCase(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.token = await self.register()
 
     async def thumbnail(self, media_id: str, query: str, path: str = THUMBNAIL) -> Response:

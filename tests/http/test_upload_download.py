@@ -196,8 +196,8 @@ class HeaderPostgresTests(HeaderTests):
 
 
 class RangeTests(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.token = await self.register()
         self.data = os.urandom(1_000_000)
         self.media_id = await self.upload(self.token, self.data, "video/mp4")

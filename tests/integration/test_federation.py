@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, reactor, ssl
-from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from mediarepo.accounts import new_access_token
@@ -24,6 +23,7 @@ from tests import images
 from tests.processes import free_port
 from tests.tls import TestCA
 from tests.utils import (
+    AsyncSetUpTestCase,
     Response,
     database_section,
     dead_instance_name,
@@ -42,10 +42,10 @@ class Peer:
         self.federation_url = f"https://127.0.0.1:{federation_port}"
 
 
-class FederationTestCase(unittest.TestCase):
+class FederationTestCase(AsyncSetUpTestCase):
     engine = "sqlite3"
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-federation-")
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.ca = TestCA(self.workdir)

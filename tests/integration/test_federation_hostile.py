@@ -196,8 +196,8 @@ class _TrackingSite(server.Site):
 class FakePeerTestCase(FederationTestCase):
     """Our servers A and B, and a fake peer beside them."""
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         port = free_port()
         name = f"127.0.0.1:{port}"
         cert, key = self.ca.issue("fake")

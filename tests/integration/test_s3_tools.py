@@ -112,12 +112,12 @@ class CopyToS3Test(unittest.TestCase):
 
 
 class PruneLocalTests(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
         self.moto.start()
         self.addCleanup(self.moto.release)
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
-        await super().setUp()
+        await super().set_up()
 
     def write_config(self) -> str:
         path = os.path.join(self.workdir, "homeserver.yaml")

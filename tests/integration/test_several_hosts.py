@@ -35,12 +35,12 @@ DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 class SeveralHostsTests(ServerTestCase):
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
         self.addCleanup(self.moto.release)
         self.moto.start()
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
-        await super().setUp()
+        await super().set_up()
         self.instances = [self.server]
         self.urls = [self.base_url]
         for name in ("b", "c"):

@@ -21,8 +21,8 @@ DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 class TwoServersOneDatabaseTests(ServerTestCase):
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()
         self.addCleanup(self.second.stopService)

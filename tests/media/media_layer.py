@@ -22,7 +22,6 @@ from signedjson.key import generate_signing_key
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
 from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
-from twisted.trial import unittest
 from twisted.web.resource import NoResource, Resource
 
 from mediarepo.config import parse_config
@@ -49,7 +48,7 @@ from mediarepo.storage.schema import SchemaState, prepare_database
 from mediarepo.storage.upload_rows import UploadRows
 from mediarepo.values import Requester
 from tests.clock import WatchedClock
-from tests.utils import SERVER_NAME, prepared_database_section
+from tests.utils import SERVER_NAME, AsyncSetUpTestCase, prepared_database_section
 
 
 class ReactorWithThreads(IReactorThreads, IReactorFromThreads):
@@ -70,7 +69,7 @@ _schemas: dict[str, SchemaState] = {}
 ALICE = Requester(f"@alice:{SERVER_NAME}", None, False, False, None)
 
 
-class MediaLayerTestCase(unittest.TestCase):
+class MediaLayerTestCase(AsyncSetUpTestCase):
     # Each test takes milliseconds; one that waits for what never comes
     # fails after this many seconds rather than trial's two minutes.
     timeout = 10
@@ -86,8 +85,7 @@ class MediaLayerTestCase(unittest.TestCase):
         """The storage providers after the local store."""
         return []
 
-    # trial waits for what a set-up returns (here a coroutine).
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.clock = WatchedClock()
         self.clock.advance(CLOCK_START_SECONDS)
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-unit-", dir=MEMORY_DIRECTORY)

@@ -20,8 +20,8 @@ def _count(event: MediaEvent) -> float:
 class EventTests(ServerTestCase):
     extra_config = {"dynamic_thumbnails": True}
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.captured = LogRecords()
         events_logger = logging.getLogger("mediarepo.events")
         previous = events_logger.level

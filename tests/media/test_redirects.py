@@ -220,8 +220,8 @@ class AsynchronousCopyRedirectPostgresTests(AsynchronousCopyRedirectTests):
 
 
 class CdnRedirectTests(RedirectTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         await self.server.stop()
         entry = self.moto.provider_config()
         # The bucket itself stands in for the CDN in front of it.
@@ -344,8 +344,8 @@ class CustomerKeyPostgresTests(CustomerKeyTests):
 
 
 class FederationLocationTests(FederationTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.moto = MotoServer(self.workdir)
         self.addCleanup(self.moto.release)
         self.moto.start()

@@ -379,8 +379,8 @@ class OtherProcessDownloadTests(MediaLayerTestCase):
         self.fake_peer.answers["sharedaaaaaaaaaa"] = whole(b"fetched here")
         return self.fake_peer
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.other = WorkerLocks(LockRows(self.database), self.clock, "other")
         # As the other process's fetch takes it.
         lock, _ = await self.other.try_lock_then(

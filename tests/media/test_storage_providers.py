@@ -59,7 +59,7 @@ class S3TestCase(ServerTestCase):
     provider_options: dict[str, Any] = {}
     start_moto = True
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         # A store that is down answers at once: botocore's own retries (with
         # up to seconds of backoff) are not what these tests are about.
         self.patch(s3_provider, "MAX_ATTEMPTS", 1)
@@ -71,7 +71,7 @@ class S3TestCase(ServerTestCase):
         entry = self.moto.provider_config(**self.provider_flags)
         entry["config"].update(self.provider_options)
         self.extra_config = {"media_storage_providers": [entry], **self.more_config()}
-        await super().setUp()
+        await super().set_up()
         self.token = await self.register()
 
     def more_config(self) -> dict[str, Any]:
@@ -352,14 +352,14 @@ class BoundedLocalStoreAsyncProviderPostgresTests(BoundedLocalStoreAsyncProvider
 
 
 class DirectoryProviderTests(ServerTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.backup = tempfile.mkdtemp(prefix="mediarepo-backup-")
         # Synapse's legacy keys: a synchronous directory provider.
         self.extra_config = {
             "backup_media_store_path": self.backup,
             "synchronous_backup_media_store": True,
         }
-        await super().setUp()
+        await super().set_up()
 
     async def test_copy_kept_and_served(self) -> None:
         token = await self.register()

@@ -17,8 +17,8 @@ BEFORE = 1_000_000
 
 
 class PurgeQueryTests(DatabaseTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         state = await prepare_database(self.database)
         self.admin_store = MediaAdminRows(
             self.database, "db.test", state.avatar_columns, state.has_profiles

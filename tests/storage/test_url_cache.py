@@ -12,8 +12,8 @@ def preview(url: str, download_ts: int, media_id: str, expires_ts: int = 10_000)
 
 
 class UrlCacheStoreTests(DatabaseTestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.store = UrlCacheStore(self.database)
 
