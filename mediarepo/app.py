@@ -10,11 +10,10 @@ are its parts, started in order and stopped in reverse (``services.py``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.threadpool import ThreadPool
 
@@ -267,11 +266,10 @@ class MediaServer(OrderedServices):
 
     async def _settle_uploads(self, storage: ProviderChain) -> None:
         """Let uploads still arriving finish, or roll them back after the grace period."""
-        deadline = time.monotonic() + self.shutdown_grace_seconds
-        while storage.uploads_in_progress and time.monotonic() < deadline:
-            await task.deferLater(self.reactor, 0.1, lambda: None)
-        if storage.uploads_in_progress:
+        idle = storage.when_uploads_idle()
+        idle.addTimeout(self.shutdown_grace_seconds, self.reactor)
+        try:
+            await idle
+        except defer.TimeoutError:
             logger.warning("rolling back %d unfinished uploads", storage.uploads_in_progress)
-            storage.abort_all_uploads()
-            # Let the removals queued on the I/O pool run.
-            await task.deferLater(self.reactor, 0.1, lambda: None)
+            await storage.abort_all_uploads()

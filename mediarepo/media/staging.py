@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from twisted.internet import defer
+
 from mediarepo.media.paths import (
     UnsafePathError,
     is_valid_media_id,
@@ -44,6 +46,8 @@ class UploadStaging:
     def __init__(self, local: LocalFiles) -> None:
         self._local = local
         self._in_progress: set[UploadSink] = set()
+        # Waiting for the last upload in progress to end (a shutdown).
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     def begin(self, media_id: str) -> UploadSink:
         """A sink writing to a fresh staging file for ``media_id``."""
@@ -59,6 +63,19 @@ class UploadStaging:
 
     def end(self, sink: UploadSink) -> None:
         self._in_progress.discard(sink)
+        if not self._in_progress:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # not given up on (a timeout)
+                    waiter.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no upload is in progress (at once if none is)."""
+        if not self._in_progress:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def paths_in_use(self) -> set[str]:
         return {sink.temp_path for sink in self._in_progress}
@@ -67,11 +84,14 @@ class UploadStaging:
     def in_progress(self) -> int:
         return len(self._in_progress)
 
-    def abort_all(self) -> None:
-        """Roll back every upload still receiving its body (at shutdown)."""
+    async def abort_all(self) -> None:
+        """Roll back every upload still receiving its body (at shutdown);
+        returns once their staging files are gone."""
+        removals = []
         for sink in list(self._in_progress):
-            sink.abort()
+            removals.append(sink.abort())
             self.end(sink)
+        await defer.gatherResults(removals, consumeErrors=True)
 
     async def publish(
         self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()

@@ -16,6 +16,7 @@ from zope.interface import implementer
 
 from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.providers.local import LocalFiles, in_directory
+from mediarepo.media.staging import UploadStaging
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -129,3 +130,38 @@ class SmallFileCacheTests(unittest.TestCase):
             ["/s/local_thumbnails/ab/cd/efgh", "/s/remote_thumbnail/o.test/ab/cd/ijkl/", "/none"]
         )
         self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
+
+
+class StagingIdleTests(unittest.TestCase):
+    """What a shutdown waits for: the last upload in progress to end."""
+
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.staging = UploadStaging(LocalFiles(base, ThreadPool(), ImmediateReactor()))
+
+    def test_fires_when_the_last_upload_ends(self) -> None:
+        self.assertTrue(self.staging.when_idle().called)
+        first, second = self.staging.begin("aaaaaaaaaa"), self.staging.begin("bbbbbbbbbb")
+        idle = self.staging.when_idle()
+        self.staging.end(first)
+        self.assertFalse(idle.called)
+        self.staging.end(second)
+        self.assertTrue(idle.called)
+
+    def test_a_waiter_given_up_on_is_left_alone(self) -> None:
+        sink = self.staging.begin("aaaaaaaaaa")
+        clock = Clock()
+        idle = self.staging.when_idle()
+        idle.addTimeout(1, clock)
+        clock.advance(1)
+        self.failureResultOf(idle, defer.TimeoutError)
+        self.staging.end(sink)  # no AlreadyCalledError
+
+    def test_rolling_back_all_ends_them(self) -> None:
+        self.staging.begin("aaaaaaaaaa")
+        self.staging.begin("bbbbbbbbbb")
+        idle = self.staging.when_idle()
+        self.successResultOf(defer.ensureDeferred(self.staging.abort_all()))
+        self.assertTrue(idle.called)
+        self.assertEqual(self.staging.in_progress, 0)
