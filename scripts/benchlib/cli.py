@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
 from benchlib.bootstrap import ensure_modules
+from benchlib.registry import (
+    NEEDS_AV,
+    NEEDS_HEIF,
+    NEEDS_ORIGIN,
+    NEEDS_PILLOW,
+    SCENARIOS,
+    run_scenario,
+)
 from benchlib.results import (
     JSON_PREFIX,
     LOG_PREFIX,
@@ -26,18 +34,8 @@ from benchlib.results import (
     print_table,
     ratio_rows,
 )
-from benchlib.scenarios import (
-    NEEDS_AV,
-    NEEDS_HEIF,
-    NEEDS_ORIGIN,
-    NEEDS_PILLOW,
-    SCENARIOS,
-    Options,
-    Target,
-    run_scenario,
-)
+from benchlib.scenarios import Options, Target
 from benchlib.scenarios_scale import (
-    SCALE_SCENARIOS,
     print_population_table,
     tag_population,
     with_purge_plans,
@@ -47,7 +45,6 @@ if TYPE_CHECKING:
     # For annotations only: the functions below import it where they use it.
     from benchlib import servers
 
-SCENARIOS.update(SCALE_SCENARIOS)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

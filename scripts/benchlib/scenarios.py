@@ -22,7 +22,6 @@ from benchlib.procmon import (
     GeneratorMeter,
     ServerMonitor,
     cpu_idle_wait,
-    is_alive,
     machine_busy_seconds,
     postgres_cpu_seconds,
 )
@@ -814,63 +813,4 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
     return [measurement.finish(result)]
 
 
-async def preview(target: Target, opts: Options) -> list[Result]:
-    # In its own module (it serves the pages it previews), which imports this one.
-    from benchlib.preview import run_preview
-
-    return await run_preview(target, opts)
-
-
 Scenario = Callable[[Target, Options], Awaitable[list[Result]]]
-
-SCENARIOS: dict[str, Scenario] = {
-    "upload_small": upload_small,
-    "upload_large": upload_large,
-    "download_small": download_small,
-    "download_small_legacy": download_small_legacy,
-    "download_large": download_large,
-    "thumbnail_upload": thumbnail_upload,
-    "thumbnail_upload_heic": thumbnail_upload_heic,
-    "thumbnail_upload_video": thumbnail_upload_video,
-    "thumbnail_dynamic": thumbnail_dynamic,
-    "thumbnail_cached": thumbnail_cached,
-    "create_put": create_put,
-    "preview": preview,
-}
-
-# Scenarios in modules of their own (which import this one, so they come last).
-from benchlib.scenarios_remote import remote_fetch  # noqa: E402
-from benchlib.scenarios_thumbnails import thumbnail_cold  # noqa: E402
-
-SCENARIOS["thumbnail_cold"] = thumbnail_cold
-SCENARIOS["remote_fetch"] = remote_fetch
-
-# Scenarios that need Pillow (to make or read JPEGs).
-NEEDS_PILLOW = {
-    "thumbnail_upload",
-    "thumbnail_dynamic",
-    "thumbnail_cached",
-    "thumbnail_cold",
-    "preview",
-}
-# Scenarios that need an origin on loopback TLS (its certificates and key).
-NEEDS_ORIGIN = {"remote_fetch"}
-# Scenarios that also need pillow-heif or PyAV (to make their sources).
-NEEDS_HEIF = {"thumbnail_upload_heic"}
-NEEDS_AV = {"thumbnail_upload_video"}
-
-
-async def run_scenario(name: str, target: Target, opts: Options) -> list[Result]:
-    """Run one scenario; a skip or failure becomes a result row instead of an exception."""
-    if target.pid is not None and not is_alive(target.pid):
-        results = [Result(target.label, name, status="failed", reason="server is not running")]
-    else:
-        try:
-            results = await SCENARIOS[name](target, opts)
-        except ScenarioSkipped as e:
-            results = [Result(target.label, name, status="skipped", reason=str(e))]
-        except (ScenarioFailed, RequestFailed) as e:
-            results = [Result(target.label, name, status="failed", reason=str(e))]
-    for result in results:
-        result.server_info = result.server_info or dict(target.info)
-    return results
