@@ -318,15 +318,13 @@ class ProviderChain:
     async def delete(self, relative_path: str) -> None:
         await self.delete_many([relative_path], [])
 
-    async def delete_local(self, relative_paths: list[str]) -> None:
-        """Delete files from the local store only (URL previews, which only
-        it keeps; a host's copy of media deleted through another host)."""
-        await self._local.delete_many(relative_paths, [])
-
-    async def delete_local_directory(self, relative_path: str) -> None:
-        """Delete a directory from the local store only (URL previews'
-        thumbnails; a host's thumbnails of media deleted through another host)."""
-        await self._local.delete_directory(relative_path)
+    async def delete_local(
+        self, relative_paths: Sequence[str], directories: Sequence[str] = ()
+    ) -> None:
+        """Delete files and directories from the local store only, in one
+        job of its pool (URL previews and their thumbnails, which only it
+        keeps; a host's copy of media deleted through another host)."""
+        await self._local.delete_many(relative_paths, directories)
 
     async def delete_directory(self, relative_path: str) -> None:
         await self.delete_many([], [relative_path])
@@ -336,9 +334,9 @@ class ProviderChain:
         provider through the task queue (at once in the background, retried
         until it is done: a provider that is down never holds up a purge)."""
         await self._local.delete_many(files, directories)
+        if not (files or directories):
+            return
         for provider in self.providers:
             for relative_path in files:
                 self._held.forget((provider.name, relative_path))
-                await self._queue(provider, relative_path, ProviderOperation.DELETE)
-            for relative_path in directories:
-                await self._queue(provider, relative_path, ProviderOperation.DELETE_DIRECTORY)
+            await self.tasks.queue_deletions(provider, files, directories)

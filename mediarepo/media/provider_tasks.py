@@ -10,7 +10,7 @@ until the provider accepts it, and every failure is logged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import Counter, Gauge
 from twisted.internet import defer
@@ -66,6 +66,14 @@ class ProviderTasks:
     ) -> None:
         """Record the task, then start on it at once (in the background)."""
         await self._store.add(ProviderTask(provider.name, relative_path, op, 0), self._now_ms())
+        self.run_soon()
+
+    async def queue_deletions(
+        self, provider: StorageProvider, files: Sequence[str], directories: Sequence[str]
+    ) -> None:
+        """Record the deletion of many files and directories at once, then
+        start on them (in the background)."""
+        await self._store.add_deletions(provider.name, files, directories, self._now_ms())
         self.run_soon()
 
     async def stored(self, provider: StorageProvider, relative_path: str) -> None:

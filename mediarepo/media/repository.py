@@ -115,8 +115,9 @@ class MediaRepository:
         local cache's eviction removes those."""
         if await self._media_store.get_local_media(media_id) is not None:
             return
-        await self.storage.delete_local([local_media_path(media_id)])
-        await self.storage.delete_local_directory(local_thumbnail_dir(media_id))
+        await self.storage.delete_local(
+            [local_media_path(media_id)], [local_thumbnail_dir(media_id)]
+        )
 
     async def _visible_local_media(
         self,

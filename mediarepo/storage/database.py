@@ -61,6 +61,22 @@ class _ConnectFailed(Exception):
     """A new connection to the server could not be opened."""
 
 
+# Values of an ``IN (...)`` list sent at once: bounded statements, a few
+# round trips for a purge's batch.
+IN_LIST_SIZE = 100
+
+
+def in_list_batches(values: Sequence[str]) -> Iterable[list[str]]:
+    """``values`` in lists of at most ``IN_LIST_SIZE``."""
+    for start in range(0, len(values), IN_LIST_SIZE):
+        yield list(values[start : start + IN_LIST_SIZE])
+
+
+def placeholders(values: Sequence[object]) -> str:
+    """``?, ?, ...``: one per value, for an ``IN (...)`` list."""
+    return ", ".join("?" for _ in values)
+
+
 class Transaction:
     """A cursor whose statements mark their parameters with ``?`` on every
     engine.

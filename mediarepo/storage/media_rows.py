@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mediarepo.storage.database import Database, Row, Transaction
+from mediarepo.storage.database import (
+    Database,
+    Row,
+    Transaction,
+    in_list_batches,
+    placeholders,
+)
 from mediarepo.storage.lock_rows import LockClaim, commit_unflushed_txn, take_lock_txn
 from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.pending_thumbnail_rows import (
@@ -117,12 +123,10 @@ class MediaRows:
 
         def txn(t: Transaction) -> set[str]:
             found: set[str] = set()
-            for start in range(0, len(media_ids), 100):
-                batch = media_ids[start : start + 100]
-                marks = ", ".join("?" for _ in batch)
+            for batch in in_list_batches(media_ids):
                 t.execute(
                     "SELECT media_id FROM local_media_repository"
-                    f" WHERE media_length IS NOT NULL AND media_id IN ({marks})",
+                    f" WHERE media_length IS NOT NULL AND media_id IN ({placeholders(batch)})",
                     batch,
                 )
                 found.update(row[0] for row in t.fetchall())
@@ -294,19 +298,29 @@ class MediaRows:
         )
         return [(r[0], r[1], r[2]) for r in rows]
 
-    async def delete_local_media(self, media_ids: list[str]) -> None:
-        """Forget local media and their thumbnails (the files are the caller's)."""
+    async def delete_local_media(self, media_ids: list[str]) -> set[str]:
+        """Forget local media and their thumbnails (the files are the
+        caller's); returns those of them that were URL-preview downloads,
+        whose files are under ``url_cache/``."""
 
-        def txn(t: Transaction) -> None:
-            args = [(media_id,) for media_id in media_ids]
-            t.execute_batch("DELETE FROM local_media_repository WHERE media_id = ?", args)
+        def txn(t: Transaction) -> set[str]:
+            url_cache: set[str] = set()
+            for batch in in_list_batches(media_ids):
+                t.execute(
+                    f"DELETE FROM local_media_repository WHERE media_id IN ({placeholders(batch)})"
+                    " RETURNING media_id, url_cache",
+                    batch,
+                )
+                url_cache.update(row[0] for row in t.fetchall() if row[1] is not None)
             announce_changed_txn(t, media_ids)
+            args = [(media_id,) for media_id in media_ids]
             t.execute_batch(
                 "DELETE FROM local_media_repository_thumbnails WHERE media_id = ?", args
             )
             t.execute_batch("DELETE FROM local_media_repository_url_cache WHERE media_id = ?", args)
+            return url_cache
 
-        await self._db.run_interaction("delete_local_media", txn)
+        return await self._db.run_interaction("delete_local_media", txn)
 
     async def delete_remote_media(self, keys: list[tuple[str, str]]) -> None:
         """Forget cached remote media and their thumbnails."""

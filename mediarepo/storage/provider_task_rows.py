@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 
 import attrs
 
@@ -25,6 +26,33 @@ class ProviderTask:
     due_ts: int = 0
 
 
+# A path's queued copy, void once the path is to be deleted (parameters:
+# _cancel_store_args), or every copy under a directory to be deleted
+# (_cancel_stores_under_args).
+_CANCEL_STORE = (
+    "DELETE FROM mediarepo_provider_tasks WHERE provider = ? AND relative_path = ?"
+    " AND operation = ?"
+)
+_CANCEL_STORES_UNDER = (
+    "DELETE FROM mediarepo_provider_tasks WHERE provider = ?"
+    " AND SUBSTR(relative_path, 1, ?) = ? AND operation = ?"
+)
+_INSERT = (
+    "INSERT INTO mediarepo_provider_tasks (provider, relative_path, operation,"
+    " attempts, next_attempt_ts) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (provider, relative_path, operation) DO NOTHING"
+)
+
+
+def _cancel_store_args(provider: str, relative_path: str) -> tuple[object, ...]:
+    return (provider, relative_path, ProviderOperation.STORE.value)
+
+
+def _cancel_stores_under_args(provider: str, directory: str) -> tuple[object, ...]:
+    prefix = directory.rstrip("/") + "/"
+    return (provider, len(prefix), prefix, ProviderOperation.STORE.value)
+
+
 class ProviderTaskRows:
     def __init__(self, database: Database) -> None:
         self._db = database
@@ -41,26 +69,41 @@ class ProviderTaskRows:
             if task.operation is ProviderOperation.STORE:
                 self._cancel_deletes_txn(t, task.provider, task.relative_path)
             elif task.operation is ProviderOperation.DELETE:
-                t.execute(
-                    "DELETE FROM mediarepo_provider_tasks WHERE provider = ?"
-                    " AND relative_path = ? AND operation = ?",
-                    (task.provider, task.relative_path, ProviderOperation.STORE.value),
-                )
+                t.execute(_CANCEL_STORE, _cancel_store_args(task.provider, task.relative_path))
             else:
-                prefix = task.relative_path.rstrip("/") + "/"
                 t.execute(
-                    "DELETE FROM mediarepo_provider_tasks WHERE provider = ?"
-                    " AND SUBSTR(relative_path, 1, ?) = ? AND operation = ?",
-                    (task.provider, len(prefix), prefix, ProviderOperation.STORE.value),
+                    _CANCEL_STORES_UNDER,
+                    _cancel_stores_under_args(task.provider, task.relative_path),
                 )
             t.execute(
-                "INSERT INTO mediarepo_provider_tasks (provider, relative_path, operation,"
-                " attempts, next_attempt_ts) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (provider, relative_path, operation) DO NOTHING",
+                _INSERT,
                 (task.provider, task.relative_path, task.operation.value, task.attempts, due_ms),
             )
 
         await self._db.run_interaction("add_provider_task", txn)
+
+    async def add_deletions(
+        self, provider: str, files: Sequence[str], directories: Sequence[str], due_ms: int
+    ) -> None:
+        """Queue the deletion of ``files`` and ``directories`` at
+        ``provider``, each as :meth:`add` queues it, in one transaction: a
+        purge's batch of 500 media took 1,000 transactions one after the
+        other. (Deletions only: they cancel stores, never each other, so the
+        cancellations can all go first.)"""
+        delete, delete_directory = ProviderOperation.DELETE, ProviderOperation.DELETE_DIRECTORY
+
+        def txn(t: Transaction) -> None:
+            t.execute_batch(_CANCEL_STORE, [_cancel_store_args(provider, f) for f in files])
+            t.execute_batch(
+                _CANCEL_STORES_UNDER, [_cancel_stores_under_args(provider, d) for d in directories]
+            )
+            t.execute_batch(
+                _INSERT,
+                [(provider, f, delete.value, 0, due_ms) for f in files]
+                + [(provider, d, delete_directory.value, 0, due_ms) for d in directories],
+            )
+
+        await self._db.run_interaction("add_provider_deletions", txn)
 
     async def cancel_deletes(self, provider: str, relative_path: str) -> None:
         """Forget pending deletions of a path the provider has just stored."""

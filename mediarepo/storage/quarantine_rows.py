@@ -15,7 +15,12 @@ from collections.abc import Iterable, Sequence
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from mediarepo.storage.database import Database, Transaction
+from mediarepo.storage.database import (
+    Database,
+    Transaction,
+    in_list_batches,
+    placeholders,
+)
 from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.schema import QuarantineRecords
 
@@ -25,9 +30,6 @@ QUARANTINED_BY_SYSTEM = "system"
 # Synapse's background updates building the sha256 indexes.
 _HASH_INDEX_UPDATES = ("local_media_repository_sha256_idx", "remote_media_cache_sha256_idx")
 _HASH_INDEX_RECHECK_SECONDS = 600.0
-
-# Requested IDs are looked up this many at a time (bounded statement size).
-_BATCH = 100
 
 
 @attrs.frozen
@@ -89,10 +91,10 @@ class QuarantineRows:
             quarantining = quarantined_by is not None
             not_protected = " AND NOT safe_from_quarantine" if quarantining else ""
             hashes: set[str] = set()
-            for batch in _batches(local_ids):
+            for batch in in_list_batches(local_ids):
                 t.execute(
                     "SELECT sha256 FROM local_media_repository WHERE sha256 IS NOT NULL"
-                    f"{not_protected} AND media_id IN ({_marks(batch)})",
+                    f"{not_protected} AND media_id IN ({placeholders(batch)})",
                     batch,
                 )
                 hashes.update(row[0] for row in t.fetchall())
@@ -120,10 +122,10 @@ class QuarantineRows:
                 )
                 remote.update((row[0], row[1]) for row in t.fetchall())
             # Media without a hash (stored before hashes were kept) goes by ID.
-            for batch in _batches(local_ids):
+            for batch in in_list_batches(local_ids):
                 t.execute(
                     "UPDATE local_media_repository SET quarantined_by = ?"
-                    f" WHERE media_id IN ({_marks(batch)}){not_protected} RETURNING media_id",
+                    f" WHERE media_id IN ({placeholders(batch)}){not_protected} RETURNING media_id",
                     [quarantined_by, *batch],
                 )
                 local.update(row[0] for row in t.fetchall())
@@ -254,12 +256,3 @@ HASH_QUARANTINED_SQL = (
     " UNION ALL SELECT 1 FROM remote_media_cache"
     " WHERE sha256 = ? AND quarantined_by IS NOT NULL LIMIT 1"
 )
-
-
-def _batches(items: Sequence[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _BATCH):
-        yield list(items[start : start + _BATCH])
-
-
-def _marks(batch: Sequence[object]) -> str:
-    return ", ".join("?" for _ in batch)

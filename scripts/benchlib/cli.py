@@ -36,6 +36,7 @@ from benchlib.results import (
 )
 from benchlib.scenarios import Options, Target
 from benchlib.scenarios_scale import (
+    SYNAPSE_PURGE_ROWS,
     print_population_table,
     tag_population,
     with_purge_plans,
@@ -117,8 +118,10 @@ scenarios (default: all, in this order):
                          16 connections (skipped if previews are off)
   with --populate only:
   download_populated     GET 4 KiB media, each request another of 10,000 populated ones, 16 conns
-  admin_user_media       admin listing of a user with min(100k, N/10) media, pages of 100 at
-                         random offsets: newest first, the deepest tenth, by size; 4 conns
+  admin_user_media       admin listing of a user's media, pages of 100 at random offsets:
+                         newest first, the deepest tenth, by size; 4 conns. First a user with
+                         1,000 media at every N (the p99 ratio between populations), then
+                         [heavy_*] one with min(100k, N/10) media
   purge_stale            POST media/delete then purge_media_cache of min(100k, N/10) stale local
                          and remote media each (Synapse: 2,000 of them; it deletes one at a
                          time): rows/s, and downloads (8 connections) meanwhile
@@ -174,6 +177,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--connections must be between 1 and 1000")
     if not 1 <= args.thumb_count <= 500:
         parser.error("--thumb-count must be between 1 and 500")
+    if args.purge_rows is not None and args.purge_rows < 1:
+        parser.error("--purge-rows must be at least 1")
     args.populations = _populations(parser, args) if args.populate else []
     if args.populate and args.explain:
         args.scenario_list = []
@@ -275,6 +280,13 @@ def _parser() -> argparse.ArgumentParser:
         "--populate",
         help="comma-separated row counts N: run every scenario on a database populated "
         "with N media (see below); needs --compare-synapse or --start-ours --postgres",
+    )
+    run.add_argument(
+        "--purge-rows",
+        type=int,
+        help="with --populate: purge_stale takes at most this many of the stale media of "
+        "each kind from ours (default: all of them, min(100k, N/10)) and from Synapse "
+        f"(default {SYNAPSE_PURGE_ROWS})",
     )
     return parser
 
@@ -495,7 +507,7 @@ def populated(args: argparse.Namespace, n: int) -> object:
         drop_database=postgres.drop,
         database_exists=postgres.exists,
     )
-    return with_purge_plans(population, postgres.dsn())
+    return with_purge_plans(population, postgres.dsn(), args.purge_rows)
 
 
 @dataclass

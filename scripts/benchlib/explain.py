@@ -178,24 +178,33 @@ def _queries(cursor: Any, population: Population) -> list[tuple[str, str, tuple[
             " AND url_cache IS NULL AND media_id > %s ORDER BY media_id LIMIT 1000",
             (before, ""),
         ),
-        (
-            "admin user_media: count",
-            "SELECT COUNT(*) FROM local_media_repository WHERE user_id = %s",
-            (heavy,),
-        ),
     ]
-    for order, direction in (("created_ts", "DESC"), ("media_length", "DESC"),
-                             ("upload_name", "ASC")):  # fmt: skip
-        for offset in (0, population.heavy_count * 9 // 10):
-            columns = ", ".join(f"m.{c.strip()}" for c in LOCAL_COLUMNS.split(","))
-            queries.append((
-                f"admin user_media: {order} {direction} offset {offset}",
-                f"SELECT {columns} FROM local_media_repository AS m JOIN (SELECT media_id"
-                f" FROM local_media_repository WHERE user_id = %s ORDER BY {order} {direction},"
-                f" media_id ASC LIMIT 100 OFFSET %s) AS page ON page.media_id = m.media_id"
-                f" ORDER BY m.{order} {direction}, m.media_id ASC",
-                (heavy, offset),
-            ))  # fmt: skip
+    # The admin listing's statements as the server sends them.
+    from mediarepo.storage.media_admin_rows import (
+        USER_MEDIA_COUNT_SQL,
+        UserMediaOrder,
+        user_media_page_sql,
+    )
+
+    users = (("heavy", heavy, population.heavy_count),
+             ("listed", population.listed_user, population.listed_count))  # fmt: skip
+    orders = ((UserMediaOrder.CREATED_TS, True), (UserMediaOrder.CREATED_TS, False),
+              (UserMediaOrder.MEDIA_LENGTH, True), (UserMediaOrder.UPLOAD_NAME, False))  # fmt: skip
+    for label, user, count in users:
+        queries.append((
+            f"admin user_media ({label}, {count}): count",
+            USER_MEDIA_COUNT_SQL.replace("?", "%s"),
+            (user,),
+        ))  # fmt: skip
+        for order, descending in orders:
+            for offset in (0, count * 9 // 10):
+                direction = "DESC" if descending else "ASC"
+                queries.append((
+                    f"admin user_media ({label}, {count}): {order.value} {direction}"
+                    f" offset {offset}",
+                    user_media_page_sql(order, descending).replace("?", "%s"),
+                    (user, 100, offset),
+                ))  # fmt: skip
     queries.append((
         "admin usage_by_user (statistics)",
         "SELECT lmr.user_id, COUNT(*) AS media_count, COALESCE(SUM(lmr.media_length), 0)"

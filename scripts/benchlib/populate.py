@@ -30,11 +30,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Bumped whenever what is populated changes: an older template is rebuilt.
-FORMAT = 3
+FORMAT = 4
 DAY_MS = 86_400_000
 SERVER_NAME = "bench.test"
 BENCH_USER = f"@bench:{SERVER_NAME}"
 HEAVY_USER = f"@heavy:{SERVER_NAME}"
+# A user with the same number of media at every population, spread over the
+# table as an ordinary user's uploads are: how the admin listing's time
+# follows the table's size alone (the heavy user's media grow with N).
+LISTED_USER = f"@listed:{SERVER_NAME}"
+LISTED_COUNT = 1000
 # Fresh media with files on disk and an exact small size in its row, for downloads.
 SAMPLE_SIZE = 10_000
 SAMPLE_LENGTH = 4096
@@ -69,6 +74,8 @@ class Population:
     stale_remote: int
     heavy_user: str
     heavy_count: int
+    listed_user: str
+    listed_count: int
     users: int
     bench_token: str
     sample_media: list[str]
@@ -366,6 +373,52 @@ def _fill_remote(
     )
 
 
+class _Owners:
+    """Who made the i-th local media, and when: the stale media first (by
+    anyone), then the heavy user's, then the rest, among which the listed
+    user's every stride-th row."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        user_ids: list[str],
+        stale_count: int,
+        heavy_count: int,
+        stale_before: int,
+        n: int,
+    ) -> None:
+        self._rng = rng
+        self._user_ids = user_ids
+        self._stale_count = stale_count
+        self._stale_before = stale_before
+        self._listed_first = stale_count + heavy_count
+        self._listed_stride = max(1, (n - self._listed_first) // LISTED_COUNT)
+        self._listed_count = 0
+
+    def of(self, i: int) -> tuple[int, str]:
+        """(created_ts, user ID) of the i-th media, i counting up from 0."""
+        rng = self._rng
+        if i < self._stale_count:
+            return self._stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS), self._anyone()
+        created = self._stale_before + rng.randrange(1, 690 * DAY_MS)
+        if i < self._listed_first:
+            return created, HEAVY_USER
+        listed_turn = (i - self._listed_first) % self._listed_stride == 0
+        if listed_turn and self._listed_count < LISTED_COUNT:
+            self._listed_count += 1
+            return created, LISTED_USER
+        return created, self._anyone()
+
+    @property
+    def listed_count(self) -> int:
+        """How many of the media so far are the listed user's."""
+        return self._listed_count
+
+    def _anyone(self) -> str:
+        # A few users make most media (a cube of a uniform variable).
+        return self._user_ids[int(self._rng.random() ** 3 * len(self._user_ids))]
+
+
 def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population:
     rng = random.Random(n)
     now_ms = int(time.time() * 1000)
@@ -382,7 +435,7 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     bench_token = "syt_bench_" + _ids(rng, 1, 30)[0]
     user_ids = [f"@user{i}:{SERVER_NAME}" for i in range(user_count)]
     for index, (user_id, admin) in enumerate(
-        [(BENCH_USER, 1), (HEAVY_USER, 0)] + [(u, 0) for u in user_ids]
+        [(BENCH_USER, 1), (HEAVY_USER, 0), (LISTED_USER, 0)] + [(u, 0) for u in user_ids]
     ):
         users.add(user_id, now_ms // 1000 - 1000 * 86400, admin, 0, 0)
         token = bench_token if user_id == BENCH_USER else f"syt_pop_{index}_{_ids(rng, 1, 20)[0]}"
@@ -406,18 +459,17 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
     media_ids = _ids(rng, n)
     hashes: list[str] = []
     sample: list[str] = []
-    # Rows in created_ts order: the stale first, then the heavy user's, then the rest.
+    owners = _Owners(rng, user_ids, stale_count, heavy_count, stale_before, n)
     for i, media_id in enumerate(media_ids):
         stale = i < stale_count
-        if stale:
-            created = stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS)
-            user = user_ids[int(rng.random() ** 3 * user_count)]
-        else:
-            created = stale_before + rng.randrange(1, 690 * DAY_MS)
-            user = HEAVY_USER if i < stale_count + heavy_count else None
-            user = user or user_ids[int(rng.random() ** 3 * user_count)]
+        created, user = owners.of(i)
         media_type, length, thumbs = _kind(rng)
-        in_sample = not stale and user != HEAVY_USER and len(sample) < SAMPLE_SIZE and i % 7 == 0
+        in_sample = (
+            not stale
+            and user not in (HEAVY_USER, LISTED_USER)
+            and len(sample) < SAMPLE_SIZE
+            and i % 7 == 0
+        )
         if in_sample:
             sample.append(media_id)
             length = SAMPLE_LENGTH
@@ -461,6 +513,8 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
         stale_remote=stale_count,
         heavy_user=HEAVY_USER,
         heavy_count=heavy_count,
+        listed_user=LISTED_USER,
+        listed_count=owners.listed_count,
         users=users.rows,
         bench_token=bench_token,
         sample_media=sample,

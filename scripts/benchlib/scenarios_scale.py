@@ -107,15 +107,38 @@ _LISTINGS = (
     ("newest_deep", "", True),
     ("by_size", "&order_by=media_length&dir=b", False),
 )
+# The variants of the user whose media grow with the population: their p99
+# ratio mixes the user's growth with the table's, so the goal is not theirs.
+HEAVY_PREFIX = "heavy_"
 
 
 async def admin_user_media(target: Target, opts: Options) -> list[Result]:
-    """GET /users/<heavy user>/media: pages of 100 at random offsets (the
-    newest first, as the API defaults, then the last tenth of the pages,
-    then by size), 4 connections."""
+    """GET /users/<user>/media: pages of 100 at random offsets (the newest
+    first, as the API defaults, then the last tenth of the pages, then by
+    size), 4 connections; first for a user with the same number of media at
+    every population (how the listing follows the table's size), then for
+    the heavy user, who owns min(100k, N/10) media (the issue's "user with
+    100k media" at a million rows)."""
     population = _population(opts)
+    users = (
+        ("", population.listed_user, population.listed_count),
+        (HEAVY_PREFIX, population.heavy_user, population.heavy_count),
+    )
+    results = []
+    for prefix, user, count in users:
+        for variant, query, deep in _LISTINGS:
+            results.append(
+                await _list_user_media(target, opts, user, count, prefix + variant, query, deep)
+            )
+    return results
+
+
+async def _list_user_media(
+    target: Target, opts: Options, user: str, count: int, variant: str, query: str, deep: bool
+) -> Result:
+    """One variant of ``admin_user_media``: pages of ``user``'s ``count`` media."""
     connections = opts.conns(4)
-    base = f"{ADMIN}/users/{quote(population.heavy_user)}/media?limit=100"
+    base = f"{ADMIN}/users/{quote(user)}/media?limit=100"
     probe = target.connection(timeout=opts.request_timeout)
     try:
         response = await probe.request("GET", target.path(base))
@@ -126,39 +149,30 @@ async def admin_user_media(target: Target, opts: Options) -> list[Result]:
     if response.status != 200:
         raise ScenarioFailed(f"GET {base} answered {response.short()}")
     total = response.json().get("total")
-    if total != population.heavy_count:
-        raise ScenarioFailed(f"the listing counts {total} media, not {population.heavy_count}")
-    results = []
-    for variant, query, deep in _LISTINGS:
-        rng = random.Random(variant)
-        low = total * 9 // 10 if deep else 0
+    if total != count:
+        raise ScenarioFailed(f"the listing of {user} counts {total} media, not {count}")
+    rng = random.Random(variant)
+    low = total * 9 // 10 if deep else 0
 
-        async def op(
-            conn: Connection,
-            rec: Recorder,
-            query: str = query,
-            low: int = low,
-            rng: random.Random = rng,
-        ) -> bool:
-            start = rng.randrange(low, max(low + 1, total - 100))
-            path = target.path(f"{base}{query}&from={start}")
-            t0 = time.perf_counter()
-            try:
-                page = await conn.request("GET", path)
-            except RequestFailed as e:
-                rec.failure("page", e, f"GET {path}")
-                return False
-            return rec.response("page", time.perf_counter() - t0, page, f"GET {path}")
+    async def op(conn: Connection, rec: Recorder) -> bool:
+        start = rng.randrange(low, max(low + 1, total - 100))
+        path = target.path(f"{base}{query}&from={start}")
+        t0 = time.perf_counter()
+        try:
+            page = await conn.request("GET", path)
+        except RequestFailed as e:
+            rec.failure("page", e, f"GET {path}")
+            return False
+        return rec.response("page", time.perf_counter() - t0, page, f"GET {path}")
 
-        measurement = Measurement(target)
-        await asyncio.to_thread(measurement.begin)
-        recorder, elapsed = await closed_loop(target, opts, connections, op)
-        result = loop_result(target, "admin_user_media", connections, recorder, elapsed, "page")
-        result.variant = variant
-        result.mb_s = None
-        result.notes.append(f"pages of 100 of {total} media")
-        results.append(measurement.finish(result))
-    return results
+    measurement = Measurement(target)
+    await asyncio.to_thread(measurement.begin)
+    recorder, elapsed = await closed_loop(target, opts, connections, op)
+    result = loop_result(target, "admin_user_media", connections, recorder, elapsed, "page")
+    result.variant = variant
+    result.mb_s = None
+    result.notes.append(f"pages of 100 of {user}'s {total} media")
+    return measurement.finish(result)
 
 
 async def purge_stale(target: Target, opts: Options) -> list[Result]:
@@ -234,13 +248,18 @@ async def purge_stale(target: Target, opts: Options) -> list[Result]:
 SYNAPSE_PURGE_ROWS = 2000
 
 
-def with_purge_plans(population: Population, psql_dsn: dict[str, Any]) -> Population:
+def with_purge_plans(
+    population: Population, psql_dsn: dict[str, Any], most: int | None = None
+) -> Population:
     """``population`` with the purge plan of each server: all its stale
-    media for ours, ``SYNAPSE_PURGE_ROWS`` of them for Synapse."""
+    media for ours, ``SYNAPSE_PURGE_ROWS`` of them for Synapse, or at most
+    ``most`` for both."""
     everything = max(population.stale_local, population.stale_remote)
+    ours = everything if most is None else min(everything, most)
+    synapse = min(everything, SYNAPSE_PURGE_ROWS if most is None else most)
     plans = {
-        "ours": purge_plan(psql_dsn, population, everything),
-        "synapse": purge_plan(psql_dsn, population, min(everything, SYNAPSE_PURGE_ROWS)),
+        "ours": purge_plan(psql_dsn, population, ours),
+        "synapse": purge_plan(psql_dsn, population, synapse),
     }
     return dataclasses.replace(population, purge_plans=plans)
 
@@ -308,11 +327,13 @@ def print_population_table(results: Sequence[Result], out: TextIO) -> None:
         ratio = "-"
         if len(sizes) > 1 and first and last and first.p99_ms and last.p99_ms:
             value = last.p99_ms / first.p99_ms
-            ratio = f"{value:.2f}" + (" !" if value > P99_GOAL else "")
+            judged = not _untagged_key(last).startswith(f"admin_user_media[{HEAVY_PREFIX}")
+            ratio = f"{value:.2f}" + (" !" if judged and value > P99_GOAL else "")
         print(f"{line} {ratio:>9}", file=out)
     print(
         f"   p99 ratio: p99 at {labels[-1]} / p99 at {labels[0]}; '!' marks one over the"
         f" goal of {P99_GOAL}x. purge_stale: req/s and p99 are of the downloads served"
-        " during the purge; its rows/s are in the notes.",
+        " during the purge; its rows/s are in the notes. admin_user_media[heavy_*]: a user"
+        " with min(100k, N/10) media, growing with N (not judged by the goal).",
         file=out,
     )

@@ -408,6 +408,40 @@ class AdminMediaTests(AdminTestCase):
         self.assertEqual(body["total"], 3)
         self.assertEqual(await self.status(f"{DOWNLOAD}/{ids[0]}"), 404)
 
+    async def test_users_media_by_creation_time_in_pages(self) -> None:
+        # Three made at the same millisecond: ties go by media ID ascending,
+        # whichever the direction, as in Synapse.
+        created = [1_700_000_000_000 + t for t in (5, 3, 3, 3, 1)]
+        ids = []
+        for ts in created:
+            media_id = await self.upload(self.alice, os.urandom(10))
+            await self.sql(
+                "UPDATE local_media_repository SET created_ts = ? WHERE media_id = ?",
+                ts, media_id,
+            )  # fmt: skip
+            ids.append(media_id)
+        await self.upload(self.admin, b"not alice's")
+        ties = sorted(ids[1:4])
+        newest = [ids[0], *ties, ids[4]]
+        oldest = [ids[4], *ties, ids[0]]
+        user = f"@alice:{SERVER_NAME}"
+        for query, expected in (
+            ("", newest),
+            ("&order_by=created_ts&dir=b", newest),
+            ("&order_by=created_ts", oldest),
+            ("&dir=f", oldest),
+        ):
+            listed: list[str] = []
+            start: int | None = 0
+            while start is not None:
+                body = await self.admin_call(
+                    "GET", f"/users/{user}/media?limit=2&from={start}{query}"
+                )
+                self.assertEqual(body["total"], 5)
+                listed += [m["media_id"] for m in body["media"]]
+                start = body.get("next_token")
+            self.assertEqual(listed, expected, query)
+
     async def test_usage_statistics(self) -> None:
         bob = await self.register("bob")
         for size in (100, 200):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
@@ -19,7 +20,7 @@ from mediarepo.media.lifecycle import (
     URL_CACHE_MEDIA_LIFETIME_MS,
     UrlCacheExpiry,
 )
-from mediarepo.media.paths import url_cache_path, url_cache_thumbnail_dir
+from mediarepo.media.paths import local_media_path, url_cache_path, url_cache_thumbnail_dir
 from mediarepo.media.url_previewer import previews_total
 from mediarepo.storage.url_cache import UrlCacheStore
 from tests.images import size_of
@@ -300,6 +301,29 @@ class PreviewTests(PreviewTestCase):
             "GET", f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}", token=self.token
         )
         self.assertEqual(gone.code, 404)
+
+    async def test_purge_by_age_takes_preview_downloads_with_their_files(self) -> None:
+        response = await self.preview(f"{self.site_url}/og.html")
+        image_id = response.json()["og:image"].split("/")[-1]
+        upload_id = await self.upload(self.token, b"an ordinary upload")
+        admin = await self.register("root", admin=True)
+        image_file = os.path.join(self.media_store, url_cache_path(image_id))
+        image_thumbnails = os.path.join(self.media_store, url_cache_thumbnail_dir(image_id))
+        self.assertTrue(os.listdir(image_thumbnails))
+        before_ts = int(time.time() * 1000) + 60_000
+        purged = await self.request(
+            "POST", f"/_synapse/admin/v1/media/delete?before_ts={before_ts}", token=admin
+        )
+        self.assertEqual(purged.code, 200, purged.body)
+        # The page, its image and the upload.
+        self.assertEqual(purged.json()["total"], 3)
+        self.assertIn(image_id, purged.json()["deleted_media"])
+        self.assertFalse(os.path.exists(image_file))
+        self.assertFalse(os.path.exists(image_thumbnails))
+        self.assertEqual(os.listdir(os.path.join(self.media_store, "url_cache")), [])
+        self.assertFalse(
+            os.path.exists(os.path.join(self.media_store, local_media_path(upload_id)))
+        )
 
     def test_url_cache_expiry_is_a_background_job(self) -> None:
         expiry = self.server.namedServices["URL cache expiry"]

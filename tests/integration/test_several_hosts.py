@@ -107,9 +107,9 @@ class SeveralHostsTests(ServerTestCase):
             await kept
             self.assertTrue(os.path.exists(self.local_copy(index, media_id)))
         told = [self.told(index) for index in (1, 2)]
-        # Told, each removes its copy, then its thumbnails.
+        # Told, each removes its copy and its thumbnails.
         removed = [
-            next_return(self, self.instances[index].repository.storage, "delete_local_directory")
+            next_return(self, self.instances[index].repository.storage, "delete_local")
             for index in (1, 2)
         ]
         r = await self.request(

@@ -10,11 +10,13 @@ from typing import Any, ParamSpec, TypeVar
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mediarepo.media.cache import SmallFileCache
+from mediarepo.media.providers import local
 from mediarepo.media.providers.local import LocalFiles, in_directory
 from mediarepo.media.staging import UploadStaging
 
@@ -73,29 +75,46 @@ class DirectoryTests(unittest.TestCase):
             sorted(os.listdir(self.base)), [".mediarepo_tmp", "local_content", "remote_content"]
         )
 
-    def test_delete_many_in_one_pool_job(self) -> None:
-        # A purge's batch of files and thumbnail directories goes in a
-        # single job of the pool, not several per media.
-        jobs: list[object] = []
+    def counting_store(
+        self, run_at_once: bool = True
+    ) -> tuple[LocalFiles, list[Callable[[], None]]]:
+        """A store whose pool lists its jobs and, unless told not to, runs
+        each at once on this thread (else each when called)."""
+        jobs: list[Callable[[], None]] = []
 
         class CountingPool(ThreadPool):
-            """Runs each job at once, on this thread, counting them."""
+            """Lists each job; runs it at once on this thread unless told not to."""
 
             def callInThreadWithCallback(
                 self,
-                onResult: Callable[[bool, R], object] | None,
+                onResult: Callable[[bool, Any], object] | None,
                 func: Callable[P, R],
                 *args: P.args,
                 **kw: P.kwargs,
             ) -> None:
-                jobs.append(func)
-                result = func(*args, **kw)
-                if onResult is not None:
-                    onResult(True, result)
+                def job() -> None:
+                    try:
+                        result = func(*args, **kw)
+                    except Exception:
+                        if onResult is not None:
+                            onResult(False, Failure())
+                    else:
+                        if onResult is not None:
+                            onResult(True, result)
+
+                jobs.append(job)
+                if run_at_once:
+                    job()
 
         store = LocalFiles(self.base, CountingPool(), ImmediateReactor())
-        files = [f"local_content/ab/c{i}/efgh" for i in range(3)]
-        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(3)]
+        jobs.clear()
+        return store, jobs
+
+    def make_media(self, count: int) -> tuple[list[str], list[str], str]:
+        """``count`` media's content files and thumbnail directories (relative
+        paths), and a file beside them that stays (absolute)."""
+        files = [f"local_content/ab/c{i}/efgh" for i in range(count)]
+        directories = [f"local_thumbnails/ab/c{i}/efgh" for i in range(count)]
         kept = os.path.join(self.base, "local_content", "ab", "zz", "kept")
         for relative in [*files, *(d + "/32-32-image-jpeg-crop" for d in directories)]:
             path = os.path.join(self.base, relative)
@@ -103,16 +122,57 @@ class DirectoryTests(unittest.TestCase):
             open(path, "wb").close()
         os.makedirs(os.path.dirname(kept))
         open(kept, "wb").close()
+        return files, directories, kept
+
+    def assert_only_kept_left(self, kept: str) -> None:
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
+        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
+        self.assertTrue(os.path.isfile(kept))
+
+    def test_delete_many_in_one_pool_job(self) -> None:
+        # A few media's files and thumbnail directories go in a single job
+        # of the pool, not several per media.
+        files, directories, kept = self.make_media(3)
+        store, jobs = self.counting_store()
         # One missing file does not stop the rest.
         files.append("local_content/ab/qq/missing")
-        jobs.clear()
 
         self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
 
         self.assertEqual(len(jobs), 1)
-        self.assertEqual(os.listdir(os.path.join(self.base, "local_content", "ab")), ["zz"])
-        self.assertEqual(os.listdir(os.path.join(self.base, "local_thumbnails")), [])
-        self.assertTrue(os.path.isfile(kept))
+        self.assert_only_kept_left(kept)
+
+    def test_large_deletion_split_between_jobs(self) -> None:
+        self.patch(local, "DELETE_JOB_PATHS", 4)
+        files, directories, kept = self.make_media(30)
+        store, jobs = self.counting_store()
+
+        self.successResultOf(defer.ensureDeferred(store.delete_many(files, directories)))
+
+        self.assertEqual(len(jobs), local.DELETE_JOBS)
+        self.assert_only_kept_left(kept)
+
+    def test_failed_job_fails_the_deletion_and_the_others_go_on(self) -> None:
+        self.patch(local, "DELETE_JOB_PATHS", 4)
+        files, _, _ = self.make_media(30)
+        store, jobs = self.counting_store(run_at_once=False)
+        # A directory given as a file: unlink refuses it.
+        os.makedirs(os.path.join(self.base, "local_content", "ab", "dir", "efgh"))
+        paths = ["local_content/ab/dir/efgh", *files]
+
+        deletion = defer.ensureDeferred(store.delete_many(paths, []))
+        self.assertEqual(len(jobs), local.DELETE_JOBS)
+        jobs[0]()
+        # Failed, but it waits for the jobs still running.
+        self.assertNoResult(deletion)
+        for job in jobs[1:]:
+            job()
+        failure = self.failureResultOf(deletion)
+
+        self.assertIsInstance(failure.value, IsADirectoryError)
+        # Left: the files the failed job had after the directory, no other.
+        left = [f for f in files if os.path.exists(os.path.join(self.base, f))]
+        self.assertEqual(left, paths[0 :: local.DELETE_JOBS][1:])
 
 
 class SmallFileCacheTests(unittest.TestCase):
@@ -129,6 +189,17 @@ class SmallFileCacheTests(unittest.TestCase):
         cache.forget_under(
             ["/s/local_thumbnails/ab/cd/efgh", "/s/remote_thumbnail/o.test/ab/cd/ijkl/", "/none"]
         )
+        self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
+
+    def test_forget_under_nested_and_look_alike_directories(self) -> None:
+        cache = SmallFileCache(Clock(), 1 << 20, 60.0)
+        kept = ["/s/x-y", "/s/x.z/a", "/s/w/x/a", "/s/xa"]
+        gone = ["/s/x/a", "/s/x/b/c", "/s/x/b-c/d", "/s/x/c", "/s/y/z/a"]
+        for path in kept + gone:
+            cache.put(path, b"x")
+        # Nested (/s/x, /s/x/b), a name that sorts between a directory and
+        # its files (/s/x-y: "-" comes before "/"), a look-alike (/s/xa).
+        cache.forget_under(["/s/x/b", "/s/x-y/", "/s/x", "/s/y/z", "/s/x!"])
         self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
 
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.application.internet import TimerService
 
 from mediarepo.media import lifecycle
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
+from mediarepo.media.providers.local import DELETE_JOBS, LocalFiles
 from tests import images
 from tests.utils import ServerTestCase
 
 DAY_MS = 24 * 3600 * 1000
+T = TypeVar("T")
 
 
 class RetentionTests(ServerTestCase):
@@ -87,10 +91,12 @@ class RetentionTests(ServerTestCase):
         self.assertEqual(remote, {"recentrm"})
 
     async def test_large_purge_in_batches(self) -> None:
-        self.patch(lifecycle, "PURGE_BATCH", 100)
+        # Above notifications' one payload per media (on PostgreSQL), so that
+        # only the purge's own file work reaches the pool.
+        self.patch(lifecycle, "PURGE_BATCH", 250)
         token = await self.register()
         media_id = await self.upload(token, b"template")
-        rows = [(f"bulk{i:08d}xxxxxxxxxxxx", 5, i) for i in range(2500)]
+        rows = [(f"bulk{i:08d}xxxxxxxxxxxx", 5, i) for i in range(2499)]
         assert self.server.database is not None
         await self.server.database.run_interaction(
             "t",
@@ -100,8 +106,19 @@ class RetentionTests(ServerTestCase):
                 rows,
             ),
         )
+        jobs: list[object] = []
+        in_pool = LocalFiles.in_pool
+
+        async def counting(store: LocalFiles, func: Callable[..., T], *args: object) -> T:
+            jobs.append(func)
+            return await in_pool(store, func, *args)
+
+        self.patch(LocalFiles, "in_pool", counting)
         local, _ = await self.server.parts.retention.apply(int(time.time() * 1000) + 100 * DAY_MS)
-        self.assertEqual(local, 2501)
+        self.assertEqual(local, 2500)
+        # The files of each batch in a few jobs of the I/O pool, not jobs
+        # per media (no URL-preview download among them to look for).
+        self.assertEqual(len(jobs), 10 * DELETE_JOBS)
         left = await self.sql("SELECT COUNT(*) FROM local_media_repository")
         self.assertEqual(left[0][0], 0)
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(media_id))))

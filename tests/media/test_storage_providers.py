@@ -179,6 +179,23 @@ class SynchronousS3Tests(S3TestCase):
         await self.run_tasks_until_done()
         self.assertEqual(self.moto.keys(), set())
 
+    async def test_purge_by_age_reaches_s3(self) -> None:
+        admin = await self.register("root", admin=True)
+        media_ids = [
+            await self.upload(self.token, images.png(40 + i, 40), "image/png") for i in range(3)
+        ]
+        for media_id in media_ids:
+            await self.request(
+                "GET", f"{THUMBNAIL}/{media_id}?width=32&height=32", token=self.token
+            )
+        self.assertTrue(self.moto.keys())
+        before_ts = int(time.time() * 1000) + 60_000
+        r = await self.request("POST", f"{ADMIN}/media/delete?before_ts={before_ts}", token=admin)
+        self.assertEqual(r.json()["total"], 3)
+        # The batch's deletions were queued together and run at once.
+        await self.run_tasks_until_done()
+        self.assertEqual(self.moto.keys(), set())
+
     async def test_old_deletion_never_removes_a_newer_copy(self) -> None:
         # A PUT whose synchronous store fails leaves nothing queued against
         # the provider that failed; the PUT retried later is kept.

@@ -172,6 +172,17 @@ EXTRA_INDEXES = (
     # The same for cached remote media, least recently read first
     # (media_retention, purge_media_cache).
     ("mediarepo_remote_media_last_access", "remote_media_cache (last_access_ts)"),
+    # The admin listing of a user's media by creation time pages by OFFSET:
+    # through Synapse's (user_id, created_ts) index every row before the
+    # page was read from the table for its media ID (40-50 ms at offset
+    # 90,000 of a user with 100,000 media); with the ID in the index they
+    # are index-only. Newest first, the API's default and Synapse's tie
+    # order (media_id ascending), is the index's own order; oldest first
+    # reads it backwards and sorts each run of equal times by ID.
+    (
+        "mediarepo_local_media_user_created",
+        "local_media_repository (user_id, created_ts DESC, media_id)",
+    ),
 )
 
 
