@@ -1,4 +1,5 @@
-"""Wiring: config -> database -> stores -> repository -> resource trees -> listeners.
+"""The server: config -> thread pools, providers, database -> the other
+parts (built by ``assembly.py``) -> listeners.
 
 :func:`media_server` builds the one server every launcher runs (``python -m
 mediarepo``, each ``--workers`` process, a Synapse-style worker, the twistd
@@ -9,70 +10,24 @@ are its parts, started in order and stopped in reverse (``services.py``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
-from OpenSSL import crypto
-from twisted.internet import defer, ssl, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.threadpool import ThreadPool
 
-from mediarepo.accounts import Accounts
+from mediarepo.assembly import Groundwork, ServerParts, build_parts, provider_slots
 from mediarepo.config import Config
-from mediarepo.errors import ConfigError
-from mediarepo.federation.backoff import BackoffPolicy, DestinationBackoff
-from mediarepo.federation.client import FederationClient
-from mediarepo.federation.keyring import Keyring
-from mediarepo.federation.keys import load_signing_keys, server_keys_response
-from mediarepo.http.admin import AdminHandler
-from mediarepo.http.auth import Authenticator, FederationAuthenticator
-from mediarepo.http.site import MediaSite
-from mediarepo.http.tree import Handlers, build_tree
-from mediarepo.media.access import FLUSH_INTERVAL_SECONDS
-from mediarepo.media.admin_rules import MediaAdmin
+from mediarepo.federation.keys import load_signing_keys
 from mediarepo.media.allocator import map_large_allocations
-from mediarepo.media.lifecycle import (
-    Housekeeping,
-    MediaPurger,
-    Retention,
-    UrlCacheExpiry,
-    periodic_jobs,
-)
-from mediarepo.media.local_cache import LocalCacheEviction
-from mediarepo.media.locks import WorkerLocks
-from mediarepo.media.oembed import OEmbedProviders
-from mediarepo.media.pending import ContentArrivals
-from mediarepo.media.pending_thumbnails import PendingThumbnailWork
-from mediarepo.media.preview_fetch import PreviewDownloader, preview_client_settings
-from mediarepo.media.provider_chain import ProviderChain, ProviderSlot
-from mediarepo.media.provider_tasks import ProviderTasks
-from mediarepo.media.providers import create_provider
-from mediarepo.media.providers.local import LocalFiles
-from mediarepo.media.remote import RemoteMediaCache
+from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.repository import MediaRepository
-from mediarepo.media.rooms import RoomMedia
-from mediarepo.media.thumbnails import ThumbnailProvider
 from mediarepo.media.uploads import LocalUploads
-from mediarepo.media.url_previewer import UrlPreviewer
-from mediarepo.outbound import NameResolver, OutboundClient
+from mediarepo.outbound import NameResolver
 from mediarepo.services import OrderedServices, Outcome, StepService
 from mediarepo.storage.database import Database
-from mediarepo.storage.destination_rows import DestinationRows
-from mediarepo.storage.key_rows import KeyRows
-from mediarepo.storage.lock_rows import LockRows
-from mediarepo.storage.media_admin_rows import MediaAdminRows
-from mediarepo.storage.media_rows import CONTENT_CHANNEL, MediaRows
-from mediarepo.storage.notifications import CHANGED_CHANNEL, PostgresListener
-from mediarepo.storage.pending_thumbnail_rows import PendingThumbnailRows
-from mediarepo.storage.provider_task_rows import ProviderTaskRows
-from mediarepo.storage.quarantine_rows import QuarantineRows
-from mediarepo.storage.room_rows import RoomEventRows
 from mediarepo.storage.schema import prepare_database
-from mediarepo.storage.upload_rows import UploadRows
-from mediarepo.storage.url_cache import UrlCacheStore
-from mediarepo.storage.user_rows import UserRows
 from mediarepo.workers import (
     ListeningPorts,
     ListeningSocket,
@@ -85,54 +40,7 @@ logger = logging.getLogger(__name__)
 
 # How long a shutdown waits for uploads still arriving before rolling them back.
 SHUTDOWN_GRACE_SECONDS = 10.0
-# Our name in the instance_name columns of Synapse's tables (the stream
-# writer of quarantined_media_changes, worker_locks' holders) when we are not
-# a Synapse worker with a worker_name.
-STANDALONE_INSTANCE_NAME = "mediarepo"
 _MEDIA_IO_THREADS = 20
-
-
-def server_tls_options(certificate_path: str, private_key_path: str) -> Any:
-    """TLS for a listener: the certificate file may hold the chain after the
-    server's own certificate, as Synapse's ``tls_certificate_path`` may."""
-    try:
-        with open(certificate_path, "rb") as f:
-            pem = f.read()
-        with open(private_key_path, "rb") as f:
-            key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
-        certificates = [
-            ssl.Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
-            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-        ]
-    except (OSError, crypto.Error) as e:
-        raise ConfigError("tls_certificate_path", f"cannot load the certificate: {e}") from e
-    if not certificates:
-        raise ConfigError("tls_certificate_path", f"{certificate_path} holds no certificate")
-    return ssl.CertificateOptions(
-        privateKey=key.original,
-        certificate=certificates[0].original,
-        extraCertChain=[c.original for c in certificates[1:]],
-    )
-
-
-@attrs.frozen
-class ServerParts:
-    """What a started server is made of, for tools and tests to reach."""
-
-    database: Database
-    repository: MediaRepository
-    accounts: Accounts
-    federation_client: FederationClient
-    # The LISTEN connection for announcements from other processes (PostgreSQL).
-    notifications: PostgresListener | None
-    sites: list[MediaSite]
-    retention: Retention
-    # Evicting from the local store, when media_store_max_size is set.
-    local_cache: LocalCacheEviction | None
-    # The local media store (tests look at it).
-    local_store: LocalFiles
-    media_io: ThreadPool
-    thumbnail_pool: ThreadPool
 
 
 def media_server(
@@ -211,6 +119,10 @@ class MediaServer(OrderedServices):
         return self.parts.repository
 
     @property
+    def uploads(self) -> LocalUploads:
+        return self.parts.uploads
+
+    @property
     def ports(self) -> list[IListeningPort]:
         ports = self.namedServices["ports"]
         assert isinstance(ports, ListeningPorts)
@@ -278,8 +190,52 @@ class MediaServer(OrderedServices):
         return sockets
 
     async def _assemble_parts(self, signing_keys: list[Any], ports: ListeningPorts) -> None:
+        ground = await self._lay_groundwork()
+        parts = build_parts(
+            ground,
+            signing_keys,
+            ports,
+            runs_background_jobs=self._runs_background_jobs,
+            preview_name_resolver=self._preview_name_resolver,
+        )
+        # Stopped in the reverse order of what follows.
+        self.add(StepService("provider tasks", stop=parts.provider_tasks.wait_idle))
+        self.add(StepService("access times", stop=parts.repository.access.flush))
+        self.add(parts.jobs.access_time_flushes)
+        # Every process resumes what a crashed one left, at start.
+        thumbnails = parts.thumbnails
+        self.add(StepService("thumbnails", start=thumbnails.resume_pending, stop=thumbnails.settle))
+
+        async def close_connections() -> None:
+            await defer.gatherResults(
+                [defer.ensureDeferred(site.close_connections()) for site in parts.sites]
+            )
+
+        self.add(StepService("client connections", stop=close_connections))
+        self.add(
+            StepService(
+                "uploads",
+                stop=lambda: self._settle_uploads(parts.storage),
+                stop_seconds=lambda: self.shutdown_grace_seconds + 1,
+            )
+        )
+        self.add(StepService("federation client", stop=parts.federation_client.close))
+        if parts.preview_client is not None:
+            self.add(StepService("URL preview client", stop=parts.preview_client.close))
+        if parts.notifications is not None:
+            self.add(StepService("LISTEN", stop=parts.notifications.stop))
+            await parts.notifications.start()
+        if parts.local_cache is not None:
+            self.add(StepService("local cache eviction", stop=parts.local_cache.stop))
+        for timer in parts.jobs.background:
+            self.add(timer)
+        self._parts = parts
+        self.add(ports)
+
+    async def _lay_groundwork(self) -> Groundwork:
+        """The thread pools, the storage providers and the database (its
+        schema prepared), each started as it is added."""
         config = self.config
-        reactor = self.reactor
         media_io = ThreadPool(minthreads=1, maxthreads=_MEDIA_IO_THREADS, name="media-io")
         thumbnail_pool = ThreadPool(
             minthreads=0, maxthreads=config.thumbnail_threadpool_size, name="thumbnails"
@@ -288,255 +244,7 @@ class MediaServer(OrderedServices):
             self.add(StepService(f"{pool.name} threads", start=pool.start, stop=pool.stop))
         # Pixels freed by thumbnailing go back to the system (see allocator).
         map_large_allocations()
-        slots = self._add_providers(media_io)
-        database = Database(config.database, reactor)
-        # Closing blocks until running statements end: each is bounded by
-        # the connection's timeouts (see storage.engines.POSTGRES_CONNECT_DEFAULTS).
-        self.add(StepService("database", stop=database.close))
-        schema = await prepare_database(database)
-
-        local = LocalFiles(
-            config.media_store_path,
-            media_io,
-            reactor,
-            note_reads=config.media_store_max_size is not None,
-            admin_contact=config.admin_contact,
-        )
-        tasks = ProviderTasks(
-            {slot.provider.name: slot.provider for slot in slots},
-            local,
-            ProviderTaskRows(database),
-            reactor,
-        )
-        local_cache = None
-        if config.media_store_max_size is not None:
-            local_cache = LocalCacheEviction(local, slots, config.media_store_max_size, reactor)
-            # Every worker evicts once its writes take the store over the limit.
-            local.on_written = local_cache.note_written
-            tasks.on_stored = local_cache.note_copied
-        storage = ProviderChain(local, slots, tasks, reactor)
-        media_store = MediaRows(database)
-        # A Synapse worker goes by its worker_name in Synapse's tables.
-        worker_name = config.instance_name if config.worker_app else STANDALONE_INSTANCE_NAME
-        locks = WorkerLocks(LockRows(database), reactor, worker_name)
-        thumbnails = ThumbnailProvider(
-            storage,
-            media_store,
-            thumbnail_pool,
-            reactor,
-            sizes=config.thumbnail_sizes,
-            max_image_pixels=config.max_image_pixels,
-            dynamic=config.dynamic_thumbnails,
-            pixel_budget=config.thumbnail_pixel_budget,
-            formats=config.thumbnail_formats,
-            pending=PendingThumbnailWork(
-                PendingThumbnailRows(database), locks.instance_name, reactor
-            ),
-        )
-        quarantine = QuarantineRows(
-            database,
-            schema.quarantine_records,
-            worker_name,
-            reactor,
-            synapse_owned=schema.synapse_owned,
-        )
-        backoff = DestinationBackoff(
-            DestinationRows(database), BackoffPolicy.from_config(config.federation), reactor
-        )
-        federation_client = FederationClient(
-            reactor,
-            config.server_name,
-            signing_keys[0],
-            config.federation,
-            backoff=backoff,
-            proxy=config.proxy,
-        )
-        arrivals = ContentArrivals(reactor)
-        remote = RemoteMediaCache(
-            config, storage, media_store, federation_client, thumbnails, quarantine, locks,
-            arrivals, reactor,
-        )  # fmt: skip
-        uploads = LocalUploads(
-            config, storage, media_store, UploadRows(database), thumbnails, locks,
-            quarantine, arrivals, reactor,
-        )  # fmt: skip
-        repository = MediaRepository(
-            config, storage, media_store, uploads, thumbnails, remote, arrivals, reactor
-        )
-        admin_store = MediaAdminRows(
-            database, config.server_name, schema.avatar_columns, schema.has_profiles
-        )
-        purger = MediaPurger(storage, media_store, admin_store, repository.forget_local, reactor)
-        media_admin = MediaAdmin(
-            config.server_name, media_store, admin_store, quarantine, purger,
-            repository.forget_local,
-        )  # fmt: skip
-        room_events = RoomEventRows(database) if schema.has_room_events else None
-        retention = Retention(
-            purger,
-            repository.access,
-            reactor,
-            local_lifetime_ms=config.local_media_lifetime_ms,
-            remote_lifetime_ms=config.remote_media_lifetime_ms,
-        )
-        notifications = None
-        if database.engine.name == "psycopg2":
-            # Downloads waiting for an async upload wake when another process
-            # sharing the database completes it; media deleted or quarantined
-            # by another process stop being served from this one's caches.
-            notifications = PostgresListener(
-                database.connect_args,
-                {
-                    CONTENT_CHANNEL: repository.arrivals.announce,
-                    CHANGED_CHANNEL: repository.media_changed_elsewhere,
-                },
-                reactor,
-            )
-        accounts = Accounts(UserRows(database), reactor)
-        keyring = Keyring(
-            KeyRows(database),
-            federation_client,
-            signing_keys,
-            config.federation.trusted_key_servers,
-            reactor,
-        )
-
-        def keys_response() -> dict[str, Any]:
-            valid_until = int(reactor.seconds() * 1000) + config.federation.key_refresh_interval_ms
-            return server_keys_response(
-                config.server_name, signing_keys, config.federation.old_signing_keys, valid_until
-            )
-
-        previewer = None
-        preview_client = None
-        if config.url_preview.enabled:
-            # URL previews' own client (url_preview_ip_range_*).
-            preview_client = OutboundClient(
-                reactor,
-                preview_client_settings(config.url_preview),
-                name_resolver=self._preview_name_resolver,
-            )
-            previewer = self._previewer(
-                preview_client, storage, database, media_store, thumbnails, quarantine, media_io
-            )
-        authenticator = Authenticator(accounts)
-        handlers = Handlers.create(
-            repository,
-            authenticator,
-            FederationAuthenticator(
-                keyring, config.server_name, config.federation.domain_whitelist, backoff
-            ),
-            keys_response,
-            AdminHandler(media_admin, RoomMedia(room_events, media_admin), authenticator),
-            previewer,
-        )
-        sites = [
-            self._site(index, handlers, repository, ports) for index in range(len(config.listeners))
-        ]
-
-        # Stopped in the reverse order of what follows.
-        self.add(StepService("provider tasks", stop=tasks.wait_idle))
-        self.add(StepService("access times", stop=repository.access.flush))
-        sweeps: list[Any] = [
-            repository.sweep_staging,
-            repository.sweep_expired_reservations,
-            repository.resume_thumbnails,
-        ]
-        if retention.enabled:
-            sweeps.append(retention.apply)
-        if local_cache is not None:
-            sweeps.append(local_cache.run)
-        jobs = periodic_jobs(
-            reactor,
-            flush_access_times=repository.access.flush,
-            flush_interval_seconds=FLUSH_INTERVAL_SECONDS,
-            housekeeping=Housekeeping(sweeps) if self._runs_background_jobs else None,
-            housekeeping_interval_seconds=config.media_housekeeping_interval_ms / 1000,
-            run_provider_tasks=tasks.run_soon if slots and self._runs_background_jobs else None,
-            url_cache_expiry=(
-                UrlCacheExpiry(UrlCacheStore(database), storage, repository.forget_local, reactor)
-                if previewer is not None and self._runs_background_jobs
-                else None
-            ),
-        )
-        self.add(jobs.access_time_flushes)
-        # Every process resumes what a crashed one left, at start.
-        self.add(StepService("thumbnails", start=thumbnails.resume_pending, stop=thumbnails.settle))
-
-        def close_connections() -> None:
-            for site in sites:
-                site.close_connections()
-
-        self.add(StepService("client connections", stop=close_connections))
-        self.add(
-            StepService(
-                "uploads",
-                stop=lambda: self._settle_uploads(storage),
-                stop_seconds=lambda: self.shutdown_grace_seconds + 1,
-            )
-        )
-        self.add(StepService("federation client", stop=federation_client.close))
-        if preview_client is not None:
-            self.add(StepService("URL preview client", stop=preview_client.close))
-        if notifications is not None:
-            self.add(StepService("LISTEN", stop=notifications.stop))
-            await notifications.start()
-        if local_cache is not None:
-            self.add(StepService("local cache eviction", stop=local_cache.stop))
-        for timer in jobs.background:
-            self.add(timer)
-        self._parts = ServerParts(
-            database, repository, accounts, federation_client, notifications, sites,
-            retention, local_cache, local, media_io, thumbnail_pool,
-        )  # fmt: skip
-        self.add(ports)
-
-    def _previewer(
-        self,
-        client: OutboundClient,
-        storage: ProviderChain,
-        database: Database,
-        media_store: MediaRows,
-        thumbnails: ThumbnailProvider,
-        quarantine: QuarantineRows,
-        parse_pool: ThreadPool,
-    ) -> UrlPreviewer:
-        config = self.config
-        previews = config.url_preview
-        downloader = PreviewDownloader(
-            client,
-            storage,
-            UploadRows(database),
-            quarantine,
-            self.reactor,
-            max_size=previews.max_spider_size,
-            accept_language=previews.accept_language,
-            url_blacklist=previews.url_blacklist,
-            authenticated_media=config.enable_authenticated_media,
-        )
-        return UrlPreviewer(
-            config.server_name,
-            downloader,
-            OEmbedProviders(previews.oembed_endpoints),
-            UrlCacheStore(database),
-            media_store,
-            thumbnails,
-            parse_pool,
-            self.reactor,
-        )
-
-    def _add_providers(self, media_io: ThreadPool) -> list[ProviderSlot]:
-        """The configured storage providers, each a child service."""
-        slots: list[ProviderSlot] = []
-        for entry in self.config.media_storage_providers:
-            provider = create_provider(entry.backend, media_io, self.reactor)
-            if any(slot.provider.name == provider.name for slot in slots):
-                raise ConfigError("media_storage_providers", f"{provider.name} is listed twice")
-            slots.append(
-                ProviderSlot(
-                    provider, entry.store_local, entry.store_remote, entry.store_synchronous
-                )
-            )
+        slots = provider_slots(config, media_io, self.reactor)
         for slot in slots:
             self.add(
                 StepService(
@@ -549,38 +257,19 @@ class MediaServer(OrderedServices):
                 "storage provider %s (store_local: %s, store_remote: %s, synchronous: %s)",
                 slot.provider.name, slot.store_local, slot.store_remote, slot.store_synchronous,
             )  # fmt: skip
-        return slots
-
-    def _site(
-        self, index: int, handlers: Handlers, repository: MediaRepository, ports: ListeningPorts
-    ) -> MediaSite:
-        """The site of listener ``index``, to be served on its sockets."""
-        config = self.config
-        listener = config.listeners[index]
-        site = MediaSite(
-            build_tree(listener, handlers, config.enable_metrics),
-            self.reactor,
-            max_upload_size=config.max_upload_size,
-            x_forwarded=listener.x_forwarded,
-            abandon_upload=repository.abandon_upload,
-        )
-        tls = None
-        if listener.tls:
-            if not config.tls_certificate_path or not config.tls_private_key_path:
-                raise ConfigError(
-                    "tls_certificate_path", "a listener has tls: true but no certificate"
-                )
-            tls = server_tls_options(config.tls_certificate_path, config.tls_private_key_path)
-        ports.serve(index, site, tls)
-        return site
+        database = Database(config.database, self.reactor)
+        # Closing blocks until running statements end: each is bounded by
+        # the connection's timeouts (see storage.engines.POSTGRES_CONNECT_DEFAULTS).
+        self.add(StepService("database", stop=database.close))
+        schema = await prepare_database(database)
+        return Groundwork(config, self.reactor, media_io, thumbnail_pool, slots, database, schema)
 
     async def _settle_uploads(self, storage: ProviderChain) -> None:
         """Let uploads still arriving finish, or roll them back after the grace period."""
-        deadline = time.monotonic() + self.shutdown_grace_seconds
-        while storage.uploads_in_progress and time.monotonic() < deadline:
-            await task.deferLater(self.reactor, 0.1, lambda: None)
-        if storage.uploads_in_progress:
+        idle = storage.when_uploads_idle()
+        idle.addTimeout(self.shutdown_grace_seconds, self.reactor)
+        try:
+            await idle
+        except defer.TimeoutError:
             logger.warning("rolling back %d unfinished uploads", storage.uploads_in_progress)
-            storage.abort_all_uploads()
-            # Let the removals queued on the I/O pool run.
-            await task.deferLater(self.reactor, 0.1, lambda: None)
+            await storage.abort_all_uploads()

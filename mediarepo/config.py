@@ -8,7 +8,6 @@ one line.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,12 @@ import attrs
 import yaml
 
 from mediarepo.config_federation import FederationConfig, parse_federation
+from mediarepo.config_listeners import (
+    MAIN_INSTANCE_NAME,
+    STANDALONE_INSTANCE_NAME,
+    ListenerConfig,
+    parse_process_role,
+)
 from mediarepo.config_preview import UrlPreviewConfig, parse_url_preview
 from mediarepo.config_reader import ConfigReader, RateLimit
 from mediarepo.config_storage import (
@@ -28,37 +33,6 @@ from mediarepo.config_storage import (
 from mediarepo.errors import ConfigError
 from mediarepo.identifiers import is_valid_server_name
 from mediarepo.outbound.proxy import ProxyAddress, ProxySettings
-
-# The worker_app values under which Synapse serves media: this server is then
-# that worker.
-MEDIA_WORKER_APPS = ("synapse.app.media_repository", "synapse.app.generic_worker")
-# Synapse's name for its main process (no worker_name).
-MAIN_INSTANCE_NAME = "master"
-
-
-@attrs.frozen
-class ListenerConfig:
-    port: int
-    bind_addresses: tuple[str, ...]
-    type: str
-    x_forwarded: bool
-    resource_names: frozenset[str]
-    tls: bool = False
-    # Where in the config it was given ("worker_listeners[0]"), for errors.
-    place: str = "listeners"
-
-    def cannot_listen(self, address: str, error: BaseException) -> ConfigError:
-        """The start-up error for failing to listen on ``address``."""
-        where = f"[{address}]:{self.port}" if ":" in address else f"{address}:{self.port}"
-        if getattr(error, "errno", None) == errno.EADDRINUSE:
-            return ConfigError(self.place, f"{where} is already in use")
-        reason = getattr(error, "strerror", None) or str(error)
-        return ConfigError(self.place, f"cannot listen on {where}: {reason}")
-
-    @property
-    def serves_media(self) -> bool:
-        # Synapse mounts the media repository on media, client and federation listeners.
-        return bool(self.resource_names & {"media", "client", "federation"})
 
 
 @attrs.frozen
@@ -169,6 +143,13 @@ class Config:
         return "worker_log_config" if self.worker_app else "log_config"
 
     @property
+    def name_in_tables(self) -> str:
+        """Our name in the instance_name columns of Synapse's tables: a
+        Synapse worker goes by its worker_name, a standalone server by
+        STANDALONE_INSTANCE_NAME."""
+        return self.instance_name if self.worker_app else STANDALONE_INSTANCE_NAME
+
+    @property
     def runs_background_jobs(self) -> bool:
         """Whether this instance runs the media background jobs (sweeps,
         retention, eviction, provider tasks), by Synapse's rule."""
@@ -182,59 +163,6 @@ class Config:
             if source is not None:
                 return ConfigError(error.key, error.problem, source)
         return error
-
-
-_HTTP_RESOURCE_NAMES = {
-    "media",
-    "client",
-    "federation",
-    "metrics",
-    "keys",
-    "consent",
-    "openid",
-    "replication",
-    "health",
-    "static",
-    "webclient",
-}
-
-
-def _parse_listener(reader: ConfigReader) -> ListenerConfig | None:
-    listener_type = reader.string("type", "http") or "http"
-    if listener_type not in ("http", "metrics"):
-        # manhole, replication and the like belong to Synapse.
-        return None
-    if reader.raw("path") is not None and reader.raw("port") is None:
-        raise ConfigError(reader.key("path"), "unix socket listeners are not supported")
-    port = reader.integer("port", -1, minimum=0)
-    if not 0 <= port < 65536:
-        raise ConfigError(reader.key("port"), "expected a port number")
-    bind = reader.raw("bind_addresses")
-    if bind is None:
-        single = reader.raw("bind_address")
-        bind = [single] if single else ["::", "0.0.0.0"]
-    if not isinstance(bind, list) or not all(isinstance(a, str) for a in bind):
-        raise ConfigError(reader.key("bind_addresses"), "expected a list of addresses")
-    names: set[str] = set()
-    for resource in reader.entries("resources"):
-        res_names = resource.raw("names", [])
-        if not isinstance(res_names, list) or not all(isinstance(n, str) for n in res_names):
-            raise ConfigError(resource.key("names"), "expected a list of resource names")
-        unknown = set(res_names) - _HTTP_RESOURCE_NAMES
-        if unknown:
-            raise ConfigError(resource.key("names"), f"unknown resource {sorted(unknown)[0]!r}")
-        names.update(res_names)
-    if listener_type == "metrics":
-        names.add("metrics")
-    return ListenerConfig(
-        port=port,
-        bind_addresses=tuple(bind),
-        type=listener_type,
-        x_forwarded=reader.boolean("x_forwarded", False),
-        resource_names=frozenset(names),
-        tls=reader.boolean("tls", False),
-        place=reader.key("").rstrip("."),
-    )
 
 
 def _parse_database(root: ConfigReader) -> DatabaseConfig:
@@ -388,27 +316,7 @@ def parse_config(
     if not is_valid_server_name(server_name):
         raise ConfigError("server_name", f"{server_name!r} is not a valid server name")
     proxy = _parse_proxy(root, os.environ if environ is None else environ)
-
-    worker_app = root.string("worker_app")
-    if worker_app == "synapse.app.homeserver":
-        worker_app = None  # Synapse's name for its main process
-    if worker_app is not None and worker_app not in MEDIA_WORKER_APPS:
-        raise ConfigError(
-            "worker_app",
-            f"{worker_app!r} is not a media worker; expected one of {MEDIA_WORKER_APPS}",
-        )
-    if worker_app is not None:
-        # A Synapse worker listens on its worker_listeners only; the shared
-        # listeners are the main process's.
-        listener_key = "worker_listeners"
-    else:
-        listener_key = "listeners" if "listeners" in data else "worker_listeners"
-    worker_name = root.string("worker_name")
-    listeners = []
-    for entry in root.entries(listener_key):
-        listener = _parse_listener(entry)
-        if listener is not None:
-            listeners.append(listener)
+    role = parse_process_role(root)
 
     def path(key: str, default: str) -> str:
         return os.path.abspath(root.string(key, default) or default)
@@ -419,13 +327,11 @@ def parse_config(
 
     max_upload_size = root.size("max_upload_size", "50M")
     storage_providers = parse_storage_providers(root)
-    log_config = root.string("worker_log_config" if worker_app is not None else "log_config")
-    pid_file = root.string("worker_pid_file") if worker_app else None
     return Config(
         server_name=server_name,
         config_dir=config_dir,
         public_baseurl=root.string("public_baseurl"),
-        listeners=tuple(listeners),
+        listeners=role.listeners,
         database=_parse_database(root),
         media_store_path=path("media_store_path", "media_store"),
         max_upload_size=max_upload_size,
@@ -434,7 +340,7 @@ def parse_config(
         signing_key_path=path(
             "signing_key_path", os.path.join(config_dir, f"{server_name}.signing.key")
         ),
-        log_config=os.path.abspath(log_config) if log_config else None,
+        log_config=role.log_config,
         enable_metrics=root.boolean("enable_metrics", False),
         dynamic_thumbnails=root.boolean("dynamic_thumbnails", False),
         thumbnail_sizes=_parse_thumbnail_sizes(root),
@@ -452,9 +358,9 @@ def parse_config(
         tls_certificate_path=optional_path("tls_certificate_path"),
         tls_private_key_path=optional_path("tls_private_key_path"),
         federation=parse_federation(root),
-        worker_app=worker_app,
-        instance_name=worker_name or worker_app or MAIN_INSTANCE_NAME,
-        pid_file=os.path.abspath(pid_file) if pid_file else None,
+        worker_app=role.worker_app,
+        instance_name=role.instance_name,
+        pid_file=role.pid_file,
         media_instance_running_background_jobs=root.string(
             "media_instance_running_background_jobs"
         ),

@@ -112,40 +112,46 @@ def parse_providers(providers: object, where: str) -> list[OEmbedEndpoint]:
         raise ConfigError(where, "expected a list of oEmbed providers")
     endpoints = []
     for index, provider in enumerate(providers):
-        place = f"{where}[{index}]"
-        if not isinstance(provider, Mapping):
-            raise ConfigError(place, "expected a mapping")
-        for field in ("provider_name", "provider_url"):
-            _string_field(provider.get(field), f"{place}.{field}")
-        entries = provider.get("endpoints")
-        if not isinstance(entries, list):
-            raise ConfigError(f"{place}.endpoints", "expected a list")
-        for number, endpoint in enumerate(entries):
-            spot = f"{place}.endpoints[{number}]"
-            if not isinstance(endpoint, Mapping):
-                raise ConfigError(spot, "expected a mapping")
-            api = _string_field(endpoint.get("url"), f"{spot}.url")
-            if urlsplit(api).scheme not in ("http", "https"):
-                raise ConfigError(f"{spot}.url", f"unsupported oEmbed scheme for endpoint {api}")
-            schemes = endpoint.get("schemes")
-            if not isinstance(schemes, list):
-                raise ConfigError(f"{spot}.schemes", "expected a list of URL patterns")
-            formats = endpoint.get("formats")
-            if formats is not None and not (
-                isinstance(formats, list) and all(isinstance(f, str) for f in formats)
-            ):
-                raise ConfigError(f"{spot}.formats", "expected a list of strings")
-            endpoints.append(
-                OEmbedEndpoint(
-                    api,
-                    tuple(
-                        _glob_to_regex(_string_field(glob, f"{spot}.schemes"), f"{spot}.schemes")
-                        for glob in schemes
-                    ),
-                    None if formats is None else tuple(formats),
-                )
-            )
+        endpoints += _parse_provider(provider, f"{where}[{index}]")
     return endpoints
+
+
+def _parse_provider(provider: object, place: str) -> list[OEmbedEndpoint]:
+    if not isinstance(provider, Mapping):
+        raise ConfigError(place, "expected a mapping")
+    for field in ("provider_name", "provider_url"):
+        _string_field(provider.get(field), f"{place}.{field}")
+    entries = provider.get("endpoints")
+    if not isinstance(entries, list):
+        raise ConfigError(f"{place}.endpoints", "expected a list")
+    return [
+        _parse_endpoint(endpoint, f"{place}.endpoints[{number}]")
+        for number, endpoint in enumerate(entries)
+    ]
+
+
+def _parse_endpoint(endpoint: object, spot: str) -> OEmbedEndpoint:
+    if not isinstance(endpoint, Mapping):
+        raise ConfigError(spot, "expected a mapping")
+    api = _string_field(endpoint.get("url"), f"{spot}.url")
+    if urlsplit(api).scheme not in ("http", "https"):
+        raise ConfigError(f"{spot}.url", f"unsupported oEmbed scheme for endpoint {api}")
+    schemes = endpoint.get("schemes")
+    if not isinstance(schemes, list):
+        raise ConfigError(f"{spot}.schemes", "expected a list of URL patterns")
+    formats = endpoint.get("formats")
+    if formats is not None and not (
+        isinstance(formats, list) and all(isinstance(f, str) for f in formats)
+    ):
+        raise ConfigError(f"{spot}.formats", "expected a list of strings")
+    return OEmbedEndpoint(
+        api,
+        tuple(
+            _glob_to_regex(_string_field(glob, f"{spot}.schemes"), f"{spot}.schemes")
+            for glob in schemes
+        ),
+        None if formats is None else tuple(formats),
+    )
 
 
 def _parse_oembed(root: ConfigReader) -> tuple[OEmbedEndpoint, ...]:

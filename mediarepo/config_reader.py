@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -30,40 +30,37 @@ _DIGITS = re.compile(r"[0-9]+")
 
 def parse_size(key: str, value: object) -> int:
     """A byte count: an integer, or a string such as ``"50M"`` (powers of 1024)."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(key, "must not be negative")
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        multiplier = 1
-        if text and text[-1].upper() in _SIZE_UNITS:
-            multiplier = _SIZE_UNITS[text[-1].upper()]
-            text = text[:-1]
-        if _DIGITS.fullmatch(text):
-            return int(text) * multiplier
-    raise ConfigError(key, f"expected a size such as 50M, got {value!r}")
+    return _parse_with_unit(key, value, _SIZE_UNITS, "a size such as 50M", str.upper)
 
 
 def parse_duration_ms(key: str, value: object) -> int:
     """A duration in milliseconds: an integer (ms) or a string such as ``"24h"``."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
-    if isinstance(value, int):
+    return _parse_with_unit(key, value, _DURATION_UNITS_MS, "a duration such as 24h", str)
+
+
+def _parse_with_unit(
+    key: str,
+    value: object,
+    units: Mapping[str, int],
+    expected: str,
+    unit_name: Callable[[str], str],
+) -> int:
+    """A non-negative integer, or digits with an optional last character
+    that ``unit_name`` turns into a key of ``units`` (the multiplier)."""
+    if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ConfigError(key, "must not be negative")
         return value
     if isinstance(value, str):
         text = value.strip()
-        multiplier = 1
-        if text and text[-1] in _DURATION_UNITS_MS:
-            multiplier = _DURATION_UNITS_MS[text[-1]]
+        multiplier = units.get(unit_name(text[-1:]))
+        if multiplier is None:
+            multiplier = 1
+        else:
             text = text[:-1]
         if _DIGITS.fullmatch(text):
             return int(text) * multiplier
-    raise ConfigError(key, f"expected a duration such as 24h, got {value!r}")
+    raise ConfigError(key, f"expected {expected}, got {value!r}")
 
 
 class ConfigReader:
@@ -150,7 +147,6 @@ class ConfigReader:
         return readers
 
 
-# Synapse's default ``ip_range_blacklist``: where outbound requests never go.
 @attrs.frozen
 class RateLimit:
     """An ``rc_*`` section: a bucket of ``burst_count`` actions draining at ``per_second``."""

@@ -193,6 +193,15 @@ class Supervisor:
         self._processes: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self._sockets: dict[int, list[tuple[ListeningSocket, socket.socket]]] = {}
         self._stopping = False
+        # Workers that have run long enough to count as started.
+        self._started_once: set[int] = set()
+        # Worker pids sent SIGTERM.
+        self._signalled: set[int] = set()
+        # When workers still running once the stop began are killed, and
+        # when they were.
+        self._stop_deadline: float | None = None
+        self._killed_at: float | None = None
+        self._status = 0
 
     def _spawn(self, slot: int) -> None:
         sockets = [inherited for inherited, _ in self._sockets[slot]]
@@ -215,11 +224,14 @@ class Supervisor:
         # is changing the set of workers).
         self._stopping = True
 
-    def _stop_workers(self, signalled: set[int]) -> None:
-        """SIGTERM to every worker not told yet (one started meanwhile too)."""
+    def _stop_workers(self) -> None:
+        """SIGTERM to every worker not told yet (one started meanwhile too);
+        the first call sets the deadline after which they are killed."""
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
         for process, _ in list(self._processes.values()):
-            if process.pid not in signalled and process.poll() is None:
-                signalled.add(process.pid)
+            if process.pid not in self._signalled and process.poll() is None:
+                self._signalled.add(process.pid)
                 try:
                     process.send_signal(signal.SIGTERM)
                 except OSError as e:
@@ -234,50 +246,61 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._signal)
         for slot in range(self._count):
             self._spawn(slot)
-        started_once: set[int] = set()
-        signalled: set[int] = set()
-        stop_deadline: float | None = None
-        killed_at: float | None = None
-        status = 0
         while self._processes:
             time.sleep(0.2)
             if self._stopping:
-                self._stop_workers(signalled)
-                if stop_deadline is None:
-                    stop_deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
-            if stop_deadline is not None and killed_at is None and time.monotonic() > stop_deadline:
-                for process, _ in self._processes.values():
-                    if process.poll() is None:
-                        logger.warning("worker pid %d did not stop; killing it", process.pid)
-                        process.kill()
-                killed_at = time.monotonic()
-                status = 1
-            if killed_at is not None and time.monotonic() > killed_at + _KILL_WAIT_SECONDS:
+                self._stop_workers()
+            self._kill_if_overdue()
+            if self._killed_workers_linger():
                 pids = [process.pid for process, _ in self._processes.values()]
                 logger.error("workers %s could not be killed; exiting without them", pids)
                 break
             for slot, (process, started) in list(self._processes.items()):
-                code = process.poll()
-                if code is None:
-                    if time.monotonic() - started >= _MIN_UPTIME_SECONDS:
-                        started_once.add(slot)
-                    continue
-                del self._processes[slot]
-                if self._stopping:
-                    status = status or (code if code > 0 else 0)
-                    continue
-                logger.warning("worker %d (pid %d) exited with %d", slot, process.pid, code)
-                if time.monotonic() - started < _MIN_UPTIME_SECONDS:
-                    if code == 1 and slot not in started_once:
-                        # It never got going (a config or database problem): stop all.
-                        self._signal(signal.SIGTERM, None)
-                        status = 1
-                        continue
-                    time.sleep(_MIN_UPTIME_SECONDS)
-                    if self._stopping:
-                        continue
-                self._spawn(slot)
+                self._check_worker(slot, process, started)
         for opened in self._sockets.values():
             for _, sock in opened:
                 sock.close()
-        return status
+        return self._status
+
+    def _kill_if_overdue(self) -> None:
+        """Kill the workers still running past the stop's deadline, once."""
+        if self._stop_deadline is None or self._killed_at is not None:
+            return
+        if time.monotonic() <= self._stop_deadline:
+            return
+        for process, _ in self._processes.values():
+            if process.poll() is None:
+                logger.warning("worker pid %d did not stop; killing it", process.pid)
+                process.kill()
+        self._killed_at = time.monotonic()
+        self._status = 1
+
+    def _killed_workers_linger(self) -> bool:
+        """Whether killed workers are still not reaped after _KILL_WAIT_SECONDS."""
+        return (
+            self._killed_at is not None and time.monotonic() > self._killed_at + _KILL_WAIT_SECONDS
+        )
+
+    def _check_worker(self, slot: int, process: subprocess.Popen[bytes], started: float) -> None:
+        """Note a worker that has got going; of one that exited, record its
+        status when stopping, else start it again."""
+        code = process.poll()
+        if code is None:
+            if time.monotonic() - started >= _MIN_UPTIME_SECONDS:
+                self._started_once.add(slot)
+            return
+        del self._processes[slot]
+        if self._stopping:
+            self._status = self._status or (code if code > 0 else 0)
+            return
+        logger.warning("worker %d (pid %d) exited with %d", slot, process.pid, code)
+        if time.monotonic() - started < _MIN_UPTIME_SECONDS:
+            if code == 1 and slot not in self._started_once:
+                # It never got going (a config or database problem): stop all.
+                self._signal(signal.SIGTERM, None)
+                self._status = 1
+                return
+            time.sleep(_MIN_UPTIME_SECONDS)
+            if self._stopping:
+                return
+        self._spawn(slot)

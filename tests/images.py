@@ -58,6 +58,19 @@ def size_of(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+def pixel(image: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    """The channels of one pixel of a multi-band image (Pillow types
+    ``getpixel`` for every mode at once)."""
+    value = image.getpixel(xy)
+    assert isinstance(value, tuple), value
+    return value
+
+
+def frame_count(image: Image.Image) -> int:
+    """How many frames an image has (only multi-frame formats say)."""
+    return int(getattr(image, "n_frames", 1))
+
+
 def open_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
@@ -105,13 +118,15 @@ def video(
     out = io.BytesIO()
     with av.open(out, "w", format=container) as output:
         stream = output.add_stream(codec, rate=10)
+        assert isinstance(stream, av.VideoStream), codec
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if rotation is not None:
             stream.set_display_rotation(rotation)
         image = Image.new("RGB", (width, height), (200, 30, 30))
         image.paste((0, 0, 255), (0, 0, width // 4, height // 4))
         for _ in range(frames):
-            for packet in stream.encode(av.VideoFrame.from_image(image)):
+            frame = av.VideoFrame.from_bytes(image.convert("RGBA").tobytes(), width, height)
+            for packet in stream.encode(frame):
                 output.mux(packet)
         for packet in stream.encode():
             output.mux(packet)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet import reactor, task
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import defer, reactor, task
+from twisted.internet.interfaces import IListeningPort, ITCPTransport
+from twisted.internet.protocol import ServerFactory
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from tests.images import jpeg, png
+from tests.utils import port_number
 
 OG_PAGE = b"""<!DOCTYPE html>
 <html><head>
@@ -132,14 +134,17 @@ async def serve(site: PreviewSite, interface: str = "127.0.0.1") -> tuple[int, A
     what stops it, every connection cut (a pooled client connection would
     otherwise outlive the test)."""
     tracking = WrappingFactory(Site(site, timeout=None))
-    port: IListeningPort = reactor.listenTCP(0, tracking, interface=interface)  # type: ignore[attr-defined]
+    # Twisted types a listening factory as a ServerFactory; a WrappingFactory
+    # (a ClientFactory) serves as well.
+    serving = cast(ServerFactory[Any], tracking)
+    port: IListeningPort = reactor.listenTCP(0, serving, interface=interface)
 
     async def stop() -> None:
         site.close_stalled()
-        await port.stopListening()
+        await defer.maybeDeferred(port.stopListening)
         for connection in list(tracking.protocols):
-            connection.transport.abortConnection()
+            ITCPTransport(connection.transport).abortConnection()
         # Let both ends see the connections go.
-        await task.deferLater(reactor, 0.05, lambda: None)  # type: ignore[arg-type]
+        await task.deferLater(reactor, 0.05, lambda: None)
 
-    return port.getHost().port, stop  # type: ignore[attr-defined]
+    return port_number(port), stop

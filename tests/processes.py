@@ -55,8 +55,8 @@ def free_port() -> int:
             return port
 
 
-class ServerProcesses:
-    """For a TestCase with ``self.workdir`` (where commands run and logs
+class ServerProcesses(unittest.TestCase):
+    """For a test that sets ``self.workdir`` (where commands run and logs
     go) and ``self.processes`` (killed at cleanup by ``_kill_all``)."""
 
     workdir: str
@@ -82,7 +82,7 @@ class ServerProcesses:
         """Start ``argv``; return once ``port`` accepts connections. Its
         output goes to ``server-N.log`` in the work directory."""
         log = open(os.path.join(self.workdir, f"server-{len(self.processes)}.log"), "wb")
-        self.addCleanup(log.close)  # type: ignore[attr-defined]
+        self.addCleanup(log.close)
         # twistd finds plugins in the twisted/plugins folders on sys.path: the
         # one installed beside mediarepo, or the checkout's in a development
         # (editable) install.
@@ -116,7 +116,7 @@ class ServerProcesses:
             return [int(child) for child in f.read().split()]
 
 
-class ServerProcessCase(ServerProcesses, unittest.TestCase):
+class ServerProcessCase(ServerProcesses):
     """A work directory per test, with a generated config in it, and the
     processes started there, killed at the end if still running."""
 

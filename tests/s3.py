@@ -3,13 +3,15 @@ separate process on a loopback port, stoppable and restartable."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import attrs
@@ -32,12 +34,26 @@ class RecordedRequest:
 
 
 class MotoServer:
+    """One moto server for a test. Starting moto costs about a second, so a
+    server a test is done with (:meth:`release`) is kept running, emptied,
+    for the next test of the process; :meth:`stop` really stops it, for the
+    tests of an unavailable S3."""
+
+    # Servers released by earlier tests: (process, port), ready for reuse.
+    _idle: ClassVar[list[tuple[subprocess.Popen[bytes], int]]] = []
+
     def __init__(self, log_dir: str) -> None:
-        self.port = free_port()
-        self._log_path = os.path.join(log_dir, f"moto-{self.port}.log")
-        # Where moto's recorder logs requests (see record_requests).
-        self._recording_path = os.path.join(log_dir, f"moto-{self.port}.requests")
+        self._port: int | None = None
+        self._log_dir = log_dir
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        # Fixed at first use: a test may configure the endpoint before it
+        # starts the server, and a restart must come back on the same port.
+        if self._port is None:
+            self._port = free_port()
+        return self._port
 
     @property
     def endpoint_url(self) -> str:
@@ -45,13 +61,30 @@ class MotoServer:
 
     def start(self, create_bucket: bool = True) -> None:
         """Start (or start again, empty) and wait until it answers."""
-        with open(self._log_path, "ab") as log:
+        if self._port is None and MotoServer._idle:
+            self._process, self._port = MotoServer._idle.pop()
+            self._reset()
+        else:
+            self._spawn()
+        if create_bucket:
+            self.client().create_bucket(Bucket=BUCKET)
+
+    def _spawn(self) -> None:
+        log_path = os.path.join(self._log_dir, f"moto-{self.port}.log")
+        with open(log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "MOTO_RECORDER_FILEPATH": self._recording_path},
+                # Where the recorder logs requests (record_requests): not in
+                # the test's directory, which goes before the server does.
+                env={
+                    **os.environ,
+                    "MOTO_RECORDER_FILEPATH": os.path.join(
+                        tempfile.gettempdir(), f"mediarepo-moto-{self.port}.requests"
+                    ),
+                },
             )
         deadline = time.monotonic() + 30
         while True:
@@ -60,10 +93,28 @@ class MotoServer:
                 break
             except OSError:
                 if time.monotonic() > deadline or self._process.poll() is not None:
-                    raise RuntimeError(f"moto did not start; see {self._log_path}") from None
+                    raise RuntimeError(f"moto did not start; see {log_path}") from None
                 time.sleep(0.05)
-        if create_bucket:
-            self.client().create_bucket(Bucket=BUCKET)
+
+    def _reset(self) -> None:
+        """Forget every bucket, object, key and recorded request."""
+        with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/reset", data=b"", timeout=10):
+            pass
+        self._moto_api("stop-recording")
+        self._moto_api("reset-recording")
+
+    def release(self) -> None:
+        """The test is done with the server: keep it, emptied, for the next test."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            self._reset()
+        except OSError:
+            process.terminate()
+            process.wait(timeout=10)
+            return
+        MotoServer._idle.append((process, self.port))
 
     def _moto_api(self, action: str) -> bytes:
         with urllib.request.urlopen(
@@ -96,6 +147,7 @@ class MotoServer:
         )
 
     def stop(self) -> None:
+        """Stop the server: S3 is unavailable until :meth:`start`."""
         if self._process is not None:
             self._process.terminate()
             self._process.wait(timeout=10)
@@ -139,3 +191,12 @@ class MotoServer:
     def read(self, key: str) -> bytes:
         body: bytes = self.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
         return body
+
+
+@atexit.register
+def _stop_idle_servers() -> None:
+    for process, _ in MotoServer._idle:
+        process.terminate()
+    for process, _ in MotoServer._idle:
+        process.wait(timeout=10)
+    MotoServer._idle.clear()

@@ -156,7 +156,7 @@ class ConfigTests(unittest.TestCase):
         (backup,) = legacy.media_storage_providers
         self.assertEqual((backup.store_local, backup.store_remote, backup.store_synchronous),
                          (True, True, False))  # fmt: skip
-        bad = [
+        bad: list[tuple[dict[str, Any], str]] = [
             ({"media_storage_providers": [{"module": "nope.Backend"}]}, "module"),
             ({"media_storage_providers": [{"module": "file_system"}]}, "config.directory"),
             ({"media_storage_providers": [{"module": "s3", "config": {}}]}, "config.bucket"),
@@ -183,7 +183,7 @@ class ConfigTests(unittest.TestCase):
             self.assertFalse(is_valid_server_name(bad), bad)
 
     def test_bad_values_name_their_key(self) -> None:
-        cases = [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({}, "server_name"),
             ({"server_name": "bad name"}, "server_name"),
             ({"max_upload_size": "lots"}, "max_upload_size"),

@@ -1,26 +1,31 @@
 """Test harness: a real server on loopback, on SQLite or PostgreSQL.
 
-``on_both_databases`` turns one test class into two runnable ones, ``...Sqlite``
-and ``...Postgres``; the PostgreSQL one gets a database of its own, created
-for the test and dropped after it.
+``ServerTestCase`` and ``DatabaseTestCase`` run on SQLite; a test class runs
+on PostgreSQL too through a subclass of its own that sets ``engine =
+"psycopg2"`` (``class UploadTests(ServerTestCase)``, then ``class
+UploadPostgresTests(UploadTests)``). A PostgreSQL test gets a database of its
+own, created for the test and dropped after it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import secrets
+import shutil
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import psycopg2
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -28,13 +33,16 @@ from mediarepo.accounts import new_access_token
 from mediarepo.app import MediaServer, media_server
 from mediarepo.config import Config, parse_config
 from mediarepo.federation.keys import write_new_signing_key
+from mediarepo.storage.database import Database
 from mediarepo.storage.user_rows import UserRows
 
 
 def postgres_params() -> dict[str, Any]:
     """Where the test PostgreSQL server is: the usual libpq variables
     (``PGHOST``, ``PGPORT``, ``PGUSER``, ``PGPASSWORD``), defaulting to
-    postgres@127.0.0.1:5432."""
+    postgres@127.0.0.1:5432. The one place the tests read them: every test
+    that reaches PostgreSQL (the interop tests too) takes its connection
+    arguments from here."""
     params: dict[str, Any] = {
         "host": os.environ.get("PGHOST", "127.0.0.1"),
         "port": int(os.environ.get("PGPORT", "5432")),
@@ -45,15 +53,12 @@ def postgres_params() -> dict[str, Any]:
     return params
 
 
-POSTGRES_DSN = postgres_params()
 SERVER_NAME = "test.example"
-
-T = TypeVar("T", bound=type)
 
 
 def create_postgres_database() -> str:
     name = f"mediarepo_test_{secrets.token_hex(6)}"
-    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname="postgres", **postgres_params())
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(
@@ -64,7 +69,7 @@ def create_postgres_database() -> str:
 
 
 def drop_postgres_database(name: str) -> None:
-    conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+    conn = psycopg2.connect(dbname="postgres", **postgres_params())
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -72,26 +77,39 @@ def drop_postgres_database(name: str) -> None:
 
 
 def database_section(
-    engine: str, workdir: str, cleanups: list[Callable[[], None]]
+    engine: str, workdir: str, cleanups: list[Callable[[], None]], prepared: bool = False
 ) -> dict[str, Any]:
+    """The ``database`` section of a test's config; on PostgreSQL a database
+    of the test's own: empty, or ``prepared`` with the server's schema and no
+    rows (:mod:`tests.prepared_databases`)."""
     if engine == "sqlite3":
         return {"name": "sqlite3", "args": {"database": os.path.join(workdir, "homeserver.db")}}
-    name = create_postgres_database()
-    cleanups.append(lambda: drop_postgres_database(name))
-    return {"name": "psycopg2", "args": {"dbname": name, **POSTGRES_DSN, "cp_min": 1, "cp_max": 5}}
+    if prepared:
+        from tests import prepared_databases
+
+        name = prepared_databases.take()
+        cleanups.append(lambda: prepared_databases.give_back(name))
+    else:
+        name = create_postgres_database()
+        cleanups.append(lambda: drop_postgres_database(name))
+    return {
+        "name": "psycopg2",
+        "args": {"dbname": name, **postgres_params(), "cp_min": 1, "cp_max": 5},
+    }
 
 
-def on_both_databases(cls: T) -> T:
-    """Register ``<Name>Sqlite`` and ``<Name>Postgres`` test cases for ``cls``."""
-    module = sys.modules[cls.__module__]
-    for suffix, engine in (("Sqlite", "sqlite3"), ("Postgres", "psycopg2")):
-        name = cls.__name__ + suffix
-        setattr(
-            module,
-            name,
-            type(name, (cls, unittest.TestCase), {"engine": engine, "__module__": cls.__module__}),
-        )
-    return cls
+async def prepared_database_section(
+    engine: str, workdir: str, cleanups: list[Callable[[], None]]
+) -> dict[str, Any]:
+    """The ``database`` section of a test's config, its database already
+    holding the server's schema and no rows, on either engine (see
+    :mod:`tests.prepared_databases`)."""
+    section = database_section(engine, workdir, cleanups, prepared=True)
+    if engine == "sqlite3":
+        from tests.prepared_databases import copy_sqlite_template
+
+        await copy_sqlite_template(section["args"]["database"])
+    return section
 
 
 async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
@@ -102,6 +120,43 @@ async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting until {what}")
         await task.deferLater(reactor, 0.01, lambda: None)
+
+
+def next_return(case: unittest.TestCase, owner: object, name: str) -> defer.Deferred[Any]:
+    """Fires with what the next call of ``owner.name`` returns (awaited, if
+    it returns something to await), for a test to wait on work the code
+    starts in the background. The calls go through as before."""
+    method = getattr(owner, name)
+    returned: defer.Deferred[Any] = defer.Deferred()
+
+    def calling(*args: Any, **kwargs: Any) -> Any:
+        result = method(*args, **kwargs)
+        if returned.called:
+            return result
+        if not inspect.isawaitable(result):
+            returned.callback(result)
+            return result
+
+        async def settle() -> Any:
+            try:
+                value = await result
+            except BaseException:
+                returned.errback()
+                raise
+            returned.callback(value)
+            return value
+
+        return defer.ensureDeferred(settle())
+
+    case.patch(owner, name, calling)
+    return returned.addTimeout(10, reactor)
+
+
+def port_number(listening: IListeningPort) -> int:
+    """The TCP port a listener has (one asked for port 0 gets a free one)."""
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), address
+    return address.port
 
 
 class LogRecords(logging.Handler):
@@ -131,7 +186,19 @@ class Response:
         return json.loads(self.body)
 
 
-class ServerTestMixin:
+class AsyncSetUpTestCase(unittest.TestCase):
+    """A test case whose set-up is a coroutine: ``set_up``. trial waits for
+    what ``setUp`` returns; typeshed's ``TestCase.setUp`` returns None, so
+    the override that returns a Deferred is declared here, once."""
+
+    def setUp(self) -> defer.Deferred[None]:  # type: ignore[override]
+        return defer.ensureDeferred(self.set_up())
+
+    async def set_up(self) -> None:
+        pass
+
+
+class ServerTestCase(AsyncSetUpTestCase):
     """Starts a MediaServer on 127.0.0.1 (a free port) for each test."""
 
     engine = "sqlite3"
@@ -165,24 +232,23 @@ class ServerTestMixin:
     async def start_server(self, **overrides: Any) -> MediaServer:
         server = media_server(self.make_config(**overrides), reactor, **self.server_options)
         # Stopped even if the start fails midway (whatever started stops).
-        self.addCleanup(server.stopService)  # type: ignore[attr-defined]
+        self.addCleanup(server.stopService)
         await server.start()
         self.server = server
-        host = server.ports[0].getHost()
-        self.base_url = f"http://127.0.0.1:{host.port}"
+        self.base_url = f"http://127.0.0.1:{port_number(server.ports[0])}"
         return server
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-test-")
         self._db_cleanups: list[Callable[[], None]] = []
-        self.database_config = database_section(self.engine, self.workdir, self._db_cleanups)
+        self.database_config = await prepared_database_section(
+            self.engine, self.workdir, self._db_cleanups
+        )
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         # Cleanups run last-in first-out: the server stops before its database goes.
         for cleanup in self._db_cleanups:
-            self.addCleanup(cleanup)  # type: ignore[attr-defined]
-        import shutil
-
-        self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
+            self.addCleanup(cleanup)
+        self.addCleanup(shutil.rmtree, self.workdir, True)
         await self.start_server()
 
     @property
@@ -235,6 +301,30 @@ class ServerTestMixin:
         return str(uri[len(prefix) :])
 
 
+class DatabaseTestCase(AsyncSetUpTestCase):
+    """A fresh database (and no server) per test."""
+
+    engine = "sqlite3"
+    database_args: dict[str, Any] = {}
+
+    # Async like ServerTestCase.setUp, so that a subclass's may await.
+    async def set_up(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        cleanups: list[Callable[[], None]] = []
+        section = database_section(self.engine, self.workdir, cleanups)
+        section["args"].update(self.database_args)
+        for cleanup in cleanups:
+            self.addCleanup(cleanup)
+        self.config = parse_config({"server_name": "db.test", "database": section}, self.workdir)
+        self.database = self.open()
+
+    def open(self) -> Database:
+        database = Database(self.config.database, reactor)
+        self.addCleanup(database.close)
+        return database
+
+
 def raw_exchange(port: int, head: bytes, body_chunks: list[bytes] | None = None) -> bytes:
     """Send a request by hand (the head, then the body chunks, which may
     promise less or more than the head said) and read the answer until the
@@ -270,7 +360,7 @@ async def http_request(
     agent: Any = None,
 ) -> Response:
     """One request with treq, its whole answer read."""
-    all_headers = {k: [v] for k, v in (headers or {}).items()}
+    all_headers: dict[str | bytes, list[str | bytes]] = {k: [v] for k, v in (headers or {}).items()}
     if token is not None:
         all_headers["Authorization"] = [f"Bearer {token}"]
     extra: dict[str, Any] = {"agent": agent} if agent is not None else {"pool": pool}

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
 
 from mediarepo.config_federation import FederationConfig
 from mediarepo.federation.backoff import DestinationAttempt, DestinationBackoff
@@ -87,12 +88,14 @@ class FederationClient:
         *,
         proxy: ProxySettings | None = None,
         name_resolver: NameResolver | None = None,
+        agent: IAgent | None = None,
     ) -> None:
+        """``agent``: see :class:`OutboundClient` (tests only)."""
         self.server_name = server_name
         self._signing_key = signing_key
         self._backoff = backoff
         self.outbound = OutboundClient(
-            reactor, outbound_settings(config, proxy), name_resolver=name_resolver
+            reactor, outbound_settings(config, proxy), name_resolver=name_resolver, agent=agent
         )
         # Well-known lookups go through the same client: the same address
         # filter and TLS settings as every other request to a peer.

@@ -55,14 +55,28 @@ def verify_keys_of(
         for key_name, entry in entries.items():
             if not isinstance(key_name, str) or not key_name.startswith("ed25519:"):
                 continue
-            if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
-                raise KeyResponseError(f"{key_name} has no key")
-            try:
-                key = decode_verify_key_bytes(key_name, decode_base64(entry["key"]))
-            except Exception as e:
-                raise KeyResponseError(f"{key_name} is not a valid key") from e
+            key = _decode_key(key_name, entry)
             until = valid_until if expiry_field is None else entry.get(expiry_field, 0)
             keys[key_name] = (key, until if isinstance(until, int) else 0)
+    _check_signed_by_self(response, server_name, keys)
+    return keys
+
+
+def _decode_key(key_name: str, entry: object) -> Any:
+    """The verify key of an entry of ``verify_keys`` or ``old_verify_keys``."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str):
+        raise KeyResponseError(f"{key_name} has no key")
+    try:
+        return decode_verify_key_bytes(key_name, decode_base64(entry["key"]))
+    except Exception as e:
+        raise KeyResponseError(f"{key_name} is not a valid key") from e
+
+
+def _check_signed_by_self(
+    response: dict[str, Any], server_name: str, keys: dict[str, tuple[Any, int]]
+) -> None:
+    """Refuse an answer with no good signature by one of the keys it lists,
+    or with a bad one."""
     signed_by_self = False
     for key_name, (key, _) in keys.items():
         if key_name in response.get("signatures", {}).get(server_name, {}):
@@ -73,7 +87,6 @@ def verify_keys_of(
                 raise KeyResponseError(f"bad self-signature with {key_name}") from e
     if not signed_by_self:
         raise KeyResponseError("answer is not signed by its server")
-    return keys
 
 
 class Keyring:

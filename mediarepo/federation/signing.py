@@ -65,62 +65,88 @@ class XMatrixAuth:
     destination: str | None
 
 
+class _Cursor:
+    """A position in a header's text, moved forward as the text is read."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.text = text
+        self.pos = pos
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def next_is(self, char: str) -> bool:
+        return not self.at_end() and self.text[self.pos] == char
+
+    def take(self, chars: frozenset[str] | str) -> str:
+        """The run of ``chars`` from here (possibly empty), read."""
+        start = self.pos
+        while not self.at_end() and self.text[self.pos] in chars:
+            self.pos += 1
+        return self.text[start : self.pos]
+
+    def skip_whitespace(self) -> None:
+        self.take(_WHITESPACE)
+
+    def read_char(self) -> str | None:
+        """The next character, read; ``None`` at the end."""
+        if self.at_end():
+            return None
+        self.pos += 1
+        return self.text[self.pos - 1]
+
+
 def _read_params(text: str, pos: int) -> dict[str, str]:
     """``name=value`` pairs from ``text[pos:]``, comma separated; values
     are unquoted or quoted strings with backslash escapes."""
+    cursor = _Cursor(text, pos)
     params: dict[str, str] = {}
-    end = len(text)
     while True:
-        while pos < end and text[pos] in _WHITESPACE:
-            pos += 1
-        start = pos
-        while pos < end and text[pos] in _TOKEN_CHARS:
-            pos += 1
-        name = text[start:pos].lower()
-        if not name:
-            raise AuthHeaderError("expected a parameter name")
-        while pos < end and text[pos] in _WHITESPACE:
-            pos += 1
-        if pos >= end or text[pos] != "=":
-            raise AuthHeaderError(f"parameter {name!r} has no value")
-        pos += 1
-        while pos < end and text[pos] in _WHITESPACE:
-            pos += 1
-        if pos < end and text[pos] == '"':
-            pos += 1
-            chars: list[str] = []
-            while True:
-                if pos >= end:
-                    raise AuthHeaderError(f"unterminated quoted value of {name!r}")
-                char = text[pos]
-                if char == '"':
-                    pos += 1
-                    break
-                if char == "\\":
-                    pos += 1
-                    if pos >= end:
-                        raise AuthHeaderError(f"unterminated quoted value of {name!r}")
-                    char = text[pos]
-                chars.append(char)
-                pos += 1
-            value = "".join(chars)
-        else:
-            start = pos
-            while pos < end and text[pos] in _UNQUOTED_CHARS:
-                pos += 1
-            value = text[start:pos]
-        if not value:
-            raise AuthHeaderError(f"parameter {name!r} is empty")
+        name, value = _read_param(cursor)
         if name in params:
             raise AuthHeaderError(f"parameter {name!r} is repeated")
         params[name] = value
-        while pos < end and text[pos] in _WHITESPACE:
-            pos += 1
-        if pos >= end:
+        cursor.skip_whitespace()
+        if cursor.at_end():
             return params
-        if text[pos] != ",":
-            raise AuthHeaderError(f"unexpected {text[pos]!r} after parameter {name!r}")
-        pos += 1
+        if not cursor.next_is(","):
+            raise AuthHeaderError(f"unexpected {text[cursor.pos]!r} after parameter {name!r}")
+        cursor.pos += 1
+
+
+def _read_param(cursor: _Cursor) -> tuple[str, str]:
+    """One ``name=value``, the name lower-cased."""
+    cursor.skip_whitespace()
+    name = cursor.take(_TOKEN_CHARS).lower()
+    if not name:
+        raise AuthHeaderError("expected a parameter name")
+    cursor.skip_whitespace()
+    if not cursor.next_is("="):
+        raise AuthHeaderError(f"parameter {name!r} has no value")
+    cursor.pos += 1
+    cursor.skip_whitespace()
+    if cursor.next_is('"'):
+        cursor.pos += 1
+        value = _read_quoted(cursor, name)
+    else:
+        value = cursor.take(_UNQUOTED_CHARS)
+    if not value:
+        raise AuthHeaderError(f"parameter {name!r} is empty")
+    return name, value
+
+
+def _read_quoted(cursor: _Cursor, name: str) -> str:
+    """The rest of a quoted value of parameter ``name``, its closing quote read."""
+    chars: list[str] = []
+    while True:
+        char = cursor.read_char()
+        if char == "\\":
+            char = cursor.read_char()
+        elif char == '"':
+            return "".join(chars)
+        if char is None:
+            raise AuthHeaderError(f"unterminated quoted value of {name!r}")
+        chars.append(char)
 
 
 def parse_x_matrix(header: bytes | str) -> XMatrixAuth:
@@ -130,17 +156,7 @@ def parse_x_matrix(header: bytes | str) -> XMatrixAuth:
     a later version of the spec can add some. Raises :class:`AuthHeaderError`
     for anything malformed.
     """
-    if len(header) > MAX_HEADER_LENGTH:
-        raise AuthHeaderError("Authorization header is too long")
-    if isinstance(header, bytes):
-        try:
-            text = header.decode("ascii")
-        except UnicodeDecodeError as e:
-            raise AuthHeaderError("Authorization header is not ASCII") from e
-    else:
-        text = header
-    if not _ALLOWED_CHARS.match(text):
-        raise AuthHeaderError("Authorization header has control or non-ASCII characters")
+    text = _header_text(header)
     # Auth schemes are case-insensitive (RFC 9110 §11.1).
     scheme = text[: len(SCHEME)]
     rest = text[len(SCHEME) :]
@@ -163,6 +179,20 @@ def parse_x_matrix(header: bytes | str) -> XMatrixAuth:
     if destination is not None and not is_valid_server_name(destination):
         raise AuthHeaderError(f"destination {destination!r} is not a server name")
     return XMatrixAuth(origin=origin, key_id=key_id, signature=signature, destination=destination)
+
+
+def _header_text(header: bytes | str) -> str:
+    """The header as text, refused if too long or not printable ASCII."""
+    if len(header) > MAX_HEADER_LENGTH:
+        raise AuthHeaderError("Authorization header is too long")
+    if isinstance(header, bytes):
+        try:
+            header = header.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise AuthHeaderError("Authorization header is not ASCII") from e
+    if not _ALLOWED_CHARS.match(header):
+        raise AuthHeaderError("Authorization header has control or non-ASCII characters")
+    return header
 
 
 def request_json(

@@ -91,34 +91,39 @@ class FederationAuthenticator:
         method = request.method.decode("ascii", "replace")
         origin = None
         for header in headers:
-            try:
-                auth = parse_x_matrix(header)
-            except AuthHeaderError as e:
-                raise MatrixError(400, Codes.UNAUTHORIZED, "Malformed Authorization header") from e
-            if auth.destination is not None and auth.destination != self._server_name:
-                raise MatrixError(401, Codes.UNAUTHORIZED, "Destination mismatch in auth header")
-            if self._whitelist is not None and auth.origin not in self._whitelist:
-                raise MatrixError(403, Codes.FORBIDDEN, f"Federation denied with {auth.origin}.")
-            key = await self._keyring.verify_key(auth.origin, auth.key_id)
-            if key is None:
-                raise MatrixError(
-                    401,
-                    Codes.UNAUTHORIZED,
-                    f"Failed to find any key to satisfy: {auth.origin} {auth.key_id}",
-                )
-            try:
-                valid = verify_request(auth, method, uri, self._server_name, key)
-            except AuthHeaderError as e:
-                raise MatrixError(401, Codes.UNAUTHORIZED, str(e)) from e
-            if not valid:
-                raise MatrixError(
-                    401, Codes.UNAUTHORIZED, f"Invalid signature for server {auth.origin}"
-                )
-            if origin is not None and origin != auth.origin:
+            signer = await self._signer(header, method, uri)
+            if origin is not None and origin != signer:
                 raise MatrixError(401, Codes.UNAUTHORIZED, "Signatures of several origins")
-            origin = auth.origin
+            origin = signer
         assert origin is not None
         if self._backoff is not None:
             # It reached us, so it is up: stop leaving it alone (as Synapse does).
             await self._backoff.clear(origin)
         return origin
+
+    async def _signer(self, header: bytes, method: str, uri: str) -> str:
+        """The origin whose valid signature ``header`` holds."""
+        try:
+            auth = parse_x_matrix(header)
+        except AuthHeaderError as e:
+            raise MatrixError(400, Codes.UNAUTHORIZED, "Malformed Authorization header") from e
+        if auth.destination is not None and auth.destination != self._server_name:
+            raise MatrixError(401, Codes.UNAUTHORIZED, "Destination mismatch in auth header")
+        if self._whitelist is not None and auth.origin not in self._whitelist:
+            raise MatrixError(403, Codes.FORBIDDEN, f"Federation denied with {auth.origin}.")
+        key = await self._keyring.verify_key(auth.origin, auth.key_id)
+        if key is None:
+            raise MatrixError(
+                401,
+                Codes.UNAUTHORIZED,
+                f"Failed to find any key to satisfy: {auth.origin} {auth.key_id}",
+            )
+        try:
+            valid = verify_request(auth, method, uri, self._server_name, key)
+        except AuthHeaderError as e:
+            raise MatrixError(401, Codes.UNAUTHORIZED, str(e)) from e
+        if not valid:
+            raise MatrixError(
+                401, Codes.UNAUTHORIZED, f"Invalid signature for server {auth.origin}"
+            )
+        return auth.origin

@@ -24,6 +24,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import unquote_to_bytes
 
 from prometheus_client import Counter, Histogram
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -320,6 +321,10 @@ class MediaRequest(Request):
 
 SOCKET_READ_BYTES = 256 * 1024
 
+# At shutdown, how long clients get to take the answers already written
+# before their connections are cut.
+CLOSE_FLUSH_SECONDS = 2.0
+
 
 class MediaChannel(http.HTTPChannel):
     """An HTTP/1.1 connection that its site knows about, so that a shutdown
@@ -354,7 +359,7 @@ class MediaChannel(http.HTTPChannel):
         return self._host
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.site.channels.discard(self)
+        self.site.channel_closed(self)
         super().connectionLost(reason)
 
 
@@ -394,6 +399,8 @@ class MediaSite(Site):
         self.abandon_upload = abandon_upload
         self.noisy = False
         self.channels: set[MediaChannel] = set()
+        # Fired when the last connection closes, while a shutdown waits for it.
+        self._all_closed: defer.Deferred[None] | None = None
         # Only requests with these methods can go to a route that takes a
         # streamed body: the others (downloads) are not looked up twice.
         self._streamed_body_methods = _streamed_body_methods(resource)
@@ -415,10 +422,30 @@ class MediaSite(Site):
             return resource.upload_acceptor(request, depth)
         return None
 
-    def close_connections(self) -> None:
-        """Cut every connection still open (at shutdown, once uploads are settled)."""
+    async def close_connections(self) -> None:
+        """Close every connection still open (at shutdown, once uploads are
+        settled). What was answered is sent first: an upload answered just
+        now must reach its client. A connection whose client has not taken
+        its answer within ``CLOSE_FLUSH_SECONDS`` is cut."""
+        if not self.channels:
+            return
+        self._all_closed = defer.Deferred()
+        self._all_closed.addTimeout(CLOSE_FLUSH_SECONDS, self.reactor)
+        for channel in list(self.channels):
+            cast(_Transport, channel.transport).loseConnection()
+        try:
+            await self._all_closed
+        except defer.TimeoutError:
+            pass
+        finally:
+            self._all_closed = None
         for channel in list(self.channels):
             cast(_Transport, channel.transport).abortConnection()
+
+    def channel_closed(self, channel: MediaChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._all_closed is not None and not self._all_closed.called:
+            self._all_closed.callback(None)
 
     def log(self, request: http.Request) -> None:
         # MediaRequest logs itself, with the access token redacted.

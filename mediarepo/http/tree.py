@@ -16,7 +16,7 @@ import attrs
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import IResource, Resource
 
-from mediarepo.config import ListenerConfig
+from mediarepo.config_listeners import ListenerConfig
 from mediarepo.http.admin import AdminHandler, admin_routes
 from mediarepo.http.auth import Authenticator, FederationAuthenticator
 from mediarepo.http.download import DownloadHandler
@@ -28,6 +28,7 @@ from mediarepo.http.thumbnail import ThumbnailHandler
 from mediarepo.http.upload import UploadHandler
 from mediarepo.media.ratelimit import OriginLimiter
 from mediarepo.media.repository import MediaRepository
+from mediarepo.media.uploads import LocalUploads
 from mediarepo.media.url_previewer import UrlPreviewer
 
 _MEDIA_KEY = rf"(?P<server_name>{PATH_SEGMENT})/(?P<media_id>{PATH_SEGMENT})"
@@ -51,6 +52,7 @@ class Handlers:
     def create(
         cls,
         repository: MediaRepository,
+        uploads: LocalUploads,
         auth: Authenticator,
         federation_auth: FederationAuthenticator,
         keys_response: Callable[[], dict[str, Any]],
@@ -58,7 +60,7 @@ class Handlers:
         previewer: UrlPreviewer | None = None,
     ) -> Handlers:
         return cls(
-            upload=UploadHandler(repository, auth),
+            upload=UploadHandler(uploads, auth),
             download=DownloadHandler(repository, auth),
             config=MediaConfigHandler(repository.config.max_upload_size, auth),
             thumbnail=ThumbnailHandler(repository, auth),

@@ -8,7 +8,7 @@ from mediarepo.http.auth import Authenticator
 from mediarepo.http.server import request_text, respond_json
 from mediarepo.http.site import MediaRequest
 from mediarepo.http.upload_body import AcceptedUpload
-from mediarepo.media.repository import MediaRepository
+from mediarepo.media.uploads import LocalUploads
 from mediarepo.values import Requester
 
 
@@ -30,8 +30,8 @@ def upload_media_type(request: MediaRequest) -> str:
 
 
 class UploadHandler:
-    def __init__(self, repository: MediaRepository, auth: Authenticator) -> None:
-        self._repository = repository
+    def __init__(self, uploads: LocalUploads, auth: Authenticator) -> None:
+        self._uploads = uploads
         self._auth = auth
 
     async def _uploader(self, request: MediaRequest) -> Requester:
@@ -50,7 +50,7 @@ class UploadHandler:
         """Accept the body of new media, from the headers: the uploader's
         token (a cached lookup) and, with quotas on, the declared length."""
         uploader = await self._uploader(request)
-        sink = await self._repository.begin_upload(uploader, request.declared_length)
+        sink = await self._uploads.begin_upload(uploader, request.declared_length)
         return AcceptedUpload(sink, uploader)
 
     async def accept_reserved(
@@ -59,7 +59,7 @@ class UploadHandler:
         """Accept the content of a reservation, from the headers: token,
         owner, no content yet, quota; a refused PUT costs no transfer."""
         uploader = await self._uploader(request)
-        sink = await self._repository.begin_reserved_upload(
+        sink = await self._uploads.begin_reserved_upload(
             uploader, params["server_name"], params["media_id"], request.declared_length
         )
         return AcceptedUpload(sink, uploader)
@@ -88,13 +88,13 @@ class UploadHandler:
             filename = upload_filename(request)
             media_type = upload_media_type(request)
         except BaseException:
-            await self._repository.abandon_upload(upload.sink)
+            await self._uploads.abandon_upload(upload.sink)
             raise
-        return await self._repository.complete_upload(
+        return await self._uploads.complete_upload(
             upload.sink, upload.uploader, media_type, filename
         )
 
     async def on_create(self, request: MediaRequest, params: dict[str, str]) -> None:
         requester = await self._uploader(request)
-        mxc, expires_at = await self._repository.create_media_id(requester)
+        mxc, expires_at = await self._uploads.create_media_id(requester)
         respond_json(request, 200, {"content_uri": mxc, "unused_expires_at": expires_at})

@@ -130,15 +130,6 @@ class WorkerLocks:
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
-    async def try_lock(self, name: str, key: str) -> HeldLock | None:
-        """The lock ``(name, key)`` if nobody (here or elsewhere) holds it."""
-
-        async def take(claim: LockClaim) -> tuple[bool, None]:
-            return await self.store.take(claim), None
-
-        lock, _ = await self.try_lock_then(name, key, take)
-        return lock
-
     async def try_lock_then(
         self, name: str, key: str, take: Callable[[LockClaim], Awaitable[tuple[bool, R]]]
     ) -> tuple[HeldLock | None, R | None]:

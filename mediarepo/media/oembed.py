@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -114,47 +114,77 @@ def _describe_embedded_html(og: dict[str, Any], markup: str) -> None:
 def parse_oembed(url: str, body: bytes) -> OEmbedResult:
     """A provider's JSON answer about ``url`` (the page previewed, not the
     API's URL) as Open Graph data; nothing for an answer that is not oEmbed 1.0."""
-    try:
-        answer = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return _NOTHING
-    if not isinstance(answer, dict):
-        return _NOTHING
-    version = answer.get("version", "1.0")
-    if version != "1.0" and (version != 1 or isinstance(version, bool)):
+    answer = _oembed_answer(body)
+    if answer is None:
         return _NOTHING
     og: dict[str, Any] = {"og:url": url}
-    title = answer.get("title")
-    if title and isinstance(title, str):
-        og["og:title"] = html.unescape(title)
-    author = answer.get("author_name")
-    provider = answer.get("provider_name")
-    if provider and isinstance(provider, str):
-        og["og:site_name"] = provider
-    thumbnail = answer.get("thumbnail_url")
-    if thumbnail and isinstance(thumbnail, str):
-        og["og:image"] = thumbnail
+    for field, key, convert in _STRING_FIELDS:
+        value = answer.get(field)
+        if value and isinstance(value, str):
+            og[key] = convert(value)
     kind = answer.get("type")
-    markup = answer.get("html")
-    if kind == "rich":
-        if isinstance(markup, str):
-            _describe_embedded_html(og, markup)
-    elif kind == "photo":
-        photo = answer.get("url")
-        if photo and isinstance(photo, str):
-            og["og:image"] = photo
-    elif kind == "video":
-        og["og:type"] = "video.other"
-        if markup and isinstance(markup, str):
-            _describe_embedded_html(og, markup)
-        for side in ("width", "height"):
-            size = answer.get(side)
-            if type(size) is int:
-                og[f"og:video:{side}"] = size
-    elif kind == "link":
-        og["og:type"] = "website"
+    add_by_type = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if add_by_type is not None:
+        add_by_type(og, answer)
     else:
         logger.info("unknown oEmbed type %r for %s", kind, url)
+    author = answer.get("author_name")
     return OEmbedResult(
         og, author if isinstance(author, str) else None, _cache_age_ms(answer.get("cache_age"))
     )
+
+
+def _oembed_answer(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of an oEmbed 1.0 answer, or ``None``."""
+    try:
+        answer = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(answer, dict):
+        return None
+    version = answer.get("version", "1.0")
+    if version != "1.0" and (version != 1 or isinstance(version, bool)):
+        return None
+    return answer
+
+
+# Fields of any answer: the Open Graph key each gives, and how its text is read.
+_STRING_FIELDS: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("title", "og:title", html.unescape),
+    ("provider_name", "og:site_name", str),
+    ("thumbnail_url", "og:image", str),
+)
+
+
+def _add_rich(og: dict[str, Any], answer: dict[str, Any]) -> None:
+    markup = answer.get("html")
+    if isinstance(markup, str):
+        _describe_embedded_html(og, markup)
+
+
+def _add_photo(og: dict[str, Any], answer: dict[str, Any]) -> None:
+    photo = answer.get("url")
+    if photo and isinstance(photo, str):
+        og["og:image"] = photo
+
+
+def _add_video(og: dict[str, Any], answer: dict[str, Any]) -> None:
+    og["og:type"] = "video.other"
+    _add_rich(og, answer)
+    for side in ("width", "height"):
+        size = answer.get(side)
+        if type(size) is int:
+            og[f"og:video:{side}"] = size
+
+
+def _add_link(og: dict[str, Any], answer: dict[str, Any]) -> None:
+    og["og:type"] = "website"
+
+
+# What each oEmbed type adds to the Open Graph data.
+_BY_TYPE: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
+    "rich": _add_rich,
+    "photo": _add_photo,
+    "video": _add_video,
+    "link": _add_link,
+}

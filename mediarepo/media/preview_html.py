@@ -71,31 +71,27 @@ def candidate_encodings(body: bytes, content_type: str | None) -> Iterator[str]:
     browsers follow over anything else; Synapse ignores it), a ``<meta
     charset>`` in the first KiB, the XML declaration, the Content-Type
     header's charset, then UTF-8 and Windows-1252."""
-    head = body[:_SNIFF_BYTES]
-    labels: list[str] = []
-    for mark, codec in _BYTE_ORDER_MARKS:
-        if body.startswith(mark):
-            labels.append(codec)
-            break
-    meta = _META_CHARSET.search(head)
-    if meta:
-        labels.append(meta.group(1).decode("ascii"))
-    declared = _XML_DECLARED_ENCODING.match(head)
-    if declared:
-        labels.append(declared.group(1).decode("ascii"))
-    if content_type:
-        header = _HEADER_CHARSET.match(content_type)
-        if header:
-            labels.append(header.group(1))
     seen: set[str] = set()
-    for label in labels:
+    for label in [*_declared_labels(body, content_type), "utf-8", "cp1252"]:
         name = _codec_name(label)
         if name is not None and name not in seen:
             seen.add(name)
             yield name
-    for fallback in ("utf-8", "cp1252"):
-        if fallback not in seen:
-            yield fallback
+
+
+def _declared_labels(body: bytes, content_type: str | None) -> Iterator[str]:
+    """The encodings the page and its header name, in the order they count."""
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if body.startswith(mark):
+            yield codec
+            break
+    head = body[:_SNIFF_BYTES]
+    for found in (_META_CHARSET.search(head), _XML_DECLARED_ENCODING.match(head)):
+        if found:
+            yield found.group(1).decode("ascii")
+    header = _HEADER_CHARSET.match(content_type) if content_type else None
+    if header:
+        yield header.group(1)
 
 
 def parse_html(body: bytes, content_type: str | None) -> Element | None:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from mediarepo.errors import Codes, MatrixError, NotFoundError
@@ -111,9 +112,14 @@ class ProviderChain:
     def uploads_in_progress(self) -> int:
         return self._staging.in_progress
 
-    def abort_all_uploads(self) -> None:
-        """Roll back every upload still receiving its body (at shutdown)."""
-        self._staging.abort_all()
+    def when_uploads_idle(self) -> Deferred[None]:
+        """Fires once no upload is receiving its body."""
+        return self._staging.when_idle()
+
+    async def abort_all_uploads(self) -> None:
+        """Roll back every upload still receiving its body (at shutdown);
+        returns once their staging files are gone."""
+        await self._staging.abort_all()
 
     def place_upload(
         self,

@@ -36,7 +36,8 @@ from mediarepo.media.paths import is_valid_media_id, random_media_id, remote_med
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.ratelimit import Ratelimiter
-from mediarepo.media.thumbnails import RemoteThumbnailSource, ThumbnailProvider
+from mediarepo.media.thumbnail_sources import RemoteThumbnailSource
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.upload_sink import UploadSink
 from mediarepo.outbound import BodyReadError, OutboundResponse
 from mediarepo.sharing import SharedWork
@@ -139,7 +140,7 @@ class RemoteMediaCache:
         storage: ProviderChain,
         media_store: MediaRows,
         client: FederationClient,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         quarantine: QuarantineRows,
         locks: WorkerLocks,
         arrivals: ContentArrivals,
@@ -191,11 +192,15 @@ class RemoteMediaCache:
         key = remote_content_key(origin, media_id)
         deadline = self._clock.seconds() + OTHER_DOWNLOAD_WAIT_SECONDS
         while True:
-            lock = await self._locks.try_lock(_DOWNLOAD_LOCK, key)
+            # The row is read with the lock: it may have landed since we looked.
+            lock, row = await self._locks.try_lock_then(
+                _DOWNLOAD_LOCK,
+                key,
+                lambda claim: self._media_store.take_download_lock(claim, origin, media_id),
+            )
             if lock is not None:
                 try:
-                    # It may have landed between our look and the lock.
-                    cached = await self._cached(origin, media_id, access.bypass_quarantine)
+                    cached = await self._usable(row, access.bypass_quarantine)
                     if cached is not None:
                         return cached
                     return await self._download(
@@ -215,14 +220,23 @@ class RemoteMediaCache:
     async def _cached(
         self, origin: str, media_id: str, bypass_quarantine: bool
     ) -> RemoteMedia | None:
-        media = await self._media_store.get_remote_media(origin, media_id)
+        return await self._usable(
+            await self._media_store.get_remote_media(origin, media_id), bypass_quarantine
+        )
+
+    async def _usable(
+        self, media: RemoteMedia | None, bypass_quarantine: bool
+    ) -> RemoteMedia | None:
+        """The cached row if it may be served and its file is there."""
         if media is None:
             return None
         if media.quarantined_by is not None and not bypass_quarantine:
             raise NotFoundError()
-        if await self._storage.exists(remote_media_path(origin, media.filesystem_id)):
+        if await self._storage.exists(remote_media_path(media.media_origin, media.filesystem_id)):
             return media
-        logger.warning("cached remote media %s/%s has lost its file", origin, media_id)
+        logger.warning(
+            "cached remote media %s/%s has lost its file", media.media_origin, media.media_id
+        )
         return None
 
     async def _download(

@@ -1,9 +1,10 @@
 """MediaRepository: the coordinator the HTTP resources call.
 
-It knows the rules (who may see what, when media counts as uploaded) and
-delegates bytes to :class:`ProviderChain`, rows to the storage layer,
-uploads to :class:`LocalUploads` and other servers' media to
-:class:`RemoteMediaCache`.
+It knows the rules for reading media (who may see what, when media counts
+as uploaded) and delegates bytes to :class:`ProviderChain`, rows to the
+storage layer, thumbnail requests to :class:`ThumbnailServing` and other
+servers' media to :class:`RemoteMediaCache`. Uploads are not its work: the
+upload resource calls :class:`LocalUploads` itself.
 """
 
 from __future__ import annotations
@@ -29,19 +30,14 @@ from mediarepo.media.paths import (
 from mediarepo.media.pending import ContentArrivals
 from mediarepo.media.provider_chain import ProviderChain, StoredFile
 from mediarepo.media.remote import RemoteAccess, RemoteMediaCache
+from mediarepo.media.thumbnail_serving import ThumbnailResponse, ThumbnailServing
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
-from mediarepo.media.thumbnails import (
-    METADATA_CACHE_SECONDS,
-    LocalThumbnailSource,
-    RemoteThumbnailSource,
-    ThumbnailProvider,
-    ThumbnailResponse,
-)
-from mediarepo.media.upload_sink import UploadSink
+from mediarepo.media.thumbnail_sources import LocalThumbnailSource, RemoteThumbnailSource
+from mediarepo.media.thumbnails import METADATA_CACHE_SECONDS, ThumbnailMaker
 from mediarepo.media.uploads import LocalUploads
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.notifications import ALL_MEDIA_CHANGED
-from mediarepo.values import LocalMedia, Requester
+from mediarepo.values import LocalMedia
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +58,7 @@ class MediaRepository:
         storage: ProviderChain,
         media_store: MediaRows,
         uploads: LocalUploads,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         remote: RemoteMediaCache,
         arrivals: ContentArrivals,
         clock: IReactorTime,
@@ -70,9 +66,10 @@ class MediaRepository:
         self.config = config
         self.server_name = config.server_name
         self.storage = storage
-        self.uploads = uploads
-        self.quota = uploads.quota
+        # Which reservations have expired.
+        self._uploads = uploads
         self.thumbnails = thumbnails
+        self._thumbnail_serving = ThumbnailServing(thumbnails, storage)
         self.remote = remote
         # Content landing here or announced by other processes: async
         # uploads, and remote media (see RemoteMediaCache).
@@ -122,41 +119,6 @@ class MediaRepository:
             [local_media_path(media_id)], [local_thumbnail_dir(media_id)]
         )
 
-    # -- uploads: the work is LocalUploads' ----------------------------------------
-
-    async def begin_upload(
-        self, uploader: Requester | None = None, declared_length: int | None = None
-    ) -> UploadSink:
-        return await self.uploads.begin_upload(uploader, declared_length)
-
-    async def begin_reserved_upload(
-        self,
-        requester: Requester,
-        server_name: str,
-        media_id: str,
-        declared_length: int | None = None,
-    ) -> UploadSink:
-        return await self.uploads.begin_reserved_upload(
-            requester, server_name, media_id, declared_length
-        )
-
-    def abandon_upload(self, sink: UploadSink) -> defer.Deferred[None]:
-        return self.uploads.abandon_upload(sink)
-
-    async def complete_upload(
-        self, sink: UploadSink, requester: Requester, media_type: str, upload_name: str | None
-    ) -> str:
-        return await self.uploads.complete_upload(sink, requester, media_type, upload_name)
-
-    async def create_media_id(self, requester: Requester) -> tuple[str, int]:
-        return await self.uploads.create_media_id(requester)
-
-    async def sweep_expired_reservations(self) -> int:
-        return await self.uploads.sweep_expired_reservations()
-
-    async def sweep_staging(self) -> int:
-        return await self.uploads.sweep_staging()
-
     async def _visible_local_media(
         self,
         media_id: str,
@@ -186,7 +148,7 @@ class MediaRepository:
                 if cached is None:
                     self._media_rows.put(media_id, media)
                 break
-            if self.uploads.reservation_expired(media):
+            if self._uploads.reservation_expired(media):
                 raise NotFoundError()
             now = self._now_ms()
             if now >= deadline:
@@ -255,7 +217,7 @@ class MediaRepository:
         media = await self.remote.get(origin, media_id, access)
         self.access.read_remote(origin, media_id)
         source = RemoteThumbnailSource(media, self._media_store)
-        return await self.thumbnails.thumbnail(source, request)
+        return await self._thumbnail_serving.thumbnail(source, request)
 
     async def get_local_thumbnail(
         self,
@@ -269,7 +231,7 @@ class MediaRepository:
             media_id, allow_authenticated=allow_authenticated, timeout_ms=timeout_ms
         )
         self.access.read_local(media_id)
-        return await self.thumbnails.thumbnail(
+        return await self._thumbnail_serving.thumbnail(
             LocalThumbnailSource(media, self._media_store, self.thumbnails.local_rows), request
         )
 

@@ -18,6 +18,8 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from twisted.internet import defer
+
 from mediarepo.media.paths import (
     UnsafePathError,
     is_valid_media_id,
@@ -44,6 +46,8 @@ class UploadStaging:
     def __init__(self, local: LocalFiles) -> None:
         self._local = local
         self._in_progress: set[UploadSink] = set()
+        # Waiting for the last upload in progress to end (a shutdown).
+        self._idle_waiters: list[defer.Deferred[None]] = []
 
     def begin(self, media_id: str) -> UploadSink:
         """A sink writing to a fresh staging file for ``media_id``."""
@@ -59,6 +63,19 @@ class UploadStaging:
 
     def end(self, sink: UploadSink) -> None:
         self._in_progress.discard(sink)
+        if not self._in_progress:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # not given up on (a timeout)
+                    waiter.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no upload is in progress (at once if none is)."""
+        if not self._in_progress:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def paths_in_use(self) -> set[str]:
         return {sink.temp_path for sink in self._in_progress}
@@ -67,11 +84,14 @@ class UploadStaging:
     def in_progress(self) -> int:
         return len(self._in_progress)
 
-    def abort_all(self) -> None:
-        """Roll back every upload still receiving its body (at shutdown)."""
+    async def abort_all(self) -> None:
+        """Roll back every upload still receiving its body (at shutdown);
+        returns once their staging files are gone."""
+        removals = []
         for sink in list(self._in_progress):
-            sink.abort()
+            removals.append(sink.abort())
             self.end(sink)
+        await defer.gatherResults(removals, consumeErrors=True)
 
     async def publish(
         self, upload: WrittenUpload, relative_path: str, same_as: Sequence[str] = ()
@@ -168,19 +188,7 @@ class UploadStaging:
         stored, a link to the identical bytes of another media.
         """
 
-        def list_stale() -> list[str]:
-            cutoff = time.time() - max_age_seconds
-            stale = []
-            with os.scandir(self._local.staging_dir) as entries:
-                for entry in entries:
-                    try:
-                        if entry.stat().st_mtime < cutoff:
-                            stale.append(entry.name)
-                    except FileNotFoundError:
-                        continue
-            return stale
-
-        stale_names = await self._local.in_pool(list_stale)
+        stale_names = await self._local.in_pool(self._stale_names, max_age_seconds)
         busy = self.paths_in_use()
         stale = [
             name for name in stale_names if os.path.join(self._local.staging_dir, name) not in busy
@@ -189,28 +197,46 @@ class UploadStaging:
             return 0
         media_ids = sorted({name.split(".", 1)[0] for name in stale})
         known = await recorded([m for m in media_ids if is_valid_media_id(m)])
-
-        def remove(names: list[str]) -> None:
-            for name in names:
-                media_id = name.split(".", 1)[0]
-                staged = os.path.join(self._local.staging_dir, name)
-                if media_id not in known and media_id not in INTERNAL_STAGING_PREFIXES:
-                    try:
-                        final = self._local.paths.absolute(local_media_path(media_id))
-                        if os.path.exists(final) and _same_bytes(final, staged):
-                            os.unlink(final)
-                            logger.info("removed orphaned media file for %s", media_id)
-                    except (UnsafePathError, OSError) as e:
-                        if getattr(e, "errno", None) not in (None, errno.ENOENT):
-                            logger.warning("could not check %s: %s", media_id, e)
-                try:
-                    os.unlink(staged)
-                except FileNotFoundError:
-                    pass
-
-        await self._local.in_pool(remove, stale)
+        await self._local.in_pool(self._remove_stale, stale, known)
         logger.info("removed %d stale staging files", len(stale))
         return len(stale)
+
+    def _stale_names(self, max_age_seconds: float) -> list[str]:
+        """Staging files untouched for ``max_age_seconds`` (blocking)."""
+        cutoff = time.time() - max_age_seconds
+        stale = []
+        with os.scandir(self._local.staging_dir) as entries:
+            for entry in entries:
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        stale.append(entry.name)
+                except FileNotFoundError:
+                    continue
+        return stale
+
+    def _remove_stale(self, names: list[str], recorded: set[str]) -> None:
+        """Remove stale staging files, and what they were published as when
+        their media has no content recorded (blocking)."""
+        for name in names:
+            media_id = name.split(".", 1)[0]
+            staged = os.path.join(self._local.staging_dir, name)
+            if media_id not in recorded and media_id not in INTERNAL_STAGING_PREFIXES:
+                self._remove_orphan(media_id, staged)
+            try:
+                os.unlink(staged)
+            except FileNotFoundError:
+                pass
+
+    def _remove_orphan(self, media_id: str, staged: str) -> None:
+        """Remove the final file of unrecorded media if it holds the staged bytes."""
+        try:
+            final = self._local.paths.absolute(local_media_path(media_id))
+            if os.path.exists(final) and _same_bytes(final, staged):
+                os.unlink(final)
+                logger.info("removed orphaned media file for %s", media_id)
+        except (UnsafePathError, OSError) as e:
+            if getattr(e, "errno", None) not in (None, errno.ENOENT):
+                logger.warning("could not check %s: %s", media_id, e)
 
 
 def _same_bytes(a: str, b: str) -> bool:

@@ -1,18 +1,17 @@
-"""Thumbnails: making, storing, recording and serving them (which sizes,
-and which stored one answers a request, is :mod:`mediarepo.media.thumbnail_sizes`).
+"""Making thumbnails: decoding on the thumbnail thread pool within the
+pixel budget, storing their files and recording their rows; the configured
+sizes of new media in the background (resumed after a crash), one size on
+demand. Which sizes there are is :mod:`mediarepo.media.thumbnail_sizes`;
+which thumbnail answers a request is :mod:`mediarepo.media.thumbnail_serving`.
 
 Rows and files are Synapse's (same tables, same paths), so a Synapse sharing
-the database and media store serves what we make. Where Synapse breaks the
-Matrix spec we follow the spec (see "Thumbnail sizes" in the README): nothing
-is ever upscaled, and a request is answered with the smallest stored
-thumbnail that covers it, or with one made for it from the original. Pillow
-itself is only in :mod:`mediarepo.media.thumbnailer`, run here on the
-thumbnail thread pool.
+the database and media store serves what we make; nothing is ever upscaled
+(see "Thumbnail sizes" in the README). Pillow itself is only in
+:mod:`mediarepo.media.thumbnailer`, run here on the thumbnail thread pool.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -24,39 +23,31 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from mediarepo.config import OPTIONAL_THUMBNAIL_FORMATS, ThumbnailSize
-from mediarepo.errors import Codes, InsufficientStorageError, MatrixError, NotFoundError
+from mediarepo.errors import InsufficientStorageError, NotFoundError
 from mediarepo.media.allocator import return_freed_memory
 from mediarepo.media.cache import ExpiringCache
 from mediarepo.media.events import MediaEvent, emit
-from mediarepo.media.paths import (
-    local_media_path,
-    local_thumbnail_path,
-    remote_media_path,
-    remote_thumbnail_path,
-    url_cache_path,
-    url_cache_thumbnail_path,
-)
 from mediarepo.media.pending_thumbnails import PendingThumbnailWork
 from mediarepo.media.pixel_budget import PixelBudget
-from mediarepo.media.provider_chain import ProviderChain, StoredFile
-from mediarepo.media.responder import Responder
+from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.source_formats import ANIMATED_THUMBNAIL_TYPE, is_video, source_family
 from mediarepo.media.thumbnail_sizes import (
     SourceSize,
-    ThumbnailRequest,
     ThumbnailSpec,
-    closest_thumbnail,
-    on_demand_spec,
     pregeneration_specs,
-    select_thumbnail,
     thumbnail_output_type,
+)
+from mediarepo.media.thumbnail_sources import (
+    LocalThumbnailSource,
+    RemoteThumbnailSource,
+    ThumbnailSource,
 )
 from mediarepo.media.thumbnailer import ImageTooLargeError, Thumbnailer, ThumbnailError
 from mediarepo.media.video import VideoThumbnailer
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN, PendingThumbnails
-from mediarepo.values import LocalMedia, RemoteMedia, ThumbnailInfo
+from mediarepo.values import ThumbnailInfo
 
 logger = logging.getLogger(__name__)
 
@@ -87,24 +78,11 @@ thumbnail_seconds = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
-_NO_THUMBNAILS_MESSAGE = (
-    "Cannot find any thumbnails for the requested media ({path}). This might mean the media"
-    " is not a supported_media_format=(image/jpeg, image/jpg, image/webp, image/gif,"
-    " image/png) or that thumbnailing failed for some other reason."
-    " (Dynamic thumbnails are disabled on this server.)"
-)
-
 
 @attrs.frozen
 class Rendered:
     spec: ThumbnailSpec
     data: bytes
-
-
-@attrs.frozen
-class ThumbnailResponse:
-    file: StoredFile
-    media_type: str
 
 
 def _render(thumbnailer: Thumbnailer, spec: ThumbnailSpec, width: int, height: int) -> bytes:
@@ -114,107 +92,9 @@ def _render(thumbnailer: Thumbnailer, spec: ThumbnailSpec, width: int, height: i
     return thumbnailer.scale(width, height, spec.type, animated)
 
 
-class ThumbnailSource(abc.ABC):
-    """Media whose thumbnails are made: where its bytes and thumbnails live
-    and where its thumbnails are recorded (local and remote media differ)."""
-
-    # Names the media in logs and keys the work done on it.
-    key: str
-    # The media, as events name it (origin None for local media).
-    media_id: str
-    origin: str | None
-    # (origin, media ID) in mediarepo_pending_thumbnails.
-    pending_key: tuple[str, str]
-    media_type: str | None
-    content_path: str
-
-    @abc.abstractmethod
-    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str: ...
-
-    @abc.abstractmethod
-    async def rows(self) -> list[ThumbnailInfo]: ...
-
-    @abc.abstractmethod
-    async def record(self, info: ThumbnailInfo) -> bool:
-        """Record a thumbnail made; False if the media is gone meanwhile."""
-
-
-class LocalThumbnailSource(ThumbnailSource):
-    def __init__(
-        self,
-        media: LocalMedia,
-        media_store: MediaRows,
-        row_cache: ExpiringCache[str, list[ThumbnailInfo]] | None = None,
-    ) -> None:
-        self._media = media
-        self._media_store = media_store
-        self._row_cache = row_cache
-        self.key = media.media_id
-        self.media_id = media.media_id
-        self.origin = None
-        self.pending_key = (LOCAL_ORIGIN, media.media_id)
-        self.media_type = media.media_type
-        # A URL preview's download keeps its file and thumbnails apart.
-        self._url_cache = media.url_cache is not None
-        self.content_path = (url_cache_path if self._url_cache else local_media_path)(
-            media.media_id
-        )
-
-    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str:
-        path = url_cache_thumbnail_path if self._url_cache else local_thumbnail_path
-        return path(self._media.media_id, spec.width, spec.height, spec.type, spec.method)
-
-    async def rows(self) -> list[ThumbnailInfo]:
-        media_id = self._media.media_id
-        cached = self._row_cache.get(media_id) if self._row_cache is not None else None
-        if cached is not None:
-            return cached
-        rows = await self._media_store.get_local_thumbnails(media_id)
-        if self._row_cache is not None:
-            self._row_cache.put(media_id, rows)
-        return rows
-
-    async def record(self, info: ThumbnailInfo) -> bool:
-        recorded = await self._media_store.store_local_thumbnail(self._media.media_id, info)
-        if self._row_cache is not None:
-            self._row_cache.forget(self._media.media_id)
-        return recorded
-
-
-class RemoteThumbnailSource(ThumbnailSource):
-    """Remote media, thumbnailed here from the cached original as Synapse does."""
-
-    def __init__(self, media: RemoteMedia, media_store: MediaRows) -> None:
-        self._media = media
-        self._media_store = media_store
-        self.key = f"{media.media_origin}/{media.media_id}"
-        self.media_id = media.media_id
-        self.origin = media.media_origin
-        self.pending_key = (media.media_origin, media.media_id)
-        self.media_type = media.media_type
-        self.content_path = remote_media_path(media.media_origin, media.filesystem_id)
-
-    def thumbnail_path(self, spec: ThumbnailSpec | ThumbnailInfo) -> str:
-        media = self._media
-        return remote_thumbnail_path(
-            media.media_origin, media.filesystem_id, spec.width, spec.height, spec.type,
-            spec.method,
-        )  # fmt: skip
-
-    async def rows(self) -> list[ThumbnailInfo]:
-        return await self._media_store.get_remote_thumbnails(
-            self._media.media_origin, self._media.media_id
-        )
-
-    async def record(self, info: ThumbnailInfo) -> bool:
-        media = self._media
-        return await self._media_store.store_remote_thumbnail(
-            media.media_origin, media.media_id, media.filesystem_id, info
-        )
-
-
-class ThumbnailProvider:
-    """Makes, records and finds thumbnails of local and cached remote media."""
+class ThumbnailMaker:
+    """Makes and records thumbnails of local and cached remote media: the
+    configured sizes in the background for new media, one size on demand."""
 
     def __init__(
         self,
@@ -241,7 +121,7 @@ class ThumbnailProvider:
         self._reactor = reactor
         self._sizes = tuple(sizes)
         self._max_image_pixels = max_image_pixels
-        self._dynamic = dynamic
+        self.dynamic = dynamic
         self.pixel_budget = PixelBudget(pixel_budget)
         self._pregenerating: SharedWork[str, list[ThumbnailInfo]] = SharedWork()
         self._generating: SharedWork[tuple[str, int, int, str, str], ThumbnailInfo] = SharedWork()
@@ -380,9 +260,9 @@ class ThumbnailProvider:
         """Whether new media of this type gets thumbnails made in the
         background (then that work is recorded with its row: see
         :class:`PendingThumbnailWork`)."""
-        return self._output_type(media_type) is not None and not self._dynamic
+        return self.output_type(media_type) is not None and not self.dynamic
 
-    def _output_type(self, media_type: str | None) -> str | None:
+    def output_type(self, media_type: str | None) -> str | None:
         """:func:`thumbnail_output_type`, for the formats this server thumbnails."""
         family = source_family(media_type)
         if self._formats is not None and family in OPTIONAL_THUMBNAIL_FORMATS:
@@ -421,10 +301,10 @@ class ThumbnailProvider:
         ``dynamic_thumbnails`` says (as Synapse does for the images URL
         previews download), and return the original's size; ``None`` if it
         cannot be thumbnailed."""
-        if self._output_type(source.media_type) is None:
+        if self.output_type(source.media_type) is None:
             return None
         try:
-            size = await self._source_size(source)
+            size = await self.source_size(source)
         except ThumbnailError:
             return None
         await self._pregenerating.run(source.key, lambda: self._pregenerate(source))
@@ -460,7 +340,7 @@ class ThumbnailProvider:
     async def _pregenerate(self, source: ThumbnailSource) -> list[ThumbnailInfo]:
         """Make and record the configured sizes; nothing (and a log line) if
         the media cannot be thumbnailed."""
-        output_type = self._output_type(source.media_type)
+        output_type = self.output_type(source.media_type)
         if output_type is None or source.media_type is None:
             return []
         path = await self._source_file(source)
@@ -479,79 +359,7 @@ class ThumbnailProvider:
             return []
         return [await self._store(source, r, "pregenerate") for r in rendered]
 
-    async def thumbnail(
-        self, source: ThumbnailSource, request: ThumbnailRequest
-    ) -> ThumbnailResponse:
-        """The thumbnail answering ``request`` for ``source``: the smallest
-        stored one covering it, else one made for it (whatever
-        ``dynamic_thumbnails`` says), else the closest stored one."""
-        static_type = self._output_type(source.media_type)
-        await self._pregenerating.wait(source.key)
-        rows = await source.rows()
-        chosen = select_thumbnail(
-            rows, request.width, request.height, request.method, request.animated, static_type
-        )
-        if chosen is None:
-            chosen = await self._on_demand(source, request, rows, static_type)
-        path = source.thumbnail_path(chosen)
-
-        async def open_thumbnail() -> Responder:
-            responder = await self._storage.fetch(path)
-            if responder is None:
-                # The row outlived its file: make it again with the row's parameters.
-                logger.info("a thumbnail of %s is missing; regenerating", source.key)
-                await self._regenerate(source, chosen)
-                responder = await self._storage.fetch(path)
-                if responder is None:
-                    raise NotFoundError()
-            return responder
-
-        return ThumbnailResponse(StoredFile(path, chosen.length, open_thumbnail), chosen.type)
-
-    async def _on_demand(
-        self,
-        source: ThumbnailSource,
-        request: ThumbnailRequest,
-        rows: list[ThumbnailInfo],
-        static_type: str | None,
-    ) -> ThumbnailInfo:
-        """The row answering a request no stored thumbnail covers: the one of
-        exactly the right size if it exists (the original's own size, when
-        the original is smaller than asked), else one made now, once however
-        many ask at the same time. When none can be made, the closest stored
-        one, or the error Synapse gives."""
-        try:
-            if static_type is None:
-                raise ThumbnailError(f"cannot thumbnail media of type {source.media_type!r}")
-            size = await self._source_size(source)
-            spec = on_demand_spec(size, static_type, request)
-            for row in rows:
-                if (row.width, row.height, row.type, row.method) == (
-                    spec.width, spec.height, spec.type, spec.method,
-                ):  # fmt: skip
-                    return row
-            key = (source.key, spec.width, spec.height, spec.type, spec.method)
-            return await self._generating.run(key, lambda: self._generate(source, spec))
-        except (ThumbnailError, NotFoundError) as e:
-            closest = closest_thumbnail(
-                rows, request.width, request.height, request.method, request.animated,
-                static_type,
-            )  # fmt: skip
-            if closest is not None:
-                return closest
-            if isinstance(e, ImageTooLargeError):
-                raise MatrixError(
-                    413, Codes.TOO_LARGE, "The image is too large to thumbnail"
-                ) from e
-            if isinstance(e, NotFoundError):
-                raise
-            if self._dynamic:
-                raise MatrixError(400, Codes.UNKNOWN, "Failed to generate thumbnail.") from e
-            raise MatrixError(
-                400, Codes.UNKNOWN, _NO_THUMBNAILS_MESSAGE.format(path=request.path)
-            ) from e
-
-    async def _source_size(self, source: ThumbnailSource) -> SourceSize:
+    async def source_size(self, source: ThumbnailSource) -> SourceSize:
         """The original's size, from its header (read on the pool), remembered."""
         size = self._source_sizes.get(source.key)
         if size is None:
@@ -567,7 +375,17 @@ class ThumbnailProvider:
             self._source_sizes.put(source.key, size)
         return size
 
-    async def _regenerate(self, source: ThumbnailSource, info: ThumbnailInfo) -> None:
+    async def wait_for_pregeneration(self, source: ThumbnailSource) -> None:
+        """Wait for the configured sizes of ``source`` if they are being made."""
+        await self._pregenerating.wait(source.key)
+
+    async def make(self, source: ThumbnailSource, spec: ThumbnailSpec) -> ThumbnailInfo:
+        """Make, store and record ``spec`` now, once however many ask at the same time."""
+        key = (source.key, spec.width, spec.height, spec.type, spec.method)
+        return await self._generating.run(key, lambda: self._generate(source, spec))
+
+    async def regenerate(self, source: ThumbnailSource, info: ThumbnailInfo) -> None:
+        """Make again a thumbnail whose row outlived its file."""
         spec = ThumbnailSpec(info.width, info.height, info.type, info.method)
         try:
             await self._generate(source, spec, "regenerate")

@@ -1,8 +1,8 @@
 """Local uploads: the media IDs they get, the bodies they stage, the
 quota they are held to, and their recording by the storage layer.
 
-:class:`~mediarepo.media.repository.MediaRepository`, which the resources
-call, hands this work here.
+The upload resource (``http/upload.py``) and the site's rollback of a
+refused body call it directly; the periodic sweeps call it too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from mediarepo.media.provider_chain import ProviderChain
 from mediarepo.media.quota import QuotaHold, UploadQuota, quota_exceeded
 from mediarepo.media.ratelimit import Ratelimiter, limit_exceeded
 from mediarepo.media.staging import FileExistsInStoreError
-from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
+from mediarepo.media.thumbnail_sources import LocalThumbnailSource
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.media.upload_sink import UploadSink, WrittenUpload
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
@@ -58,7 +59,7 @@ class LocalUploads:
         storage: ProviderChain,
         media_store: MediaRows,
         uploads: UploadRows,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         locks: WorkerLocks,
         quarantine: QuarantineRows,
         arrivals: ContentArrivals,

@@ -35,7 +35,8 @@ from mediarepo.media.preview_fetch import (
     is_json,
 )
 from mediarepo.media.preview_html import parse_html, parse_open_graph
-from mediarepo.media.thumbnails import LocalThumbnailSource, ThumbnailProvider
+from mediarepo.media.thumbnail_sources import LocalThumbnailSource
+from mediarepo.media.thumbnails import ThumbnailMaker
 from mediarepo.sharing import SharedWork
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.url_cache import CachedPreview, UrlCacheStore
@@ -109,7 +110,7 @@ class UrlPreviewer:
         oembed: OEmbedProviders,
         url_cache: UrlCacheStore,
         media_store: MediaRows,
-        thumbnails: ThumbnailProvider,
+        thumbnails: ThumbnailMaker,
         parse_pool: ThreadPool,
         reactor: IReactorFromThreads,
     ) -> None:

@@ -102,22 +102,22 @@ class BodyReader(protocol.Protocol):
 
     def pause(self) -> None:
         """Stop reading (our side is behind); the peer is not timed meanwhile."""
-        if self._paused or self.done.called:
-            return
-        self._paused = True
-        self._stop_timers()
-        transport: Any = self.transport
-        if transport is not None:
-            transport.pauseProducing()
+        self._set_paused(True)
 
     def resume(self) -> None:
-        if not self._paused or self.done.called:
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused or self.done.called:
             return
-        self._paused = False
-        self._start_timers()
+        self._paused = paused
+        if paused:
+            self._stop_timers()
+        else:
+            self._start_timers()
         transport: Any = self.transport
         if transport is not None:
-            transport.resumeProducing()
+            (transport.pauseProducing if paused else transport.resumeProducing)()
 
     # ------------------------------------------------------------ protocol
 

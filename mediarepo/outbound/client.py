@@ -185,9 +185,15 @@ class OutboundClient:
         settings: OutboundSettings,
         *,
         name_resolver: NameResolver | None = None,
+        agent: IAgent | None = None,
     ) -> None:
+        """``agent``, for tests only, takes every request instead of the
+        connections this client makes (an in-memory server of the test's
+        own): names are then neither resolved nor checked, and no proxy
+        or TLS applies."""
         self._reactor = reactor
         self.settings = settings
+        self._given_agent = agent
         self._resolver = AddressResolver(
             settings.ip_filter,
             name_resolver or ReactorNameResolver(reactor, settings.connect_timeout),
@@ -273,7 +279,7 @@ class OutboundClient:
         sent.setRawHeaders(b"User-Agent", [self.settings.user_agent])
         if not sent.hasHeader(b"Host"):
             sent.setRawHeaders(b"Host", [parts.netloc.rpartition("@")[2].encode("idna")])
-        agent = self._agent(parts, connect_to, tls_name, sent)
+        agent = self._given_agent or self._agent(parts, connect_to, tls_name, sent)
         body = None
         if json_body is not None:
             sent.setRawHeaders(b"Content-Type", [b"application/json"])

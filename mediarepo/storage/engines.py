@@ -57,6 +57,10 @@ class Engine(abc.ABC):
         """Run ``sql`` once for each parameter tuple of ``args``."""
         cursor.executemany(self.convert(sql), args)
 
+    # Whether a transaction's BEGIN may share the round trip of its first
+    # statement ("BEGIN; SELECT ...").
+    begin_with_statement = False
+
     def execute(
         self,
         cursor: Any,
@@ -68,9 +72,22 @@ class Engine(abc.ABC):
     ) -> None:
         """Run ``sql``, its parameters marked ``?``, after ``begin`` if
         given (the statement opening a transaction)."""
-        if begin is not None:
+        if begin is not None and (
+            not self.begin_with_statement or self._will_prepare(cursor, sql, args)
+        ):
+            # Alone: a statement is prepared inside the transaction it opens.
             cursor.execute(begin)
-        cursor.execute(self.convert(sql), args)
+            begin = None
+        text = self._statement(cursor, sql, args, in_transaction)
+        cursor.execute(text if begin is None else f"{begin}; {text}", args)
+
+    def _will_prepare(self, cursor: Any, sql: str, args: tuple[Any, ...]) -> bool:
+        """Whether :meth:`_statement` is about to prepare ``sql`` first."""
+        return False
+
+    def _statement(self, cursor: Any, sql: str, args: tuple[Any, ...], in_transaction: bool) -> str:
+        """The text sent to run ``sql`` with ``args`` on this cursor's connection."""
+        return self.convert(sql)
 
     @abc.abstractmethod
     def on_new_connection(self, conn: Any) -> None: ...
@@ -112,6 +129,7 @@ class PostgresEngine(Engine):
     # round trips instead of one, on every hot-path query.
     autocommit = True
     begin_sql = "BEGIN ISOLATION LEVEL READ COMMITTED"
+    begin_with_statement = True
 
     def __init__(self) -> None:
         import psycopg2
@@ -136,32 +154,22 @@ class PostgresEngine(Engine):
 
         psycopg2.extras.execute_batch(cursor, self.convert(sql), args, page_size=self.BATCH_PAGE)
 
-    def execute(
-        self,
-        cursor: Any,
-        sql: str,
-        args: tuple[Any, ...],
-        *,
-        begin: str | None = None,
-        in_transaction: bool = False,
-    ) -> None:
+    def _will_prepare(self, cursor: Any, sql: str, args: tuple[Any, ...]) -> bool:
+        prepared = self._prepared.setdefault(cursor.connection, {})
+        return bool(args) and sql not in prepared and len(prepared) < _MAX_PREPARED_PER_CONNECTION
+
+    def _statement(self, cursor: Any, sql: str, args: tuple[Any, ...], in_transaction: bool) -> str:
         """Statements are prepared once per connection and then EXECUTEd:
         PostgreSQL then skips parsing and planning, most of the cost of a
-        small query (a third, measured, for the upload's content lookup).
-        ``begin`` goes in the same round trip as the statement."""
+        small query (a third, measured, for the upload's content lookup)."""
         prepared = self._prepared.setdefault(cursor.connection, {})
-        if args and sql not in prepared and len(prepared) < _MAX_PREPARED_PER_CONNECTION:
-            if begin is not None:
-                cursor.execute(begin)
-                begin = None
+        if self._will_prepare(cursor, sql, args):
             self._prepare(cursor, sql, prepared, in_transaction)
         name = prepared.get(sql) if args else None
-        prefix = f"{begin}; " if begin is not None else ""
         if name is None:
-            cursor.execute(prefix + self.convert(sql), args)
-        else:
-            marks = ", ".join("%s" for _ in args)
-            cursor.execute(f"{prefix}EXECUTE {name}({marks})", args)
+            return self.convert(sql)
+        marks = ", ".join("%s" for _ in args)
+        return f"EXECUTE {name}({marks})"
 
     def _prepare(
         self, cursor: Any, sql: str, prepared: dict[str, str | None], in_transaction: bool

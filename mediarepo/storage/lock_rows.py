@@ -41,22 +41,6 @@ class LockRows:
     def __init__(self, database: Database) -> None:
         self._db = database
 
-    async def take(self, claim: LockClaim) -> bool:
-        """Take the lock unless another process holds it (see :func:`take_lock_txn`).
-
-        On PostgreSQL its commit does not wait for the write-ahead log to
-        reach the disk (a flush in the path of every remote fetch): a lock
-        matters only to running processes, and one lost with a crash of the
-        database itself is free anyway. Every other connection sees it at once.
-        """
-
-        def take(t: Transaction) -> bool:
-            if t.engine.name == "psycopg2":
-                t.execute("SET LOCAL synchronous_commit TO OFF")
-            return take_lock_txn(t, claim)
-
-        return await self._db.run_interaction("try_acquire_lock", take)
-
     async def renew(self, lock: LockToken, now_ms: int) -> None:
         await self._db.run_update(
             "renew_lock",
@@ -71,6 +55,15 @@ class LockRows:
             "DELETE FROM worker_locks WHERE lock_name = ? AND lock_key = ? AND token = ?",
             (lock.name, lock.key, lock.token),
         )
+
+
+def commit_unflushed_txn(t: Transaction) -> None:
+    """Let the transaction's commit not wait for PostgreSQL's write-ahead log
+    to reach the disk. Only for a transaction that takes a lock and reads:
+    a lock matters only to running processes, and one lost with a crash of
+    the database itself is free anyway."""
+    if t.engine.name == "psycopg2":
+        t.execute("SET LOCAL synchronous_commit TO OFF")
 
 
 def take_lock_txn(t: Transaction, claim: LockClaim) -> bool:

@@ -11,6 +11,7 @@ from mediarepo.storage.database import (
     in_list_batches,
     placeholders,
 )
+from mediarepo.storage.lock_rows import LockClaim, commit_unflushed_txn, take_lock_txn
 from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.pending_thumbnail_rows import (
     PendingThumbnails,
@@ -48,6 +49,32 @@ def local_media_from_row(row: Row) -> LocalMedia:
         safe_from_quarantine=bool(row[9]),
         authenticated=bool(row[10]),
         sha256=row[11],
+    )
+
+
+_REMOTE_MEDIA_SQL = (
+    "SELECT media_type, created_ts, upload_name, media_length, filesystem_id,"
+    " last_access_ts, quarantined_by, authenticated, sha256 FROM remote_media_cache"
+    " WHERE media_origin = ? AND media_id = ?"
+)
+
+
+def _remote_media_from_rows(origin: str, media_id: str, rows: list[Row]) -> RemoteMedia | None:
+    if not rows:
+        return None
+    r = rows[0]
+    return RemoteMedia(
+        media_origin=origin,
+        media_id=media_id,
+        media_type=r[0],
+        created_ts=r[1] or 0,
+        upload_name=r[2],
+        media_length=r[3] or 0,
+        filesystem_id=r[4],
+        last_access_ts=r[5],
+        quarantined_by=r[6],
+        authenticated=bool(r[7]),
+        sha256=r[8],
     )
 
 
@@ -314,28 +341,25 @@ class MediaRows:
 
     async def get_remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
         rows = await self._db.run_query(
-            "get_cached_remote_media",
-            "SELECT media_type, created_ts, upload_name, media_length, filesystem_id,"
-            " last_access_ts, quarantined_by, authenticated, sha256 FROM remote_media_cache"
-            " WHERE media_origin = ? AND media_id = ?",
-            (origin, media_id),
+            "get_cached_remote_media", _REMOTE_MEDIA_SQL, (origin, media_id)
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return RemoteMedia(
-            media_origin=origin,
-            media_id=media_id,
-            media_type=r[0],
-            created_ts=r[1] or 0,
-            upload_name=r[2],
-            media_length=r[3] or 0,
-            filesystem_id=r[4],
-            last_access_ts=r[5],
-            quarantined_by=r[6],
-            authenticated=bool(r[7]),
-            sha256=r[8],
-        )
+        return _remote_media_from_rows(origin, media_id, rows)
+
+    async def take_download_lock(
+        self, claim: LockClaim, origin: str, media_id: str
+    ) -> tuple[bool, RemoteMedia | None]:
+        """Take the lock of a remote media's download and read its cached row,
+        in one transaction: whether the lock was taken, and the row (which
+        may have landed since the caller last looked)."""
+
+        def take(t: Transaction) -> tuple[bool, RemoteMedia | None]:
+            commit_unflushed_txn(t)
+            if not take_lock_txn(t, claim):
+                return False, None
+            t.execute(_REMOTE_MEDIA_SQL, (origin, media_id))
+            return True, _remote_media_from_rows(origin, media_id, t.fetchall())
+
+        return await self._db.run_interaction("take_download_lock", take)
 
     async def store_remote_media(
         self, media: RemoteMedia, thumbnails_owed: PendingThumbnails | None = None

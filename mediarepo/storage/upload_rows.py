@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from mediarepo.storage.database import Database, Transaction
-from mediarepo.storage.lock_rows import LockClaim, LockToken, release_lock_txn, take_lock_txn
+from mediarepo.storage.lock_rows import (
+    LockClaim,
+    LockToken,
+    commit_unflushed_txn,
+    release_lock_txn,
+    take_lock_txn,
+)
 from mediarepo.storage.media_rows import announce_content_txn, get_local_media_txn
 from mediarepo.storage.pending_thumbnail_rows import (
     PendingThumbnails,
@@ -94,7 +100,7 @@ class KnownContent:
 
 
 # -- the statements of an upload, run together in one trip to the pool ----------
-# (see MediaRepository.complete_upload): a trip costs more than a statement.
+# (see LocalUploads.complete_upload): a trip costs more than a statement.
 
 
 def known_content_txn(
@@ -212,6 +218,7 @@ class UploadRows:
         lock was taken and the row exists)."""
 
         def take(t: Transaction) -> tuple[bool, LocalMedia | None]:
+            commit_unflushed_txn(t)
             if not take_lock_txn(t, claim):
                 return False, None
             return True, get_local_media_txn(t, media_id)

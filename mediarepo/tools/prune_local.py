@@ -74,39 +74,48 @@ async def prune(
     remote: bool,
     dry_run: bool,
 ) -> PruneSummary:
-    summary = PruneSummary()
-
-    async def prune_files(content: str, thumbnail_dir: str) -> None:
-        for relative, size in _files_of(base, content, thumbnail_dir):
-            try:
-                if not await provider.exists(relative, size):
-                    summary.not_in_s3 += 1
-                    continue
-                if not dry_run:
-                    os.unlink(os.path.join(base, relative))
-            except Exception as e:
-                print(f"  failed: {relative}: {e}", file=sys.stderr)
-                summary.failed += 1
-                continue
-            summary.removed += 1
-            summary.freed_bytes += size
-
+    pruner = _Pruner(base, provider, dry_run)
     if local:
         after = ""
         while media_ids := await store.local_media_unread_page(before_ts, after, _PAGE):
             for media_id in media_ids:
-                await prune_files(local_media_path(media_id), local_thumbnail_dir(media_id))
+                await pruner.prune(local_media_path(media_id), local_thumbnail_dir(media_id))
             after = media_ids[-1]
     if remote:
         position = ("", "")
         while entries := await store.remote_media_unread_page(before_ts, position, _PAGE):
             for origin, filesystem_id in entries:
-                await prune_files(
+                await pruner.prune(
                     remote_media_path(origin, filesystem_id),
                     remote_thumbnail_dir(origin, filesystem_id),
                 )
             position = entries[-1]
-    return summary
+    return pruner.summary
+
+
+class _Pruner:
+    """Removes a media's local files that S3 holds, counting as it goes."""
+
+    def __init__(self, base: str, provider: S3Provider, dry_run: bool) -> None:
+        self._base = base
+        self._provider = provider
+        self._dry_run = dry_run
+        self.summary = PruneSummary()
+
+    async def prune(self, content: str, thumbnail_dir: str) -> None:
+        for relative, size in _files_of(self._base, content, thumbnail_dir):
+            try:
+                if not await self._provider.exists(relative, size):
+                    self.summary.not_in_s3 += 1
+                    continue
+                if not self._dry_run:
+                    os.unlink(os.path.join(self._base, relative))
+            except Exception as e:
+                print(f"  failed: {relative}: {e}", file=sys.stderr)
+                self.summary.failed += 1
+                continue
+            self.summary.removed += 1
+            self.summary.freed_bytes += size
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,9 +12,18 @@ import sys
 import textwrap
 from collections import Counter
 from collections.abc import Sequence
-from typing import IO
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING
 
 from benchlib.bootstrap import ensure_modules
+from benchlib.registry import (
+    NEEDS_AV,
+    NEEDS_HEIF,
+    NEEDS_ORIGIN,
+    NEEDS_PILLOW,
+    SCENARIOS,
+    run_scenario,
+)
 from benchlib.results import (
     JSON_PREFIX,
     LOG_PREFIX,
@@ -25,25 +34,18 @@ from benchlib.results import (
     print_table,
     ratio_rows,
 )
-from benchlib.scenarios import (
-    NEEDS_AV,
-    NEEDS_HEIF,
-    NEEDS_ORIGIN,
-    NEEDS_PILLOW,
-    SCENARIOS,
-    Options,
-    Target,
-    run_scenario,
-)
+from benchlib.scenarios import Options, Target
 from benchlib.scenarios_scale import (
-    SCALE_SCENARIOS,
     SYNAPSE_PURGE_ROWS,
     print_population_table,
     tag_population,
     with_purge_plans,
 )
 
-SCENARIOS.update(SCALE_SCENARIOS)
+if TYPE_CHECKING:
+    # For annotations only: the functions below import it where they use it.
+    from benchlib import servers
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -158,6 +160,32 @@ output:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.scenario_list = _scenario_list(parser, args.scenarios)
+    if args.hosts:
+        args.host_counts = _host_counts(parser, args)
+    launching = args.start_ours or args.compare_synapse or args.hosts
+    if not launching and not (args.base_url and args.server_name and args.token):
+        parser.error(
+            "give --base-url, --server-name and --token for a running server, "
+            "or --start-ours / --compare-synapse"
+        )
+    if not 1 <= args.duration <= 600:
+        parser.error("--duration must be between 1 and 600 seconds")
+    if args.connections is not None and not 1 <= args.connections <= 1000:
+        parser.error("--connections must be between 1 and 1000")
+    if not 1 <= args.thumb_count <= 500:
+        parser.error("--thumb-count must be between 1 and 500")
+    if args.purge_rows is not None and args.purge_rows < 1:
+        parser.error("--purge-rows must be at least 1")
+    args.populations = _populations(parser, args) if args.populate else []
+    if args.populate and args.explain:
+        args.scenario_list = []
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
         description=DESCRIPTION,
@@ -260,54 +288,42 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "each kind from ours (default: all of them, min(100k, N/10)) and from Synapse "
         f"(default {SYNAPSE_PURGE_ROWS})",
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.scenarios == "all":
-        args.scenario_list = list(SCENARIOS)
-    else:
-        args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-        unknown = [s for s in args.scenario_list if s not in SCENARIOS]
-        if unknown:
-            parser.error(f"unknown scenarios: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-        args.scenario_list = [s for s in SCENARIOS if s in args.scenario_list]
-    if args.hosts:
-        try:
-            args.host_counts = [int(n) for n in args.hosts.split(",")]
-        except ValueError:
-            parser.error("--hosts takes instance counts such as 1,2,3")
-        if not all(1 <= n <= 8 for n in args.host_counts) or not 1 <= args.hosts_s3_media <= 20000:
-            parser.error("--hosts counts must be 1 to 8, --hosts-s3-media 1 to 20000")
-    launching = args.start_ours or args.compare_synapse or args.hosts
-    if not launching and not (args.base_url and args.server_name and args.token):
-        parser.error(
-            "give --base-url, --server-name and --token for a running server, "
-            "or --start-ours / --compare-synapse"
-        )
-    if not 1 <= args.duration <= 600:
-        parser.error("--duration must be between 1 and 600 seconds")
-    if args.connections is not None and not 1 <= args.connections <= 1000:
-        parser.error("--connections must be between 1 and 1000")
-    if args.purge_rows is not None and args.purge_rows < 1:
-        parser.error("--purge-rows must be at least 1")
-    if not 1 <= args.thumb_count <= 500:
-        parser.error("--thumb-count must be between 1 and 500")
-    args.populations = []
-    if args.populate:
-        try:
-            args.populations = [int(n) for n in args.populate.split(",")]
-        except ValueError:
-            parser.error("--populate takes comma-separated row counts, e.g. 10000,1000000")
-        if args.explain:
-            args.scenario_list = []
-        if not all(1000 <= n <= 10_000_000 for n in args.populations):
-            parser.error("--populate counts must be between 1,000 and 10,000,000")
-        if not (args.compare_synapse and not args.ours_sqlite) and not (
-            args.start_ours and args.postgres
-        ):
-            parser.error(
-                "--populate needs PostgreSQL: --compare-synapse or --start-ours --postgres"
-            )
-    return args
+
+def _scenario_list(parser: argparse.ArgumentParser, scenarios: str) -> list[str]:
+    """The scenarios named, in SCENARIOS' order."""
+    if scenarios == "all":
+        return list(SCENARIOS)
+    named = [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in named if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    return [s for s in SCENARIOS if s in named]
+
+
+def _host_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    try:
+        counts = [int(n) for n in args.hosts.split(",")]
+    except ValueError:
+        parser.error("--hosts takes instance counts such as 1,2,3")
+    if not all(1 <= n <= 8 for n in counts) or not 1 <= args.hosts_s3_media <= 20000:
+        parser.error("--hosts counts must be 1 to 8, --hosts-s3-media 1 to 20000")
+    return counts
+
+
+def _populations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    try:
+        populations = [int(n) for n in args.populate.split(",")]
+    except ValueError:
+        parser.error("--populate takes comma-separated row counts, e.g. 10000,1000000")
+    if not all(1000 <= n <= 10_000_000 for n in populations):
+        parser.error("--populate counts must be between 1,000 and 10,000,000")
+    if not (args.compare_synapse and not args.ours_sqlite) and not (
+        args.start_ours and args.postgres
+    ):
+        parser.error("--populate needs PostgreSQL: --compare-synapse or --start-ours --postgres")
+    return populations
 
 
 def default_python() -> str:
@@ -368,20 +384,7 @@ async def run_on_targets(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     launching = args.start_ours or args.compare_synapse or args.hosts
-    needed = []
-    if launching:
-        needed.append("yaml")
-    if set(args.scenario_list) & (NEEDS_PILLOW | NEEDS_HEIF | NEEDS_AV):
-        needed.append("PIL")
-    if set(args.scenario_list) & NEEDS_HEIF:
-        needed.append("pillow_heif")
-    if set(args.scenario_list) & NEEDS_AV:
-        needed.append("av")
-    if args.populations:
-        needed.append("psycopg2")
-    if launching and set(args.scenario_list) & NEEDS_ORIGIN:
-        needed.append("cryptography")
-    ensure_modules(needed)
+    ensure_modules(_needed_modules(args, launching))
 
     opts = Options(
         duration=args.duration,
@@ -404,34 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("--nginx is used only with --start-ours or --compare-synapse; ignored")
     output = Output(args.json_out)
     try:
-        if args.hosts:
-            from benchlib.scenarios_hosts import run_hosts
-            from benchlib.servers import Postgres
-
-            asyncio.run(
-                run_hosts(
-                    args.host_counts,
-                    python=args.python or default_python(),
-                    postgres=Postgres(args.pg_host, args.pg_port, args.pg_user),
-                    keep=args.keep,
-                    opts=opts,
-                    s3_count=args.hosts_s3_media,
-                    emit=output.add,
-                )
-            )
-        elif launching:
-            asyncio.run(run_launched(args, opts, output))
-        else:
-            target = Target(
-                label=args.label,
-                base_url=args.base_url,
-                server_name=args.server_name,
-                token=args.token,
-                pid=args.pid,
-                # A server's child processes are its workers.
-                include_children=True,
-            )
-            asyncio.run(run_on_targets(args.scenario_list, [target], opts, output))
+        asyncio.run(_run(args, launching, opts, output))
     except KeyboardInterrupt:
         log("interrupted; stopping")
         return 130
@@ -443,6 +419,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.close()
     failed = [r for r in output.results if r.status == "failed"]
     return 1 if failed else 0
+
+
+def _needed_modules(args: argparse.Namespace, launching: bool) -> list[str]:
+    """The modules this run imports that the running Python may lack."""
+    scenarios = set(args.scenario_list)
+    wanted = {
+        "yaml": launching,
+        "PIL": bool(scenarios & (NEEDS_PILLOW | NEEDS_HEIF | NEEDS_AV)),
+        "pillow_heif": bool(scenarios & NEEDS_HEIF),
+        "av": bool(scenarios & NEEDS_AV),
+        "psycopg2": bool(args.populations),
+        "cryptography": bool(launching and scenarios & NEEDS_ORIGIN),
+    }
+    return [module for module, needed in wanted.items() if needed]
+
+
+async def _run(args: argparse.Namespace, launching: bool, opts: Options, output: Output) -> None:
+    """Several instances (--hosts), servers launched here, or the one given."""
+    if args.hosts:
+        from benchlib.scenarios_hosts import run_hosts
+        from benchlib.servers import Postgres
+
+        await run_hosts(
+            args.host_counts,
+            python=args.python or default_python(),
+            postgres=Postgres(args.pg_host, args.pg_port, args.pg_user),
+            keep=args.keep,
+            opts=opts,
+            s3_count=args.hosts_s3_media,
+            emit=output.add,
+        )
+    elif launching:
+        await run_launched(args, opts, output)
+    else:
+        target = Target(
+            label=args.label,
+            base_url=args.base_url,
+            server_name=args.server_name,
+            token=args.token,
+            pid=args.pid,
+            # A server's child processes are its workers.
+            include_children=True,
+        )
+        await run_on_targets(args.scenario_list, [target], opts, output)
 
 
 async def run_launched(args: argparse.Namespace, opts: Options, output: Output) -> None:
@@ -490,18 +510,61 @@ def populated(args: argparse.Namespace, n: int) -> object:
     return with_purge_plans(population, postgres.dsn(), args.purge_rows)
 
 
+@dataclass
+class _Launched:
+    """The servers one population's run launched (and how to stop them)."""
+
+    cleanup: servers.Cleanup
+    postgres: servers.Postgres
+    managed: list[servers.ManagedServer]
+    # nginx serving static files beside the servers' downloads, if asked for.
+    nginx: servers.ManagedServer | None
+    # The machine's own limit for 20 MiB uploads, beside the servers' figures.
+    rawsink: servers.ManagedServer | None
+
+
 async def _run_launched(
     args: argparse.Namespace, opts: Options, output: Output, cleanup: object
 ) -> None:
     from benchlib import servers
-    from benchlib.scenarios import LARGE_SIZE, SMALL_SIZE
 
     assert isinstance(cleanup, servers.Cleanup)
+    launched = await _launch(args, opts, output, cleanup)
+    phases = [
+        (
+            servers.Phase("defaults", dynamic_thumbnails=False, enable_authenticated_media=True),
+            [s for s in args.scenario_list if s not in PHASE2],
+        ),
+        (
+            servers.Phase("dynamic", dynamic_thumbnails=True, enable_authenticated_media=False),
+            [s for s in args.scenario_list if s in PHASE2],
+        ),
+    ]
+    for phase, scenarios in phases:
+        if scenarios:
+            await _run_phase(phase, scenarios, launched, args, opts, output)
+    for server in launched.managed:
+        server.stop()
+        errors = scan_log_for_errors(server)
+        output.write_raw(LOG_PREFIX + json.dumps({"server": server.label, "log_errors": errors}))
+        if errors:
+            log(f"{server.label}: errors in its log (counted, IDs masked):")
+            for line in errors[:15]:
+                print(f"    {line}", file=sys.stderr)
+
+
+async def _launch(
+    args: argparse.Namespace, opts: Options, output: Output, cleanup: servers.Cleanup
+) -> _Launched:
+    """Synapse (with --compare-synapse) and ours, the origin peer, nginx and
+    the raw upload sink, as the scenarios need them; not started yet."""
+    from benchlib import servers
+    from benchlib.scenarios import LARGE_SIZE, SMALL_SIZE
+
     postgres = servers.Postgres(args.pg_host, args.pg_port, args.pg_user)
     servers.sweep_stale_workdirs()
     if args.compare_synapse or args.postgres:
         postgres.sweep_stale()
-    python = args.python or default_python()
     peer_settings: dict[str, object] = {}
     if set(args.scenario_list) & NEEDS_ORIGIN:
         origin = servers.setup_origin(cleanup, keep=args.keep)
@@ -518,9 +581,9 @@ async def _run_launched(
         managed.append(synapse)
     ours_on_pg = args.postgres or (args.compare_synapse and not args.ours_sqlite)
     ours = await asyncio.to_thread(
-        servers.setup_ours, cleanup, python=python, postgres=postgres if ours_on_pg else None,
-        keep=args.keep, workers=args.ours_workers, population=population,
-        extra_config=peer_settings,
+        servers.setup_ours, cleanup, python=args.python or default_python(),
+        postgres=postgres if ours_on_pg else None, keep=args.keep, workers=args.ours_workers,
+        population=population, extra_config=peer_settings,
     )  # fmt: skip
     managed.append(ours)
 
@@ -537,77 +600,81 @@ async def _run_launched(
                     for name in sorted(wants_downloads)
                 ]
             )
-
-    # The machine's own limit for 20 MiB uploads, beside the servers' figures.
     rawsink = (
         servers.setup_rawsink(cleanup, keep=args.keep)
         if "upload_large" in args.scenario_list
         else None
     )
+    return _Launched(cleanup, postgres, managed, nginx, rawsink)
 
-    phases = [
-        (
-            servers.Phase("defaults", dynamic_thumbnails=False, enable_authenticated_media=True),
-            [s for s in args.scenario_list if s not in PHASE2],
-        ),
-        (
-            servers.Phase("dynamic", dynamic_thumbnails=True, enable_authenticated_media=False),
-            [s for s in args.scenario_list if s in PHASE2],
-        ),
-    ]
-    for phase, scenarios in phases:
-        if not scenarios:
-            continue
-        log(
-            f"phase {phase.name}: dynamic_thumbnails {phase.dynamic_thumbnails}, "
-            f"enable_authenticated_media {phase.enable_authenticated_media}: {', '.join(scenarios)}"
-        )
-        targets: list[Target] = []
-        for server in managed:
-            server.stop()
-            server.configure(phase)
-            try:
-                server.start(cleanup)  # from the main thread: see _die_with_parent
-                if not server.token and server.info.get("server") == "synapse":
-                    await asyncio.to_thread(servers.register_synapse_user, server)
-            except RuntimeError as e:
-                log(f"{server.label} could not be started: {e}")
-                server.stop()
-                reason = f"server did not start: {str(e).splitlines()[0]}"
-                output.add([Result(server.label, s, status="failed", reason=reason)
-                            for s in scenarios])  # fmt: skip
-                continue
-            target = server.target()
-            if args.compare_synapse or args.postgres:
-                target.settle = postgres.checkpoint
-            targets.append(target)
-        if nginx is not None and phase.name == "defaults":
-            nginx.start(cleanup)
-            static = nginx.target()
-            static.include_children = True
-            static.static_paths = {"small": "/small", "large": "/large"}
-            targets.append(static)
-        if rawsink is not None and phase.name == "defaults":
-            rawsink.start(cleanup)
-            limit = rawsink.target()
-            limit.only_scenarios = frozenset({"upload_large"})
-            targets.append(limit)
-        await run_on_targets(scenarios, targets, opts, output)
-        if nginx is not None:
-            nginx.stop()
-        if rawsink is not None:
-            rawsink.stop()
-        for server in managed:
-            if server.proc is not None and server.proc.poll() is not None:
-                log(f"{server.label} DIED (exit {server.proc.returncode}):\n{server.log_tail()}")
-    for server in managed:
+
+async def _run_phase(
+    phase: servers.Phase,
+    scenarios: list[str],
+    launched: _Launched,
+    args: argparse.Namespace,
+    opts: Options,
+    output: Output,
+) -> None:
+    """The scenarios of one phase, on every server restarted with its config."""
+    log(
+        f"phase {phase.name}: dynamic_thumbnails {phase.dynamic_thumbnails}, "
+        f"enable_authenticated_media {phase.enable_authenticated_media}: {', '.join(scenarios)}"
+    )
+    targets = await _start_servers(phase, scenarios, launched, args, output)
+    cleanup, nginx, rawsink = launched.cleanup, launched.nginx, launched.rawsink
+    if nginx is not None and phase.name == "defaults":
+        nginx.start(cleanup)
+        static = nginx.target()
+        static.include_children = True
+        static.static_paths = {"small": "/small", "large": "/large"}
+        targets.append(static)
+    if rawsink is not None and phase.name == "defaults":
+        rawsink.start(cleanup)
+        limit = rawsink.target()
+        limit.only_scenarios = frozenset({"upload_large"})
+        targets.append(limit)
+    await run_on_targets(scenarios, targets, opts, output)
+    if nginx is not None:
+        nginx.stop()
+    if rawsink is not None:
+        rawsink.stop()
+    for server in launched.managed:
+        if server.proc is not None and server.proc.poll() is not None:
+            log(f"{server.label} DIED (exit {server.proc.returncode}):\n{server.log_tail()}")
+
+
+async def _start_servers(
+    phase: servers.Phase,
+    scenarios: list[str],
+    launched: _Launched,
+    args: argparse.Namespace,
+    output: Output,
+) -> list[Target]:
+    """The launched servers restarted with the phase's config, as targets;
+    one that does not start has the phase's scenarios failed."""
+    from benchlib import servers
+
+    targets: list[Target] = []
+    for server in launched.managed:
         server.stop()
-        errors = scan_log_for_errors(server)
-        output.write_raw(LOG_PREFIX + json.dumps({"server": server.label, "log_errors": errors}))
-        if errors:
-            log(f"{server.label}: errors in its log (counted, IDs masked):")
-            for line in errors[:15]:
-                print(f"    {line}", file=sys.stderr)
+        server.configure(phase)
+        try:
+            server.start(launched.cleanup)  # from the main thread: see _die_with_parent
+            if not server.token and server.info.get("server") == "synapse":
+                await asyncio.to_thread(servers.register_synapse_user, server)
+        except RuntimeError as e:
+            log(f"{server.label} could not be started: {e}")
+            server.stop()
+            reason = f"server did not start: {str(e).splitlines()[0]}"
+            output.add([Result(server.label, s, status="failed", reason=reason)
+                        for s in scenarios])  # fmt: skip
+            continue
+        target = server.target()
+        if args.compare_synapse or args.postgres:
+            target.settle = launched.postgres.checkpoint
+        targets.append(target)
+    return targets
 
 
 def scan_log_for_errors(server: object) -> list[str]:
@@ -651,10 +718,7 @@ def report(output: Output, args: argparse.Namespace) -> None:
     if not results:
         return
     out = sys.stdout
-    labels: list[str] = []
-    for r in results:
-        if r.server not in labels:
-            labels.append(r.server)
+    labels = list(dict.fromkeys(r.server for r in results))
     for label in labels:
         rows = [r for r in results if r.server == label]
         info = next((r.server_info for r in rows if r.server_info), {})
@@ -663,6 +727,19 @@ def report(output: Output, args: argparse.Namespace) -> None:
         )
         print_table(f"{label} ({described})" if described else label, rows, out)
     print_population_table(results, out)
+    _report_generator_cpu(results, out)
+    if "ours" in labels:
+        for other in labels:
+            if other != "ours":
+                _report_ratios(output, other, out)
+    if args.hosts:
+        from benchlib.scenarios_hosts import print_scaling
+
+        print_scaling(results, out)
+    _report_not_run(results, out)
+
+
+def _report_generator_cpu(results: list[Result], out: IO[str]) -> None:
     ok = [r for r in results if r.status == "ok" and r.gen_cpu_share is not None]
     if ok:
         worst = max(ok, key=lambda r: r.gen_cpu_share or 0.0)
@@ -671,29 +748,24 @@ def report(output: Output, args: argparse.Namespace) -> None:
             f"({worst.server} {worst.key}) on a {os.cpu_count()}-core machine",
             file=out,
         )
-    if "ours" in labels:
-        for other in labels:
-            if other == "ours":
-                continue
-            rows_ratio = ratio_rows(
-                [r for r in results if r.server == "ours"],
-                [r for r in results if r.server == other],
-            )
-            if not rows_ratio:
-                continue
-            print_summary(
-                [r for r in results if r.server == "ours"],
-                [r for r in results if r.server == other],
-                other,
-                out,
-            )
-            print_ratios(f"every figure: ours / {other}", rows_ratio, other, out)
-            for row in rows_ratio:
-                output.write_raw(RATIO_PREFIX + json.dumps({"vs": other, **row}))
-    if args.hosts:
-        from benchlib.scenarios_hosts import print_scaling
 
-        print_scaling(results, out)
+
+def _report_ratios(output: Output, other: str, out: IO[str]) -> None:
+    """Ours against ``other``: the summary, every figure's ratio, and those
+    ratios as JSON lines."""
+    ours = [r for r in output.results if r.server == "ours"]
+    theirs = [r for r in output.results if r.server == other]
+    rows_ratio = ratio_rows(ours, theirs)
+    if not rows_ratio:
+        return
+    print_summary(ours, theirs, other, out)
+    print_ratios(f"every figure: ours / {other}", rows_ratio, other, out)
+    for row in rows_ratio:
+        output.write_raw(RATIO_PREFIX + json.dumps({"vs": other, **row}))
+
+
+def _report_not_run(results: list[Result], out: IO[str]) -> None:
+    """What was skipped or failed, and samples of the errors seen."""
     skipped = [r for r in results if r.status != "ok"]
     if skipped:
         print("\nnot run:", file=out)

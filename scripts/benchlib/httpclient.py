@@ -142,59 +142,74 @@ class Connection:
     async def _read_response(
         self, reader: asyncio.StreamReader, method: str, keep_body: bool
     ) -> Response:
-        while True:
-            block = await reader.readuntil(b"\r\n\r\n")
-            lines = block.decode("latin-1").split("\r\n")
-            status_line = lines[0].split(" ", 2)
-            if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
-                raise ValueError(f"bad status line {lines[0]!r}")
-            status = int(status_line[1])
-            reason = status_line[2] if len(status_line) > 2 else ""
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                if not line:
-                    continue
-                name, _, value = line.partition(":")
-                name = name.strip().lower()
-                value = value.strip()
-                headers[name] = f"{headers[name]}, {value}" if name in headers else value
-            if 100 <= status < 200:
-                continue  # an interim answer such as 100 Continue
-            break
-        if status_line[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        version, status, reason, headers = await _read_head(reader)
+        while 100 <= status < 200:
+            # An interim answer such as 100 Continue.
+            version, status, reason, headers = await _read_head(reader)
+        if version == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
             headers["connection"] = "close"
         response = Response(status, reason, headers)
         if method == "HEAD" or status in (204, 304):
             return response
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            chunks: list[bytes] = []
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    # Trailers, if any, end with an empty line.
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                        pass
-                    break
-                data = await reader.readexactly(size + 2)
-                response.body_length += size
-                if keep_body:
-                    chunks.append(data[:-2])
-            response.body = b"".join(chunks)
+            await _read_chunked(reader, response, keep_body)
         elif "content-length" in headers:
-            remaining = int(headers["content-length"])
-            response.body_length = remaining
-            if keep_body:
-                response.body = await reader.readexactly(remaining)
-            else:
-                while remaining:
-                    data = await reader.read(min(remaining, 1 << 20))
-                    if not data:
-                        raise EOFError("connection closed inside the body")
-                    remaining -= len(data)
+            await _read_sized(reader, response, keep_body, int(headers["content-length"]))
         else:
             data = await reader.read()
             response.body_length = len(data)
             response.body = data if keep_body else b""
             headers["connection"] = "close"
         return response
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, int, str, dict[str, str]]:
+    """A response's status line and headers: HTTP version, status, reason,
+    headers by lower-case name (repeated ones joined with commas)."""
+    block = await reader.readuntil(b"\r\n\r\n")
+    lines = block.decode("latin-1").split("\r\n")
+    status_line = lines[0].split(" ", 2)
+    if len(status_line) < 2 or not status_line[0].startswith("HTTP/"):
+        raise ValueError(f"bad status line {lines[0]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        value = value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    reason = status_line[2] if len(status_line) > 2 else ""
+    return status_line[0], int(status_line[1]), reason, headers
+
+
+async def _read_chunked(reader: asyncio.StreamReader, response: Response, keep_body: bool) -> None:
+    chunks: list[bytes] = []
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            # Trailers, if any, end with an empty line.
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                pass
+            break
+        data = await reader.readexactly(size + 2)
+        response.body_length += size
+        if keep_body:
+            chunks.append(data[:-2])
+    response.body = b"".join(chunks)
+
+
+async def _read_sized(
+    reader: asyncio.StreamReader, response: Response, keep_body: bool, length: int
+) -> None:
+    response.body_length = length
+    if keep_body:
+        response.body = await reader.readexactly(length)
+        return
+    remaining = length
+    while remaining:
+        data = await reader.read(min(remaining, 1 << 20))
+        if not data:
+            raise EOFError("connection closed inside the body")
+        remaining -= len(data)

@@ -145,61 +145,67 @@ class _Origin:
         return hashlib.sha256(media_id.encode()).digest(), memoryview(buffer)[32:]
 
 
+class _OriginHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # The origin served: set on the subclass _handler makes.
+    origin: _Origin
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request would cost more than the answer
+
+    def _send(self, status: int, headers: dict[str, str], parts: list[bytes | memoryview]):
+        self.send_response(status)
+        length = sum(len(p) for p in parts)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        for part in parts:
+            self.wfile.write(part)
+
+    def _not_found(self) -> None:
+        body = b'{"errcode":"M_NOT_FOUND","error":"Not found"}'
+        self._send(404, {"Content-Type": "application/json"}, [body])
+
+    def _download(self, path: str) -> tuple[str | None, bool]:
+        """The media ID a download path names (None if it names none), and
+        whether it is the federation endpoint's (multipart) path."""
+        federation = "/_matrix/federation/v1/media/download/"
+        legacy = f"/_matrix/media/v3/download/{self.origin.server_name}/"
+        legacy_r0 = f"/_matrix/media/r0/download/{self.origin.server_name}/"
+        for prefix in (federation, legacy, legacy_r0):
+            if path.startswith(prefix):
+                return path[len(prefix) :], prefix == federation
+        return None, False
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/_matrix/key/v2/server":
+            self._send(200, {"Content-Type": "application/json"}, [self.origin.key_document()])
+            return
+        media_id, federation = self._download(path)
+        found = self.origin.media(media_id) if media_id is not None else None
+        if found is None:
+            self._not_found()
+            return
+        head, rest = found
+        if not federation:
+            self._send(200, {"Content-Type": "application/octet-stream"}, [head, rest])
+            return
+        opening = (
+            f"--{_BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n"
+            f"--{_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        closing = f"\r\n--{_BOUNDARY}--\r\n".encode()
+        self._send(
+            200,
+            {"Content-Type": f"multipart/mixed; boundary={_BOUNDARY}"},
+            [opening, head, rest, closing],
+        )
+
+
 def _handler(origin: _Origin) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # one line per request would cost more than the answer
-
-        def _send(self, status: int, headers: dict[str, str], parts: list[bytes | memoryview]):
-            self.send_response(status)
-            length = sum(len(p) for p in parts)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(length))
-            self.end_headers()
-            for part in parts:
-                self.wfile.write(part)
-
-        def _not_found(self) -> None:
-            body = b'{"errcode":"M_NOT_FOUND","error":"Not found"}'
-            self._send(404, {"Content-Type": "application/json"}, [body])
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/_matrix/key/v2/server":
-                self._send(200, {"Content-Type": "application/json"}, [origin.key_document()])
-                return
-            federation = "/_matrix/federation/v1/media/download/"
-            legacy = f"/_matrix/media/v3/download/{origin.server_name}/"
-            legacy_r0 = f"/_matrix/media/r0/download/{origin.server_name}/"
-            for prefix in (federation, legacy, legacy_r0):
-                if path.startswith(prefix):
-                    found = origin.media(path[len(prefix) :])
-                    break
-            else:
-                self._not_found()
-                return
-            if found is None:
-                self._not_found()
-                return
-            head, rest = found
-            if prefix != federation:
-                self._send(200, {"Content-Type": "application/octet-stream"}, [head, rest])
-                return
-            opening = (
-                f"--{_BOUNDARY}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n"
-                f"--{_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n"
-            ).encode()
-            closing = f"\r\n--{_BOUNDARY}--\r\n".encode()
-            self._send(
-                200,
-                {"Content-Type": f"multipart/mixed; boundary={_BOUNDARY}"},
-                [opening, head, rest, closing],
-            )
-
-    return Handler
+    return type("Handler", (_OriginHandler,), {"origin": origin})
 
 
 def serve(port: int, cert: str, key: str, signing_seed_hex: str) -> None:

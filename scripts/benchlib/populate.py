@@ -307,109 +307,22 @@ def _secondary_indexes(cursor: Any) -> list[tuple[str, str]]:
     return [(row[0], row[1]) for row in cursor.fetchall()]
 
 
-def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population:
-    rng = random.Random(n)
-    now_ms = int(time.time() * 1000)
-    stale_before = now_ms - 700 * DAY_MS
-    stale_count = min(100_000, n // 10)
-    heavy_count = min(100_000, n // 10)
-    user_count = max(100, n // 10)
-    files = _Files(media_store)
+def _content_hash(rng: random.Random, hashes: list[str]) -> str:
+    """A new media's SHA-256: now and then a copy of earlier content
+    (forwarded images, stickers), among the first 10,000 ``hashes``."""
+    if hashes and rng.random() < 0.05:
+        return rng.choice(hashes)
+    sha256 = rng.randbytes(32).hex()
+    if len(hashes) < 10_000:
+        hashes.append(sha256)
+    return sha256
 
-    users = _CopyBuffer(
-        cursor, "users", ("name", "creation_ts", "admin", "is_guest", "deactivated")
-    )
-    tokens = _CopyBuffer(cursor, "access_tokens", ("id", "user_id", "token"))
-    bench_token = "syt_bench_" + _ids(rng, 1, 30)[0]
-    user_ids = [f"@user{i}:{SERVER_NAME}" for i in range(user_count)]
-    for index, (user_id, admin) in enumerate(
-        [(BENCH_USER, 1), (HEAVY_USER, 0), (LISTED_USER, 0)] + [(u, 0) for u in user_ids]
-    ):
-        users.add(user_id, now_ms // 1000 - 1000 * 86400, admin, 0, 0)
-        token = bench_token if user_id == BENCH_USER else f"syt_pop_{index}_{_ids(rng, 1, 20)[0]}"
-        tokens.add(index + 1, user_id, token)
-    users.flush()
-    tokens.flush()
-    log(f"{users.rows} users with access tokens")
 
-    local = _CopyBuffer(
-        cursor,
-        "local_media_repository",
-        ("media_id", "media_type", "media_length", "created_ts", "upload_name", "user_id",
-         "quarantined_by", "last_access_ts", "safe_from_quarantine", "authenticated", "sha256"),
-    )  # fmt: skip
-    local_thumbs = _CopyBuffer(
-        cursor,
-        "local_media_repository_thumbnails",
-        ("media_id", "thumbnail_width", "thumbnail_height", "thumbnail_type",
-         "thumbnail_method", "thumbnail_length"),
-    )  # fmt: skip
-    media_ids = _ids(rng, n)
-    hashes: list[str] = []
-    sample: list[str] = []
-    # The stale media first, then the heavy user's, then the rest, among
-    # which the listed user's every listed_stride-th row.
-    listed_first = stale_count + heavy_count
-    listed_stride = max(1, (n - listed_first) // LISTED_COUNT)
-    listed_count = 0
-    for i, media_id in enumerate(media_ids):
-        stale = i < stale_count
-        if stale:
-            created = stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS)
-            user = user_ids[int(rng.random() ** 3 * user_count)]
-        else:
-            created = stale_before + rng.randrange(1, 690 * DAY_MS)
-            if i < listed_first:
-                user = HEAVY_USER
-            elif (i - listed_first) % listed_stride == 0 and listed_count < LISTED_COUNT:
-                user = LISTED_USER
-                listed_count += 1
-            else:
-                user = user_ids[int(rng.random() ** 3 * user_count)]
-        media_type, length, thumbs = _kind(rng)
-        in_sample = (
-            not stale
-            and user not in (HEAVY_USER, LISTED_USER)
-            and len(sample) < SAMPLE_SIZE
-            and i % 7 == 0
-        )
-        if in_sample:
-            sample.append(media_id)
-            length = SAMPLE_LENGTH
-        read = rng.random() < 0.6
-        last_access = created + rng.randrange(0, 5 * DAY_MS) if read else None
-        # A copy of earlier content now and then (forwarded images, stickers).
-        if hashes and rng.random() < 0.05:
-            sha256 = rng.choice(hashes)
-        else:
-            sha256 = rng.randbytes(32).hex()
-            if len(hashes) < 10_000:
-                hashes.append(sha256)
-        quarantine = rng.random() < 0.001 and not in_sample
-        quarantined = f"@admin:{SERVER_NAME}" if quarantine else None
-        local.add_line(
-            f"{media_id}\t{media_type}\t{length}\t{created}\tfile{i}\t{user}"
-            f"\t{_copy_value(quarantined)}\t{_copy_value(last_access)}\tf"
-            f"\t{'f' if stale else 't'}\t{sha256}"
-        )
-        has_files = stale or in_sample
-        if has_files:
-            files.content(os.path.join("local_content", *_split(media_id)))
-        if thumbs:
-            for width, height, method in THUMBNAIL_SIZES:
-                local_thumbs.add_line(
-                    f"{media_id}\t{width}\t{height}\timage/jpeg\t{method}"
-                    f"\t{_log_uniform(rng, 800, 60_000)}"
-                )
-                if has_files:
-                    name = _thumb_name(width, height, method)
-                    files.thumbnail(os.path.join("local_thumbnails", *_split(media_id), name))
-        if i % 200_000 == 0 and i:
-            log(f"{i} local media")
-    local.flush()
-    local_thumbs.flush()
-    log(f"{local.rows} local media, {local_thumbs.rows} local thumbnails")
-
+def _fill_remote(
+    cursor: Any, rng: random.Random, n: int, stale_count: int, stale_before: int, files: _Files
+) -> None:
+    """``n`` cached remote media, the first ``stale_count`` of them stale
+    and with files on disk, and their thumbnails."""
     remote = _CopyBuffer(
         cursor,
         "remote_media_cache",
@@ -458,6 +371,137 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
         f"{remote.rows} remote media, {remote_thumbs.rows} remote thumbnails;"
         f" {files.links} files linked"
     )
+
+
+class _Owners:
+    """Who made the i-th local media, and when: the stale media first (by
+    anyone), then the heavy user's, then the rest, among which the listed
+    user's every stride-th row."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        user_ids: list[str],
+        stale_count: int,
+        heavy_count: int,
+        stale_before: int,
+        n: int,
+    ) -> None:
+        self._rng = rng
+        self._user_ids = user_ids
+        self._stale_count = stale_count
+        self._stale_before = stale_before
+        self._listed_first = stale_count + heavy_count
+        self._listed_stride = max(1, (n - self._listed_first) // LISTED_COUNT)
+        self._listed_count = 0
+
+    def of(self, i: int) -> tuple[int, str]:
+        """(created_ts, user ID) of the i-th media, i counting up from 0."""
+        rng = self._rng
+        if i < self._stale_count:
+            return self._stale_before - rng.randrange(6 * DAY_MS, 300 * DAY_MS), self._anyone()
+        created = self._stale_before + rng.randrange(1, 690 * DAY_MS)
+        if i < self._listed_first:
+            return created, HEAVY_USER
+        listed_turn = (i - self._listed_first) % self._listed_stride == 0
+        if listed_turn and self._listed_count < LISTED_COUNT:
+            self._listed_count += 1
+            return created, LISTED_USER
+        return created, self._anyone()
+
+    @property
+    def listed_count(self) -> int:
+        """How many of the media so far are the listed user's."""
+        return self._listed_count
+
+    def _anyone(self) -> str:
+        # A few users make most media (a cube of a uniform variable).
+        return self._user_ids[int(self._rng.random() ** 3 * len(self._user_ids))]
+
+
+def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population:
+    rng = random.Random(n)
+    now_ms = int(time.time() * 1000)
+    stale_before = now_ms - 700 * DAY_MS
+    stale_count = min(100_000, n // 10)
+    heavy_count = min(100_000, n // 10)
+    user_count = max(100, n // 10)
+    files = _Files(media_store)
+
+    users = _CopyBuffer(
+        cursor, "users", ("name", "creation_ts", "admin", "is_guest", "deactivated")
+    )
+    tokens = _CopyBuffer(cursor, "access_tokens", ("id", "user_id", "token"))
+    bench_token = "syt_bench_" + _ids(rng, 1, 30)[0]
+    user_ids = [f"@user{i}:{SERVER_NAME}" for i in range(user_count)]
+    for index, (user_id, admin) in enumerate(
+        [(BENCH_USER, 1), (HEAVY_USER, 0), (LISTED_USER, 0)] + [(u, 0) for u in user_ids]
+    ):
+        users.add(user_id, now_ms // 1000 - 1000 * 86400, admin, 0, 0)
+        token = bench_token if user_id == BENCH_USER else f"syt_pop_{index}_{_ids(rng, 1, 20)[0]}"
+        tokens.add(index + 1, user_id, token)
+    users.flush()
+    tokens.flush()
+    log(f"{users.rows} users with access tokens")
+
+    local = _CopyBuffer(
+        cursor,
+        "local_media_repository",
+        ("media_id", "media_type", "media_length", "created_ts", "upload_name", "user_id",
+         "quarantined_by", "last_access_ts", "safe_from_quarantine", "authenticated", "sha256"),
+    )  # fmt: skip
+    local_thumbs = _CopyBuffer(
+        cursor,
+        "local_media_repository_thumbnails",
+        ("media_id", "thumbnail_width", "thumbnail_height", "thumbnail_type",
+         "thumbnail_method", "thumbnail_length"),
+    )  # fmt: skip
+    media_ids = _ids(rng, n)
+    hashes: list[str] = []
+    sample: list[str] = []
+    owners = _Owners(rng, user_ids, stale_count, heavy_count, stale_before, n)
+    for i, media_id in enumerate(media_ids):
+        stale = i < stale_count
+        created, user = owners.of(i)
+        media_type, length, thumbs = _kind(rng)
+        in_sample = (
+            not stale
+            and user not in (HEAVY_USER, LISTED_USER)
+            and len(sample) < SAMPLE_SIZE
+            and i % 7 == 0
+        )
+        if in_sample:
+            sample.append(media_id)
+            length = SAMPLE_LENGTH
+        read = rng.random() < 0.6
+        last_access = created + rng.randrange(0, 5 * DAY_MS) if read else None
+        sha256 = _content_hash(rng, hashes)
+        quarantine = rng.random() < 0.001 and not in_sample
+        quarantined = f"@admin:{SERVER_NAME}" if quarantine else None
+        local.add_line(
+            f"{media_id}\t{media_type}\t{length}\t{created}\tfile{i}\t{user}"
+            f"\t{_copy_value(quarantined)}\t{_copy_value(last_access)}\tf"
+            f"\t{'f' if stale else 't'}\t{sha256}"
+        )
+        has_files = stale or in_sample
+        if has_files:
+            files.content(os.path.join("local_content", *_split(media_id)))
+        if thumbs:
+            for width, height, method in THUMBNAIL_SIZES:
+                local_thumbs.add_line(
+                    f"{media_id}\t{width}\t{height}\timage/jpeg\t{method}"
+                    f"\t{_log_uniform(rng, 800, 60_000)}"
+                )
+                if has_files:
+                    name = _thumb_name(width, height, method)
+                    files.thumbnail(os.path.join("local_thumbnails", *_split(media_id), name))
+        if i % 200_000 == 0 and i:
+            log(f"{i} local media")
+    local.flush()
+    local_thumbs.flush()
+    log(f"{local.rows} local media, {local_thumbs.rows} local thumbnails")
+
+    _fill_remote(cursor, rng, n, stale_count, stale_before, files)
     return Population(
         n=n,
         format=FORMAT,
@@ -470,7 +514,7 @@ def _fill(cursor: Any, n: int, template_db: str, media_store: str) -> Population
         heavy_user=HEAVY_USER,
         heavy_count=heavy_count,
         listed_user=LISTED_USER,
-        listed_count=listed_count,
+        listed_count=owners.listed_count,
         users=users.rows,
         bench_token=bench_token,
         sample_media=sample,

@@ -22,7 +22,6 @@ from benchlib.procmon import (
     GeneratorMeter,
     ServerMonitor,
     cpu_idle_wait,
-    is_alive,
     machine_busy_seconds,
     postgres_cpu_seconds,
 )
@@ -730,17 +729,17 @@ async def thumbnail_cached(target: Target, opts: Options) -> list[Result]:
     return results
 
 
-async def create_put(target: Target, opts: Options) -> list[Result]:
-    connections = opts.conns(16)
-    create = target.path("/_matrix/media/v1/create")
-    base = os.urandom(SMALL_SIZE)
+def _put_path(target: Target, created: Response) -> str:
+    """Where the content of the media a create answer reserved is PUT."""
+    server, media_id = parse_mxc(created.json().get("content_uri", ""))
+    return target.path(
+        f"/_matrix/media/v3/upload/{quote(server)}/{quote(media_id)}?filename=bench.bin"
+    )
 
-    async def put_path(response: Response) -> str:
-        server, media_id = parse_mxc(response.json().get("content_uri", ""))
-        return target.path(
-            f"/_matrix/media/v3/upload/{quote(server)}/{quote(media_id)}?filename=bench.bin"
-        )
 
+async def _probe_create_put(target: Target, opts: Options, create: str, base: bytes) -> None:
+    """One create and PUT: the scenario is skipped where create is not
+    served, and fails where either is refused."""
     probe_conn = target.connection(timeout=opts.request_timeout)
     try:
         try:
@@ -755,7 +754,7 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
             raise ScenarioFailed(f"POST {create} answered {probe.short()}")
         check = await probe_conn.request(
             "PUT",
-            await put_path(probe),
+            _put_path(target, probe),
             headers={"Content-Type": "application/octet-stream"},
             body=unique_small_body(base),
         )
@@ -763,6 +762,13 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
             raise ScenarioFailed(f"PUT after create answered {check.short()}")
     finally:
         probe_conn.close()
+
+
+async def create_put(target: Target, opts: Options) -> list[Result]:
+    connections = opts.conns(16)
+    create = target.path("/_matrix/media/v1/create")
+    base = os.urandom(SMALL_SIZE)
+    await _probe_create_put(target, opts, create, base)
 
     async def op(conn: Connection, rec: Recorder) -> bool:
         t0 = time.perf_counter()
@@ -777,7 +783,7 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
         if not rec.response("create", t1 - t0, created, "POST create"):
             return False
         body = unique_small_body(base)
-        path = await put_path(created)
+        path = _put_path(target, created)
         try:
             put = await conn.request(
                 "PUT", path, headers={"Content-Type": "application/octet-stream"}, body=body
@@ -807,63 +813,4 @@ async def create_put(target: Target, opts: Options) -> list[Result]:
     return [measurement.finish(result)]
 
 
-async def preview(target: Target, opts: Options) -> list[Result]:
-    # In its own module (it serves the pages it previews), which imports this one.
-    from benchlib.preview import run_preview
-
-    return await run_preview(target, opts)
-
-
 Scenario = Callable[[Target, Options], Awaitable[list[Result]]]
-
-SCENARIOS: dict[str, Scenario] = {
-    "upload_small": upload_small,
-    "upload_large": upload_large,
-    "download_small": download_small,
-    "download_small_legacy": download_small_legacy,
-    "download_large": download_large,
-    "thumbnail_upload": thumbnail_upload,
-    "thumbnail_upload_heic": thumbnail_upload_heic,
-    "thumbnail_upload_video": thumbnail_upload_video,
-    "thumbnail_dynamic": thumbnail_dynamic,
-    "thumbnail_cached": thumbnail_cached,
-    "create_put": create_put,
-    "preview": preview,
-}
-
-# Scenarios in modules of their own (which import this one, so they come last).
-from benchlib.scenarios_remote import remote_fetch  # noqa: E402
-from benchlib.scenarios_thumbnails import thumbnail_cold  # noqa: E402
-
-SCENARIOS["thumbnail_cold"] = thumbnail_cold
-SCENARIOS["remote_fetch"] = remote_fetch
-
-# Scenarios that need Pillow (to make or read JPEGs).
-NEEDS_PILLOW = {
-    "thumbnail_upload",
-    "thumbnail_dynamic",
-    "thumbnail_cached",
-    "thumbnail_cold",
-    "preview",
-}
-# Scenarios that need an origin on loopback TLS (its certificates and key).
-NEEDS_ORIGIN = {"remote_fetch"}
-# Scenarios that also need pillow-heif or PyAV (to make their sources).
-NEEDS_HEIF = {"thumbnail_upload_heic"}
-NEEDS_AV = {"thumbnail_upload_video"}
-
-
-async def run_scenario(name: str, target: Target, opts: Options) -> list[Result]:
-    """Run one scenario; a skip or failure becomes a result row instead of an exception."""
-    if target.pid is not None and not is_alive(target.pid):
-        results = [Result(target.label, name, status="failed", reason="server is not running")]
-    else:
-        try:
-            results = await SCENARIOS[name](target, opts)
-        except ScenarioSkipped as e:
-            results = [Result(target.label, name, status="skipped", reason=str(e))]
-        except (ScenarioFailed, RequestFailed) as e:
-            results = [Result(target.label, name, status="failed", reason=str(e))]
-    for result in results:
-        result.server_info = result.server_info or dict(target.info)
-    return results

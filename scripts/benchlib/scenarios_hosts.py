@@ -26,7 +26,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from benchlib.cluster import MotoS3, require_moto, setup_cluster
-from benchlib.httpclient import Connection, RequestFailed
+from benchlib.httpclient import Connection, RequestFailed, Response
 from benchlib.results import Result
 from benchlib.scenarios import (
     Measurement,
@@ -181,6 +181,29 @@ async def get_each(target: Target, opts: Options, paths: Sequence[str], status: 
     await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
 
 
+class _ObjectStore:
+    """Redirects to the object store followed, on a connection to it per
+    connection to ours."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._connections: dict[int, Connection] = {}
+
+    async def follow(self, conn: Connection, redirect: Response) -> Response:
+        location = urlsplit(redirect.headers.get("location", ""))
+        store = self._connections.get(id(conn))
+        if store is None:
+            store = Connection(
+                location.hostname or "127.0.0.1", location.port or 80, timeout=self._timeout
+            )
+            self._connections[id(conn)] = store
+        return await store.request("GET", f"{location.path}?{location.query}", keep_body=False)
+
+    def close(self) -> None:
+        for store in self._connections.values():
+            store.close()
+
+
 async def _redirect_variant(
     target: Target, opts: Options, media: Sequence[str], variant: str
 ) -> Result:
@@ -188,8 +211,7 @@ async def _redirect_variant(
     paths = itertools.cycle(
         [target.path(download_path(target.server_name, m)) + query for m in media]
     )
-    # The object store's connection of each of ours.
-    store_connections: dict[int, Connection] = {}
+    store = _ObjectStore(opts.request_timeout)
     expected = 200 if variant == "direct" else 307
 
     async def op(conn: Connection, rec: Recorder) -> bool:
@@ -208,19 +230,8 @@ async def _redirect_variant(
             rec.statuses[response.status] += 1
             return True
         if variant == "followed":
-            location = urlsplit(response.headers.get("location", ""))
-            store = store_connections.get(id(conn))
-            if store is None:
-                store = Connection(
-                    location.hostname or "127.0.0.1",
-                    location.port or 80,
-                    timeout=opts.request_timeout,
-                )
-                store_connections[id(conn)] = store
             try:
-                response = await store.request(
-                    "GET", f"{location.path}?{location.query}", keep_body=False
-                )
+                response = await store.follow(conn, response)
             except RequestFailed as e:
                 rec.failure("get", e, "GET Location")
                 return False
@@ -234,8 +245,7 @@ async def _redirect_variant(
     try:
         recorder, elapsed = await closed_loop(target, opts, CONNECTIONS, op)
     finally:
-        for store in store_connections.values():
-            store.close()
+        store.close()
     result = loop_result(target, "download_redirect", CONNECTIONS, recorder, elapsed, "get")
     result.variant = variant
     if variant == "307":

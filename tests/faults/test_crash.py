@@ -46,12 +46,13 @@ import psycopg2
 import yaml
 from PIL import Image
 from twisted.internet.threads import deferToThread
+from twisted.trial import unittest
 
 import mediarepo
 from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.media.paths import local_media_path, local_thumbnail_path
 from tests.processes import STARTUP_TIMEOUT, free_port
-from tests.utils import database_section, on_both_databases
+from tests.utils import database_section
 
 SERVER_NAME = "crash.test"
 CONCURRENT = 200
@@ -92,7 +93,7 @@ def random_image(rng: random.Random) -> tuple[bytes, str]:
     return out.getvalue(), "image/png"
 
 
-class CrashTestMixin:
+class CrashTests(unittest.TestCase):
     engine = "sqlite3"
     timeout = 240
 
@@ -100,15 +101,15 @@ class CrashTestMixin:
 
     def setUp(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-crash-")
-        self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
+        self.addCleanup(shutil.rmtree, self.workdir, True)
         cleanups: list[Callable[[], None]] = []
         self.database = database_section(self.engine, self.workdir, cleanups)
         for cleanup in cleanups:
-            self.addCleanup(cleanup)  # type: ignore[attr-defined]
+            self.addCleanup(cleanup)
         self.port = free_port()
         self.store = os.path.join(self.workdir, "media_store")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
-        config = {
+        config: dict[str, Any] = {
             "server_name": SERVER_NAME,
             "listeners": [
                 {"port": self.port, "bind_addresses": ["127.0.0.1"], "type": "http",
@@ -124,7 +125,7 @@ class CrashTestMixin:
             yaml.safe_dump(config, f)
         write_new_signing_key(config["signing_key_path"])
         self.process: subprocess.Popen[bytes] | None = None
-        self.addCleanup(self._kill)  # type: ignore[attr-defined]
+        self.addCleanup(self._kill)
         self.rng = random.Random(13)
         self.logs = 0
         # The server runs the code under test, installed or not.
@@ -153,7 +154,8 @@ class CrashTestMixin:
         try:
             with pg.cursor() as cur:
                 cur.execute(sql.replace("?", "%s"), args or None)
-                return cur.fetchall()
+                rows: list[tuple[Any, ...]] = cur.fetchall()
+                return rows
         finally:
             pg.close()
 
@@ -166,7 +168,7 @@ class CrashTestMixin:
             argv += ["--workers", str(workers)]
         log = open(os.path.join(self.workdir, f"server-{self.logs}.log"), "wb")
         self.logs += 1
-        self.addCleanup(log.close)  # type: ignore[attr-defined]
+        self.addCleanup(log.close)
         started = time.monotonic()
         # A session of its own: SIGKILL reaches the supervisor and its workers.
         self.process = subprocess.Popen(
@@ -198,7 +200,7 @@ class CrashTestMixin:
     def _stop(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        self.assertEqual(self.process.wait(30), 0)  # type: ignore[attr-defined]
+        self.assertEqual(self.process.wait(30), 0)
         self.process = None
 
     def http(
@@ -312,7 +314,7 @@ class CrashTestMixin:
             if not missing and not self._owed_thumbnails():
                 break
             elapsed = time.monotonic() - restarted
-            self.assertLess(  # type: ignore[attr-defined]
+            self.assertLess(
                 elapsed, RECOVERY_TIMEOUT,
                 f"round {number}: {len(missing)} images still without thumbnails",
             )  # fmt: skip
@@ -332,8 +334,8 @@ class CrashTestMixin:
             status, body = self.http(
                 "GET", f"/_matrix/client/v1/media/download/{SERVER_NAME}/{outcome.media_id}"
             )
-            self.assertEqual(status, 200, outcome.media_id)  # type: ignore[attr-defined]
-            self.assertEqual(body, outcome.sent.data, outcome.media_id)  # type: ignore[attr-defined]
+            self.assertEqual(status, 200, outcome.media_id)
+            self.assertEqual(body, outcome.sent.data, outcome.media_id)
 
         for outcome in outcomes:
             if outcome.acknowledged or outcome.sent.kind != "put":
@@ -351,14 +353,14 @@ class CrashTestMixin:
         path = f"/_matrix/media/v3/upload/{SERVER_NAME}/{sent.media_id}"
         status, body = self.http("PUT", path, sent.data, {"Content-Type": sent.content_type})
         if length is None:
-            self.assertEqual(status, 200, (sent.media_id, body))  # type: ignore[attr-defined]
+            self.assertEqual(status, 200, (sent.media_id, body))
         else:
             # It landed before the kill, unanswered: the content stays.
-            self.assertEqual(status, 409, (sent.media_id, body))  # type: ignore[attr-defined]
+            self.assertEqual(status, 409, (sent.media_id, body))
         status, body = self.http(
             "GET", f"/_matrix/client/v1/media/download/{SERVER_NAME}/{sent.media_id}"
         )
-        self.assertEqual((status, body == sent.data), (200, True), sent.media_id)  # type: ignore[attr-defined]
+        self.assertEqual((status, body == sent.data), (200, True), sent.media_id)
 
     def _check_store(self) -> None:
         # The retried PUTs' images are being thumbnailed (owed rows, files
@@ -378,26 +380,24 @@ class CrashTestMixin:
         }
         for media_id, length in rows.items():
             path = os.path.join(self.store, local_media_path(media_id))
-            self.assertTrue(os.path.isfile(path), f"{media_id} has a row but no file")  # type: ignore[attr-defined]
-            self.assertEqual(os.path.getsize(path), length, media_id)  # type: ignore[attr-defined]
+            self.assertTrue(os.path.isfile(path), f"{media_id} has a row but no file")
+            self.assertEqual(os.path.getsize(path), length, media_id)
         content = os.path.join(self.store, "local_content")
         for root, _dirs, names in os.walk(content):
             for name in names:
                 parts = os.path.relpath(os.path.join(root, name), content).split(os.sep)
-                self.assertIn("".join(parts), rows, "a file without its row")  # type: ignore[attr-defined]
+                self.assertIn("".join(parts), rows, "a file without its row")
         for media_id, width, height, content_type, method in self.query(
             "SELECT media_id, thumbnail_width, thumbnail_height, thumbnail_type,"
             " thumbnail_method FROM local_media_repository_thumbnails"
         ):
             path = local_thumbnail_path(media_id, width, height, content_type, method)
-            self.assertTrue(  # type: ignore[attr-defined]
-                os.path.isfile(os.path.join(self.store, path)), f"no file for {path}"
-            )
+            self.assertTrue(os.path.isfile(os.path.join(self.store, path)), f"no file for {path}")
         # The start-up sweep took the dead server's staging files (the
         # retried PUTs' own are gone with their answers).
         staging = os.listdir(staging_dir)
-        self.assertEqual(staging, [], "staging files outlived the sweep")  # type: ignore[attr-defined]
-        self.assertEqual(self._owed_thumbnails(), 0)  # type: ignore[attr-defined]
+        self.assertEqual(staging, [], "staging files outlived the sweep")
+        self.assertEqual(self._owed_thumbnails(), 0)
 
     def _rounds(self, workers: int) -> None:
         self.token = self._register()
@@ -413,4 +413,5 @@ class CrashTestMixin:
         return deferToThread(self._rounds, 2)
 
 
-on_both_databases(CrashTestMixin)
+class CrashPostgresTests(CrashTests):
+    engine = "psycopg2"

@@ -34,19 +34,20 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import attrs
 import psycopg2
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.app import SHUTDOWN_GRACE_SECONDS
 from mediarepo.federation.keys import write_new_signing_key
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests.processes import ServerProcesses, free_port
 from tests.tcp_proxy import TcpProxy
-from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_database
+from tests.utils import create_postgres_database, drop_postgres_database, postgres_params
 
 SERVER_NAME = "outage.test"
 OUTAGE_SECONDS = 10.0
@@ -139,7 +140,7 @@ def download_path(media_id: str) -> str:
     return f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"
 
 
-class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
+class DatabaseOutageTests(ServerProcesses):
     timeout = 120
 
     def setUp(self) -> None:
@@ -149,11 +150,11 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
         self.addCleanup(self._kill_all)
         self.dbname = create_postgres_database()
         self.addCleanup(drop_postgres_database, self.dbname)
-        self.proxy = TcpProxy(POSTGRES_DSN["host"], POSTGRES_DSN["port"])
+        self.proxy = TcpProxy(postgres_params()["host"], postgres_params()["port"])
         self.addCleanup(self.proxy.close)
         self.port = free_port()
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
-        config = {
+        config: dict[str, Any] = {
             "server_name": SERVER_NAME,
             "listeners": [
                 {
@@ -166,7 +167,7 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
             "database": {
                 "name": "psycopg2",
                 "args": {
-                    **POSTGRES_DSN,
+                    **postgres_params(),
                     "host": "127.0.0.1",
                     "port": self.proxy.port,
                     "dbname": self.dbname,
@@ -185,7 +186,7 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
     def listening_backends(self) -> int:
         """This test database's sessions whose last statement was our last
         LISTEN (the connection listens on each channel in turn)."""
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         try:
             with conn.cursor() as cur:
                 cur.execute(
@@ -299,8 +300,8 @@ class DatabaseOutageTests(ServerProcesses, unittest.TestCase):
             file=sys.stderr,
         )
 
-    def test_one_process_blackholed(self) -> None:
-        return deferToThread(self.run_outage, 1, "blackhole")  # type: ignore[return-value]
+    def test_one_process_blackholed(self) -> Deferred[None]:
+        return deferToThread(self.run_outage, 1, "blackhole")
 
-    def test_two_workers_refused(self) -> None:
-        return deferToThread(self.run_outage, 2, "refuse")  # type: ignore[return-value]
+    def test_two_workers_refused(self) -> Deferred[None]:
+        return deferToThread(self.run_outage, 2, "refuse")

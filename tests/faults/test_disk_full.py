@@ -21,7 +21,7 @@ from twisted.trial.unittest import SkipTest
 
 from mediarepo.media.providers.local import STAGING_DIR
 from tests import images
-from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase
 
 STORE_SIZE = "4m"
 CREATE = "/_matrix/media/v1/create"
@@ -67,20 +67,19 @@ def fill(path: str) -> None:
                     break
 
 
-@on_both_databases
-class DiskFullTests(ServerTestMixin):
+class DiskFullTests(ServerTestCase):
     extra_config = {"dynamic_thumbnails": True, "admin_contact": "mailto:ops@test.example"}
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.store = mount_small_store()
         # Registered first, so it runs last: after the server has stopped.
-        self.addCleanup(unmount, self.store)  # type: ignore[attr-defined]
+        self.addCleanup(unmount, self.store)
         self.extra_config = {**self.extra_config, "media_store_path": self.store}
         self.logged = LogRecords()
         root = logging.getLogger("mediarepo")
         root.addHandler(self.logged)
-        self.addCleanup(root.removeHandler, self.logged)  # type: ignore[attr-defined]
-        await super().setUp()
+        self.addCleanup(root.removeHandler, self.logged)
+        await super().set_up()
 
     def staging_files(self) -> list[str]:
         return os.listdir(os.path.join(self.store, STAGING_DIR))
@@ -139,3 +138,7 @@ class DiskFullTests(ServerTestMixin):
         r = await self.request("GET", f"{THUMBNAIL}/{picture_id}?width=50&height=50", token=token)
         self.assertEqual((r.code, r.header("content-type")), (200, "image/png"))
         self.assertEqual(self.staging_files(), [])
+
+
+class DiskFullPostgresTests(DiskFullTests):
+    engine = "psycopg2"

@@ -16,20 +16,20 @@ import time
 from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.federation.keys import write_new_signing_key
 from tests.faults.test_database_outage import SERVER_NAME, Load, download_path
 from tests.processes import ServerProcesses, free_port
 from tests.s3 import MotoServer
-from tests.utils import POSTGRES_DSN, create_postgres_database, drop_postgres_database
+from tests.utils import create_postgres_database, drop_postgres_database, postgres_params
 
 # How long the load runs before the kill, and after it.
 LOAD_SECONDS = 3.0
 
 
-class InstanceKilledTests(ServerProcesses, unittest.TestCase):
+class InstanceKilledTests(ServerProcesses):
     timeout = 180
 
     def setUp(self) -> None:
@@ -40,7 +40,7 @@ class InstanceKilledTests(ServerProcesses, unittest.TestCase):
         self.dbname = create_postgres_database()
         self.addCleanup(drop_postgres_database, self.dbname)
         self.moto = MotoServer(self.workdir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         key_path = os.path.join(self.workdir, "signing.key")
         write_new_signing_key(key_path)
@@ -52,7 +52,7 @@ class InstanceKilledTests(ServerProcesses, unittest.TestCase):
                 "listeners": [{"port": port, "bind_addresses": ["127.0.0.1"], "type": "http",
                                "resources": [{"names": ["client", "media"]}]}],
                 "database": {"name": "psycopg2",
-                             "args": {**POSTGRES_DSN, "dbname": self.dbname, "cp_min": 2,
+                             "args": {**postgres_params(), "dbname": self.dbname, "cp_min": 2,
                                       "cp_max": 5}},
                 "media_store_path": os.path.join(self.workdir, f"store-{index}"),
                 "signing_key_path": key_path,
@@ -63,8 +63,8 @@ class InstanceKilledTests(ServerProcesses, unittest.TestCase):
                 yaml.safe_dump(config, f)
             self.configs.append(path)
 
-    def test_killed_instance_loses_nothing_and_the_other_serves_on(self) -> None:
-        return deferToThread(self._scenario)  # type: ignore[return-value]
+    def test_killed_instance_loses_nothing_and_the_other_serves_on(self) -> Deferred[None]:
+        return deferToThread(self._scenario)
 
     def _scenario(self) -> None:
         register = self._mediarepo("register-user", "-c", self.configs[0], f"@alice:{SERVER_NAME}")

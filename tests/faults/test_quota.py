@@ -28,9 +28,9 @@ from twisted.internet.threads import deferToThread
 
 from tests.processes import SERVER_NAME, ServerProcessCase
 from tests.utils import (
-    POSTGRES_DSN,
     create_postgres_database,
     drop_postgres_database,
+    postgres_params,
     read_until_closed,
 )
 
@@ -99,7 +99,7 @@ class QuotaUnderConcurrencyTests(ServerProcessCase):
             self.addCleanup(drop_postgres_database, name)
             config["database"] = {
                 "name": "psycopg2",
-                "args": {"dbname": name, **POSTGRES_DSN, "cp_min": 1, "cp_max": 5},
+                "args": {"dbname": name, **postgres_params(), "cp_min": 1, "cp_max": 5},
             }
         self.database_args = config["database"]["args"]
         with open(self.config_path, "w") as f:
@@ -112,14 +112,16 @@ class QuotaUnderConcurrencyTests(ServerProcessCase):
         )
         if engine == "sqlite3":
             db = sqlite3.connect(self.database_args["database"])
-            rows = db.execute(sql.replace("%s", "?"), (user_id,)).fetchall()
+            stored: list[tuple[str, int]] = db.execute(
+                sql.replace("%s", "?"), (user_id,)
+            ).fetchall()
             db.close()
-            return rows
+            return stored
         args = {k: v for k, v in self.database_args.items() if not k.startswith("cp_")}
         conn = psycopg2.connect(**args)
         with conn.cursor() as cur:
             cur.execute(sql, (user_id,))
-            rows = cur.fetchall()
+            rows: list[tuple[str, int]] = cur.fetchall()
         conn.close()
         return rows
 

@@ -14,7 +14,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
-from mediarepo.config import ConfigError, parse_config
+from mediarepo.config import parse_config
+from mediarepo.errors import ConfigError
 from mediarepo.federation.backoff import BackoffPolicy, DestinationBackoff
 from mediarepo.federation.client import (
     FederationClient,
@@ -24,8 +25,7 @@ from mediarepo.federation.client import (
 from mediarepo.outbound import OutboundRequestError
 from mediarepo.storage.destination_rows import DestinationRows
 from mediarepo.storage.schema import prepare_database
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 MINUTE_MS = 60 * 1000
 DAY_MS = 24 * 60 * MINUTE_MS
@@ -98,10 +98,9 @@ class PolicyTests(unittest.TestCase):
                 parse_config({"server_name": "a.test", **bad}, "/tmp")
 
 
-@on_both_databases
-class DestinationBackoffTests(DatabaseFixture):
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+class DestinationBackoffTests(DatabaseTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -132,9 +131,13 @@ class DestinationBackoffTests(DatabaseFixture):
         self.assertEqual(await self.retry_at(), first + 10 * MINUTE_MS)
         # Still backed off a millisecond before the interval ends.
         self.clock.advance(10 * 60 - 0.001)
-        self.assertGreater(await self.retry_at(), self.now_ms())  # type: ignore[arg-type]
+        retry_at = await self.retry_at()
+        assert retry_at is not None
+        self.assertGreater(retry_at, self.now_ms())
         self.clock.advance(0.001)
-        self.assertLessEqual(await self.retry_at(), self.now_ms())  # type: ignore[arg-type]
+        retry_at = await self.retry_at()
+        assert retry_at is not None
+        self.assertLessEqual(retry_at, self.now_ms())
         # Tried again and failing again: twice as long, the first failure kept.
         second = self.now_ms()
         await (await self.backoff.attempt("down.test")).failed("refused")
@@ -224,12 +227,15 @@ class DestinationBackoffTests(DatabaseFixture):
         self.assertEqual(rows, [(10 * MINUTE_MS, 5)])
 
 
-@on_both_databases
-class ClientBackoffTests(DatabaseFixture):
+class DestinationBackoffPostgresTests(DestinationBackoffTests):
+    engine = "psycopg2"
+
+
+class ClientBackoffTests(DatabaseTestCase):
     """The client does not contact a backed-off server at all."""
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -286,6 +292,10 @@ class ClientBackoffTests(DatabaseFixture):
         with self.assertRaises(NotRetryingDestination):
             await self.client.get("127.0.0.1:1", "/x")
         self.assertEqual(len(self.sent), 1)
+
+
+class ClientBackoffPostgresTests(ClientBackoffTests):
+    engine = "psycopg2"
 
 
 class _Answer:

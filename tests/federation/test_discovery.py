@@ -583,7 +583,7 @@ class DefaultFetcherTests(unittest.TestCase):
         self.clock = Clock()
 
     def fetcher(self, resource: Resource, **settings: Any) -> tuple[Any, RequestTraversalAgent]:
-        client, agent = in_memory_client(self, self.clock, resource, **settings)
+        client, agent = in_memory_client(self.clock, resource, **settings)
         return make_well_known_fetcher(self.clock, client), agent
 
     def fetch(self, resource: Resource, host: str = "example.com") -> defer.Deferred[Any]:

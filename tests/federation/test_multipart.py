@@ -310,7 +310,8 @@ class MalformedTests(unittest.TestCase):
         for sizes in ([1], [len(raw) or 1]):
             with self.assertRaises(MultipartError, msg=repr(raw[:200])) as caught:
                 parse(raw, sizes, content_type, **kwargs)
-        return caught.exception
+        error: MultipartError = caught.exception
+        return error
 
     def test_content_type_without_boundary(self) -> None:
         for header in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from signedjson.key import (
     decode_signing_key_base64,
@@ -53,15 +55,15 @@ class SignAndVerifyTests(unittest.TestCase):
         self.key = generate_signing_key("a_test")
         self.verify_key = get_verify_key(self.key)
 
-    def sign(self, **kwargs: object) -> XMatrixAuth:
-        args: dict[str, object] = {
-            "origin": ORIGIN,
-            "destination": DESTINATION,
-            "method": "GET",
-            "uri": URI,
-        }
-        args.update(kwargs)
-        headers = sign_request(self.key, **args)  # type: ignore[arg-type]
+    def sign(
+        self,
+        *,
+        origin: str = ORIGIN,
+        destination: str = DESTINATION,
+        method: str = "GET",
+        content: object | None = None,
+    ) -> XMatrixAuth:
+        headers = sign_request(self.key, origin, destination, method, URI, content)
         self.assertEqual(len(headers), 1)
         return parse_x_matrix(headers[0])
 
@@ -93,7 +95,7 @@ class SignAndVerifyTests(unittest.TestCase):
         self.assertTrue(verify_request(auth, "GET", URI, "dest.example:8448", self.verify_key))
 
     def test_content_is_signed(self) -> None:
-        content = {"server_keys": {"a.example": {}}}
+        content: dict[str, Any] = {"server_keys": {"a.example": {}}}
         auth = self.sign(method="POST", content=content)
         self.assertTrue(
             verify_request(auth, "POST", URI, DESTINATION, self.verify_key, content=content)

@@ -11,6 +11,7 @@ from signedjson.key import generate_signing_key
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mediarepo.config import parse_config
@@ -48,5 +49,5 @@ class WellKnownAddressFilterTest(unittest.TestCase):
         [(address, port, factory, _, _)] = reactor.tcpClients
         self.assertEqual((address, port), ("127.0.0.1", 443))
         # Nobody listens on 443 here.
-        factory.clientConnectionFailed(None, ConnectionRefusedError())
+        factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
         self.assertIsNone(self.successResultOf(looking))

@@ -16,12 +16,12 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-_COMMON = {
-    "deadline": None,
-    "database": None,
-    "print_blob": True,
-    "suppress_health_check": [HealthCheck.too_slow],
-}
-settings.register_profile("mediarepo", max_examples=150, **_COMMON)
-settings.register_profile("thorough", max_examples=5000, **_COMMON)
+_COMMON = settings(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("mediarepo", _COMMON, max_examples=150)
+settings.register_profile("thorough", _COMMON, max_examples=5000)
 settings.load_profile(os.environ.get("MEDIAREPO_HYPOTHESIS_PROFILE", "mediarepo"))

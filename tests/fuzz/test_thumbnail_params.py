@@ -3,6 +3,7 @@ string is either a request the thumbnailer can work on or a Matrix 400."""
 
 from __future__ import annotations
 
+from typing import cast
 from urllib.parse import quote_from_bytes, urlencode
 
 from hypothesis import given
@@ -12,6 +13,7 @@ from twisted.web.http import parse_qs
 from twisted.web.test.requesthelper import DummyRequest
 
 from mediarepo.errors import MatrixError
+from mediarepo.http.site import MediaRequest
 from mediarepo.http.thumbnail import MAX_THUMBNAIL_DIMENSION, parse_thumbnail_request
 from mediarepo.media.thumbnail_sizes import ThumbnailRequest
 from tests.fuzz.strategies import hostile_text
@@ -21,10 +23,11 @@ PATH = b"/_matrix/client/v1/media/thumbnail/test.example/abcdefgh"
 
 def parse(query: bytes) -> ThumbnailRequest:
     """Parse a raw query string as Twisted parses a request's."""
-    request = DummyRequest([])
+    # Twisted's stand-in request: the parser reads only the query and path.
+    request = cast(MediaRequest, DummyRequest([]))
     request.args = parse_qs(query, 1)
     request.path = PATH
-    return parse_thumbnail_request(request)  # type: ignore[arg-type]
+    return parse_thumbnail_request(request)
 
 
 numbers = st.one_of(

@@ -6,13 +6,12 @@ import time
 
 from mediarepo.app import MediaServer
 from mediarepo.storage.media_rows import MediaRows
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 
-@on_both_databases
-class AccessTimeTests(ServerTestMixin):
+class AccessTimeTests(ServerTestCase):
     async def last_access(self, server: MediaServer, media_id: str) -> object:
         assert server.database is not None
         rows = await server.database.run_query(
@@ -62,3 +61,7 @@ class AccessTimeTests(ServerTestMixin):
         await self.server.stop()
         await self.start_server()
         self.assertIsNotNone(await self.last_access(self.server, media_id))
+
+
+class AccessTimePostgresTests(AccessTimeTests):
+    engine = "psycopg2"

@@ -12,7 +12,7 @@ from typing import Any
 from mediarepo.media.paths import local_media_path, remote_media_path
 from mediarepo.storage import quarantine_rows as quarantine_module
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -22,9 +22,9 @@ REMOTE = "remote.example"
 DAY_MS = 24 * 3600 * 1000
 
 
-class AdminTestMixin(ServerTestMixin):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+class AdminTestCase(ServerTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         self.admin = await self.register("root", admin=True)
         self.alice = await self.register("alice")
 
@@ -61,8 +61,7 @@ class AdminTestMixin(ServerTestMixin):
         return r.code
 
 
-@on_both_databases
-class QuarantineTests(AdminTestMixin):
+class QuarantineTests(AdminTestCase):
     async def test_quarantine_by_hash_and_the_404s(self) -> None:
         photo = images.png(64, 48)
         first = await self.upload(self.alice, photo, "image/png")
@@ -195,8 +194,11 @@ class QuarantineTests(AdminTestMixin):
         self.assertEqual(await self.status(f"{DOWNLOAD}/{local}"), 404)
 
 
-@on_both_databases
-class AdminMediaTests(AdminTestMixin):
+class QuarantinePostgresTests(QuarantineTests):
+    engine = "psycopg2"
+
+
+class AdminMediaTests(AdminTestCase):
     async def test_only_admins(self) -> None:
         calls = [
             ("GET", f"/media/{SERVER_NAME}/abcdefghij"),
@@ -476,8 +478,11 @@ class AdminMediaTests(AdminTestMixin):
         self.assertEqual(body, {"users": [], "total": 0})
 
 
-@on_both_databases
-class SynapseDatabaseTests(AdminTestMixin):
+class AdminMediaPostgresTests(AdminMediaTests):
+    engine = "psycopg2"
+
+
+class SynapseDatabaseTests(AdminTestCase):
     """The server on a database that looks like Synapse's (it has
     ``schema_version`` and ``background_updates``)."""
 
@@ -535,3 +540,7 @@ class SynapseDatabaseTests(AdminTestMixin):
         sequence = await self.sql("SELECT last_value FROM quarantined_media_id_seq")
         stream_id = await self.sql("SELECT stream_id FROM quarantined_media_changes")
         self.assertEqual(sequence[0][0], stream_id[0][0])
+
+
+class SynapseDatabasePostgresTests(SynapseDatabaseTests):
+    engine = "psycopg2"

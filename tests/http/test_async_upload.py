@@ -10,10 +10,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, raw_exchange, until
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, raw_exchange, until
 
 CREATE = "/_matrix/media/v1/create"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
@@ -23,9 +22,9 @@ def put_path(media_id: str, server_name: str = SERVER_NAME, query: str = "") -> 
     return f"/_matrix/media/v3/upload/{server_name}/{media_id}{query}"
 
 
-class AsyncUploadMixin(ServerTestMixin):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+class AsyncUploadTestCase(ServerTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         self.token = await self.register()
 
     async def create(self, token: str | None = None) -> Any:
@@ -51,8 +50,7 @@ class AsyncUploadMixin(ServerTestMixin):
         return await self.server.database.run_query("test", statement, args)
 
 
-@on_both_databases
-class AsyncUploadTests(AsyncUploadMixin):
+class AsyncUploadTests(AsyncUploadTestCase):
     async def test_whole_flow(self) -> None:
         before = int(time.time() * 1000)
         r = await self.create()
@@ -133,7 +131,7 @@ class AsyncUploadTests(AsyncUploadMixin):
     async def test_refused_before_the_body_is_read(self) -> None:
         media_id = await self.reserve()
         self.assertEqual((await self.put(media_id, b"done")).code, 200)
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         # Headers promising 50 MB, and not one byte of it sent: the answer comes anyway.
         head = (
             f"PUT {put_path(media_id)} HTTP/1.1\r\nHost: x\r\n"
@@ -188,12 +186,13 @@ class AsyncUploadTests(AsyncUploadMixin):
     async def test_download_times_out(self) -> None:
         media_id = await self.reserve()
         started = time.monotonic()
-        r = await self.request("GET", f"{DOWNLOAD}/{media_id}?timeout_ms=600", token=self.token)
+        # The wait itself: tests/media/test_repository_timing.py, on a test clock.
+        r = await self.request("GET", f"{DOWNLOAD}/{media_id}?timeout_ms=50", token=self.token)
         self.assertEqual((r.code, r.json()["errcode"]), (504, "M_NOT_YET_UPLOADED"))
-        self.assertGreaterEqual(time.monotonic() - started, 0.6)
+        self.assertGreaterEqual(time.monotonic() - started, 0.05)
         r = await self.request(
             "GET", f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}/{media_id}"
-            "?width=32&height=32&timeout_ms=100", token=self.token,
+            "?width=32&height=32&timeout_ms=50", token=self.token,
         )  # fmt: skip
         self.assertEqual((r.code, r.json()["errcode"]), (504, "M_NOT_YET_UPLOADED"))
 
@@ -219,24 +218,28 @@ class AsyncUploadTests(AsyncUploadMixin):
             1000, old, filled,
         )  # fmt: skip
         assert self.server.repository is not None
-        self.assertEqual(await self.server.repository.sweep_expired_reservations(), 1)
+        self.assertEqual(await self.server.uploads.sweep_expired_reservations(), 1)
         rows = await self.sql("SELECT media_id FROM local_media_repository")
         self.assertEqual(sorted(r[0] for r in rows), sorted([kept, filled]))
 
 
-class TwoServersOnePostgresTests(AsyncUploadMixin, unittest.TestCase):
+class AsyncUploadPostgresTests(AsyncUploadTests):
+    engine = "psycopg2"
+
+
+class TwoServersOnePostgresTests(AsyncUploadTestCase):
     """Two servers (as two media workers would be) on one PostgreSQL database
     and media store: the upload lock and the wake-up cross between them."""
 
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.first = self.server
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()
         self.addCleanup(self.second.stopService)
-        self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
+        self.second_url = f"http://127.0.0.1:{port_number(self.second.ports[0])}"
 
     async def on_second(self, method: str, path: str, **kwargs: Any) -> Any:
         return await self.request(method, path, base_url=self.second_url, **kwargs)

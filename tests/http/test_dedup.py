@@ -9,13 +9,12 @@ import time
 from twisted.internet import defer
 
 from mediarepo.media.paths import local_media_path
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 
-@on_both_databases
-class DeduplicationTests(ServerTestMixin):
+class DeduplicationTests(ServerTestCase):
     def path_of(self, media_id: str) -> str:
         return os.path.join(self.media_store, local_media_path(media_id))
 
@@ -80,7 +79,7 @@ class DeduplicationTests(ServerTestMixin):
         reserved = r.json()["content_uri"].rsplit("/", 1)[1]
         self.stage_crashed_upload(reserved, b"half a put", link_to=None)
 
-        self.assertEqual(await self.server.repository.sweep_staging(), 2)
+        self.assertEqual(await self.server.uploads.sweep_staging(), 2)
         self.assertFalse(os.path.exists(self.path_of("crashedduplicateuploadxx")))
         self.assertFalse(os.path.exists(self.path_of(reserved)))
         self.assertEqual(os.listdir(os.path.join(self.media_store, ".mediarepo_tmp")), [])
@@ -94,5 +93,9 @@ class DeduplicationTests(ServerTestMixin):
         self.assertEqual(r.body, b"whole")
         # A stale staging file of media that has its row leaves the media alone.
         self.stale_staging_file(kept, data)
-        self.assertEqual(await self.server.repository.sweep_staging(), 1)
+        self.assertEqual(await self.server.uploads.sweep_staging(), 1)
         self.assertTrue(os.path.exists(self.path_of(kept)))
+
+
+class DeduplicationPostgresTests(DeduplicationTests):
+    engine = "psycopg2"

@@ -8,11 +8,10 @@ import socket
 
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases, until
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase, port_number, until
 
 
-@on_both_databases
-class DisconnectTests(ServerTestMixin):
+class DisconnectTests(ServerTestCase):
     def _get_and_leave(self, port: int, path: str, token: str, read: int) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(
@@ -37,7 +36,7 @@ class DisconnectTests(ServerTestMixin):
         data = os.urandom(20 * 1024 * 1024)
         media_id = await self.upload(token, data)
         path = f"/_matrix/client/v1/media/download/{SERVER_NAME}/{media_id}"
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         for read in (0, 1000, 0, 5_000_000):
             await deferToThread(self._get_and_leave, port, path, token, read)
         # Every connection's end handled by the server (nothing logged meanwhile).
@@ -46,3 +45,7 @@ class DisconnectTests(ServerTestMixin):
         r = await self.request("GET", path, token=token)
         self.assertEqual((r.code, len(r.body)), (200, len(data)))
         self.assertEqual([r.getMessage() for r in errors.records], [])
+
+
+class DisconnectPostgresTests(DisconnectTests):
+    engine = "psycopg2"

@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 
 from mediarepo.http.server import Router
-from tests.utils import SERVER_NAME, Response, ServerTestMixin, on_both_databases, raw_exchange
+from tests.utils import SERVER_NAME, Response, ServerTestCase, port_number, raw_exchange
 
 # Values that are fine, substituted for the parameters not under test.
 VALID = {
@@ -146,8 +146,7 @@ def served_routes(resource: Resource, prefix: str = "") -> set[str]:
     return found
 
 
-@on_both_databases
-class HostileTextTests(ServerTestMixin):
+class HostileTextTests(ServerTestCase):
     # Many reservations are made, one per request into one.
     extra_config = {
         "max_pending_media_uploads": 10_000,
@@ -156,8 +155,8 @@ class HostileTextTests(ServerTestMixin):
         "url_preview_ip_range_blacklist": ["10.0.0.0/8"],
     }
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.admin = await self.register("root", admin=True)
 
     async def reservation(self) -> str:
@@ -171,8 +170,8 @@ class HostileTextTests(ServerTestMixin):
         prefix = key.split(":", 1)[0]
         path = f"{prefix}/{entry.path.format(**values)}"
         # The parameter under test replaces the base one of the same name.
-        params = dict(p.split("=", 1) for p in entry.base_query.split("&") if p)
-        params.update(p.split("=", 1) for p in query.split("&") if p)
+        params = {k: v for k, _, v in (p.partition("=") for p in entry.base_query.split("&") if p)}
+        params.update((k, v) for k, _, v in (p.partition("=") for p in query.split("&") if p))
         if params:
             path += "?" + "&".join(f"{k}={v}" for k, v in params.items())
         body = b"x" if entry.method in ("POST", "PUT") else None
@@ -257,7 +256,7 @@ class HostileTextTests(ServerTestMixin):
     async def raw(self, head: bytes, body: bytes = b"") -> tuple[int, Any]:
         import json
 
-        port = self.server.ports[0].getHost().port
+        port = port_number(self.server.ports[0])
         answer = await deferToThread(raw_exchange, port, head, [body] if body else [])
         status_line, _, rest = answer.partition(b"\r\n")
         code = int(status_line.split(b" ")[1])
@@ -334,3 +333,7 @@ class HostileTextTests(ServerTestMixin):
                 )
             )
             refused(answer, 400, "M_UNAUTHORIZED", auth)
+
+
+class HostileTextPostgresTests(HostileTextTests):
+    engine = "psycopg2"

@@ -8,8 +8,7 @@ import time
 
 from mediarepo.media.events import MediaEvent
 from tests import images
-from tests.http.test_thumbnails import ThumbnailTestMixin
-from tests.utils import on_both_databases
+from tests.http.test_thumbnails import ThumbnailTestCase
 
 
 class _Captured(logging.Handler):
@@ -21,9 +20,9 @@ class _Captured(logging.Handler):
         self.records.append(record)
 
 
-class _CapturingMixin(ThumbnailTestMixin):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+class _CapturingTestCase(ThumbnailTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         self.captured = _Captured()
         for name in ("mediarepo.media.thumbnails", "mediarepo.events"):
             logger = logging.getLogger(name)
@@ -36,8 +35,7 @@ class _CapturingMixin(ThumbnailTestMixin):
         return [r.getMessage() for r in self.captured.records]
 
 
-@on_both_databases
-class NewSourceFormatTests(_CapturingMixin):
+class NewSourceFormatTests(_CapturingTestCase):
     async def test_each_format_pregenerated(self) -> None:
         cases = [
             (images.heic(640, 480), "image/heic", "image/jpeg", "heic"),
@@ -112,8 +110,11 @@ class NewSourceFormatTests(_CapturingMixin):
         self.assertEqual((r.code, r.header("Content-Type")), (200, "image/jpeg"))
 
 
-@on_both_databases
-class DisabledFormatTests(_CapturingMixin):
+class NewSourceFormatPostgresTests(NewSourceFormatTests):
+    engine = "psycopg2"
+
+
+class DisabledFormatTests(_CapturingTestCase):
     extra_config = {"thumbnail_formats": {"video": False, "heic": False}}
 
     async def test_turned_off_formats_get_no_thumbnails(self) -> None:
@@ -131,8 +132,11 @@ class DisabledFormatTests(_CapturingMixin):
         self.assertEqual(r.code, 200)
 
 
-@on_both_databases
-class DynamicVideoTests(_CapturingMixin):
+class DisabledFormatPostgresTests(DisabledFormatTests):
+    engine = "psycopg2"
+
+
+class DynamicVideoTests(_CapturingTestCase):
     extra_config = {"dynamic_thumbnails": True}
 
     async def test_video_on_demand(self) -> None:
@@ -143,3 +147,7 @@ class DynamicVideoTests(_CapturingMixin):
         media_id = await self.upload(self.token, images.webm_huge_declared(), "video/webm")
         r = await self.thumbnail(media_id, "width=100&height=100&method=crop")
         self.assertEqual((r.code, r.json()["errcode"]), (413, "M_TOO_LARGE"))
+
+
+class DynamicVideoPostgresTests(DynamicVideoTests):
+    engine = "psycopg2"

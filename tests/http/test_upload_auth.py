@@ -11,7 +11,7 @@ import threading
 
 from twisted.internet.threads import deferToThread
 
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases, read_until_closed
+from tests.utils import SERVER_NAME, ServerTestCase, port_number, read_until_closed
 
 # A body well over what the server reads at once, under max_upload_size.
 BODY_BYTES = 50 * 1024 * 1024
@@ -60,8 +60,7 @@ def _exchange(port: int, head: bytes, body_bytes: int) -> bytes:
         return answer
 
 
-@on_both_databases
-class UploadAuthenticatedFirstTests(ServerTestMixin):
+class UploadAuthenticatedFirstTests(ServerTestCase):
     extra_config = {"max_upload_size": "100M"}
 
     def staging(self) -> str:
@@ -72,7 +71,7 @@ class UploadAuthenticatedFirstTests(ServerTestMixin):
         staging file at any moment and no media."""
         watch = _StagingWatch(self.staging())
         try:
-            port = self.server.ports[0].getHost().port
+            port = port_number(self.server.ports[0])
             answer = await deferToThread(_exchange, port, head, body_bytes)
         finally:
             watch.stop()
@@ -139,3 +138,7 @@ class UploadAuthenticatedFirstTests(ServerTestMixin):
             "POST", "/_matrix/media/v3/upload", token=token, body=os.urandom(3 * 1024 * 1024)
         )
         self.assertEqual(r.code, 200, r.body)
+
+
+class UploadAuthenticatedFirstPostgresTests(UploadAuthenticatedFirstTests):
+    engine = "psycopg2"

@@ -6,9 +6,7 @@ import json
 import os
 import re
 
-from twisted.trial import unittest
-
-from tests.utils import ServerTestMixin
+from tests.utils import ServerTestCase
 
 DASHBOARD = os.path.join(
     os.path.dirname(__file__), os.pardir, os.pardir, "contrib", "grafana", "mediarepo.json"
@@ -27,7 +25,7 @@ def dashboard_metrics() -> set[str]:
     return names
 
 
-class GrafanaDashboardTests(ServerTestMixin, unittest.TestCase):
+class GrafanaDashboardTests(ServerTestCase):
     async def test_every_queried_metric_is_exported(self) -> None:
         queried = dashboard_metrics()
         self.assertGreater(len(queried), 10)

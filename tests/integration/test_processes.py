@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from tests.processes import SERVER_NAME, ServerProcessCase
@@ -107,15 +108,15 @@ class ServerProcessTests(ServerProcessCase):
         self.assertEqual(os.stat(key_path).st_mode & 0o777, 0o600)
         return port, self._register()
 
-    def test_python_m_mediarepo(self) -> None:
+    def test_python_m_mediarepo(self) -> Deferred[None]:
         def run() -> None:
             port, token = self._generated_and_registered()
             argv = [sys.executable, "-m", "mediarepo", "-c", self.config_path]
             self._big_round_trip(argv, port, token)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_twistd_plugin(self) -> None:
+    def test_twistd_plugin(self) -> Deferred[None]:
         def run() -> None:
             port, token = self._generated_and_registered()
             twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -131,9 +132,9 @@ class ServerProcessTests(ServerProcessCase):
             self.assertIn("mediarepo serving", text)
             self.assertIn("mediarepo stopped", text)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_workers_share_the_port(self) -> None:
+    def test_workers_share_the_port(self) -> Deferred[None]:
         def run() -> None:
             port, token = self._generated_and_registered()
             argv = [sys.executable, "-m", "mediarepo", "-c", self.config_path, "--workers", "2"]
@@ -167,9 +168,9 @@ class ServerProcessTests(ServerProcessCase):
             for pid in current:
                 self.assertFalse(os.path.exists(f"/proc/{pid}"), f"worker {pid} still running")
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_register_user_twice_gives_new_token(self) -> None:
+    def test_register_user_twice_gives_new_token(self) -> Deferred[None]:
         def run() -> None:
             self._generate()
             first = self._register()
@@ -179,9 +180,9 @@ class ServerProcessTests(ServerProcessCase):
             self.assertEqual(bad.returncode, 2)
             self.assertIn("not on this server", bad.stderr)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_bad_config_value_is_one_line(self) -> None:
+    def test_bad_config_value_is_one_line(self) -> Deferred[None]:
         def run() -> None:
             path = os.path.join(self.workdir, "bad.yaml")
             with open(path, "w") as f:
@@ -192,9 +193,9 @@ class ServerProcessTests(ServerProcessCase):
             self.assertEqual(len(lines), 1, result.stderr)
             self.assertIn("max_upload_size", lines[0])
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_killed_mid_upload_leaves_consistent_store(self) -> None:
+    def test_killed_mid_upload_leaves_consistent_store(self) -> Deferred[None]:
         def run() -> None:
             port, token = self._generated_and_registered()
             argv = [sys.executable, "-m", "mediarepo", "-c", self.config_path]
@@ -210,14 +211,16 @@ class ServerProcessTests(ServerProcessCase):
                     b"Content-Length: 10000000\r\n\r\n" + os.urandom(3_000_000)
                 )
                 hanging.append(sock)
-            time.sleep(1.0)  # let the server write what it received
+            store = os.path.join(self.workdir, "data", "media_store")
+            staging = os.path.join(store, ".mediarepo_tmp")
+            # Killed once every hanging upload has its staging file.
+            deadline = time.monotonic() + 10
+            while len(os.listdir(staging)) < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
             process.kill()
             process.wait()
             for sock in hanging:
                 sock.close()
-
-            store = os.path.join(self.workdir, "data", "media_store")
-            staging = os.path.join(store, ".mediarepo_tmp")
             self.assertEqual(len(os.listdir(staging)), 4, "the dead uploads' staging files")
             # Make the leftovers older than the sweep's age limit.
             old = time.time() - 2 * 3600
@@ -247,4 +250,4 @@ class ServerProcessTests(ServerProcessCase):
                 self.assertTrue(any(media_id in answer for answer in done))
             self.assertEqual(self._stop(process), 0)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)

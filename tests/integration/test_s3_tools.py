@@ -13,13 +13,14 @@ import time
 from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
 from tests.s3 import BUCKET, MotoServer
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DAY_MS = 24 * 3600 * 1000
@@ -40,7 +41,7 @@ class CopyToS3Test(unittest.TestCase):
         self.workdir = tempfile.mkdtemp(prefix="mediarepo-s3copy-")
         self.moto = MotoServer(self.workdir)
         self.moto.start()
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.store = os.path.join(self.workdir, "media_store")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
         config = {
@@ -72,7 +73,7 @@ class CopyToS3Test(unittest.TestCase):
         pages = self.moto.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
         return {item["Key"]: item["Size"] for page in pages for item in page.get("Contents", [])}
 
-    def test_interrupted_and_resumed(self) -> None:
+    def test_interrupted_and_resumed(self) -> Deferred[None]:
         def run() -> None:
             argv = _script("copy_media_to_s3", "-c", self.config_path, "--concurrency", "1")
             log_path = os.path.join(self.workdir, "first-run.log")
@@ -107,17 +108,16 @@ class CopyToS3Test(unittest.TestCase):
             self.assertEqual(third.returncode, 0, third.stderr)
             self.assertIn(f"{len(self.files)} copied by earlier runs, 0 to check", third.stderr)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
 
-@on_both_databases
-class PruneLocalTests(ServerTestMixin):
-    async def setUp(self) -> None:  # type: ignore[override]
+class PruneLocalTests(ServerTestCase):
+    async def set_up(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
         self.moto.start()
-        self.addCleanup(self.moto.stop)  # type: ignore[attr-defined]
+        self.addCleanup(self.moto.release)
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
-        await super().setUp()
+        await super().set_up()
 
     def write_config(self) -> str:
         path = os.path.join(self.workdir, "homeserver.yaml")
@@ -190,8 +190,11 @@ class PruneLocalTests(ServerTestMixin):
         self.assertEqual((r.code, len(r.body)), (200, 5000))
 
 
-@on_both_databases
-class SwitchToS3Tests(ServerTestMixin):
+class PruneLocalPostgresTests(PruneLocalTests):
+    engine = "psycopg2"
+
+
+class SwitchToS3Tests(ServerTestCase):
     """The whole move: a deployment without S3 gets a provider by a config
     change and a script run, then loses its local disk and still serves
     every file."""
@@ -213,7 +216,7 @@ class SwitchToS3Tests(ServerTestMixin):
 
         self.moto = MotoServer(self.workdir)
         self.moto.start()
-        self.addCleanup(self.moto.stop)  # type: ignore[attr-defined]
+        self.addCleanup(self.moto.release)
         provider = {"media_storage_providers": [self.moto.provider_config()]}
         config_path = os.path.join(self.workdir, "homeserver.yaml")
         with open(config_path, "w") as f:
@@ -241,3 +244,7 @@ class SwitchToS3Tests(ServerTestMixin):
         )
         self.assertEqual(r.code, 200, r.body[:200])
         return r.body
+
+
+class SwitchToS3PostgresTests(SwitchToS3Tests):
+    engine = "psycopg2"

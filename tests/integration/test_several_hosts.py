@@ -5,7 +5,9 @@ its own (a local cache), all on one PostgreSQL database and one S3 bucket
 * Media uploaded through any instance is served, byte for byte, by every
   instance (from S3 where it has no copy of its own).
 * A quarantine through one instance is obeyed by the others as soon as they
-  are told (PostgreSQL ``NOTIFY``), although they had its row cached.
+  are told (PostgreSQL ``NOTIFY``), although they had its row cached. (Told
+  nothing, they obey it once their cached row expires:
+  tests/media/test_repository_timing.py, on a test clock.)
 * Remote media asked of all three at once is downloaded over federation once.
 """
 
@@ -13,38 +15,32 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY
-from twisted.internet import defer, reactor, task
-from twisted.trial import unittest
+from twisted.internet import defer, reactor
 
 from mediarepo.app import media_server
 from mediarepo.media.paths import local_media_path
-from mediarepo.media.thumbnails import METADATA_CACHE_SECONDS
 from mediarepo.storage.notifications import CHANGED_CHANNEL
 from tests import images
-from tests.integration.test_federation import FederationTestMixin, Peer
+from tests.integration.test_federation import FederationTestCase, Peer
 from tests.s3 import MotoServer
-from tests.utils import SERVER_NAME, ServerTestMixin
+from tests.utils import SERVER_NAME, ServerTestCase, next_return, port_number
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
-# docs/deployment.rst: a missed announcement is obeyed once cached rows
-# expire; a second for the requests that find out.
-STALENESS_BOUND_SECONDS = METADATA_CACHE_SECONDS + 1.0
 
 
-class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
+class SeveralHostsTests(ServerTestCase):
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
+    async def set_up(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         self.extra_config = {"media_storage_providers": [self.moto.provider_config()]}
-        await super().setUp()
+        await super().set_up()
         self.instances = [self.server]
         self.urls = [self.base_url]
         for name in ("b", "c"):
@@ -55,7 +51,7 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
             await server.start()
             self.addCleanup(server.stopService)
             self.instances.append(server)
-            self.urls.append(f"http://127.0.0.1:{server.ports[0].getHost().port}")
+            self.urls.append(f"http://127.0.0.1:{port_number(server.ports[0])}")
         self.admin = await self.register("admin", admin=True)
         self.alice = await self.register("alice")
 
@@ -105,48 +101,25 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
     async def test_deletion_through_one_removes_the_copies_of_the_others(self) -> None:
         media_id = await self.upload_to(0, images.png(64, 48))
         for index in (1, 2):
-            self.assertEqual((await self.download_from(index, media_id)).code, 200)
             # Kept just after the last byte went.
-            self.assertTrue(await eventually(os.path.exists, self.local_copy(index, media_id)))
+            kept = next_return(self, self.instances[index].parts.local_store, "keep_incoming")
+            self.assertEqual((await self.download_from(index, media_id)).code, 200)
+            await kept
+            self.assertTrue(os.path.exists(self.local_copy(index, media_id)))
         told = [self.told(index) for index in (1, 2)]
+        # Told, each removes its copy and its thumbnails.
+        removed = [
+            next_return(self, self.instances[index].repository.storage, "delete_local")
+            for index in (1, 2)
+        ]
         r = await self.request(
             "DELETE", f"{ADMIN}/media/{SERVER_NAME}/{media_id}", token=self.admin
         )
         self.assertEqual(r.code, 200, r.body)
-        await defer.gatherResults(told)
+        await defer.gatherResults(told + removed)
         for index in (1, 2):
             self.assertEqual((await self.download_from(index, media_id)).code, 404)
-            gone = await eventually(
-                lambda p: not os.path.exists(p), self.local_copy(index, media_id)
-            )
-            self.assertTrue(gone)
-
-    async def test_a_missed_announcement_is_obeyed_within_the_bound(self) -> None:
-        """B and C never hear of a quarantine through A (as when their
-        LISTEN connection is down at that moment): they answer 404 all the
-        same within the documented bound, once the row they cached expires."""
-        media_id = await self.upload_to(0, os.urandom(3000))
-        for index in (1, 2):
-            self.assertEqual((await self.download_from(index, media_id)).code, 200)
-            self.deaf(index)
-        r = await self.request(
-            "POST", f"{ADMIN}/media/quarantine/{SERVER_NAME}/{media_id}", token=self.admin
-        )
-        self.assertEqual(r.code, 200, r.body)
-        quarantined_at = reactor.seconds()
-        for index in (1, 2):
-            while (await self.download_from(index, media_id)).code != 404:
-                self.assertLess(reactor.seconds() - quarantined_at, STALENESS_BOUND_SECONDS)
-                await task.deferLater(reactor, 0.1, lambda: None)
-
-    def deaf(self, index: int) -> None:
-        """Instance ``index`` no longer hears of media changes."""
-        notifications = self.instances[index].parts.notifications
-        assert notifications is not None
-        handlers = notifications.handlers
-        original = handlers[CHANGED_CHANNEL]
-        handlers[CHANGED_CHANNEL] = lambda payload: None
-        self.addCleanup(handlers.__setitem__, CHANGED_CHANNEL, original)
+            self.assertFalse(os.path.exists(self.local_copy(index, media_id)))
 
     def told(self, index: int) -> defer.Deferred[None]:
         """Fires once instance ``index`` has been told of a media change."""
@@ -166,22 +139,13 @@ class SeveralHostsTests(ServerTestMixin, unittest.TestCase):
         return told.addTimeout(10, reactor)
 
 
-async def eventually(check: Callable[[str], bool], path: str) -> bool:
-    """Whether ``check(path)`` comes true within five seconds."""
-    for _ in range(50):
-        if check(path):
-            return True
-        await task.deferLater(reactor, 0.1, lambda: None)
-    return check(path)
-
-
 def remote_downloads(outcome: str) -> float:
     """Downloads of remote media by every server of this process."""
     value = REGISTRY.get_sample_value("mediarepo_remote_downloads_total", {"outcome": outcome})
     return value or 0.0
 
 
-class SeveralHostsFederationTests(FederationTestMixin, unittest.TestCase):
+class SeveralHostsFederationTests(FederationTestCase):
     """Server A's database and signing key served by three more instances
     with media stores of their own and one S3 bucket; B is the origin of the
     remote media."""
@@ -200,7 +164,7 @@ class SeveralHostsFederationTests(FederationTestMixin, unittest.TestCase):
 
     async def test_remote_media_is_downloaded_once_for_all_instances(self) -> None:
         self.moto = MotoServer(tempfile.mkdtemp(prefix="mediarepo-moto-"))
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         instances = [await self.start_instance(f"a{n}") for n in (1, 2, 3)]
         data = images.png(300, 200)

@@ -9,25 +9,24 @@ import os
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.trial import unittest
 
 from mediarepo.app import media_server
 from mediarepo.storage.notifications import CHANGED_CHANNEL
-from tests.utils import SERVER_NAME, ServerTestMixin
+from tests.utils import SERVER_NAME, ServerTestCase, port_number
 
 ADMIN = "/_synapse/admin/v1"
 DOWNLOAD = f"/_matrix/client/v1/media/download/{SERVER_NAME}"
 
 
-class TwoServersOneDatabaseTests(ServerTestMixin, unittest.TestCase):
+class TwoServersOneDatabaseTests(ServerTestCase):
     engine = "psycopg2"
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.second = media_server(self.make_config(), reactor)
         await self.second.start()
         self.addCleanup(self.second.stopService)
-        self.second_url = f"http://127.0.0.1:{self.second.ports[0].getHost().port}"
+        self.second_url = f"http://127.0.0.1:{port_number(self.second.ports[0])}"
         self.admin = await self.register("admin", admin=True)
         self.alice = await self.register("alice")
 

@@ -428,9 +428,12 @@ http {{
             routed = [Routed(m, u, int(s), a) for m, u, s, a in (line.split() for line in f)]
         mediarepo_address = f"127.0.0.1:{media_port}"
         synapse_address = f"127.0.0.1:{self.port}"
-        for request in routed:
-            expected = mediarepo_address if MEDIA_PATH.search(request.uri) else synapse_address
-            self.assertEqual(request.upstream, expected, f"nginx sent {request} elsewhere")
+        for routed_request in routed:
+            uri = routed_request.uri
+            expected = mediarepo_address if MEDIA_PATH.search(uri) else synapse_address
+            self.assertEqual(
+                routed_request.upstream, expected, f"nginx sent {routed_request} elsewhere"
+            )
         server = self.server_name
         file_id = media_id_of(results.file_mxc)[1]
         answered = {(r.method, r.uri, r.status) for r in routed}

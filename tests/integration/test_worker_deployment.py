@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
@@ -141,7 +142,7 @@ class WorkerDeploymentTests(unittest.TestCase):
             "--workers": [sys.executable, "-m", "mediarepo", *config_args, "--workers", "2"],
         }  # fmt: skip
 
-    def test_port_in_use_fails_every_launcher_with_one_line(self) -> None:
+    def test_port_in_use_fails_every_launcher_with_one_line(self) -> Deferred[None]:
         def run() -> None:
             self.synapse_port = self._hold_port()
             taken = self._hold_port()
@@ -157,9 +158,9 @@ class WorkerDeploymentTests(unittest.TestCase):
                 if name != "twistd":  # twistd logs to stdout; it has no stderr line
                     self._assert_one_error_line(result.stderr, f"mediarepo: {expected}")
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_missing_database_fails_with_one_line(self) -> None:
+    def test_missing_database_fails_with_one_line(self) -> Deferred[None]:
         def run() -> None:
             self.synapse_port = self._hold_port()
             closed = free_port()  # nothing listens there
@@ -189,9 +190,9 @@ class WorkerDeploymentTests(unittest.TestCase):
                     )
                     self._assert_one_error_line(result.stderr)
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
-    def test_only_the_named_instance_runs_background_jobs(self) -> None:
+    def test_only_the_named_instance_runs_background_jobs(self) -> Deferred[None]:
         def run() -> None:
             self.synapse_port = self._hold_port()
             homeserver = self._homeserver(
@@ -242,7 +243,7 @@ class WorkerDeploymentTests(unittest.TestCase):
             with open(os.path.join(self.workdir, "media2-again.log")) as f:
                 self.assertIn("media background jobs are left to instance media1", f.read())
 
-        return deferToThread(run)  # type: ignore[return-value]
+        return deferToThread(run)
 
     def _assert_one_error_line(self, stderr: str, last_line: str | None = None) -> None:
         """The reason is said once in the log and once as the last line."""

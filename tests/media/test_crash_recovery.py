@@ -21,17 +21,16 @@ from typing import Any
 
 from mediarepo.media.locks import instance_name
 from mediarepo.media.paths import local_media_path
-from mediarepo.media.thumbnails import ThumbnailSource
+from mediarepo.media.thumbnail_sources import ThumbnailSource
 from mediarepo.storage.pending_thumbnail_rows import LOCAL_ORIGIN
 from tests import images
-from tests.http.test_async_upload import DOWNLOAD, AsyncUploadMixin
-from tests.utils import SERVER_NAME, dead_instance_name, on_both_databases
+from tests.http.test_async_upload import DOWNLOAD, AsyncUploadTestCase
+from tests.utils import SERVER_NAME, dead_instance_name
 
 THUMBNAIL = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
 
 
-@on_both_databases
-class PendingThumbnailTests(AsyncUploadMixin):
+class PendingThumbnailTests(AsyncUploadTestCase):
     def crash_after_answers(self) -> None:
         """From now, nothing is made after an upload's answer, as when the
         process dies right after sending it."""
@@ -40,7 +39,7 @@ class PendingThumbnailTests(AsyncUploadMixin):
         def never(source: ThumbnailSource) -> None:
             pass
 
-        thumbnails.schedule_pregeneration = never  # type: ignore[method-assign]
+        thumbnails.schedule_pregeneration = never
         self.addCleanup(delattr, thumbnails, "schedule_pregeneration")
 
     @property
@@ -153,8 +152,11 @@ class PendingThumbnailTests(AsyncUploadMixin):
         self.assertEqual(await self.pending(), [])
 
 
-@on_both_databases
-class InterruptedPutTests(AsyncUploadMixin):
+class PendingThumbnailPostgresTests(PendingThumbnailTests):
+    engine = "psycopg2"
+
+
+class InterruptedPutTests(AsyncUploadTestCase):
     async def leave_interrupted_put(self, holder: str) -> str:
         """A reservation as a PUT that died after linking its file leaves it."""
         media_id = await self.reserve()
@@ -188,7 +190,7 @@ class InterruptedPutTests(AsyncUploadMixin):
         for name in os.listdir(staging):
             os.utime(os.path.join(staging, name), (old, old))
         assert self.server.repository is not None
-        await self.server.repository.sweep_staging()
+        await self.server.uploads.sweep_staging()
         self.assertEqual(os.listdir(staging), [])
         r = await self.request("GET", f"{DOWNLOAD}/{media_id}", token=self.token)
         self.assertEqual((r.code, r.body), (200, data))
@@ -199,6 +201,10 @@ class InterruptedPutTests(AsyncUploadMixin):
         media_id = await self.leave_interrupted_put(instance_name())
         r = await self.put(media_id, b"second writer")
         self.assertEqual((r.code, r.json()["errcode"]), (409, "M_CANNOT_OVERWRITE_MEDIA"))
+
+
+class InterruptedPutPostgresTests(InterruptedPutTests):
+    engine = "psycopg2"
 
 
 async def _both(first: Any, second: Any) -> tuple[int, int]:

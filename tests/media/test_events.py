@@ -9,7 +9,7 @@ from typing import Any
 from mediarepo.logging_setup import JsonFormatter
 from mediarepo.media.events import MediaEvent, media_events
 from tests import images
-from tests.utils import SERVER_NAME, LogRecords, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, LogRecords, ServerTestCase
 
 
 def _count(event: MediaEvent) -> float:
@@ -17,12 +17,11 @@ def _count(event: MediaEvent) -> float:
     return value
 
 
-@on_both_databases
-class EventTests(ServerTestMixin):
+class EventTests(ServerTestCase):
     extra_config = {"dynamic_thumbnails": True}
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+    async def set_up(self) -> None:
+        await super().set_up()
         self.captured = LogRecords()
         events_logger = logging.getLogger("mediarepo.events")
         previous = events_logger.level
@@ -95,3 +94,7 @@ class EventTests(ServerTestMixin):
         # The counter is exported.
         r = await self.request("GET", "/_synapse/metrics")
         self.assertIn(b'mediarepo_media_events_total{event="media.uploaded"}', r.body)
+
+
+class EventPostgresTests(EventTests):
+    engine = "psycopg2"

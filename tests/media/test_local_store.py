@@ -5,16 +5,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from zope.interface import implementer
 
 from mediarepo.media.cache import SmallFileCache
 from mediarepo.media.providers import local
 from mediarepo.media.providers.local import LocalFiles, in_directory
+from mediarepo.media.staging import UploadStaging
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@implementer(IReactorFromThreads)
+class ImmediateReactor(Clock):
+    """A clock whose calls "from a thread" run at once, on this thread."""
+
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        callable(*args, **kwargs)
 
 
 class DirectoryTests(unittest.TestCase):
@@ -24,7 +39,7 @@ class DirectoryTests(unittest.TestCase):
 
     def test_in_directory_survives_a_purge_in_between(self) -> None:
         directory = os.path.join(self.base, "local_content", "ab", "cd")
-        attempts = []
+        attempts: list[None] = []
 
         def create() -> str:
             attempts.append(None)
@@ -40,7 +55,7 @@ class DirectoryTests(unittest.TestCase):
         self.assertTrue(os.path.isfile(os.path.join(directory, "efgh")))
 
     def test_deletion_removes_what_it_empties(self) -> None:
-        store = LocalFiles(self.base, ThreadPool(), Clock())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, ThreadPool(), ImmediateReactor())
         kept = os.path.join(self.base, "local_content", "ab", "xy", "kept")
         gone = os.path.join(self.base, "local_content", "ab", "cd", "gone")
         remote = os.path.join(self.base, "remote_content", "other.example", "ab", "cd", "file")
@@ -68,24 +83,30 @@ class DirectoryTests(unittest.TestCase):
         jobs: list[Callable[[], None]] = []
 
         class CountingPool(ThreadPool):
-            def callInThreadWithCallback(self, onResult, func, *args, **kw):  # type: ignore[no-untyped-def]
+            """Lists each job; runs it at once on this thread unless told not to."""
+
+            def callInThreadWithCallback(
+                self,
+                onResult: Callable[[bool, Any], object] | None,
+                func: Callable[P, R],
+                *args: P.args,
+                **kw: P.kwargs,
+            ) -> None:
                 def job() -> None:
                     try:
                         result = func(*args, **kw)
                     except Exception:
-                        onResult(False, Failure())
+                        if onResult is not None:
+                            onResult(False, Failure())
                     else:
-                        onResult(True, result)
+                        if onResult is not None:
+                            onResult(True, result)
 
                 jobs.append(job)
                 if run_at_once:
                     job()
 
-        class ImmediateReactor(Clock):
-            def callFromThread(self, f, *args, **kw):  # type: ignore[no-untyped-def]
-                f(*args, **kw)
-
-        store = LocalFiles(self.base, CountingPool(), ImmediateReactor())  # type: ignore[arg-type]
+        store = LocalFiles(self.base, CountingPool(), ImmediateReactor())
         jobs.clear()
         return store, jobs
 
@@ -180,3 +201,38 @@ class SmallFileCacheTests(unittest.TestCase):
         # its files (/s/x-y: "-" comes before "/"), a look-alike (/s/xa).
         cache.forget_under(["/s/x/b", "/s/x-y/", "/s/x", "/s/y/z", "/s/x!"])
         self.assertEqual([p for p in kept + gone if cache.get(p) is not None], kept)
+
+
+class StagingIdleTests(unittest.TestCase):
+    """What a shutdown waits for: the last upload in progress to end."""
+
+    def setUp(self) -> None:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        self.staging = UploadStaging(LocalFiles(base, ThreadPool(), ImmediateReactor()))
+
+    def test_fires_when_the_last_upload_ends(self) -> None:
+        self.assertTrue(self.staging.when_idle().called)
+        first, second = self.staging.begin("aaaaaaaaaa"), self.staging.begin("bbbbbbbbbb")
+        idle = self.staging.when_idle()
+        self.staging.end(first)
+        self.assertFalse(idle.called)
+        self.staging.end(second)
+        self.assertTrue(idle.called)
+
+    def test_a_waiter_given_up_on_is_left_alone(self) -> None:
+        sink = self.staging.begin("aaaaaaaaaa")
+        clock = Clock()
+        idle = self.staging.when_idle()
+        idle.addTimeout(1, clock)
+        clock.advance(1)
+        self.failureResultOf(idle, defer.TimeoutError)
+        self.staging.end(sink)  # no AlreadyCalledError
+
+    def test_rolling_back_all_ends_them(self) -> None:
+        self.staging.begin("aaaaaaaaaa")
+        self.staging.begin("bbbbbbbbbb")
+        idle = self.staging.when_idle()
+        self.successResultOf(defer.ensureDeferred(self.staging.abort_all()))
+        self.assertTrue(idle.called)
+        self.assertEqual(self.staging.in_progress, 0)

@@ -7,7 +7,7 @@ from twisted.trial import unittest
 
 from mediarepo.media.pixel_budget import PixelBudget
 from tests import images
-from tests.utils import SERVER_NAME, ServerTestMixin, on_both_databases
+from tests.utils import SERVER_NAME, ServerTestCase
 
 THUMBNAIL = f"/_matrix/client/v1/media/thumbnail/{SERVER_NAME}"
 
@@ -83,8 +83,7 @@ class PixelBudgetTests(unittest.TestCase):
         self.assertEqual((self.budget.reserved, self.budget.holders), (0, 0))
 
 
-@on_both_databases
-class ThumbnailBudgetTests(ServerTestMixin):
+class ThumbnailBudgetTests(ServerTestCase):
     # Each image below is 120x100 = 12,000 pixels: two fit at once, not
     # three, though four threads could take them.
     extra_config = {"thumbnail_pixel_budget": 25_000, "thumbnail_threadpool_size": 4}
@@ -114,3 +113,7 @@ class ThumbnailBudgetTests(ServerTestMixin):
         self.assertEqual(len(seen), 6)
         self.assertLessEqual(max(reserved for reserved, _ in seen), 25_000)
         self.assertEqual((budget.reserved, budget.holders, budget.waiting), (0, 0, 0))
+
+
+class ThumbnailBudgetPostgresTests(ThumbnailBudgetTests):
+    engine = "psycopg2"

@@ -17,10 +17,10 @@ from mediarepo.errors import ConfigError
 from mediarepo.media import provider_tasks
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from tests import images
-from tests.integration.test_federation import FederationTestMixin
-from tests.media.test_storage_providers import DOWNLOAD, THUMBNAIL, S3TestMixin
+from tests.integration.test_federation import FederationTestCase
+from tests.media.test_storage_providers import DOWNLOAD, THUMBNAIL, S3TestCase
 from tests.s3 import BUCKET, MotoServer
-from tests.utils import SERVER_NAME, Response, on_both_databases
+from tests.utils import SERVER_NAME, Response
 
 ADMIN = "/_synapse/admin/v1"
 # Headers a redirected client must see as our own answer gives them.
@@ -29,9 +29,8 @@ SAME_HEADERS = ("content-type", "content-disposition")
 
 async def fetch(url: str, headers: dict[str, str] | None = None, **kwargs: Any) -> Response:
     """A GET as a client makes it, redirects not followed."""
-    response = await treq.get(
-        url, headers={k: [v] for k, v in (headers or {}).items()}, allow_redirects=False, **kwargs
-    )
+    all_headers: dict[str | bytes, list[str | bytes]] = {k: [v] for k, v in (headers or {}).items()}
+    response = await treq.get(url, headers=all_headers, allow_redirects=False, **kwargs)
     body = await response.content()
     raw = {
         k.decode().lower(): [v.decode("latin-1") for v in vs]
@@ -40,7 +39,7 @@ async def fetch(url: str, headers: dict[str, str] | None = None, **kwargs: Any) 
     return Response(response.code, raw, body)
 
 
-class RedirectTestMixin(S3TestMixin):
+class RedirectTestCase(S3TestCase):
     async def get(self, path: str, headers: dict[str, str] | None = None) -> Response:
         all_headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         return await fetch(self.base_url + path, all_headers, pool=self.pool)
@@ -65,8 +64,7 @@ class RedirectTestMixin(S3TestMixin):
         return location
 
 
-@on_both_databases
-class PresignedRedirectTests(RedirectTestMixin):
+class PresignedRedirectTests(RedirectTestCase):
     provider_options = {"download_redirect": "presigned", "presigned_url_expiry": "10m"}
 
     async def test_download_redirected_to_a_presigned_url(self) -> None:
@@ -83,9 +81,9 @@ class PresignedRedirectTests(RedirectTestMixin):
         self.assertEqual((ranged.code, ranged.body), (206, data[1000:2000]))
         # A file name in the path is the one the redirected client sees.
         named = await self.get(f"{DOWNLOAD}/{media_id}/other.txt?allow_redirect=true")
-        location = named.header("Location")
-        assert location is not None
-        followed = await fetch(location)
+        named_location = named.header("Location")
+        assert named_location is not None
+        followed = await fetch(named_location)
         self.assertEqual(followed.header("Content-Disposition"), "inline; filename=other.txt")
 
     async def test_without_allow_redirect_or_on_legacy_endpoints_the_bytes_come(self) -> None:
@@ -169,8 +167,11 @@ class PresignedRedirectTests(RedirectTestMixin):
         self.assertEqual((r.code, r.body), (200, data))
 
 
-@on_both_databases
-class LocalOnlyRedirectTests(RedirectTestMixin):
+class PresignedRedirectPostgresTests(PresignedRedirectTests):
+    engine = "psycopg2"
+
+
+class LocalOnlyRedirectTests(RedirectTestCase):
     """The provider keeps only other servers' media: ours is not in it."""
 
     provider_flags = {"store_local": False}
@@ -182,8 +183,11 @@ class LocalOnlyRedirectTests(RedirectTestMixin):
         self.assertEqual((r.code, r.body), (200, b"local only"))
 
 
-@on_both_databases
-class AsynchronousCopyRedirectTests(RedirectTestMixin):
+class LocalOnlyRedirectPostgresTests(LocalOnlyRedirectTests):
+    engine = "psycopg2"
+
+
+class AsynchronousCopyRedirectTests(RedirectTestCase):
     """A copy still queued for the provider is not redirected to."""
 
     start_moto = False
@@ -211,10 +215,13 @@ class AsynchronousCopyRedirectTests(RedirectTestMixin):
         await self.assert_redirect_serves_as_direct(f"{DOWNLOAD}/{media_id}")
 
 
-@on_both_databases
-class CdnRedirectTests(RedirectTestMixin):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+class AsynchronousCopyRedirectPostgresTests(AsynchronousCopyRedirectTests):
+    engine = "psycopg2"
+
+
+class CdnRedirectTests(RedirectTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         await self.server.stop()
         entry = self.moto.provider_config()
         # The bucket itself stands in for the CDN in front of it.
@@ -255,8 +262,11 @@ class CdnRedirectTests(RedirectTestMixin):
         self.assertEqual((ranged.code, ranged.body), (206, data[-100:]))
 
 
-@on_both_databases
-class S3OptionsTests(S3TestMixin):
+class CdnRedirectPostgresTests(CdnRedirectTests):
+    engine = "psycopg2"
+
+
+class S3OptionsTests(S3TestCase):
     provider_options = {
         "storage_class": "STANDARD_IA",
         "prefix": "synapse/media/",
@@ -281,8 +291,11 @@ class S3OptionsTests(S3TestMixin):
         self.assertEqual((r.code, r.body), (200, data))
 
 
-@on_both_databases
-class KmsOptionsTests(S3TestMixin):
+class S3OptionsPostgresTests(S3OptionsTests):
+    engine = "psycopg2"
+
+
+class KmsOptionsTests(S3TestCase):
     KEY_ID = "arn:aws:kms:us-east-1:123456789012:key/media"
     provider_options = {
         "server_side_encryption": "aws:kms",
@@ -302,8 +315,11 @@ class KmsOptionsTests(S3TestMixin):
             )
 
 
-@on_both_databases
-class CustomerKeyTests(S3TestMixin):
+class KmsOptionsPostgresTests(KmsOptionsTests):
+    engine = "psycopg2"
+
+
+class CustomerKeyTests(S3TestCase):
     KEY = "k" * 32
     provider_options = {"sse_customer_key": KEY, "sse_customer_algo": "AES256"}
 
@@ -323,11 +339,15 @@ class CustomerKeyTests(S3TestMixin):
         self.assertEqual((r.code, r.body), (200, data))
 
 
-class FederationLocationTests(FederationTestMixin, unittest.TestCase):
-    async def setUp(self) -> None:  # type: ignore[override]
-        await super().setUp()
+class CustomerKeyPostgresTests(CustomerKeyTests):
+    engine = "psycopg2"
+
+
+class FederationLocationTests(FederationTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         self.moto = MotoServer(self.workdir)
-        self.addCleanup(self.moto.stop)
+        self.addCleanup(self.moto.release)
         self.moto.start()
         entry = self.moto.provider_config()
         entry["config"]["download_redirect"] = "presigned"

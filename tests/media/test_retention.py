@@ -13,14 +13,13 @@ from mediarepo.media import lifecycle
 from mediarepo.media.paths import local_media_path, local_thumbnail_dir
 from mediarepo.media.providers.local import DELETE_JOBS, LocalFiles
 from tests import images
-from tests.utils import ServerTestMixin, on_both_databases
+from tests.utils import ServerTestCase
 
 DAY_MS = 24 * 3600 * 1000
 T = TypeVar("T")
 
 
-@on_both_databases
-class RetentionTests(ServerTestMixin):
+class RetentionTests(ServerTestCase):
     extra_config = {
         "media_retention": {"local_media_lifetime": "30d", "remote_media_lifetime": "7d"},
         "media_housekeeping_interval": "2h",
@@ -124,3 +123,7 @@ class RetentionTests(ServerTestMixin):
         self.assertEqual(left[0][0], 0)
         self.assertFalse(os.path.exists(os.path.join(self.media_store, local_media_path(media_id))))
         self.assertEqual(os.listdir(os.path.join(self.media_store, "local_content")), [])
+
+
+class RetentionPostgresTests(RetentionTests):
+    engine = "psycopg2"

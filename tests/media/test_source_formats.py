@@ -31,7 +31,7 @@ def decode(data: bytes) -> Image.Image:
 
 class _Files(unittest.TestCase):
     def write(self, data: bytes) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         with open(path, "wb") as f:
             f.write(data)
         return path
@@ -66,16 +66,18 @@ class ImageFormatTests(_Files):
             with Thumbnailer(path, media_type, LIMIT) as t:
                 thumbnail = decode(t.scale(100, 100, THUMBNAIL_OUTPUT_TYPES[media_type], False))
             self.assertIn("A", thumbnail.getbands(), media_type)
-            self.assertEqual(thumbnail.convert("RGBA").getpixel((2, 2))[3], 0, media_type)
-            self.assertGreater(thumbnail.convert("RGBA").getpixel((37, 37))[3], 200, media_type)
+            self.assertEqual(images.pixel(thumbnail.convert("RGBA"), (2, 2))[3], 0, media_type)
+            self.assertGreater(
+                images.pixel(thumbnail.convert("RGBA"), (37, 37))[3], 200, media_type
+            )
 
     def test_heic_colours_and_orientation(self) -> None:
         path = self.write(images.heic(400, 200))
         with Thumbnailer(path, "image/heic", LIMIT) as t:
             thumbnail = decode(t.scale(200, 100, "image/jpeg", False)).convert("RGB")
         # The blue marker stays top-left, the rest red.
-        self.assertGreater(thumbnail.getpixel((10, 5))[2], 150)  # type: ignore[index]
-        self.assertGreater(thumbnail.getpixel((180, 90))[0], 150)  # type: ignore[index]
+        self.assertGreater(images.pixel(thumbnail, (10, 5))[2], 150)
+        self.assertGreater(images.pixel(thumbnail, (180, 90))[0], 150)
 
     def test_pixel_limit_checked_before_decoding(self) -> None:
         for data, media_type in [
@@ -143,8 +145,8 @@ class VideoTests(_Files):
             thumbnail = encoded.convert("RGB")
             self.assertEqual(cropped.size, (32, 32))
             # The frame's colours: the blue marker top-left, red elsewhere.
-            self.assertGreater(thumbnail.getpixel((10, 10))[2], 150, media_type)  # type: ignore[index]
-            self.assertGreater(thumbnail.getpixel((150, 110))[0], 150, media_type)  # type: ignore[index]
+            self.assertGreater(images.pixel(thumbnail, (10, 10))[2], 150, media_type)
+            self.assertGreater(images.pixel(thumbnail, (150, 110))[0], 150, media_type)
 
     def test_rotation_applied(self) -> None:
         # Stored landscape, displayed turned 90° clockwise (as phones record).
@@ -153,8 +155,8 @@ class VideoTests(_Files):
             self.assertEqual((t.width, t.height), (240, 320))
             thumbnail = decode(t.scale(120, 160, "image/jpeg", False)).convert("RGB")
         # The stored top-left marker is now top-right.
-        self.assertGreater(thumbnail.getpixel((110, 10))[2], 150)  # type: ignore[index]
-        self.assertLess(thumbnail.getpixel((10, 10))[2], 100)  # type: ignore[index]
+        self.assertGreater(images.pixel(thumbnail, (110, 10))[2], 150)
+        self.assertLess(images.pixel(thumbnail, (10, 10))[2], 100)
 
     def assertFailsFast(self, data: bytes, media_type: str, error: type[Exception]) -> str:
         path = self.write(data)

@@ -22,6 +22,7 @@ from mediarepo.media.thumbnailer import (
     Thumbnailer,
     ThumbnailError,
 )
+from tests import images
 
 LIMIT = 32 * 1024 * 1024
 
@@ -283,7 +284,7 @@ class FormatTests(ThumbnailerTestCase):
                 self.assertEqual(out.format, "PNG")
                 self.assertEqual(out.mode, "RGBA")
                 width, height = out.size
-                self.assertEqual(out.getpixel((1, 1))[3], 0)  # type: ignore[index]
+                self.assertEqual(images.pixel(out, (1, 1))[3], 0)
                 self.assertEqual(out.getpixel((width - 2, height // 2)), (*RED, 255))
 
     def test_palette_gif_to_png(self) -> None:
@@ -307,7 +308,7 @@ class FormatTests(ThumbnailerTestCase):
         with Thumbnailer(path, "image/gif", LIMIT) as t:
             out = decode(t.scale(40, 30, "image/png", False))
         self.assertEqual(out.mode, "RGBA")
-        self.assertEqual(out.getpixel((2, 15))[3], 0)  # type: ignore[index]
+        self.assertEqual(images.pixel(out, (2, 15))[3], 0)
         self.assertEqual(out.getpixel((37, 15)), (*GREEN, 255))
 
     def test_webp_to_jpeg(self) -> None:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 from twisted.internet import reactor
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -52,7 +53,7 @@ class UploadSinkWritebackTests(unittest.TestCase):
 
     async def _store(self, body: bytes) -> bytes:
         path = os.path.join(self.directory, "staged")
-        sink = UploadSink(path, "M" * 24, self.pool, reactor)
+        sink = UploadSink(path, "M" * 24, self.pool, IReactorFromThreads(reactor))
         for start in range(0, len(body), CHUNK):
             sink.write(body[start : start + CHUNK])
         written = await sink.finish()

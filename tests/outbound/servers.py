@@ -4,12 +4,18 @@ absolute-URI requests)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IPushProducer,
+    IReactorSSL,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, ServerFactory
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -17,6 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from mediarepo.outbound import IPRangeFilter, OutboundClient, OutboundSettings
+from tests.utils import port_number
 
 
 class Recorder(Resource):
@@ -97,7 +104,7 @@ class _Tracking(WrappingFactory):
 
     protocol = _Tracked
 
-    def __init__(self, wrapped: protocol.Factory) -> None:
+    def __init__(self, wrapped: Factory[Any]) -> None:
         super().__init__(wrapped)
         self.waiting: dict[Any, list[defer.Deferred[None]]] = {}
 
@@ -107,13 +114,13 @@ class _Tracking(WrappingFactory):
             lost: defer.Deferred[None] = defer.Deferred()
             self.waiting.setdefault(connection, []).append(lost)
             closing.append(lost)
-            connection.transport.abortConnection()
+            ITCPTransport(connection.transport).abortConnection()
         await defer.gatherResults(closing)
 
 
 def listen(
     case: unittest.TestCase,
-    factory: protocol.Factory,
+    factory: Factory[Any],
     interface: str = "127.0.0.1",
     context: Any = None,
 ) -> int:
@@ -121,14 +128,16 @@ def listen(
     ends (then its connections are cut too)."""
     tracking = _Tracking(factory)
     port: IListeningPort
+    # Twisted types a listening factory as a ServerFactory; a WrappingFactory
+    # (a ClientFactory) serves as well.
+    serving = cast(ServerFactory[Any], tracking)
     if context is None:
-        port = reactor.listenTCP(0, tracking, interface=interface)  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, serving, interface=interface)
     else:
-        port = reactor.listenSSL(0, tracking, context, interface=interface)  # type: ignore[attr-defined]
+        port = IReactorSSL(reactor).listenSSL(0, serving, context, interface=interface)
     case.addCleanup(lambda: defer.ensureDeferred(tracking.close()))
     case.addCleanup(port.stopListening)
-    number: int = port.getHost().port
-    return number
+    return port_number(port)
 
 
 class _Relay(protocol.Protocol):
@@ -178,7 +187,7 @@ class _ProxyConnection(protocol.Protocol):
     def _connect(self, host: str, port: int, answer: bytes) -> None:
         # Every target name is taken to be this machine.
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        IPushProducer(self.transport).pauseProducing()
         relay = _Relay(self)
 
         def connected(_: Any) -> None:
@@ -189,7 +198,7 @@ class _ProxyConnection(protocol.Protocol):
                 assert relay.transport is not None
                 relay.transport.write(self.buffer)
                 self.buffer = b""
-            self.transport.resumeProducing()  # type: ignore[attr-defined]
+            IPushProducer(self.transport).resumeProducing()
 
         def failed(_: Failure) -> None:
             assert self.transport is not None
@@ -218,13 +227,14 @@ class ForwardProxy(protocol.Factory):
 
 
 def in_memory_client(
-    case: unittest.TestCase, clock: Any, resource: Resource, **settings: Any
+    clock: Any, resource: Resource, **settings: Any
 ) -> tuple[OutboundClient, RequestTraversalAgent]:
     """An outbound client on ``clock`` whose requests all reach
     ``resource`` in memory (treq's traversal agent; call its ``flush`` to
     move bytes), for unit tests of what is built on the client. Address
     resolution and filtering are bypassed: test_client covers them."""
-    client = OutboundClient(clock, OutboundSettings(ip_filter=IPRangeFilter([], []), **settings))
     agent = RequestTraversalAgent(resource)
-    case.patch(client, "_agent", lambda *args: agent)
+    client = OutboundClient(
+        clock, OutboundSettings(ip_filter=IPRangeFilter([], []), **settings), agent=agent
+    )
     return client, agent

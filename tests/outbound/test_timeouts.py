@@ -17,7 +17,7 @@ class TimeoutTests(unittest.TestCase):
         self.clock = Clock()
 
     def test_no_headers_within_the_response_timeout(self) -> None:
-        client, agent = in_memory_client(self, self.clock, Recorder(), response_timeout=30)
+        client, agent = in_memory_client(self.clock, Recorder(), response_timeout=30)
         requesting = defer.ensureDeferred(client.get("https://peer.test/silent"))
         agent.flush()
         self.clock.advance(29.9)
@@ -27,7 +27,7 @@ class TimeoutTests(unittest.TestCase):
         self.assertIn("within 30 s", str(failure.value))
 
     def test_body_idle_timeout(self) -> None:
-        client, agent = in_memory_client(self, self.clock, Recorder(), idle_timeout=5)
+        client, agent = in_memory_client(self.clock, Recorder(), idle_timeout=5)
         requesting = defer.ensureDeferred(client.get("https://peer.test/stall"))
         agent.flush()
         response = self.successResultOf(requesting)
@@ -41,7 +41,7 @@ class TimeoutTests(unittest.TestCase):
         self.assertEqual(received, [b"start"])
 
     def test_cancelled_by_the_caller(self) -> None:
-        client, agent = in_memory_client(self, self.clock, Recorder())
+        client, agent = in_memory_client(self.clock, Recorder())
         requesting = defer.ensureDeferred(client.get("https://peer.test/silent"))
         agent.flush()
         requesting.cancel()

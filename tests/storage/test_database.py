@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from typing import Any
 
 import attrs
 import psycopg2
@@ -18,70 +16,46 @@ from mediarepo.config import parse_config
 from mediarepo.errors import DatabaseUnavailableError
 from mediarepo.storage.database import Database, Transaction
 from mediarepo.storage.engines import PostgresEngine
-from mediarepo.storage.lock_rows import LockClaim, LockRows, LockToken
+from mediarepo.storage.lock_rows import LockClaim, LockToken
+from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.schema import SCHEMA_VERSION, SchemaError, prepare_database
 from tests.tcp_proxy import TcpProxy
 from tests.utils import (
-    POSTGRES_DSN,
+    DatabaseTestCase,
     create_postgres_database,
-    database_section,
     drop_postgres_database,
-    on_both_databases,
+    postgres_params,
 )
 
 
-class DatabaseFixture:
-    """A fresh database (and no server) per test."""
-
-    engine = "sqlite3"
-    database_args: dict[str, Any] = {}
-
-    def setUp(self) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="mediarepo-db-")
-        self.addCleanup(shutil.rmtree, self.workdir, True)  # type: ignore[attr-defined]
-        cleanups: list[Callable[[], None]] = []
-        section = database_section(self.engine, self.workdir, cleanups)
-        section["args"].update(self.database_args)
-        for cleanup in cleanups:
-            self.addCleanup(cleanup)  # type: ignore[attr-defined]
-        self.config = parse_config({"server_name": "db.test", "database": section}, self.workdir)
-        self.database = self.open()
-
-    def open(self) -> Database:
-        database = Database(self.config.database, reactor)
-        self.addCleanup(database.close)  # type: ignore[attr-defined]
-        return database
-
-
-@on_both_databases
-class DatabaseTests(DatabaseFixture):
+class DatabaseTests(DatabaseTestCase):
     async def test_schema_created_once_and_versioned(self) -> None:
         first = await prepare_database(self.database)
-        self.assertFalse(first.synapse_owned)  # type: ignore[attr-defined]
+        self.assertFalse(first.synapse_owned)
         # A second start (or a second server) finds everything in place.
         again = await prepare_database(self.open())
-        self.assertEqual(again.version, SCHEMA_VERSION)  # type: ignore[attr-defined]
+        self.assertEqual(again.version, SCHEMA_VERSION)
         rows = await self.database.run_query("t", "SELECT version FROM mediarepo_schema_version")
-        self.assertEqual(rows, [(SCHEMA_VERSION,)])  # type: ignore[attr-defined]
+        self.assertEqual(rows, [(SCHEMA_VERSION,)])
 
     async def test_newer_schema_refused(self) -> None:
         await prepare_database(self.database)
         await self.database.run_query(
             "t", "UPDATE mediarepo_schema_version SET version = ?", (SCHEMA_VERSION + 1,)
         )
-        with self.assertRaises(SchemaError):  # type: ignore[attr-defined]
+        with self.assertRaises(SchemaError):
             await prepare_database(self.database)
 
     async def test_synapse_owned_database_left_alone(self) -> None:
         # A database with Synapse's schema_version table but an unfinished schema.
         await self.database.run_query("t", "CREATE TABLE schema_version (version INTEGER)")
-        with self.assertRaises(SchemaError):  # type: ignore[attr-defined]
+        with self.assertRaises(SchemaError):
             await prepare_database(self.database)
         # Nothing of Synapse's was created on its behalf.
         rows = await self.database.run_query(
             "t", self.database.engine.table_exists_sql(), ("local_media_repository",)
         )
-        self.assertEqual(rows, [])  # type: ignore[attr-defined]
+        self.assertEqual(rows, [])
 
     async def index_definition(self, name: str) -> str | None:
         if self.database.engine.name == "psycopg2":
@@ -95,12 +69,10 @@ class DatabaseTests(DatabaseFixture):
         await prepare_database(self.database)
         definition = await self.index_definition("mediarepo_pending_media")
         assert definition is not None
-        self.assertIn("media_length IS NULL", definition)  # type: ignore[attr-defined]
+        self.assertIn("media_length IS NULL", definition)
         # Idempotent: a second start keeps the one index.
         await prepare_database(self.open())
-        self.assertEqual(  # type: ignore[attr-defined]
-            await self.index_definition("mediarepo_pending_media"), definition
-        )
+        self.assertEqual(await self.index_definition("mediarepo_pending_media"), definition)
 
     async def test_interaction_commits_or_rolls_back(self) -> None:
         await prepare_database(self.database)
@@ -118,14 +90,14 @@ class DatabaseTests(DatabaseFixture):
         await self.database.run_interaction(
             "t", lambda t: insert(t, "ijklmnop", False), after_commit=after.append
         )
-        with self.assertRaises(ValueError):  # type: ignore[attr-defined]
+        with self.assertRaises(ValueError):
             await self.database.run_interaction(
                 "t", lambda t: insert(t, "abcdefgh", True), after_commit=after.append
             )
         rows = await self.database.run_query("t", "SELECT media_id FROM local_media_repository")
-        self.assertEqual(rows, [("ijklmnop",)])  # type: ignore[attr-defined]
+        self.assertEqual(rows, [("ijklmnop",)])
         # Run once committed, and only then.
-        self.assertEqual(after, ["ijklmnop"])  # type: ignore[attr-defined]
+        self.assertEqual(after, ["ijklmnop"])
 
     async def test_batch_runs_every_statement(self) -> None:
         """More statements than PostgreSQL's batch page: each one runs."""
@@ -146,9 +118,7 @@ class DatabaseTests(DatabaseFixture):
         rows = await self.database.run_query(
             "t", "SELECT media_id FROM local_media_repository ORDER BY media_id"
         )
-        self.assertEqual(  # type: ignore[attr-defined]
-            rows, [(f"batch{i:04d}",) for i in range(1, count, 2)]
-        )
+        self.assertEqual(rows, [(f"batch{i:04d}",) for i in range(1, count, 2)])
 
     async def test_after_commit_sees_the_transaction_committed(self) -> None:
         """``after_commit`` runs once the rows are visible to everyone (a
@@ -173,14 +143,18 @@ class DatabaseTests(DatabaseFixture):
                 conn.close()
 
         await self.database.run_interaction("t", insert, after_commit=look)
-        self.assertEqual(seen, [[("qrstuvwx",)]])  # type: ignore[attr-defined]
+        self.assertEqual(seen, [[("qrstuvwx",)]])
+
+
+class DatabasePostgresTests(DatabaseTests):
+    engine = "psycopg2"
 
 
 class _RolledBack(Exception):
     """Ends a test transaction with what it read."""
 
 
-class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
+class PostgresIndexTests(DatabaseTestCase):
     engine = "psycopg2"
 
     async def test_invalid_index_is_built_again(self) -> None:
@@ -263,7 +237,7 @@ class PostgresIndexTests(DatabaseFixture, unittest.TestCase):
         self.assertEqual(first, second)
 
 
-class ReconnectTests(DatabaseFixture, unittest.TestCase):
+class ReconnectTests(DatabaseTestCase):
     """PostgreSQL connections cut under the pool (a restart, a proxy) are
     replaced and the interaction runs again. (An SQLite file has no
     connection to cut.)"""
@@ -275,15 +249,15 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
         before = await self.database.run_query("t", "SELECT pg_backend_pid()")
         self.terminate_backends()
         after = await self.database.run_query("t", "SELECT pg_backend_pid()")
-        self.assertNotEqual(before, after)  # type: ignore[attr-defined]
+        self.assertNotEqual(before, after)
         rows = await self.database.run_query("t", "SELECT COUNT(*) FROM local_media_repository")
-        self.assertEqual(rows, [(0,)])  # type: ignore[attr-defined]
+        self.assertEqual(rows, [(0,)])
         # adbapi logs the failed rollback on the dead connection.
-        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.flushLoggedErrors()
 
     def terminate_backends(self) -> None:
         """Cut every connection to the test database, as a restart would."""
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(
@@ -310,7 +284,7 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
         self.terminate_backends()
         self.assertEqual(await self.database.run_interaction("t", lookup), 0)
         # Again on another connection (more than once if that one was cut too).
-        self.assertGreaterEqual(len(calls), 2)  # type: ignore[attr-defined]
+        self.assertGreaterEqual(len(calls), 2)
 
         def with_outside_work(txn: Transaction) -> None:
             calls.append("outside")
@@ -321,10 +295,10 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
             txn.execute("SELECT 2")
 
         calls.clear()
-        with self.assertRaises(DatabaseUnavailableError):  # type: ignore[attr-defined]
+        with self.assertRaises(DatabaseUnavailableError):
             await self.database.run_interaction("t", with_outside_work)
-        self.assertEqual(calls, ["outside"])  # type: ignore[attr-defined]
-        self.flushLoggedErrors()  # type: ignore[attr-defined]
+        self.assertEqual(calls, ["outside"])
+        self.flushLoggedErrors()
 
     async def test_statement_errors_are_not_connection_loss(self) -> None:
         """A statement the server cancels is that statement's failure: not
@@ -340,11 +314,11 @@ class ReconnectTests(DatabaseFixture, unittest.TestCase):
             calls.append(1)
             slow(txn)
 
-        with self.assertRaises(psycopg2.errors.QueryCanceled):  # type: ignore[attr-defined]
+        with self.assertRaises(psycopg2.errors.QueryCanceled):
             await self.database.run_interaction("t", counted)
-        self.assertEqual(len(calls), 1)  # type: ignore[attr-defined]
-        self.assertIsNone(self.database.unavailable_since)  # type: ignore[attr-defined]
-        self.assertEqual(await self.database.run_query("t", "SELECT 1"), [(1,)])  # type: ignore[attr-defined]
+        self.assertEqual(len(calls), 1)
+        self.assertIsNone(self.database.unavailable_since)
+        self.assertEqual(await self.database.run_query("t", "SELECT 1"), [(1,)])
 
 
 class OutageTests(unittest.TestCase):
@@ -360,9 +334,9 @@ class OutageTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, workdir, True)
         name = create_postgres_database()
         self.addCleanup(drop_postgres_database, name)
-        self.proxy = TcpProxy(POSTGRES_DSN["host"], POSTGRES_DSN["port"])
+        self.proxy = TcpProxy(postgres_params()["host"], postgres_params()["port"])
         self.addCleanup(self.proxy.close)
-        args = {**POSTGRES_DSN, "host": "127.0.0.1", "port": self.proxy.port, "dbname": name}
+        args = {**postgres_params(), "host": "127.0.0.1", "port": self.proxy.port, "dbname": name}
         section = {"name": "psycopg2", "args": {**args, "cp_min": 1, "cp_max": 3}}
         config = parse_config({"server_name": "db.test", "database": section}, workdir)
         self.database = Database(config.database, reactor)
@@ -372,11 +346,15 @@ class OutageTests(unittest.TestCase):
         """``count`` concurrent queries: their results or errors, and how
         long the slowest took."""
         started = time.monotonic()
-        results = await defer.DeferredList(
-            [defer.ensureDeferred(self.database.run_query("t", "SELECT 1")) for _ in range(count)],
-            consumeErrors=True,
-        )
-        return [r if ok else r.value for ok, r in results], time.monotonic() - started
+
+        async def outcome() -> object:
+            try:
+                return await self.database.run_query("t", "SELECT 1")
+            except Exception as e:
+                return e
+
+        results = await defer.gatherResults([defer.ensureDeferred(outcome()) for _ in range(count)])
+        return list(results), time.monotonic() - started
 
     async def assert_refused_at_once(self) -> None:
         outcomes, took = await self.queries(20)
@@ -433,7 +411,7 @@ class OutageTests(unittest.TestCase):
         await self.assert_all_connections_work()
 
 
-class LockCommitTests(DatabaseFixture, unittest.TestCase):
+class LockCommitTests(DatabaseTestCase):
     """A lock's commit does not wait for PostgreSQL's disk; the setting ends
     with the lock's own transaction."""
 
@@ -443,9 +421,9 @@ class LockCommitTests(DatabaseFixture, unittest.TestCase):
 
     async def test_setting_ends_with_the_lock_transaction(self) -> None:
         await prepare_database(self.database)
-        locks = LockRows(self.database)
         claim = LockClaim(LockToken("n", "k", "t"), "main", 1, lambda _: False)
-        self.assertTrue(await locks.take(claim))
+        taken = await MediaRows(self.database).take_download_lock(claim, "other.example", "m")
+        self.assertEqual(taken, (True, None))
         rows = await self.database.run_query("t", "SHOW synchronous_commit")
         self.assertEqual(rows, [("on",)])
         held = await self.database.run_query("t", "SELECT token FROM worker_locks")

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mediarepo.storage.notifications import PostgresListener
-from tests.utils import POSTGRES_DSN
+from tests.utils import postgres_params
 
 CHANNEL = "test_channel"
 
@@ -279,7 +279,7 @@ class ListenerUnitTests(unittest.TestCase):
     def test_failed_listen_closes_the_connection(self) -> None:
         def broken_cursor(args: Mapping[str, Any]) -> FakeConnection:
             conn = self.connector(args)
-            conn.cursor = _raise  # type: ignore[method-assign]
+            self.patch(conn, "cursor", _raise)
             return conn
 
         self.listener._open = broken_cursor
@@ -378,7 +378,7 @@ class ListenerPostgresTests(unittest.TestCase):
                 self.arrived.callback(None)
 
         args = {
-            **POSTGRES_DSN,
+            **postgres_params(),
             "dbname": "postgres",
             "application_name": self.application,
             "connect_timeout": 2,
@@ -387,7 +387,7 @@ class ListenerPostgresTests(unittest.TestCase):
         self.addCleanup(self.listener.stop)
 
     def admin(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        conn = psycopg2.connect(dbname="postgres", **POSTGRES_DSN)
+        conn = psycopg2.connect(dbname="postgres", **postgres_params())
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -415,7 +415,10 @@ class ListenerPostgresTests(unittest.TestCase):
         self.arrived = None
 
     def listener_fds(self) -> list[int]:
-        return [fd for fd, r in reactor._selectables.items() if r is self.listener]  # type: ignore[attr-defined]
+        # The reactor's own table by descriptor number (private): a stale
+        # entry left under an old number is what these tests look for.
+        selectables = reactor._selectables  # type: ignore[attr-defined]
+        return [fd for fd, r in selectables.items() if r is self.listener]
 
     async def test_terminated_backend_is_replaced(self) -> None:
         await self.listener.start()

@@ -4,19 +4,19 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from mediarepo.storage.provider_task_rows import ProviderOperation, ProviderTask, ProviderTaskRows
 from mediarepo.storage.schema import prepare_database
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 STORE, DELETE = ProviderOperation.STORE, ProviderOperation.DELETE
 DELETE_DIRECTORY = ProviderOperation.DELETE_DIRECTORY
 
 
-@on_both_databases
-class ProviderDeletionTests(DatabaseFixture):
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+class ProviderDeletionTests(DatabaseTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         await prepare_database(self.database)
         self.rows = ProviderTaskRows(self.database)
 
@@ -42,11 +42,11 @@ class ProviderDeletionTests(DatabaseFixture):
         transactions: list[str] = []
         run_interaction = self.database.run_interaction
 
-        async def counting(desc: str, func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        async def counting(desc: str, func: Any, *args: Any, **kwargs: Any) -> Any:
             transactions.append(desc)
             return await run_interaction(desc, func, *args, **kwargs)
 
-        self.patch(self.database, "run_interaction", counting)  # type: ignore[attr-defined]
+        self.patch(self.database, "run_interaction", counting)
 
         await self.rows.add_deletions(
             "s3",
@@ -55,8 +55,8 @@ class ProviderDeletionTests(DatabaseFixture):
             9,
         )
 
-        self.assertEqual(len(transactions), 1)  # type: ignore[attr-defined]
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(len(transactions), 1)
+        self.assertEqual(
             await self.queued(),
             {
                 ("s3", "local_content/ab/cd/kept", "store", 5),
@@ -67,3 +67,7 @@ class ProviderDeletionTests(DatabaseFixture):
                 ("s3", "local_thumbnails/ab/cd/gone2/", "delete_directory", 9),
             },
         )
+
+
+class ProviderDeletionPostgresTests(ProviderDeletionTests):
+    engine = "psycopg2"

@@ -11,16 +11,14 @@ from mediarepo.storage.database import Row, Transaction
 from mediarepo.storage.media_admin_rows import LocalPurgeFilter, MediaAdminRows
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.schema import prepare_database
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 BEFORE = 1_000_000
 
 
-@on_both_databases
-class PurgeQueryTests(DatabaseFixture):
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+class PurgeQueryTests(DatabaseTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         state = await prepare_database(self.database)
         self.admin_store = MediaAdminRows(
             self.database, "db.test", state.avatar_columns, state.has_profiles
@@ -58,7 +56,7 @@ class PurgeQueryTests(DatabaseFixture):
             captured.append((sql, tuple(args)))
             return await run_query(desc, sql, args)
 
-        self.patch(self.database, "run_query", capturing)  # type: ignore[attr-defined]
+        self.patch(self.database, "run_query", capturing)
         return captured
 
     async def plan(self, sql: str, args: tuple[object, ...]) -> str:
@@ -80,23 +78,23 @@ class PurgeQueryTests(DatabaseFixture):
         captured = self.capture_queries()
         found = await self.admin_store.old_local_media(LocalPurgeFilter(before_ts=BEFORE), 10)
         # Read lately, new, and reservations stay.
-        self.assertEqual(found, ["oldread", "oldunread"])  # type: ignore[attr-defined]
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(found, ["oldread", "oldunread"])
+        self.assertEqual(
             await self.admin_store.old_local_media(LocalPurgeFilter(before_ts=BEFORE), 1),
             ["oldread"],
         )
         sql, args = captured[0]
-        self.assertIn(  # type: ignore[attr-defined]
-            "mediarepo_local_media_created", await self.plan(sql, args)
-        )
+        self.assertIn("mediarepo_local_media_created", await self.plan(sql, args))
 
     async def test_remote_media_least_recently_read_first_through_the_index(self) -> None:
         captured = self.capture_queries()
         found = await self.media_store.remote_media_unread_since(BEFORE, 10)
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             found, [("remote.test", "staler", "fsstaler"), ("remote.test", "stale", "fsstale")]
         )
         sql, args = captured[0]
-        self.assertIn(  # type: ignore[attr-defined]
-            "mediarepo_remote_media_last_access", await self.plan(sql, args)
-        )
+        self.assertIn("mediarepo_remote_media_last_access", await self.plan(sql, args))
+
+
+class PurgeQueryPostgresTests(PurgeQueryTests):
+    engine = "psycopg2"

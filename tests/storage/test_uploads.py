@@ -19,8 +19,7 @@ from mediarepo.storage.upload_rows import (
     UploadWindow,
 )
 from mediarepo.values import LocalMedia
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 USER = "@alice:db.test"
 
@@ -46,8 +45,7 @@ def _owed(media_id: str) -> PendingThumbnails:
     return PendingThumbnails("", media_id, "test@host-1", 5000, attempts=0)
 
 
-@on_both_databases
-class UploadStoreTests(DatabaseFixture):
+class UploadStoreTests(DatabaseTestCase):
     async def _ready(self) -> UploadRows:
         await prepare_database(self.database)
         return UploadRows(self.database)
@@ -65,13 +63,11 @@ class UploadStoreTests(DatabaseFixture):
 
         first = NewUpload(_media("aaaaaaaaaa"), thumbnails_owed=_owed("aaaaaaaaaa"))
         stored = await uploads.store(first, place, lambda: steps.append("after"))
-        self.assertEqual(stored.media, first.media)  # type: ignore[attr-defined]
+        self.assertEqual(stored.media, first.media)
         # The same bytes again: the placement is told where they are.
         await uploads.store(NewUpload(_media("bbbbbbbbbb")), place, lambda: steps.append("after"))
-        self.assertEqual(  # type: ignore[attr-defined]
-            steps, ["place []", "after", "place ['aaaaaaaaaa']", "after"]
-        )
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(steps, ["place []", "after", "place ['aaaaaaaaaa']", "after"])
+        self.assertEqual(
             await self._rows("SELECT media_id FROM mediarepo_pending_thumbnails"),
             [("aaaaaaaaaa",)],
         )
@@ -90,16 +86,12 @@ class UploadStoreTests(DatabaseFixture):
             windows=(UploadWindow(since_ts=0, max_bytes=50),),
             thumbnails_owed=_owed("cccccccccc"),
         )
-        with self.assertRaises(UploadOverQuotaError):  # type: ignore[attr-defined]
+        with self.assertRaises(UploadOverQuotaError):
             await uploads.store(upload, place, lambda: after.append("after"))
         # The file was placed (the caller removes it); nothing was recorded.
-        self.assertEqual((placed, after), (["placed"], []))  # type: ignore[attr-defined]
-        self.assertEqual(  # type: ignore[attr-defined]
-            await self._rows("SELECT media_id FROM local_media_repository"), []
-        )
-        self.assertEqual(  # type: ignore[attr-defined]
-            await self._rows("SELECT media_id FROM mediarepo_pending_thumbnails"), []
-        )
+        self.assertEqual((placed, after), (["placed"], []))
+        self.assertEqual(await self._rows("SELECT media_id FROM local_media_repository"), [])
+        self.assertEqual(await self._rows("SELECT media_id FROM mediarepo_pending_thumbnails"), [])
 
     async def test_reservation_filled_and_its_lock_released_together(self) -> None:
         uploads = await self._ready()
@@ -110,22 +102,20 @@ class UploadStoreTests(DatabaseFixture):
         )
         lock = LockToken("upload_media", "dddddddddd", "token")
         claim = LockClaim(lock, "test@host-1", 1000, lambda _: False)
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             await uploads.take_reservation_lock(claim, "dddddddddd"),
             (True, attrs.evolve(_media("dddddddddd"), media_type=None, media_length=None,
                                 sha256=None, authenticated=False)),
         )  # fmt: skip
         # Held: another process's claim is refused and reads nothing.
         other = LockClaim(attrs.evolve(lock, token="other"), "test@host-2", 1000, lambda _: False)
-        self.assertEqual(  # type: ignore[attr-defined]
-            await uploads.take_reservation_lock(other, "dddddddddd"), (False, None)
-        )
+        self.assertEqual(await uploads.take_reservation_lock(other, "dddddddddd"), (False, None))
         upload = NewUpload(_media("dddddddddd"), reservation_lock=lock)
         await uploads.store(upload, lambda known: False, lambda: None)
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             await self._rows("SELECT media_length FROM local_media_repository"), [(10,)]
         )
-        self.assertEqual(await self._rows("SELECT token FROM worker_locks"), [])  # type: ignore[attr-defined]
+        self.assertEqual(await self._rows("SELECT token FROM worker_locks"), [])
 
     async def test_reservation_gone_rolls_back(self) -> None:
         uploads = await self._ready()
@@ -139,10 +129,12 @@ class UploadStoreTests(DatabaseFixture):
         upload = NewUpload(
             _media("eeeeeeeeee"), reservation_lock=lock, thumbnails_owed=_owed("eeeeeeeeee")
         )
-        with self.assertRaises(ReservationGoneError):  # type: ignore[attr-defined]
+        with self.assertRaises(ReservationGoneError):
             await uploads.store(upload, lambda known: False, lambda: None)
         # The lock is still held (released by its holder), the note not written.
-        self.assertEqual(await self._rows("SELECT token FROM worker_locks"), [("token",)])  # type: ignore[attr-defined]
-        self.assertEqual(  # type: ignore[attr-defined]
-            await self._rows("SELECT media_id FROM mediarepo_pending_thumbnails"), []
-        )
+        self.assertEqual(await self._rows("SELECT token FROM worker_locks"), [("token",)])
+        self.assertEqual(await self._rows("SELECT media_id FROM mediarepo_pending_thumbnails"), [])
+
+
+class UploadStorePostgresTests(UploadStoreTests):
+    engine = "psycopg2"

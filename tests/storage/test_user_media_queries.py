@@ -11,8 +11,7 @@ from mediarepo.storage.media_admin_rows import (
     user_media_page_sql,
 )
 from mediarepo.storage.schema import prepare_database
-from tests.storage.test_database import DatabaseFixture
-from tests.utils import on_both_databases
+from tests.utils import DatabaseTestCase
 
 USER = "@u:db.test"
 # (media ID, created, length): three made at the same millisecond, so that
@@ -29,10 +28,9 @@ NEWEST_FIRST = ["m5", "m4", "tie_a", "tie_b", "tie_c", "m1"]
 OLDEST_FIRST = ["m1", "tie_a", "tie_b", "tie_c", "m4", "m5"]
 
 
-@on_both_databases
-class UserMediaQueryTests(DatabaseFixture):
-    async def setUp(self) -> None:  # type: ignore[override]
-        super().setUp()
+class UserMediaQueryTests(DatabaseTestCase):
+    async def set_up(self) -> None:
+        await super().set_up()
         state = await prepare_database(self.database)
         self.rows = MediaAdminRows(
             self.database, "db.test", state.avatar_columns, state.has_profiles
@@ -54,9 +52,9 @@ class UserMediaQueryTests(DatabaseFixture):
 
     async def test_by_creation_time_ties_by_media_id_ascending(self) -> None:
         newest = await self.listed(UserMediaOrder.CREATED_TS, True)
-        self.assertEqual(newest, (NEWEST_FIRST, 6))  # type: ignore[attr-defined]
+        self.assertEqual(newest, (NEWEST_FIRST, 6))
         oldest = await self.listed(UserMediaOrder.CREATED_TS, False)
-        self.assertEqual(oldest, (OLDEST_FIRST, 6))  # type: ignore[attr-defined]
+        self.assertEqual(oldest, (OLDEST_FIRST, 6))
 
     async def test_pages_split_the_order_and_each_counts_all(self) -> None:
         for descending, expected in ((True, NEWEST_FIRST), (False, OLDEST_FIRST)):
@@ -65,25 +63,23 @@ class UserMediaQueryTests(DatabaseFixture):
                 for start in (0, 2, 4, 6)
             ]
             # Page boundaries fall inside the run of equal times.
-            self.assertEqual(  # type: ignore[attr-defined]
+            self.assertEqual(
                 pages,
                 [(expected[0:2], 6), (expected[2:4], 6), (expected[4:6], 6), ([], 6)],
             )
-        self.assertEqual(  # type: ignore[attr-defined]
+        self.assertEqual(
             await self.listed(UserMediaOrder.CREATED_TS, True, 3, 2), (NEWEST_FIRST[3:5], 6)
         )
 
     async def test_other_orders_unchanged(self) -> None:
         by_size = await self.listed(UserMediaOrder.MEDIA_LENGTH, True)
-        self.assertEqual(  # type: ignore[attr-defined]
-            by_size, (["tie_b", "tie_c", "m4", "m5", "tie_a", "m1"], 6)
-        )
+        self.assertEqual(by_size, (["tie_b", "tie_c", "m4", "m5", "tie_a", "m1"], 6))
         by_name = await self.listed(UserMediaOrder.UPLOAD_NAME, False, 1, 3)
-        self.assertEqual(by_name, (["m4", "m5", "tie_a"], 6))  # type: ignore[attr-defined]
+        self.assertEqual(by_name, (["m4", "m5", "tie_a"], 6))
         media, total = await self.rows.user_media(
             "@nobody:db.test", 0, 10, UserMediaOrder.CREATED_TS, True
         )
-        self.assertEqual((media, total), ([], 0))  # type: ignore[attr-defined]
+        self.assertEqual((media, total), ([], 0))
 
     async def plan(self, sql: str, args: tuple[object, ...]) -> str:
         """The plan of ``sql`` with the table as PostgreSQL sees a large one:
@@ -114,7 +110,11 @@ class UserMediaQueryTests(DatabaseFixture):
                 wanted = f"Index Only Scan{backward} using mediarepo_local_media_user_created "
             else:
                 wanted = "COVERING INDEX mediarepo_local_media_user_created "
-            self.assertIn(wanted, plan)  # type: ignore[attr-defined]
+            self.assertIn(wanted, plan)
             if postgres and descending:
                 # The index's own order: no sort of the keys before the page.
-                self.assertNotIn("Incremental Sort", plan)  # type: ignore[attr-defined]
+                self.assertNotIn("Incremental Sort", plan)
+
+
+class UserMediaQueryPostgresTests(UserMediaQueryTests):
+    engine = "psycopg2"

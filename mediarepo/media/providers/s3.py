@@ -47,6 +47,12 @@ def _is_not_found(error: ClientError) -> bool:
     return code in _NOT_FOUND_CODES
 
 
+# Attempts of one request, the first included (botocore's standard retries,
+# with backoff): a store that refuses connections costs up to 3 s before the
+# provider task queue takes over.
+MAX_ATTEMPTS = 3
+
+
 class S3Provider(StorageProvider):
     def __init__(self, settings: S3ProviderConfig, reactor: IReactorFromThreads) -> None:
         self.settings = settings
@@ -67,7 +73,7 @@ class S3Provider(StorageProvider):
                 max_pool_connections=settings.threadpool_size,
                 connect_timeout=10,
                 read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
+                retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
                 # Presigned URLs too: SigV4 is what every store accepts.
                 signature_version="s3v4",
             ),
