@@ -7,10 +7,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mediarepo.storage.database import Row, Transaction
+from mediarepo.storage.database import Row
 from mediarepo.storage.media_admin_rows import LocalPurgeFilter, MediaAdminRows
 from mediarepo.storage.media_rows import MediaRows
 from mediarepo.storage.schema import prepare_database
+from tests.storage.plans import query_plan
 from tests.utils import DatabaseTestCase
 
 BEFORE = 1_000_000
@@ -59,21 +60,6 @@ class PurgeQueryTests(DatabaseTestCase):
         self.patch(self.database, "run_query", capturing)
         return captured
 
-    async def plan(self, sql: str, args: tuple[object, ...]) -> str:
-        """The plan of ``sql``, with sequential scans made as costly as
-        PostgreSQL allows: what shows is whether an index can serve it."""
-        postgres = self.database.engine.name == "psycopg2"
-
-        def explain(t: Transaction) -> str:
-            if postgres:
-                t.execute("SET LOCAL enable_seqscan = off")
-                t.execute("EXPLAIN " + sql, args)
-            else:
-                t.execute("EXPLAIN QUERY PLAN " + sql, args)
-            return "\n".join(str(row) for row in t.fetchall())
-
-        return await self.database.run_interaction("t", explain)
-
     async def test_old_local_media_oldest_first_through_the_index(self) -> None:
         captured = self.capture_queries()
         found = await self.admin_store.old_local_media(LocalPurgeFilter(before_ts=BEFORE), 10)
@@ -84,7 +70,7 @@ class PurgeQueryTests(DatabaseTestCase):
             ["oldread"],
         )
         sql, args = captured[0]
-        self.assertIn("mediarepo_local_media_created", await self.plan(sql, args))
+        self.assertIn("mediarepo_local_media_created", await query_plan(self.database, sql, args))
 
     async def test_remote_media_least_recently_read_first_through_the_index(self) -> None:
         captured = self.capture_queries()
@@ -93,7 +79,9 @@ class PurgeQueryTests(DatabaseTestCase):
             found, [("remote.test", "staler", "fsstaler"), ("remote.test", "stale", "fsstale")]
         )
         sql, args = captured[0]
-        self.assertIn("mediarepo_remote_media_last_access", await self.plan(sql, args))
+        self.assertIn(
+            "mediarepo_remote_media_last_access", await query_plan(self.database, sql, args)
+        )
 
 
 class PurgeQueryPostgresTests(PurgeQueryTests):

@@ -4,13 +4,13 @@ mediarepo_local_media_user_created alone, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-from mediarepo.storage.database import Transaction
 from mediarepo.storage.media_admin_rows import (
     MediaAdminRows,
     UserMediaOrder,
     user_media_page_sql,
 )
 from mediarepo.storage.schema import prepare_database
+from tests.storage.plans import query_plan
 from tests.utils import DatabaseTestCase
 
 USER = "@u:db.test"
@@ -81,30 +81,13 @@ class UserMediaQueryTests(DatabaseTestCase):
         )
         self.assertEqual((media, total), ([], 0))
 
-    async def plan(self, sql: str, args: tuple[object, ...]) -> str:
-        """The plan of ``sql`` with the table as PostgreSQL sees a large one:
-        sequential and bitmap scans as costly as it allows, the visibility
-        map set (what makes an index-only scan worth it)."""
-        postgres = self.database.engine.name == "psycopg2"
-        if postgres:
-            await self.database.run_query("t", "VACUUM ANALYZE local_media_repository")
-
-        def explain(t: Transaction) -> str:
-            if postgres:
-                t.execute("SET LOCAL enable_seqscan = off")
-                t.execute("SET LOCAL enable_bitmapscan = off")
-                t.execute("EXPLAIN " + sql, args)
-            else:
-                t.execute("EXPLAIN QUERY PLAN " + sql, args)
-            return "\n".join(str(row) for row in t.fetchall())
-
-        return await self.database.run_interaction("t", explain)
-
     async def test_page_keys_by_creation_time_come_from_the_index_alone(self) -> None:
         postgres = self.database.engine.name == "psycopg2"
         for descending in (True, False):
             sql = user_media_page_sql(UserMediaOrder.CREATED_TS, descending)
-            plan = await self.plan(sql, (USER, 100, 90))
+            plan = await query_plan(
+                self.database, sql, (USER, 100, 90), index_only_on="local_media_repository"
+            )
             if postgres:
                 backward = "" if descending else " Backward"
                 wanted = f"Index Only Scan{backward} using mediarepo_local_media_user_created "
