@@ -77,6 +77,19 @@ def placeholders(values: Sequence[object]) -> str:
     return ", ".join("?" for _ in values)
 
 
+def rows_for_each_batch(
+    t: Transaction, sql: str, ids: Sequence[str], before: Sequence[object] = ()
+) -> list[Row]:
+    """Run ``sql`` once per batch of ``ids`` (``{ids}`` in it stands for the
+    batch's ``?, ?, ...``), with ``before`` as its first parameters; every
+    row the batches returned."""
+    rows: list[Row] = []
+    for batch in in_list_batches(ids):
+        t.execute(sql.format(ids=placeholders(batch)), [*before, *batch])
+        rows.extend(t.fetchall())
+    return rows
+
+
 class Transaction:
     """A cursor whose statements mark their parameters with ``?`` on every
     engine.

@@ -8,8 +8,7 @@ from mediarepo.storage.database import (
     Database,
     Row,
     Transaction,
-    in_list_batches,
-    placeholders,
+    rows_for_each_batch,
 )
 from mediarepo.storage.lock_rows import LockClaim, commit_unflushed_txn, take_lock_txn
 from mediarepo.storage.notifications import announce_changed_txn
@@ -122,15 +121,13 @@ class MediaRows:
         still waiting for it)."""
 
         def txn(t: Transaction) -> set[str]:
-            found: set[str] = set()
-            for batch in in_list_batches(media_ids):
-                t.execute(
-                    "SELECT media_id FROM local_media_repository"
-                    f" WHERE media_length IS NOT NULL AND media_id IN ({placeholders(batch)})",
-                    batch,
-                )
-                found.update(row[0] for row in t.fetchall())
-            return found
+            rows = rows_for_each_batch(
+                t,
+                "SELECT media_id FROM local_media_repository"
+                " WHERE media_length IS NOT NULL AND media_id IN ({ids})",
+                media_ids,
+            )
+            return {row[0] for row in rows}
 
         return await self._db.run_interaction("media_ids_with_content", txn)
 
@@ -304,14 +301,13 @@ class MediaRows:
         whose files are under ``url_cache/``."""
 
         def txn(t: Transaction) -> set[str]:
-            url_cache: set[str] = set()
-            for batch in in_list_batches(media_ids):
-                t.execute(
-                    f"DELETE FROM local_media_repository WHERE media_id IN ({placeholders(batch)})"
-                    " RETURNING media_id, url_cache",
-                    batch,
-                )
-                url_cache.update(row[0] for row in t.fetchall() if row[1] is not None)
+            deleted = rows_for_each_batch(
+                t,
+                "DELETE FROM local_media_repository WHERE media_id IN ({ids})"
+                " RETURNING media_id, url_cache",
+                media_ids,
+            )
+            url_cache = {row[0] for row in deleted if row[1] is not None}
             announce_changed_txn(t, media_ids)
             args = [(media_id,) for media_id in media_ids]
             t.execute_batch(

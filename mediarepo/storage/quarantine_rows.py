@@ -18,8 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from mediarepo.storage.database import (
     Database,
     Transaction,
-    in_list_batches,
-    placeholders,
+    rows_for_each_batch,
 )
 from mediarepo.storage.notifications import announce_changed_txn
 from mediarepo.storage.schema import QuarantineRecords
@@ -90,14 +89,13 @@ class QuarantineRows:
         def txn(t: Transaction) -> QuarantineResult:
             quarantining = quarantined_by is not None
             not_protected = " AND NOT safe_from_quarantine" if quarantining else ""
-            hashes: set[str] = set()
-            for batch in in_list_batches(local_ids):
-                t.execute(
-                    "SELECT sha256 FROM local_media_repository WHERE sha256 IS NOT NULL"
-                    f"{not_protected} AND media_id IN ({placeholders(batch)})",
-                    batch,
-                )
-                hashes.update(row[0] for row in t.fetchall())
+            hashed = rows_for_each_batch(
+                t,
+                "SELECT sha256 FROM local_media_repository WHERE sha256 IS NOT NULL"
+                f"{not_protected} AND media_id IN ({{ids}})",
+                local_ids,
+            )
+            hashes = {row[0] for row in hashed}
             for origin, media_id in remote_keys:
                 t.execute(
                     "SELECT sha256 FROM remote_media_cache WHERE sha256 IS NOT NULL"
@@ -122,13 +120,14 @@ class QuarantineRows:
                 )
                 remote.update((row[0], row[1]) for row in t.fetchall())
             # Media without a hash (stored before hashes were kept) goes by ID.
-            for batch in in_list_batches(local_ids):
-                t.execute(
-                    "UPDATE local_media_repository SET quarantined_by = ?"
-                    f" WHERE media_id IN ({placeholders(batch)}){not_protected} RETURNING media_id",
-                    [quarantined_by, *batch],
-                )
-                local.update(row[0] for row in t.fetchall())
+            updated = rows_for_each_batch(
+                t,
+                "UPDATE local_media_repository SET quarantined_by = ?"
+                f" WHERE media_id IN ({{ids}}){not_protected} RETURNING media_id",
+                local_ids,
+                before=[quarantined_by],
+            )
+            local.update(row[0] for row in updated)
             for origin, media_id in remote_keys:
                 t.execute(
                     "UPDATE remote_media_cache SET quarantined_by = ?"
